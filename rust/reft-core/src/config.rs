@@ -1,0 +1,755 @@
+//! The contents of `reft_config.json`: what a checkpoint holds and how to
+//! rebuild each intervention exactly.
+//!
+//! Every intervention records its type, placement (layer, component,
+//! positions, position group), shapes (rank, embedding size), options
+//! (activation, dropout, bias flags, steering scale) and parameter dtype.
+//! [`InterventionConfig::parameters`] derives from these the tensors the
+//! checkpoint must hold, so a tensor file can be checked against its config.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::positions::PositionSpec;
+
+/// The checkpoint format this build writes, and the newest it reads.
+pub const FORMAT_VERSION: u64 = 1;
+
+/// The version of reft_rs, recorded in every checkpoint it writes.
+pub const LIBRARY_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The kinds of intervention (SPEC section 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum InterventionType {
+    /// `h + Rᵀ(act(Wh + b) − Rh)`, R with orthonormal rows.
+    LoReft,
+    /// `h + W₂ᵀ(act(W₁h + b₁) − (W₂h + b₂))`, no orthogonality.
+    NoReft,
+    /// `h + Rᵀ act(Wh + b)`, R with orthonormal rows.
+    DiReft,
+    /// `h + W₂ᵀ act(W₁h + b₁)`, no orthogonality (the paper's DiReFT).
+    NoDiReft,
+    /// `h + Rᵀ(b − Rh)`.
+    ConsReft,
+    /// `h + Rᵀ b`.
+    LoBiReft,
+    /// `s ⊙ h + b` (Representation EDiting).
+    Red,
+    /// `h + α v`, a steering vector.
+    Steer,
+}
+
+impl InterventionType {
+    /// Every type, in the order the spec lists them.
+    pub const ALL: [InterventionType; 8] = [
+        InterventionType::LoReft,
+        InterventionType::NoReft,
+        InterventionType::DiReft,
+        InterventionType::NoDiReft,
+        InterventionType::ConsReft,
+        InterventionType::LoBiReft,
+        InterventionType::Red,
+        InterventionType::Steer,
+    ];
+
+    /// The name used in configs (`loreft`, `noreft`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            InterventionType::LoReft => "loreft",
+            InterventionType::NoReft => "noreft",
+            InterventionType::DiReft => "direft",
+            InterventionType::NoDiReft => "nodireft",
+            InterventionType::ConsReft => "consreft",
+            InterventionType::LoBiReft => "lobireft",
+            InterventionType::Red => "red",
+            InterventionType::Steer => "steer",
+        }
+    }
+
+    /// Whether this type has a low-rank dimension.
+    pub fn is_low_rank(self) -> bool {
+        !matches!(self, InterventionType::Red | InterventionType::Steer)
+    }
+
+    /// Whether this type has the orthonormal R.
+    pub fn has_rotation(self) -> bool {
+        matches!(
+            self,
+            InterventionType::LoReft
+                | InterventionType::DiReft
+                | InterventionType::ConsReft
+                | InterventionType::LoBiReft
+        )
+    }
+
+    /// Whether this type has the learned source `act(Wh + b)`.
+    pub fn has_source(self) -> bool {
+        matches!(
+            self,
+            InterventionType::LoReft
+                | InterventionType::NoReft
+                | InterventionType::DiReft
+                | InterventionType::NoDiReft
+        )
+    }
+
+    fn known_names() -> String {
+        InterventionType::ALL.map(|t| t.name()).join(", ")
+    }
+}
+
+impl fmt::Display for InterventionType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for InterventionType {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        InterventionType::ALL
+            .into_iter()
+            .find(|t| t.name() == s)
+            .ok_or_else(|| Error::UnknownInterventionType {
+                path: None,
+                name: s.to_string(),
+                known: InterventionType::known_names(),
+            })
+    }
+}
+
+/// Where in a layer an intervention reads and writes the hidden state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Component {
+    /// The residual stream after the layer.
+    BlockOutput,
+    /// The residual stream entering the layer.
+    BlockInput,
+    /// The output of the layer's feed-forward block.
+    MlpOutput,
+    /// The output of the layer's attention block.
+    AttentionOutput,
+}
+
+impl Component {
+    /// The name used in configs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Component::BlockOutput => "block_output",
+            Component::BlockInput => "block_input",
+            Component::MlpOutput => "mlp_output",
+            Component::AttentionOutput => "attention_output",
+        }
+    }
+}
+
+/// Element types of checkpoint tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DType {
+    /// IEEE float32.
+    Float32,
+    /// IEEE float16.
+    Float16,
+    /// bfloat16.
+    Bfloat16,
+    /// IEEE float64.
+    Float64,
+    /// Signed 64-bit integers (extra tensors only).
+    Int64,
+    /// Signed 32-bit integers (extra tensors only).
+    Int32,
+    /// Unsigned bytes (extra tensors only).
+    Uint8,
+    /// Booleans, one byte each (extra tensors only).
+    Bool,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::Float64 | DType::Int64 => 8,
+            DType::Float32 | DType::Int32 => 4,
+            DType::Float16 | DType::Bfloat16 => 2,
+            DType::Uint8 | DType::Bool => 1,
+        }
+    }
+
+    /// The numpy-style name (`float32`, `bfloat16`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::Float32 => "float32",
+            DType::Float16 => "float16",
+            DType::Bfloat16 => "bfloat16",
+            DType::Float64 => "float64",
+            DType::Int64 => "int64",
+            DType::Int32 => "int32",
+            DType::Uint8 => "uint8",
+            DType::Bool => "bool",
+        }
+    }
+
+    /// Whether intervention parameters may have this type.
+    pub fn is_float(self) -> bool {
+        matches!(
+            self,
+            DType::Float32 | DType::Float16 | DType::Bfloat16 | DType::Float64
+        )
+    }
+
+    pub(crate) fn to_safetensors(self) -> safetensors::Dtype {
+        match self {
+            DType::Float32 => safetensors::Dtype::F32,
+            DType::Float16 => safetensors::Dtype::F16,
+            DType::Bfloat16 => safetensors::Dtype::BF16,
+            DType::Float64 => safetensors::Dtype::F64,
+            DType::Int64 => safetensors::Dtype::I64,
+            DType::Int32 => safetensors::Dtype::I32,
+            DType::Uint8 => safetensors::Dtype::U8,
+            DType::Bool => safetensors::Dtype::BOOL,
+        }
+    }
+
+    pub(crate) fn from_safetensors(dtype: safetensors::Dtype) -> Option<Self> {
+        Some(match dtype {
+            safetensors::Dtype::F32 => DType::Float32,
+            safetensors::Dtype::F16 => DType::Float16,
+            safetensors::Dtype::BF16 => DType::Bfloat16,
+            safetensors::Dtype::F64 => DType::Float64,
+            safetensors::Dtype::I64 => DType::Int64,
+            safetensors::Dtype::I32 => DType::Int32,
+            safetensors::Dtype::U8 => DType::Uint8,
+            safetensors::Dtype::BOOL => DType::Bool,
+            _ => return None,
+        })
+    }
+}
+
+impl FromStr for DType {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        serde_json::from_value(serde_json::Value::String(s.to_string())).map_err(|_| Error::InvalidConfig {
+            path: None,
+            reason: format!(
+                "unknown dtype {s:?} (known: float32, float16, bfloat16, float64, int64, int32, uint8, bool)"
+            ),
+        })
+    }
+}
+
+/// Activations an intervention may apply to its learned source.
+pub const ACTIVATIONS: [&str; 7] = [
+    "identity",
+    "relu",
+    "gelu",
+    "gelu_tanh",
+    "silu",
+    "tanh",
+    "sigmoid",
+];
+
+/// The model an intervention set was trained on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BaseModel {
+    /// Hub id or path the model was loaded from.
+    pub name_or_path: String,
+    /// `config.model_type` of the model (`llama`, `gpt2`, ...).
+    pub model_type: String,
+    /// Width of the residual stream.
+    pub hidden_size: usize,
+    /// Number of transformer layers.
+    pub num_hidden_layers: usize,
+}
+
+fn default_dtype() -> DType {
+    DType::Float32
+}
+fn default_activation() -> String {
+    "identity".into()
+}
+fn default_true() -> bool {
+    true
+}
+fn default_alpha() -> f64 {
+    1.0
+}
+fn is_false(value: &bool) -> bool {
+    !*value
+}
+
+/// One intervention: everything needed to rebuild it exactly.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InterventionConfig {
+    /// Unique name; its tensors are stored as `{name}.{parameter}`.
+    pub name: String,
+    /// Intervention type name (`loreft`, `red`, ...); see [`InterventionType`].
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Layer index, counted from 0.
+    pub layer: usize,
+    /// Which hidden state of the layer.
+    pub component: Component,
+    /// Dotted path of the module to hook when the component cannot be found
+    /// by the model family's layout; `None` for the standard layouts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module_path: Option<String>,
+    /// Position spec string (`f7+l7`, `all`, ...).
+    pub positions: String,
+    /// Whether prefix and suffix positions share this intervention.
+    #[serde(default)]
+    pub share_weights: bool,
+    /// Which group of the locations array this intervention reads (0: prefix
+    /// or shared, 1: suffix).
+    #[serde(default)]
+    pub group: usize,
+    /// Rank r of the low-rank types; `None` for `red` and `steer`.
+    #[serde(default)]
+    pub low_rank_dimension: Option<usize>,
+    /// Width d of the hidden state edited; defaults to the model's hidden size.
+    #[serde(default)]
+    pub embed_dim: Option<usize>,
+    /// Activation applied to the learned source.
+    #[serde(default = "default_activation")]
+    pub activation: String,
+    /// Dropout probability applied to the edited state during training.
+    #[serde(default)]
+    pub dropout: f64,
+    /// Parameter dtype.
+    #[serde(default = "default_dtype")]
+    pub dtype: DType,
+    /// Whether the learned source `Wh + b` has its bias b.
+    #[serde(default = "default_true")]
+    pub bias: bool,
+    /// `noreft` only: whether the projection `W₂h + b₂` has its bias b₂.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub projection_bias: bool,
+    /// `steer` only: the scale α of the steering vector.
+    #[serde(default = "default_alpha")]
+    pub alpha: f64,
+    /// Whether the parameters were trained (false for a fixed steering vector).
+    #[serde(default = "default_true")]
+    pub trainable: bool,
+}
+
+/// A tensor a checkpoint must hold: its key, dtype and shape.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParameterSpec {
+    /// `{intervention name}.{parameter}`.
+    pub key: String,
+    /// Element type.
+    pub dtype: DType,
+    /// Shape.
+    pub shape: Vec<usize>,
+}
+
+impl InterventionConfig {
+    /// The parsed intervention type.
+    pub fn intervention_type(&self) -> Result<InterventionType> {
+        self.kind.parse()
+    }
+
+    /// The parsed position spec.
+    pub fn position_spec(&self) -> Result<PositionSpec> {
+        self.positions.parse()
+    }
+
+    /// Width of the edited hidden state for a model of the given hidden size.
+    pub fn dim(&self, hidden_size: usize) -> usize {
+        self.embed_dim.unwrap_or(hidden_size)
+    }
+
+    /// The tensors this intervention stores, with their shapes.
+    ///
+    /// Names: `rotation` (R, `[r, d]`, orthonormal rows), `weight` / `bias`
+    /// (W `[r, d]`, b `[r]`), `projection_weight` / `projection_bias` (W₂,
+    /// b₂ of the non-orthogonal types), `scale` / `bias` of `red` (`[d]`),
+    /// `vector` of `steer` (`[d]`).
+    pub fn parameters(&self, hidden_size: usize) -> Result<Vec<ParameterSpec>> {
+        let kind = self.intervention_type()?;
+        let d = self.dim(hidden_size);
+        let r = self.low_rank_dimension.unwrap_or(0);
+        let mut names: Vec<(&str, Vec<usize>)> = Vec::new();
+        match kind {
+            InterventionType::Red => {
+                names.push(("scale", vec![d]));
+                names.push(("bias", vec![d]));
+            }
+            InterventionType::Steer => names.push(("vector", vec![d])),
+            _ => {
+                if kind.has_rotation() {
+                    names.push(("rotation", vec![r, d]));
+                }
+                if kind.has_source() {
+                    names.push(("weight", vec![r, d]));
+                }
+                if self.bias || !kind.has_source() {
+                    names.push(("bias", vec![r]));
+                }
+                if matches!(kind, InterventionType::NoReft | InterventionType::NoDiReft) {
+                    names.push(("projection_weight", vec![r, d]));
+                }
+                if self.projection_bias {
+                    names.push(("projection_bias", vec![r]));
+                }
+            }
+        }
+        Ok(names
+            .into_iter()
+            .map(|(parameter, shape)| ParameterSpec {
+                key: format!("{}.{}", self.name, parameter),
+                dtype: self.dtype,
+                shape,
+            })
+            .collect())
+    }
+
+    /// Number of trainable values, counted as the ReFT paper counts them.
+    pub fn parameter_count(&self, hidden_size: usize) -> Result<usize> {
+        Ok(self
+            .parameters(hidden_size)?
+            .iter()
+            .map(|p| p.shape.iter().product::<usize>())
+            .sum())
+    }
+
+    fn validate(&self, index: usize, base: &BaseModel) -> std::result::Result<(), ConfigProblem> {
+        let at = |reason: String| {
+            ConfigProblem::Invalid(format!(
+                "interventions[{index}] ({:?}): {reason}",
+                self.name
+            ))
+        };
+        if self.name.is_empty()
+            || !self
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            return Err(ConfigProblem::Invalid(format!(
+                "interventions[{index}]: name {:?} must be non-empty and use only letters, digits, '_' and '-'",
+                self.name
+            )));
+        }
+        let kind = self
+            .intervention_type()
+            .map_err(|_| ConfigProblem::UnknownType(self.kind.clone()))?;
+        if self.layer >= base.num_hidden_layers {
+            return Err(at(format!(
+                "layer {} does not exist: the model has {} layers (0..{})",
+                self.layer,
+                base.num_hidden_layers,
+                base.num_hidden_layers.saturating_sub(1)
+            )));
+        }
+        if let Some(path) = &self.module_path {
+            if path.trim().is_empty() {
+                return Err(at("module_path is empty".into()));
+            }
+        }
+        let spec = self.position_spec().map_err(|e| at(e.to_string()))?;
+        let groups = spec.group_count(self.share_weights);
+        if self.group >= groups {
+            return Err(at(format!(
+                "group {} does not exist: positions {:?} with share_weights={} give {groups} group(s)",
+                self.group, self.positions, self.share_weights
+            )));
+        }
+        let d = self.dim(base.hidden_size);
+        if d == 0 {
+            return Err(at("embed_dim must be at least 1".into()));
+        }
+        match (kind.is_low_rank(), self.low_rank_dimension) {
+            (true, None) => return Err(at(format!("{kind} needs low_rank_dimension"))),
+            (true, Some(r)) if r == 0 || r > d => {
+                return Err(at(format!(
+                    "low_rank_dimension {r} must be between 1 and the hidden size {d}"
+                )))
+            }
+            (false, Some(_)) => {
+                return Err(at(format!(
+                    "{kind} has no low_rank_dimension; leave it null"
+                )))
+            }
+            _ => {}
+        }
+        if !ACTIVATIONS.contains(&self.activation.as_str()) {
+            return Err(at(format!(
+                "unknown activation {:?} (known: {})",
+                self.activation,
+                ACTIVATIONS.join(", ")
+            )));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(at(format!("dropout {} must be in [0, 1)", self.dropout)));
+        }
+        if !self.dtype.is_float() {
+            return Err(at(format!(
+                "dtype {} is not a floating-point type",
+                self.dtype.name()
+            )));
+        }
+        if !self.bias && !kind.has_source() {
+            return Err(at(format!(
+                "{kind} always has its bias; bias=false is not possible"
+            )));
+        }
+        if self.projection_bias && kind != InterventionType::NoReft {
+            return Err(at(format!(
+                "projection_bias applies to noreft only, not {kind}"
+            )));
+        }
+        if !self.alpha.is_finite() {
+            return Err(at(format!("alpha {} is not finite", self.alpha)));
+        }
+        Ok(())
+    }
+}
+
+/// Everything in `reft_config.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReftConfig {
+    /// Checkpoint format version ([`FORMAT_VERSION`] when written by this build).
+    #[serde(default = "current_format")]
+    pub format_version: u64,
+    /// Version of reft_rs that wrote the checkpoint.
+    #[serde(default = "current_library")]
+    pub library_version: String,
+    /// Identity of the model the interventions belong to.
+    pub base_model: BaseModel,
+    /// The interventions, in their application order.
+    pub interventions: Vec<InterventionConfig>,
+    /// Names of further tensors stored beside the interventions (a
+    /// classification head, say); their shapes are not checked.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_tensors: Vec<String>,
+    /// Identifies one save; the tensor file carries the same id, so a config
+    /// and a tensor file from different saves are never mixed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub save_id: Option<String>,
+    /// Free-form information (training settings, ...), kept as is.
+    #[serde(default)]
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+}
+
+fn current_format() -> u64 {
+    FORMAT_VERSION
+}
+fn current_library() -> String {
+    LIBRARY_VERSION.to_string()
+}
+
+/// A problem found while checking a config, before it is tied to a file.
+enum ConfigProblem {
+    Invalid(String),
+    UnknownType(String),
+}
+
+impl ReftConfig {
+    /// Parses and checks a config from JSON text.
+    ///
+    /// `path` names the file in errors. A `format_version` newer than
+    /// [`FORMAT_VERSION`] is refused before anything else is read.
+    pub fn from_json(text: &str, path: Option<&Path>) -> Result<Self> {
+        let invalid = |reason: String| Error::InvalidConfig {
+            path: path.map(Path::to_path_buf),
+            reason,
+        };
+        let value: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| invalid(format!("not valid JSON: {e}")))?;
+        let object = value
+            .as_object()
+            .ok_or_else(|| invalid("the top level must be a JSON object".into()))?;
+        match object.get("format_version") {
+            Some(version) => match version.as_u64() {
+                Some(found) if found > FORMAT_VERSION => {
+                    return Err(Error::UnsupportedFormat {
+                        path: path.map(Path::to_path_buf).unwrap_or_default(),
+                        found,
+                        supported: FORMAT_VERSION,
+                    })
+                }
+                Some(0) | None => {
+                    return Err(invalid(format!(
+                        "format_version {version} is not a positive integer"
+                    )))
+                }
+                Some(_) => {}
+            },
+            None if path.is_some() => return Err(invalid("missing field `format_version`".into())),
+            None => {}
+        }
+        let config: ReftConfig =
+            serde_json::from_value(value).map_err(|e| invalid(e.to_string()))?;
+        config.validate_at(path)?;
+        Ok(config)
+    }
+
+    /// The config as pretty-printed JSON.
+    pub fn to_json(&self) -> String {
+        // Serialising plain data into a string cannot fail.
+        serde_json::to_string_pretty(self).expect("a config always serialises")
+    }
+
+    /// Checks the config for consistency (unique names, layers within the
+    /// model, ranks within the hidden size, known types, ...).
+    pub fn validate(&self) -> Result<()> {
+        self.validate_at(None)
+    }
+
+    fn validate_at(&self, path: Option<&Path>) -> Result<()> {
+        let path = path.map(Path::to_path_buf);
+        let invalid = |reason: String| Error::InvalidConfig {
+            path: path.clone(),
+            reason,
+        };
+        let base = &self.base_model;
+        if base.hidden_size == 0 || base.num_hidden_layers == 0 {
+            return Err(invalid(
+                "base_model.hidden_size and num_hidden_layers must be positive".into(),
+            ));
+        }
+        let mut names = BTreeSet::new();
+        for (index, intervention) in self.interventions.iter().enumerate() {
+            intervention
+                .validate(index, base)
+                .map_err(|problem| match problem {
+                    ConfigProblem::Invalid(reason) => invalid(reason),
+                    ConfigProblem::UnknownType(name) => Error::UnknownInterventionType {
+                        path: path.clone(),
+                        name,
+                        known: InterventionType::known_names(),
+                    },
+                })?;
+            if !names.insert(intervention.name.as_str()) {
+                return Err(invalid(format!(
+                    "two interventions are named {:?}",
+                    intervention.name
+                )));
+            }
+        }
+        let mut keys = BTreeSet::new();
+        for intervention in &self.interventions {
+            for parameter in intervention.parameters(base.hidden_size)? {
+                keys.insert(parameter.key);
+            }
+        }
+        for extra in &self.extra_tensors {
+            if extra.is_empty() || !keys.insert(extra.clone()) {
+                return Err(invalid(format!(
+                    "extra tensor {extra:?} is empty or clashes with another tensor name"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Every tensor the checkpoint must hold for its interventions.
+    pub fn parameters(&self) -> Result<Vec<ParameterSpec>> {
+        let mut all = Vec::new();
+        for intervention in &self.interventions {
+            all.extend(intervention.parameters(self.base_model.hidden_size)?);
+        }
+        Ok(all)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config_json(intervention: &str) -> String {
+        format!(
+            r#"{{"format_version": 1, "base_model": {{"name_or_path": "tiny", "model_type": "llama", "hidden_size": 16, "num_hidden_layers": 4}},
+                "interventions": [{intervention}]}}"#
+        )
+    }
+
+    #[test]
+    fn loreft_parameters_match_the_paper_count() {
+        let config = ReftConfig::from_json(
+            &config_json(r#"{"name": "a", "type": "loreft", "layer": 1, "component": "block_output", "positions": "f1+l1", "low_rank_dimension": 4}"#),
+            None,
+        )
+        .unwrap();
+        let intervention = &config.interventions[0];
+        // 2dr + r
+        assert_eq!(intervention.parameter_count(16).unwrap(), 2 * 16 * 4 + 4);
+        // the paper's example: r=4, d=4096 -> 32,772
+        assert_eq!(intervention.parameter_count(4096).unwrap(), 32_772);
+    }
+
+    #[test]
+    fn rejects_inconsistent_configs() {
+        let cases = [
+            (
+                r#"{"name": "a", "type": "loreft", "layer": 4, "component": "block_output", "positions": "f1", "low_rank_dimension": 4}"#,
+                "layer 4",
+            ),
+            (
+                r#"{"name": "a", "type": "loreft", "layer": 0, "component": "block_output", "positions": "f1"}"#,
+                "needs low_rank_dimension",
+            ),
+            (
+                r#"{"name": "a", "type": "red", "layer": 0, "component": "block_output", "positions": "all", "low_rank_dimension": 2}"#,
+                "no low_rank_dimension",
+            ),
+            (
+                r#"{"name": "a", "type": "loreft", "layer": 0, "component": "mlp_input", "positions": "f1", "low_rank_dimension": 2}"#,
+                "mlp_input",
+            ),
+            (
+                r#"{"name": "a", "type": "loreft", "layer": 0, "component": "block_output", "positions": "f1", "low_rank_dimension": 2, "group": 1}"#,
+                "group 1",
+            ),
+            (
+                r#"{"name": "a.b", "type": "loreft", "layer": 0, "component": "block_output", "positions": "f1", "low_rank_dimension": 2}"#,
+                "name",
+            ),
+            (
+                r#"{"name": "a", "type": "loreft", "layer": 0, "component": "block_output", "positions": "x1", "low_rank_dimension": 2}"#,
+                "x1",
+            ),
+            (
+                r#"{"name": "a", "type": "loreft", "layer": 0, "component": "block_output", "positions": "f1", "low_rank_dimension": 2, "activation": "swish"}"#,
+                "swish",
+            ),
+            (
+                r#"{"name": "a", "type": "loreft", "layer": 0, "component": "block_output", "positions": "f1", "low_rank_dimension": 2, "dropuot": 0.1}"#,
+                "dropuot",
+            ),
+        ];
+        for (intervention, needle) in cases {
+            let err = ReftConfig::from_json(&config_json(intervention), None).unwrap_err();
+            assert!(err.to_string().contains(needle), "{needle}: {err}");
+        }
+        let err = ReftConfig::from_json(
+            &config_json(r#"{"name": "a", "type": "megareft", "layer": 0, "component": "block_output", "positions": "f1"}"#),
+            None,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, Error::UnknownInterventionType { .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn refuses_newer_formats() {
+        let text = config_json("").replace("\"format_version\": 1", "\"format_version\": 9");
+        let err = ReftConfig::from_json(&text, Some(Path::new("x/reft_config.json"))).unwrap_err();
+        assert!(
+            matches!(err, Error::UnsupportedFormat { found: 9, .. }),
+            "{err}"
+        );
+    }
+}
