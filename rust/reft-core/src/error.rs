@@ -27,6 +27,10 @@ pub enum Error {
     #[error("shape mismatch: {0}")]
     Shape(String),
 
+    /// An output array is too large for the memory available.
+    #[error("out of memory: {0}")]
+    Allocation(String),
+
     /// A location points outside the sequence it indexes.
     #[error("location out of range: {0}")]
     Location(String),
@@ -110,6 +114,8 @@ pub enum ErrorKind {
     Shape,
     /// An index outside its sequence.
     Location,
+    /// Not enough memory for an output.
+    Memory,
     /// A checkpoint file that is not there.
     NotFound,
     /// An operating-system I/O failure.
@@ -130,6 +136,7 @@ impl Error {
             Error::PositionSpec { .. } | Error::PositionInput(_) => ErrorKind::Position,
             Error::Shape(_) => ErrorKind::Shape,
             Error::Location(_) => ErrorKind::Location,
+            Error::Allocation(_) => ErrorKind::Memory,
             Error::MissingFile { .. } => ErrorKind::NotFound,
             Error::Io { .. } => ErrorKind::Io,
             Error::CorruptCheckpoint { .. } => ErrorKind::CorruptCheckpoint,

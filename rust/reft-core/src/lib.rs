@@ -16,6 +16,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+mod memory;
 pub mod parallel;
 pub mod positions;
 pub mod spans;

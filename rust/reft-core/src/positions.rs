@@ -403,18 +403,6 @@ pub(crate) fn checked_volume(dims: &[usize]) -> Result<usize> {
         })
 }
 
-/// Allocates room for `len` values without a process abort when memory runs out.
-fn allocate(len: usize) -> Result<Vec<i64>> {
-    let mut data = Vec::new();
-    data.try_reserve_exact(len).map_err(|_| {
-        Error::PositionInput(format!(
-            "cannot allocate {len} positions ({} MiB)",
-            len.saturating_mul(8) >> 20
-        ))
-    })?;
-    Ok(data)
-}
-
 /// Fills a fresh array of `groups × examples × width` values, one row per
 /// `(group, example)`, with `fill_row(group, example, row)`, which must write
 /// every slot of `row`.
@@ -430,7 +418,7 @@ where
 {
     let group_len = checked_volume(&[examples, width])?;
     let total = checked_volume(&[groups, group_len])?;
-    let mut data = allocate(total)?;
+    let mut data = crate::memory::with_capacity(total, "positions")?;
     if total > 0 {
         let spare = &mut data.spare_capacity_mut()[..total];
         for (group, block) in spare.chunks_mut(group_len).enumerate() {

@@ -6,6 +6,8 @@
 //! as zeros and never written. The element type is generic: the copy is
 //! bitwise, so `u16` carries float16 and bfloat16 storage alike.
 
+use std::mem::MaybeUninit;
+
 use crate::error::{Error, Result};
 use crate::parallel::for_each_chunk;
 use crate::positions::{checked_volume, MASKED};
@@ -119,21 +121,29 @@ where
     validate(&locations, shape, hidden.len())?;
     let h = shape.hidden;
     let total = checked_volume(&[locations.groups, locations.batch, locations.width, h])?;
-    let mut out = vec![T::default(); total];
+    let mut out = crate::memory::with_capacity::<T>(total, "gathered states")?;
     let row_len = locations.width * h;
-    if row_len == 0 {
-        return Ok(out);
-    }
-    for_each_chunk(&mut out, row_len, parallel, |row, chunk| {
-        let example = row % locations.batch;
-        let slots = &locations.data[row * locations.width..(row + 1) * locations.width];
-        for (slot, &position) in slots.iter().enumerate() {
-            if position != MASKED {
-                let source = (example * shape.sequence + position as usize) * h;
-                chunk[slot * h..(slot + 1) * h].copy_from_slice(&hidden[source..source + h]);
+    if row_len > 0 {
+        let spare = &mut out.spare_capacity_mut()[..total];
+        for_each_chunk(spare, row_len, parallel, |row, chunk| {
+            let example = row % locations.batch;
+            let slots = &locations.data[row * locations.width..(row + 1) * locations.width];
+            for (&position, target) in slots.iter().zip(chunk.chunks_mut(h)) {
+                if position == MASKED {
+                    target.fill(MaybeUninit::new(T::default()));
+                } else {
+                    let source = (example * shape.sequence + position as usize) * h;
+                    for (slot, value) in target.iter_mut().zip(&hidden[source..source + h]) {
+                        slot.write(*value);
+                    }
+                }
             }
-        }
-    });
+        });
+    }
+    // SAFETY: every row of `width * h` values was written above, masked
+    // slots with `T::default()`, the others with a copy of a hidden state
+    // (or the array is empty).
+    unsafe { out.set_len(total) };
     Ok(out)
 }
 

@@ -7,6 +7,9 @@ use reft_core::checkpoint::{self, save_with_hook, SaveStep, TensorRef, CONFIG_FI
 use reft_core::config::{DType, InterventionType, ReftConfig};
 use reft_core::{Error, ErrorKind};
 
+/// Key, shape, dtype and bytes of a tensor to save.
+type OwnedTensor = (String, Vec<usize>, DType, Vec<u8>);
+
 fn intervention_json(name: &str, kind: InterventionType, dtype: &str) -> String {
     let rank = if kind.is_low_rank() { "3" } else { "null" };
     let positions = if kind.is_low_rank() { "f2+l2" } else { "all" };
@@ -46,7 +49,7 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
 }
 
 /// Every tensor the config calls for, filled with `pattern(seed)`.
-fn tensors_for(config: &ReftConfig, seed: u8) -> Vec<(String, Vec<usize>, DType, Vec<u8>)> {
+fn tensors_for(config: &ReftConfig, seed: u8) -> Vec<OwnedTensor> {
     config
         .parameters()
         .unwrap()
@@ -233,7 +236,7 @@ fn tensors_that_disagree_with_the_config_are_refused() {
         .save_id
         .unwrap();
     let good = tensors_for(&config, 3);
-    let mut cases: Vec<(Vec<(String, Vec<usize>, DType, Vec<u8>)>, &str)> = Vec::new();
+    let mut cases: Vec<(Vec<OwnedTensor>, &str)> = Vec::new();
     cases.push((good[1..].to_vec(), "missing"));
     let mut wrong_shape = good.clone();
     wrong_shape[0].1 = vec![3, 4];

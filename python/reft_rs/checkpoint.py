@@ -1,0 +1,209 @@
+"""The reft_rs checkpoint format.
+
+A checkpoint is a folder with two files, modelled on peft's adapter layout:
+
+- ``reft_config.json``: the format version, the library version, the base
+  model's identity (``name_or_path``, ``model_type``, ``hidden_size``,
+  ``num_hidden_layers``) and one entry per intervention with everything
+  needed to rebuild it exactly (type, layer, component, positions, rank,
+  activation, dropout, dtype, bias flags, share_weights, position group);
+- ``reft_model.safetensors``: the tensors, keyed ``{intervention}.{parameter}``.
+
+No pickle is ever involved. Saving is atomic: an interrupted save leaves the
+previous checkpoint loadable. Loading checks the config, the format version,
+the tensor file's integrity and every tensor's dtype and shape against the
+config, and raises a :class:`reft_rs.CheckpointError` subclass naming the
+file and the problem. The Rust core owns the format; the CPU engine reads the
+same files.
+
+Example::
+
+    config = {
+        "base_model": {"name_or_path": "gpt2", "model_type": "gpt2",
+                       "hidden_size": 768, "num_hidden_layers": 12},
+        "interventions": [{"name": "steer_l6", "type": "steer", "layer": 6,
+                           "component": "block_output", "positions": "all"}],
+    }
+    save("my-steer", config, {"steer_l6.vector": np.ones(768, np.float32)})
+    config, tensors = load("my-steer")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import numpy as np
+
+from . import _core
+from ._core import CONFIG_FILE, FORMAT_VERSION, TENSORS_FILE
+from .errors import InvalidCheckpointError, MissingDependencyError
+
+__all__ = [
+    "CONFIG_FILE",
+    "TENSORS_FILE",
+    "FORMAT_VERSION",
+    "save",
+    "load",
+    "normalize_config",
+    "expected_tensors",
+]
+
+_NUMPY_DTYPES = {"float32", "float16", "float64", "int64", "int32", "uint8", "bool", "bfloat16"}
+
+
+def _config_json(config: Mapping[str, Any]) -> str:
+    if not isinstance(config, Mapping):
+        raise InvalidCheckpointError(f"a checkpoint config is a dict, found {type(config).__name__}")
+    try:
+        return json.dumps(config)
+    except (TypeError, ValueError) as error:
+        raise InvalidCheckpointError(f"the config cannot be written as JSON: {error}") from None
+
+
+def normalize_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Checks a config and returns it with every default filled in.
+
+    Raises:
+        InvalidCheckpointError: A missing or unknown field, an unknown
+            intervention type, a layer past the model, a rank larger than the
+            hidden size, duplicate names, ...
+    """
+    return json.loads(_core.normalize_config(_config_json(config)))
+
+
+def expected_tensors(config: Mapping[str, Any]) -> list[tuple[str, str, tuple[int, ...]]]:
+    """The tensors a config calls for, as ``(key, dtype, shape)``, in config order.
+
+    Example::
+
+        >>> expected_tensors(config)
+        [('steer_l6.vector', 'float32', (768,))]
+    """
+    return [(key, dtype, tuple(shape)) for key, dtype, shape in _core.config_parameters(_config_json(config))]
+
+
+def _torch_module() -> Any:
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
+def _tensor_bytes(name: str, tensor: Any) -> tuple[str, list[int], np.ndarray]:
+    """``(dtype name, shape, uint8 bytes)`` of a numpy array or torch tensor."""
+    torch = _torch_module() if not isinstance(tensor, np.ndarray) else None
+    if torch is not None and isinstance(tensor, torch.Tensor):
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        if dtype not in _NUMPY_DTYPES:
+            raise InvalidCheckpointError(
+                f"tensor {name!r} has dtype {tensor.dtype}, which checkpoints do not hold"
+            )
+        data = tensor.detach().to("cpu").contiguous().reshape(-1)
+        return dtype, list(tensor.shape), data.view(torch.uint8).numpy()
+    if not isinstance(tensor, np.ndarray):
+        raise InvalidCheckpointError(
+            f"tensor {name!r} must be a numpy array or torch tensor, found {type(tensor).__name__}"
+        )
+    if tensor.dtype.name not in _NUMPY_DTYPES:
+        raise InvalidCheckpointError(
+            f"tensor {name!r} has dtype {tensor.dtype}, which checkpoints do not hold"
+        )
+    array = tensor
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    array = np.ascontiguousarray(array)
+    return array.dtype.name, list(array.shape), array.reshape(-1).view(np.uint8)
+
+
+def save(path: str | os.PathLike[str], config: Mapping[str, Any], tensors: Mapping[str, Any]) -> None:
+    """Saves a checkpoint folder, atomically.
+
+    Args:
+        path: The folder; created if needed. An existing checkpoint there is
+            replaced only once the new one is complete on disk.
+        config: The checkpoint config (``base_model``, ``interventions``,
+            optional ``metadata`` and ``extra_tensors``). ``format_version``
+            and ``library_version`` are filled in.
+        tensors: Exactly the tensors the config calls for (see
+            :func:`expected_tensors`), numpy arrays or torch tensors, with
+            the dtype each intervention declares.
+
+    Raises:
+        InvalidCheckpointError: The config is invalid or the tensors disagree
+            with it; nothing is written.
+        CheckpointIOError: The files could not be written.
+    """
+    if not isinstance(tensors, Mapping):
+        raise InvalidCheckpointError(f"tensors must be a dict of arrays, found {type(tensors).__name__}")
+    items = []
+    for name, tensor in tensors.items():
+        if not isinstance(name, str):
+            raise InvalidCheckpointError(f"tensor names must be strings, found {name!r}")
+        dtype, shape, data = _tensor_bytes(name, tensor)
+        items.append((name, dtype, shape, data))
+    _core.save_checkpoint(os.fspath(path), _config_json(config), items)
+
+
+def _numpy_dtype(name: str) -> np.dtype:
+    if name != "bfloat16":
+        return np.dtype(name)
+    try:
+        import ml_dtypes
+    except ImportError:
+        raise MissingDependencyError(
+            "this checkpoint holds bfloat16 tensors, which numpy represents only with the "
+            "ml_dtypes package: pip install ml_dtypes, or load with framework='torch'"
+        ) from None
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def load(
+    path: str | os.PathLike[str], *, framework: Literal["numpy", "torch"] = "numpy"
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Loads and checks a checkpoint folder.
+
+    Args:
+        path: The checkpoint folder.
+        framework: ``"numpy"`` (arrays; bfloat16 needs ``ml_dtypes``) or
+            ``"torch"`` (CPU tensors).
+
+    Returns:
+        ``(config, tensors)``: the config with every default filled in, and
+        the tensors by key, bit-identical to what was saved.
+
+    Raises:
+        CheckpointNotFoundError: The folder or one of its files is missing.
+        InvalidCheckpointError: The config is invalid (a missing field, an
+            unknown intervention type, ...).
+        CorruptCheckpointError: The tensor file is damaged or disagrees
+            with the config.
+        UnsupportedFormatError: The checkpoint is newer than this reft_rs.
+    """
+    if framework not in ("numpy", "torch"):
+        raise ValueError(f"framework must be 'numpy' or 'torch', found {framework!r}")
+    config_json, raw, recovered = _core.load_checkpoint(os.fspath(path))
+    if recovered:
+        warnings.warn(
+            f"the last save to {os.fspath(path)} was interrupted; loaded the previous checkpoint",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    tensors: dict[str, Any] = {}
+    if framework == "torch":
+        import torch
+
+        for key, dtype, shape, data in raw:
+            torch_dtype = getattr(torch, dtype)
+            if len(data) == 0:
+                tensors[key] = torch.empty(shape, dtype=torch_dtype)
+            else:
+                tensors[key] = torch.frombuffer(data, dtype=torch_dtype).reshape(shape)
+    else:
+        for key, dtype, shape, data in raw:
+            tensors[key] = np.frombuffer(data, dtype=_numpy_dtype(dtype)).reshape(shape)
+    return json.loads(config_json), tensors

@@ -1,0 +1,99 @@
+"""The package as a whole: exceptions, imports without torch, type stubs."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import reft_rs
+from reft_rs import errors
+
+
+@pytest.mark.parametrize(
+    ("error", "builtin"),
+    [
+        (errors.PositionError, ValueError),
+        (errors.ShapeError, ValueError),
+        (errors.LocationError, IndexError),
+        (errors.ReftMemoryError, MemoryError),
+        (errors.CheckpointNotFoundError, FileNotFoundError),
+        (errors.CheckpointIOError, OSError),
+        (errors.InvalidCheckpointError, ValueError),
+        (errors.CorruptCheckpointError, errors.InvalidCheckpointError),
+        (errors.UnsupportedFormatError, ValueError),
+        (errors.MissingDependencyError, ImportError),
+    ],
+)
+def test_every_error_is_a_reft_error_and_its_builtin(error, builtin):
+    assert issubclass(error, reft_rs.ReftError)
+    assert issubclass(error, builtin)
+    instance = error("something is wrong", "/some/file")
+    assert str(instance) == "something is wrong"
+    assert instance.path == "/some/file"
+    if isinstance(instance, OSError):
+        assert instance.filename == "/some/file"
+
+
+def test_checkpoint_errors_share_a_base():
+    for name in (
+        "CheckpointNotFoundError",
+        "CheckpointIOError",
+        "InvalidCheckpointError",
+        "UnsupportedFormatError",
+    ):
+        assert issubclass(getattr(reft_rs, name), reft_rs.CheckpointError)
+
+
+BLOCK_TORCH = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {"torch", "transformers"}:
+            raise ImportError(f"{name} is blocked in this test")
+sys.meta_path.insert(0, Block())
+"""
+
+
+def test_core_features_work_without_torch(tmp_path):
+    script = BLOCK_TORCH + textwrap.dedent(
+        f"""
+        import numpy as np
+        import reft_rs
+        loc = reft_rs.positions.locate([10, 4], "f2+l2")
+        assert loc.tolist() == [[[0, 1], [0, 1]], [[8, 9], [2, 3]]], loc
+        hidden = np.ones((2, 10, 3), np.float32)
+        assert reft_rs.spans.gather(hidden, loc).shape == (2, 2, 2, 3)
+        config = {{"base_model": {{"name_or_path": "m", "model_type": "gpt2", "hidden_size": 3, "num_hidden_layers": 1}},
+                   "interventions": [{{"name": "s", "type": "steer", "layer": 0, "component": "block_output", "positions": "all"}}]}}
+        reft_rs.checkpoint.save({str(tmp_path)!r}, config, {{"s.vector": np.ones(3, np.float32)}})
+        assert reft_rs.checkpoint.load({str(tmp_path)!r})[1]["s.vector"].tolist() == [1, 1, 1]
+        assert "torch" not in sys.modules and "transformers" not in sys.modules
+        print("ok")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mypy") is None, reason="mypy is a dev extra")
+def test_type_stubs_match_the_extension():
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy.stubtest", "reft_rs._core"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "MYPY_CACHE_DIR": os.devnull if os.name != "posix" else "/tmp/reft_rs_mypy_cache"},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_py_typed_ships():
+    package = os.path.dirname(reft_rs.__file__)
+    assert os.path.exists(os.path.join(package, "py.typed"))
+    assert os.path.exists(os.path.join(package, "_core.pyi"))
