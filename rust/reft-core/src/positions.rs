@@ -922,59 +922,25 @@ mod tests {
     fn char_spans_choose_overlapping_tokens() {
         // "Paris is big": tokens [BOS](0,0) Paris(0,5) is(5,8) big(8,12)
         let offsets = [[0, 0], [0, 5], [5, 8], [8, 12]];
-        let locations = locate_char_spans(
-            &offsets,
-            &[4],
-            &[[0, 5], [6, 12]],
-            2,
-            None,
-            None,
-            &LocateOptions::new(),
-        )
-        .unwrap();
+        let spans = |counts: &[i64], spans: &[[i64; 2]], groups, width| {
+            locate_char_spans(
+                &offsets,
+                counts,
+                spans,
+                groups,
+                width,
+                None,
+                &LocateOptions::new(),
+            )
+        };
+        let locations = spans(&[4], &[[0, 5], [6, 12]], 2, None).unwrap();
         assert_eq!(locations.shape(), (2, 1, 2));
         assert_eq!(locations.row(0, 0), &[1, MASKED]);
         assert_eq!(locations.row(1, 0), &[2, 3]);
-        let none = locate_char_spans(
-            &offsets,
-            &[4],
-            &[[-1, -1]],
-            1,
-            Some(3),
-            None,
-            &LocateOptions::new(),
-        )
-        .unwrap();
+        let none = spans(&[4], &[[-1, -1]], 1, Some(3)).unwrap();
         assert_eq!(none.row(0, 0), &[MASKED; 3]);
-        assert!(locate_char_spans(
-            &offsets,
-            &[4],
-            &[[6, 12]],
-            1,
-            Some(1),
-            None,
-            &LocateOptions::new()
-        )
-        .is_err());
-        assert!(locate_char_spans(
-            &offsets,
-            &[4],
-            &[[5, 2]],
-            1,
-            None,
-            None,
-            &LocateOptions::new()
-        )
-        .is_err());
-        assert!(locate_char_spans(
-            &offsets,
-            &[3],
-            &[[0, 2]],
-            1,
-            None,
-            None,
-            &LocateOptions::new()
-        )
-        .is_err());
+        assert!(spans(&[4], &[[6, 12]], 1, Some(1)).is_err()); // wider than max_positions
+        assert!(spans(&[4], &[[5, 2]], 1, None).is_err()); // start after end
+        assert!(spans(&[3], &[[0, 2]], 1, None).is_err()); // counts disagree with offsets
     }
 }

@@ -61,12 +61,9 @@ fn tensors_for(config: &ReftConfig, seed: u8) -> Vec<OwnedTensor> {
         .collect()
 }
 
-fn save_all(
-    dir: &Path,
-    config: &ReftConfig,
-    tensors: &[(String, Vec<usize>, DType, Vec<u8>)],
-) -> reft_core::Result<()> {
-    let refs: Vec<(&str, TensorRef<'_>)> = tensors
+/// Borrows owned tensors for saving.
+fn refs(tensors: &[OwnedTensor]) -> Vec<(&str, TensorRef<'_>)> {
+    tensors
         .iter()
         .map(|(k, s, d, b)| {
             (
@@ -78,8 +75,11 @@ fn save_all(
                 },
             )
         })
-        .collect();
-    checkpoint::save(dir, config, &refs)
+        .collect()
+}
+
+fn save_all(dir: &Path, config: &ReftConfig, tensors: &[OwnedTensor]) -> reft_core::Result<()> {
+    checkpoint::save(dir, config, &refs(tensors))
 }
 
 #[test]
@@ -122,19 +122,7 @@ fn a_save_cut_off_at_any_step_leaves_a_loadable_checkpoint() {
     ] {
         let dir = tempfile::tempdir().unwrap();
         save_all(dir.path(), &old_config, &old_tensors).unwrap();
-        let refs: Vec<(&str, TensorRef<'_>)> = new_tensors
-            .iter()
-            .map(|(k, s, d, b)| {
-                (
-                    k.as_str(),
-                    TensorRef {
-                        dtype: *d,
-                        shape: s,
-                        data: b,
-                    },
-                )
-            })
-            .collect();
+        let refs = refs(&new_tensors);
         let result = save_with_hook(dir.path(), &new_config, &refs, &mut |step| {
             if step == crash_after {
                 Err(Error::Shape("simulated crash".into()))
@@ -255,19 +243,7 @@ fn tensors_that_disagree_with_the_config_are_refused() {
     ));
     cases.push((extra, "stray.weight"));
     for (tensors, needle) in cases {
-        let views: Vec<(&str, TensorRef<'_>)> = tensors
-            .iter()
-            .map(|(k, s, d, b)| {
-                (
-                    k.as_str(),
-                    TensorRef {
-                        dtype: *d,
-                        shape: s,
-                        data: b,
-                    },
-                )
-            })
-            .collect();
+        let views = refs(&tensors);
         let metadata = std::collections::HashMap::from([("save_id".to_string(), save_id.clone())]);
         let bytes =
             safetensors::serialize(views.iter().map(|(k, v)| (*k, *v)), Some(metadata)).unwrap();
