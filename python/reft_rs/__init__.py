@@ -13,13 +13,18 @@ Errors derive from :class:`reft_rs.ReftError` (see :mod:`reft_rs.errors`).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from . import checkpoint, positions, spans
 from ._core import FORMAT_VERSION, MASKED, __version__
+from .config import InterventionConfig, ReftConfig
 from .errors import (
     CheckpointError,
     CheckpointIOError,
     CheckpointNotFoundError,
+    ConfigError,
     CorruptCheckpointError,
+    IncompatibleModelError,
     InvalidCheckpointError,
     LocationError,
     MissingDependencyError,
@@ -31,8 +36,58 @@ from .errors import (
 )
 from .positions import PositionSpec
 
+if TYPE_CHECKING:
+    from . import convert
+    from .data import ReftDataCollator, ReftDataset, make_dataset
+    from .model import ReftModel, get_reft_model
+    from .trainer import ReftTrainer, train
+
+# The torch path loads on first use, so that `import reft_rs` needs no torch.
+_LAZY = {
+    "ReftModel": "model",
+    "get_reft_model": "model",
+    "ReftTrainer": "trainer",
+    "train": "trainer",
+    "ReftDataCollator": "data",
+    "ReftDataset": "data",
+    "make_dataset": "data",
+    "convert": None,
+    "interventions": None,
+    "pretrained": None,
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'reft_rs' has no attribute {name!r}")
+    import importlib
+
+    module_name = _LAZY[name]
+    module = importlib.import_module(f".{module_name or name}", __name__)
+    value = module if module_name is None else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 __all__ = [
     "__version__",
+    "ReftConfig",
+    "InterventionConfig",
+    "ReftModel",
+    "get_reft_model",
+    "ReftTrainer",
+    "train",
+    "ReftDataCollator",
+    "ReftDataset",
+    "make_dataset",
+    "convert",
+    "interventions",
+    "pretrained",
+    "ConfigError",
+    "IncompatibleModelError",
     "FORMAT_VERSION",
     "MASKED",
     "PositionSpec",

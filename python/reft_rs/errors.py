@@ -21,6 +21,8 @@ __all__ = [
     "ShapeError",
     "LocationError",
     "ReftMemoryError",
+    "ConfigError",
+    "IncompatibleModelError",
     "CheckpointError",
     "CheckpointNotFoundError",
     "CheckpointIOError",
@@ -67,6 +69,17 @@ class LocationError(ReftError, IndexError):
 
 class ReftMemoryError(ReftError, MemoryError):
     """An output array too large for the memory available."""
+
+
+class ConfigError(ReftError, ValueError):
+    """An intervention config that cannot be right: an unknown type or
+    component, a bad position spec, a layer the model does not have, a rank
+    larger than the hidden size."""
+
+
+class IncompatibleModelError(ReftError, ValueError):
+    """A checkpoint or config that does not fit the model it is applied to
+    (hidden size, layer count or model type differ, a layer cannot be found)."""
 
 
 class CheckpointError(ReftError):

@@ -1,0 +1,322 @@
+"""What to intervene on: :class:`InterventionConfig` and :class:`ReftConfig`.
+
+These dataclasses need no torch. They are checked when built, so a mistake
+(an unknown type, a bad position spec, a rank of 0) fails at once with a
+clear :class:`reft_rs.ConfigError`; placement against a real model (layer
+count, hidden size) is checked by :func:`reft_rs.get_reft_model`.
+
+Example::
+
+    from reft_rs import ReftConfig, InterventionConfig
+
+    # LoReFT rank 4 at the first and last 7 prompt tokens of four layers,
+    # a prefix and a suffix intervention per layer (pyreft's layout):
+    config = ReftConfig.for_layers([3, 9, 18, 24], low_rank_dimension=4, positions="f7+l7")
+
+    # or one by one, any number per layer:
+    config = ReftConfig([
+        InterventionConfig(layer=8, type="loreft", low_rank_dimension=2, positions="l1"),
+        InterventionConfig(layer=8, type="red"),
+    ])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._core import PositionSpec
+from .errors import ConfigError
+
+__all__ = [
+    "ACTIVATIONS",
+    "COMPONENTS",
+    "DTYPES",
+    "INTERVENTION_TYPES",
+    "LOW_RANK_TYPES",
+    "InterventionConfig",
+    "ReftConfig",
+]
+
+INTERVENTION_TYPES = ("loreft", "noreft", "direft", "nodireft", "consreft", "lobireft", "red", "steer")
+LOW_RANK_TYPES = frozenset(INTERVENTION_TYPES[:6])
+COMPONENTS = ("block_output", "block_input", "mlp_output", "attention_output")
+ACTIVATIONS = ("identity", "relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid")
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+#: Types whose learned source is ``act(Wh + b)``, so ``bias`` may be turned off.
+SOURCE_TYPES = frozenset({"loreft", "noreft", "direft", "nodireft"})
+
+
+def _choice(value: Any, allowed: Iterable[str], what: str) -> str:
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise ConfigError(f"unknown {what} {value!r}; expected one of: {', '.join(allowed)}")
+    return value
+
+
+@dataclass
+class InterventionConfig:
+    """One intervention: where it acts and what it computes.
+
+    Args:
+        layer: Layer index, from 0.
+        type: ``loreft`` (default), ``noreft``, ``direft``, ``nodireft``,
+            ``consreft``, ``lobireft``, ``red`` or ``steer``.
+        component: ``block_output`` (the residual stream after the layer,
+            default), ``block_input``, ``mlp_output`` or ``attention_output``.
+        positions: Prompt positions edited: ``"f7+l7"``, ``"l1"``, ``"all"``,
+            a list of indices... Defaults to ``"l1"`` (the last prompt token)
+            for the ReFT types and ``"all"`` for ``red`` and ``steer``.
+            ``"all"`` edits every token the model sees, prompt and generated.
+        low_rank_dimension: Rank r of the ReFT types (required for them).
+        share_weights: One intervention for both ends of ``f{p}+l{s}``
+            instead of a prefix and a suffix one.
+        group: Which position group this intervention reads (0 prefix or
+            shared, 1 suffix). Leave ``None`` on a two-group spec to get both
+            interventions from one config (see :class:`ReftConfig`).
+        activation: Applied to the learned source ``Wh + b``: ``identity``,
+            ``relu``, ``gelu``, ``gelu_tanh``, ``silu``, ``tanh``, ``sigmoid``.
+        dropout: Dropout on the edited state during training (pyreft's
+            placement: on the whole output).
+        dtype: Parameter dtype, ``float32`` by default whatever the model's;
+            the edit is computed in it and cast back.
+        bias: Whether ``Wh + b`` has its bias b (the source types).
+        projection_bias: ``noreft`` only: the bias b₂ of ``W₂h + b₂``.
+        alpha: ``steer`` only: the scale of the steering vector.
+        trainable: Whether the parameters train (``False`` freezes them, e.g.
+            a fixed steering vector).
+        embed_dim: Width of the edited state when it differs from the
+            model's hidden size (explicit module paths only).
+        module_path: Dotted path of the module to hook, for models whose
+            layout is not recognised; ``{layer}`` is replaced by ``layer``
+            (``"transformer.blocks.{layer}.ffn"``). The component then only
+            says whether the module's input (``block_input``) or output is
+            edited.
+        name: Unique name; generated from the placement when ``None``.
+    """
+
+    layer: int
+    type: str = "loreft"
+    component: str = "block_output"
+    positions: str | list[int] | None = None
+    low_rank_dimension: int | None = None
+    share_weights: bool = False
+    group: int | None = None
+    activation: str = "identity"
+    dropout: float = 0.0
+    dtype: str = "float32"
+    bias: bool = True
+    projection_bias: bool = False
+    alpha: float = 1.0
+    trainable: bool = True
+    embed_dim: int | None = None
+    module_path: str | None = None
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
+            raise ConfigError(f"layer must be a non-negative integer, found {self.layer!r}")
+        _choice(self.type, INTERVENTION_TYPES, "intervention type")
+        _choice(self.component, COMPONENTS, "component")
+        _choice(self.activation, ACTIVATIONS, "activation")
+        _choice(self.dtype, DTYPES, "dtype")
+        if self.positions is None:
+            self.positions = "l1" if self.type in LOW_RANK_TYPES else "all"
+        try:
+            spec = PositionSpec(self.positions)
+        except (ValueError, TypeError) as error:
+            raise ConfigError(f"positions: {error}") from None
+        self.positions = str(spec)
+        if self.type in LOW_RANK_TYPES:
+            rank = self.low_rank_dimension
+            if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+                raise ConfigError(f"{self.type} needs low_rank_dimension, a positive integer; found {rank!r}")
+        elif self.low_rank_dimension is not None:
+            raise ConfigError(f"{self.type} has no low_rank_dimension; leave it None")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), found {self.dropout}")
+        if not self.bias and self.type not in SOURCE_TYPES:
+            raise ConfigError(f"{self.type} always has its bias; bias=False is not possible")
+        if self.projection_bias and self.type != "noreft":
+            raise ConfigError(f"projection_bias applies to noreft only, not {self.type}")
+        groups = spec.group_count(self.share_weights)
+        if self.group is not None and not 0 <= self.group < groups:
+            raise ConfigError(
+                f"group {self.group} does not exist: positions {self.positions!r} with "
+                f"share_weights={self.share_weights} give {groups} group(s)"
+            )
+        if self.embed_dim is not None and self.embed_dim < 1:
+            raise ConfigError(f"embed_dim must be positive, found {self.embed_dim}")
+        if self.name is not None and (
+            not self.name or not all(c.isalnum() or c in "_-" for c in self.name)
+        ):
+            raise ConfigError(f"name {self.name!r} must be non-empty and use only letters, digits, '_' and '-'")
+
+    @property
+    def position_spec(self) -> PositionSpec:
+        """The parsed :class:`reft_rs.PositionSpec`."""
+        return PositionSpec(self.positions)
+
+    @property
+    def every_token(self) -> bool:
+        """True for ``positions="all"``: every token is edited, no locations needed."""
+        return self.positions == "all"
+
+    def group_count(self) -> int:
+        """Position groups of this intervention's spec."""
+        return self.position_spec.group_count(self.share_weights)
+
+    def default_name(self) -> str:
+        name = f"layer_{self.layer}_{self.component}_{self.type}"
+        if self.group_count() > 1:
+            name += "_prefix" if self.group == 0 else "_suffix"
+        return name
+
+    def to_checkpoint(self) -> dict[str, Any]:
+        """This intervention as a ``reft_config.json`` entry."""
+        entry = dataclasses.asdict(self)
+        entry["group"] = self.group or 0
+        return entry
+
+    @classmethod
+    def from_checkpoint(cls, entry: Mapping[str, Any]) -> InterventionConfig:
+        """Rebuilds an intervention from a ``reft_config.json`` entry."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in entry.items() if key in known})
+
+
+@dataclass
+class ReftConfig:
+    """A set of interventions, applied in order.
+
+    An :class:`InterventionConfig` with an unshared two-sided spec
+    (``"f7+l7"``) and ``group=None`` stands for two interventions, a prefix
+    one and a suffix one; it is expanded here.
+
+    Args:
+        interventions: The interventions (or one).
+        trainable_head: For sequence classification: also train the model's
+            classification head (``score`` / ``classifier``); it is saved in
+            the checkpoint.
+        metadata: Free-form information stored in checkpoints.
+    """
+
+    interventions: list[InterventionConfig] = field(default_factory=list)
+    trainable_head: bool = False
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.interventions, InterventionConfig):
+            self.interventions = [self.interventions]
+        expanded: list[InterventionConfig] = []
+        for item in self.interventions:
+            if isinstance(item, Mapping):
+                item = InterventionConfig(**item)
+            if not isinstance(item, InterventionConfig):
+                raise ConfigError(f"interventions must be InterventionConfig objects, found {type(item).__name__}")
+            if item.group is None and item.group_count() > 1:
+                expanded.extend(dataclasses.replace(item, group=g) for g in range(item.group_count()))
+            else:
+                expanded.append(item)
+        if not expanded:
+            raise ConfigError("a ReftConfig needs at least one intervention")
+        names: set[str] = set()
+        for item in expanded:
+            if item.name is None:
+                base = item.default_name()
+                name, counter = base, 1
+                while name in names:
+                    name, counter = f"{base}_{counter}", counter + 1
+                item.name = name
+            if item.name in names:
+                raise ConfigError(f"two interventions are named {item.name!r}")
+            names.add(item.name)
+            if item.group is None:
+                item.group = 0
+        self.interventions = expanded
+
+    @classmethod
+    def for_layers(
+        cls,
+        layers: Iterable[int],
+        *,
+        type: str = "loreft",
+        low_rank_dimension: int | None = 4,
+        positions: str | list[int] | None = "f7+l7",
+        share_weights: bool = False,
+        component: str = "block_output",
+        trainable_head: bool = False,
+        **options: Any,
+    ) -> ReftConfig:
+        """The same intervention at several layers, in pyreft's order.
+
+        With an unshared two-sided spec there are two interventions per
+        layer, listed group by group: the prefix interventions of every
+        layer, then the suffix ones.
+
+        Args:
+            layers: Layer indices.
+            type, low_rank_dimension, positions, share_weights, component:
+                As in :class:`InterventionConfig`; ``low_rank_dimension`` is
+                ignored for ``red`` and ``steer``.
+            trainable_head: As in :class:`ReftConfig`.
+            options: Further :class:`InterventionConfig` fields (dropout, ...).
+        """
+        layers = list(layers)
+        if type not in LOW_RANK_TYPES:
+            low_rank_dimension = None
+            if positions == "f7+l7":
+                positions = "all"
+        probe = InterventionConfig(
+            layer=layers[0] if layers else 0,
+            type=type,
+            component=component,
+            positions=positions,
+            low_rank_dimension=low_rank_dimension,
+            share_weights=share_weights,
+            **options,
+        )
+        interventions = [
+            dataclasses.replace(probe, layer=layer, group=group)
+            for group in range(probe.group_count())
+            for layer in layers
+        ]
+        return cls(interventions, trainable_head=trainable_head)
+
+    @property
+    def position_interventions(self) -> list[int]:
+        """Indices of the interventions that read locations (not ``"all"``)."""
+        return [i for i, item in enumerate(self.interventions) if not item.every_token]
+
+    def shared_positions(self) -> tuple[str, bool] | None:
+        """``(positions, share_weights)`` shared by every intervention that reads
+        locations, or ``None`` if there are none. Raises if they differ, since
+        one grouped locations array cannot serve them all."""
+        specs = {(self.interventions[i].positions, self.interventions[i].share_weights) for i in self.position_interventions}
+        if not specs:
+            return None
+        if len(specs) > 1:
+            raise ConfigError(
+                "the interventions use different position specs "
+                f"({sorted(specs)}); pass one locations row per intervention instead"
+            )
+        return specs.pop()
+
+    def to_checkpoint(self, base_model: Mapping[str, Any]) -> dict[str, Any]:
+        """The ``reft_config.json`` contents for a model of the given identity."""
+        config: dict[str, Any] = {
+            "base_model": dict(base_model),
+            "interventions": [item.to_checkpoint() for item in self.interventions],
+            "metadata": {**self.metadata, "trainable_head": self.trainable_head},
+        }
+        return config
+
+    @classmethod
+    def from_checkpoint(cls, config: Mapping[str, Any]) -> ReftConfig:
+        """Rebuilds the config stored in a checkpoint."""
+        metadata = dict(config.get("metadata") or {})
+        trainable_head = bool(metadata.pop("trainable_head", False))
+        items = [InterventionConfig.from_checkpoint(entry) for entry in config["interventions"]]
+        return cls(items, trainable_head=trainable_head, metadata=metadata)

@@ -1,0 +1,235 @@
+"""The interventions as torch modules.
+
+Each module maps hidden states ``h`` (any leading shape, last dimension d) to
+the edited states ``Φ(h)``, computed in the parameter dtype (float32 by
+default); the caller casts back to the model's dtype. Notation: r the rank,
+R ∈ ℝ^{r×d} with orthonormal rows, W ∈ ℝ^{r×d}, b ∈ ℝʳ.
+
+| type | Φ(h) |
+|---|---|
+| ``loreft`` | h + Rᵀ(act(Wh + b) − Rh) |
+| ``noreft`` | h + W₂ᵀ(act(W₁h + b₁) − (W₂h + b₂)) |
+| ``direft`` | h + Rᵀ act(Wh + b) |
+| ``nodireft`` | h + W₂ᵀ act(W₁h + b₁) |
+| ``consreft`` | h + Rᵀ(b − Rh) |
+| ``lobireft`` | h + Rᵀ b |
+| ``red`` | s ⊙ h + b |
+| ``steer`` | h + α v |
+
+R is kept orthonormal by construction: it is the orthonormal factor of an
+unconstrained parameter (a QR decomposition, sign-fixed so the map is
+smooth), computed once per forward pass while training and cached for
+inference. That costs one small QR per intervention per step, where pyreft's
+orthogonal parametrization rebuilds a Householder product several times.
+
+Dropout, when set, applies to the whole output ``Φ(h)`` during training, as
+pyreft does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .config import InterventionConfig
+
+__all__ = ["Intervention", "OrthonormalRows", "build_intervention", "orthonormalize"]
+
+_ACTIVATIONS = {
+    "identity": lambda x: x,
+    "relu": torch.relu,
+    "gelu": nn.functional.gelu,
+    "gelu_tanh": lambda x: nn.functional.gelu(x, approximate="tanh"),
+    "silu": nn.functional.silu,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+}
+
+
+def orthonormalize(matrix: torch.Tensor) -> torch.Tensor:
+    """The ``(r, d)`` matrix with orthonormal rows nearest in QR's sense to ``matrix``.
+
+    Rows are orthonormalized in order (Gram-Schmidt's result, computed by
+    Householder QR), with signs chosen so each row keeps a positive
+    component along its input row; the map is smooth, so gradients flow.
+    Half-precision inputs are computed in float32 and cast back.
+    """
+    work = matrix if matrix.dtype in (torch.float32, torch.float64) else matrix.float()
+    q, r = torch.linalg.qr(work.transpose(0, 1), mode="reduced")
+    signs = torch.where(torch.diagonal(r) < 0, -1.0, 1.0).to(q.dtype)
+    return (q * signs).transpose(0, 1).to(matrix.dtype)
+
+
+class OrthonormalRows(nn.Module):
+    """A matrix R ∈ ℝ^{rank×dim} with orthonormal rows, trained freely.
+
+    The trainable parameter ``base`` is unconstrained; ``R = orthonormalize(base)``.
+    With gradients enabled R is recomputed on each call (once per forward
+    pass); without them it is cached until ``base`` changes.
+    """
+
+    def __init__(self, rank: int, dim: int, dtype: torch.dtype, device: torch.device | None = None) -> None:
+        super().__init__()
+        if rank > dim:
+            raise ValueError(f"rank {rank} cannot exceed the hidden size {dim}")
+        self.base = nn.Parameter(torch.empty(rank, dim, dtype=dtype, device=device))
+        with torch.no_grad():
+            init = torch.empty(rank, dim, dtype=torch.float32, device=device)
+            nn.init.orthogonal_(init)
+            self.base.copy_(orthonormalize(init).to(dtype))
+        self.register_buffer("cached", None, persistent=False)
+        self._cached_version = -1
+
+    def forward(self) -> torch.Tensor:
+        if torch.is_grad_enabled() and self.base.requires_grad:
+            return orthonormalize(self.base)
+        cached = self.cached
+        if cached is None or self._cached_version != self.base._version or cached.dtype != self.base.dtype:
+            cached = orthonormalize(self.base.detach())
+            self.cached = cached
+            self._cached_version = self.base._version
+        return cached
+
+    @torch.no_grad()
+    def set(self, rotation: torch.Tensor) -> None:
+        """Sets R to ``rotation`` (rows already orthonormal, as a checkpoint
+        stores them), so inference uses exactly these values."""
+        if rotation.shape != self.base.shape:
+            raise ValueError(f"rotation has shape {tuple(rotation.shape)}, expected {tuple(self.base.shape)}")
+        self.base.copy_(rotation)
+        self.cached = self.base.detach().clone()
+        self._cached_version = self.base._version
+
+
+def _linear_init(rows: int, dim: int, dtype: torch.dtype, device: torch.device | None) -> tuple[nn.Parameter, nn.Parameter]:
+    """W and b drawn as ``nn.Linear(dim, rows)`` draws them: U(±1/√dim)."""
+    bound = 1.0 / math.sqrt(dim)
+    weight = nn.Parameter(torch.empty(rows, dim, dtype=dtype, device=device).uniform_(-bound, bound))
+    bias = nn.Parameter(torch.empty(rows, dtype=dtype, device=device).uniform_(-bound, bound))
+    return weight, bias
+
+
+class Intervention(nn.Module):
+    """One intervention of any type (see the module docstring for the formulas).
+
+    Args:
+        config: What to build.
+        dim: Width d of the edited hidden state.
+        device: Where to put the parameters.
+
+    Parameters by type: ``rotation`` (an :class:`OrthonormalRows`; R), ``weight``
+    and ``bias`` (W, b), ``projection_weight`` / ``projection_bias`` (W₂,
+    b₂), ``scale`` and ``bias`` for ``red``, ``vector`` for ``steer``.
+    """
+
+    def __init__(self, config: InterventionConfig, dim: int, device: torch.device | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.kind = config.type
+        self.dim = dim
+        dtype = getattr(torch, config.dtype)
+        rank = config.low_rank_dimension or 0
+        self.activation = _ACTIVATIONS[config.activation]
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None
+        self.rotation: OrthonormalRows | None = None
+        if self.kind in ("loreft", "direft", "consreft", "lobireft"):
+            self.rotation = OrthonormalRows(rank, dim, dtype, device)
+        if self.kind in ("loreft", "noreft", "direft", "nodireft"):
+            self.weight, bias = _linear_init(rank, dim, dtype, device)
+            self.bias = bias if config.bias else None
+        if self.kind in ("noreft", "nodireft"):
+            self.projection_weight, projection_bias = _linear_init(rank, dim, dtype, device)
+            self.projection_bias = projection_bias if config.projection_bias else None
+        if self.kind in ("consreft", "lobireft"):
+            self.bias = nn.Parameter(torch.rand(rank, dtype=dtype, device=device))
+        if self.kind == "red":
+            self.scale = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
+            self.bias = nn.Parameter(torch.zeros(dim, dtype=dtype, device=device))
+        if self.kind == "steer":
+            self.vector = nn.Parameter(torch.zeros(dim, dtype=dtype, device=device))
+        if not config.trainable:
+            self.requires_grad_(False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def _source(self, h: torch.Tensor) -> torch.Tensor:
+        """act(Wh + b)."""
+        source = h @ self.weight.T
+        if self.bias is not None:
+            source = source + self.bias
+        return self.activation(source)
+
+    def edit(self, h: torch.Tensor) -> torch.Tensor:
+        """Φ(h) without dropout, for ``h`` already in the parameter dtype."""
+        kind = self.kind
+        if kind == "loreft":
+            r = self.rotation()
+            return h + (self._source(h) - h @ r.T) @ r
+        if kind == "direft":
+            return h + self._source(h) @ self.rotation()
+        if kind == "consreft":
+            r = self.rotation()
+            return h + (self.bias - h @ r.T) @ r
+        if kind == "lobireft":
+            return h + self.bias @ self.rotation()
+        if kind == "noreft":
+            projected = h @ self.projection_weight.T
+            if self.projection_bias is not None:
+                projected = projected + self.projection_bias
+            return h + (self._source(h) - projected) @ self.projection_weight
+        if kind == "nodireft":
+            return h + self._source(h) @ self.projection_weight
+        if kind == "red":
+            return h * self.scale + self.bias
+        return h + self.config.alpha * self.vector
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Φ(hidden) in the parameter dtype, with dropout while training."""
+        output = self.edit(hidden.to(self.dtype))
+        if self.dropout is not None:
+            output = self.dropout(output)
+        return output
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        """The parameters under their checkpoint names (R itself, not its base)."""
+        tensors: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            if self.rotation is not None:
+                tensors["rotation"] = self.rotation()
+            for name in ("weight", "bias", "projection_weight", "projection_bias", "scale", "vector"):
+                value = getattr(self, name, None)
+                if value is not None:
+                    tensors[name] = value.detach()
+        return tensors
+
+    @torch.no_grad()
+    def load_checkpoint_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Sets every parameter from :meth:`checkpoint_tensors`-style names."""
+        expected = set(self.checkpoint_tensors())
+        if set(tensors) != expected:
+            raise ValueError(f"{self.config.name}: expected tensors {sorted(expected)}, found {sorted(tensors)}")
+        for name, value in tensors.items():
+            if name == "rotation":
+                self.rotation.set(value.to(self.rotation.base.device, self.rotation.base.dtype))
+            else:
+                parameter = getattr(self, name)
+                if parameter.shape != value.shape:
+                    raise ValueError(f"{self.config.name}.{name}: shape {tuple(value.shape)}, expected {tuple(parameter.shape)}")
+                parameter.copy_(value)
+
+    def parameter_count(self) -> int:
+        """Trainable values as the ReFT paper counts them (R counts r·d)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def extra_repr(self) -> str:
+        rank = f", rank={self.config.low_rank_dimension}" if self.config.low_rank_dimension else ""
+        return f"{self.kind}, dim={self.dim}{rank}, dtype={self.config.dtype}"
+
+
+def build_intervention(config: InterventionConfig, dim: int, device: torch.device | None = None) -> Intervention:
+    """Builds the module for ``config`` with hidden width ``dim``."""
+    return Intervention(config, dim, device)

@@ -1,0 +1,97 @@
+"""Finding the module an intervention hooks, for any Hugging Face layout.
+
+No table per model class: the layer stack is the ``nn.ModuleList`` whose
+length is the config's ``num_hidden_layers`` (``model.layers`` in
+Llama/Mistral/Qwen/Gemma decoders, ``transformer.h`` in GPT-2,
+``encoder.layer`` in BERT/RoBERTa), and a layer's feed-forward and attention
+blocks are its children with the conventional names (``mlp``,
+``feed_forward``, ``ffn``, or BERT's ``output``; ``self_attn``, ``attn``,
+``attention``). Anything else takes an explicit ``module_path``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from .config import InterventionConfig
+from .errors import IncompatibleModelError
+
+__all__ = ["HookSite", "find_layers", "resolve"]
+
+_MLP_NAMES = ("mlp", "feed_forward", "ffn", "mlp_block", "output")
+_ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
+
+
+@dataclass(frozen=True)
+class HookSite:
+    """A module and whether its input or its output is edited."""
+
+    path: str
+    module: nn.Module
+    edits_input: bool
+
+
+def model_dimensions(model: nn.Module) -> tuple[int, int]:
+    """``(hidden_size, num_hidden_layers)`` from a Hugging Face config."""
+    config = getattr(model, "config", None)
+    try:
+        return int(config.hidden_size), int(config.num_hidden_layers)
+    except (AttributeError, TypeError):
+        raise IncompatibleModelError(
+            "the model has no config with hidden_size and num_hidden_layers; "
+            "give every intervention a module_path and embed_dim"
+        ) from None
+
+
+def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The model's stack of transformer layers and its dotted path."""
+    _, num_layers = model_dimensions(model)
+    candidates = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and len(module) == num_layers
+    ]
+    if not candidates:
+        raise IncompatibleModelError(
+            f"found no list of {num_layers} layers in {type(model).__name__}; "
+            "give the interventions an explicit module_path"
+        )
+    return min(candidates, key=lambda item: item[0].count("."))
+
+
+def _child(layer: nn.Module, names: tuple[str, ...], what: str, layer_path: str) -> tuple[str, nn.Module]:
+    for name in names:
+        child = getattr(layer, name, None)
+        if isinstance(child, nn.Module):
+            return name, child
+    children = ", ".join(name for name, _ in layer.named_children())
+    raise IncompatibleModelError(
+        f"cannot find the {what} block of {layer_path} (children: {children}); "
+        "give the intervention an explicit module_path"
+    )
+
+
+def resolve(model: nn.Module, config: InterventionConfig) -> HookSite:
+    """Where ``config`` hooks into ``model``."""
+    edits_input = config.component == "block_input"
+    if config.module_path is not None:
+        path = config.module_path.replace("{layer}", str(config.layer))
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            raise IncompatibleModelError(f"{config.name}: the model has no module {path!r}") from None
+        return HookSite(path, module, edits_input)
+    layers_path, layers = find_layers(model)
+    if config.layer >= len(layers):
+        raise IncompatibleModelError(
+            f"{config.name}: layer {config.layer} does not exist; the model has {len(layers)} layers"
+        )
+    layer_path = f"{layers_path}.{config.layer}" if layers_path else str(config.layer)
+    layer = layers[config.layer]
+    if config.component in ("block_output", "block_input"):
+        return HookSite(layer_path, layer, edits_input)
+    names, what = (_MLP_NAMES, "feed-forward") if config.component == "mlp_output" else (_ATTENTION_NAMES, "attention")
+    name, module = _child(layer, names, what, layer_path)
+    return HookSite(f"{layer_path}.{name}", module, False)

@@ -1,0 +1,600 @@
+"""A frozen Hugging Face model with interventions attached: :class:`ReftModel`.
+
+Interventions act through forward hooks (pre-hooks for ``block_input``)
+that reft_rs registers and removes itself; hooks that other code put on the
+model are never touched. The hooks do nothing unless the model is called
+through the :class:`ReftModel` (``reft_model(...)``, ``reft_model.generate``),
+so ``reft_model.model`` still behaves as the original model.
+
+Locations (which tokens each intervention edits) are integer arrays of shape
+``(num_interventions, batch, positions)`` with -1 in unused slots, or the
+grouped ``(groups, batch, positions)`` array from
+:func:`reft_rs.positions.locate`, mapped to interventions by their ``group``.
+They are moved to the model's device once per call; each hook gathers the
+chosen states with ``index_select``, edits them and writes them back with
+``index_copy``, so masked slots and every other token are left untouched.
+Interventions whose positions are ``"all"`` (RED, steering vectors) edit every
+token and need no locations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+import os
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import checkpoint
+from .config import InterventionConfig, ReftConfig
+from .errors import ConfigError, IncompatibleModelError, InvalidCheckpointError, LocationError, ShapeError
+from .interventions import Intervention
+from .layout import HookSite, model_dimensions, resolve
+from .positions import locate
+
+__all__ = ["ReftModel", "get_reft_model"]
+
+IGNORE_INDEX = -100
+_HEAD_NAMES = ("score", "classifier")
+
+
+@dataclasses.dataclass
+class _CallState:
+    """What the hooks need during one call of the model (or one generate)."""
+
+    #: Per intervention: absolute token positions ``(batch, positions)`` on the
+    #: model's device, -1 for unused slots; ``None`` for every-token interventions.
+    sources: list[torch.Tensor | None]
+    #: Generation: the padded prompt length; later tokens are generated ones.
+    prompt_length: int | None = None
+    intervene_generated: bool = False
+    #: The tokens of the current forward call start at this position...
+    offset: int = 0
+    #: ...and this call's flat gather indices, by source tensor.
+    indices: dict[int, torch.Tensor | None] = dataclasses.field(default_factory=dict)
+
+
+def _hidden_of(value: Any) -> torch.Tensor:
+    return value[0] if isinstance(value, tuple) else value
+
+
+def _with_hidden(value: Any, hidden: torch.Tensor) -> Any:
+    return (hidden, *value[1:]) if isinstance(value, tuple) else hidden
+
+
+def _cache_length(kwargs: Mapping[str, Any]) -> int:
+    """Tokens already in the KV cache when a forward call starts."""
+    cache = kwargs.get("past_key_values")
+    if cache is not None:
+        if hasattr(cache, "get_seq_length"):
+            return int(cache.get_seq_length())
+        if isinstance(cache, (tuple, list)) and cache and cache[0] is not None:
+            return int(cache[0][0].shape[-2])
+    position = kwargs.get("cache_position")
+    if isinstance(position, torch.Tensor) and position.numel():
+        return int(position.reshape(-1)[0])
+    return 0
+
+
+class ReftModel(nn.Module):
+    """A frozen model plus interventions. Build it with :func:`get_reft_model`.
+
+    Attributes:
+        model: The wrapped Hugging Face model (frozen).
+        reft_config: The :class:`ReftConfig`.
+        interventions: One :class:`reft_rs.interventions.Intervention` per
+            config entry, in order.
+    """
+
+    def __init__(self, model: nn.Module, config: ReftConfig) -> None:
+        super().__init__()
+        self.model = model
+        self.reft_config = config
+        hidden_size, _ = _dimensions_or_none(model)
+        for item in config.interventions:
+            if item.embed_dim is None and hidden_size is None:
+                raise ConfigError(f"{item.name}: the model has no hidden_size; set embed_dim")
+        _validate_against_model(model, config)
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        device = _device_of(model)
+        self.interventions = nn.ModuleList(
+            Intervention(item, item.embed_dim or hidden_size, device) for item in config.interventions
+        )
+        self.head: nn.Module | None = None
+        if config.trainable_head:
+            self.head = _find_head(model)
+            self.head.requires_grad_(True)
+        self._state: _CallState | None = None
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._register_hooks()
+        self._accepts_position_ids = "position_ids" in inspect.signature(model.forward).parameters
+
+    # ------------------------------------------------------------------ hooks
+
+    def _register_hooks(self) -> None:
+        sites: dict[tuple[int, bool], tuple[HookSite, list[int]]] = {}
+        for index, item in enumerate(self.reft_config.interventions):
+            site = resolve(self.model, item)
+            key = (id(site.module), site.edits_input)
+            sites.setdefault(key, (site, []))[1].append(index)
+        for site, indices in sites.values():
+            if site.edits_input:
+                handle = site.module.register_forward_pre_hook(self._input_hook(indices), with_kwargs=True)
+            else:
+                handle = site.module.register_forward_hook(self._output_hook(indices))
+            self._handles.append(handle)
+        self._handles.append(self.model.register_forward_pre_hook(self._call_hook, with_kwargs=True))
+        self._sites = {index: site.path for site, indices in sites.values() for index in indices}
+
+    def _call_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Notes where the tokens of this forward call sit in the sequence."""
+        if self._state is not None:
+            self._state.offset = _cache_length(kwargs)
+            self._state.indices.clear()
+
+    def _output_hook(self, indices: list[int]):
+        def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+            if self._state is None:
+                return None
+            return _with_hidden(output, self._apply(indices, _hidden_of(output)))
+
+        return hook
+
+    def _input_hook(self, indices: list[int]):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+            if self._state is None:
+                return None
+            if args:
+                return (self._apply(indices, args[0]), *args[1:]), kwargs
+            kwargs = dict(kwargs)
+            kwargs["hidden_states"] = self._apply(indices, kwargs["hidden_states"])
+            return args, kwargs
+
+        return hook
+
+    def _apply(self, indices: list[int], hidden: torch.Tensor) -> torch.Tensor:
+        for index in indices:
+            hidden = self._apply_one(index, hidden)
+        return hidden
+
+    def _apply_one(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
+        intervention = self.interventions[index]
+        if hidden.shape[-1] != intervention.dim:
+            raise ShapeError(
+                f"{intervention.config.name}: {self._sites[index]} gives states of width "
+                f"{hidden.shape[-1]}, but the intervention edits width {intervention.dim}"
+            )
+        if intervention.config.every_token:
+            return intervention(hidden).to(hidden.dtype)
+        state = self._state
+        assert state is not None
+        source = state.sources[index]
+        if source is not None:
+            flat = self._flat_indices(source, hidden.shape[0], hidden.shape[1])
+            if flat is not None:
+                hidden = _edit_rows(hidden, flat, intervention)
+        if state.intervene_generated and state.prompt_length is not None:
+            start = max(state.prompt_length - state.offset, 0)
+            if start < hidden.shape[1]:
+                generated = intervention(hidden[:, start:]).to(hidden.dtype)
+                hidden = torch.cat([hidden[:, :start], generated], dim=1)
+        return hidden
+
+    def _flat_indices(self, source: torch.Tensor, batch: int, length: int) -> torch.Tensor | None:
+        """Rows of the flattened ``(batch * length + 1, d)`` states to edit for
+        ``source``; masked slots point at the extra last row, a sink."""
+        state = self._state
+        key = id(source)
+        if key not in state.indices:
+            if state.prompt_length is not None and state.offset >= state.prompt_length:
+                state.indices[key] = None  # a decoding step: the prompt is in the cache
+            else:
+                local = source - state.offset
+                valid = (source >= 0) & (local >= 0) & (local < length)
+                rows = torch.arange(batch, device=source.device).unsqueeze(1) * length
+                state.indices[key] = torch.where(valid, rows + local, batch * length).reshape(-1)
+        return state.indices[key]
+
+    @contextlib.contextmanager
+    def _active(self, state: _CallState) -> Iterator[None]:
+        if self._state is not None:
+            raise RuntimeError("a ReftModel cannot be called from inside one of its own calls")
+        self._state = state
+        try:
+            yield
+        finally:
+            self._state = None
+
+    # ------------------------------------------------------------------ locations
+
+    def _prepare_sources(
+        self,
+        locations: Any,
+        batch: int,
+        length: int,
+        attention_mask: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        *,
+        prompt_only: bool,
+    ) -> list[torch.Tensor | None]:
+        config = self.reft_config
+        sources: list[torch.Tensor | None] = [None] * len(config.interventions)
+        positional = config.position_interventions
+        if not positional:
+            return sources
+        device = _device_of(self.model)
+        if locations is None:
+            lengths, padding_side, sequence = _prompt_lengths(attention_mask, labels, batch, length, prompt_only)
+            grouped: dict[tuple[str, bool], torch.Tensor] = {}
+            for index in positional:
+                item = config.interventions[index]
+                key = (item.positions, item.share_weights)
+                if key not in grouped:
+                    array = locate(
+                        lengths,
+                        item.positions,
+                        share_weights=item.share_weights,
+                        padding_side=padding_side,
+                        padded_length=length,
+                        sequence_lengths=sequence,
+                    )
+                    grouped[key] = torch.from_numpy(array).to(device)
+                sources[index] = grouped[key][item.group]
+            return sources
+        tensor = torch.from_numpy(locations) if isinstance(locations, np.ndarray) else torch.as_tensor(locations)
+        if tensor.dim() != 3 or tensor.shape[1] != batch:
+            raise ShapeError(
+                f"locations must have shape (interventions or groups, batch={batch}, positions), "
+                f"found {tuple(tensor.shape)}"
+            )
+        if tensor.dtype.is_floating_point or tensor.dtype == torch.bool:
+            raise ShapeError(f"locations must hold integers, found {tensor.dtype}")
+        tensor = tensor.to(device=device, dtype=torch.long, non_blocking=True)
+        if tensor.numel() and bool(((tensor < -1) | (tensor >= length)).any()):
+            bad = tensor[(tensor < -1) | (tensor >= length)][0].item()
+            raise LocationError(f"a location is {bad}, outside the {length} tokens of the batch (and not -1)")
+        rows = tensor.shape[0]
+        if rows == len(config.interventions):
+            for index in positional:
+                sources[index] = tensor[index]
+        elif rows == len(positional):
+            for row, index in enumerate(positional):
+                sources[index] = tensor[row]
+        else:
+            groups = 1 + max(config.interventions[i].group for i in positional)
+            if rows != groups:
+                raise ShapeError(
+                    f"locations have {rows} rows; expected one per intervention ({len(config.interventions)}), "
+                    f"one per intervention that reads locations ({len(positional)}), "
+                    f"or one per position group ({groups})"
+                )
+            config.shared_positions()
+            for index in positional:
+                sources[index] = tensor[config.interventions[index].group]
+        return sources
+
+    def _position_ids(self, attention_mask: torch.Tensor | None, kwargs: Mapping[str, Any]) -> torch.Tensor | None:
+        """Positions counted over real tokens, for left-padded batches."""
+        if attention_mask is None or "position_ids" in kwargs or not self._accepts_position_ids:
+            return None
+        if attention_mask.dim() != 2 or not bool((attention_mask[:, 0] == 0).any()):
+            return None
+        embeddings = getattr(getattr(self.model, "base_model", self.model), "embeddings", None)
+        if getattr(embeddings, "padding_idx", None) is not None:
+            return None  # RoBERTa-style models number positions from the input ids themselves
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    # ------------------------------------------------------------------ calls
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        locations: torch.Tensor | np.ndarray | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """Runs the model with the interventions.
+
+        Args:
+            input_ids, attention_mask, labels: As for the wrapped model; with
+                token labels the loss covers the labelled (response) tokens.
+            locations: ``(num_interventions, batch, positions)`` or the grouped
+                ``(groups, batch, positions)`` array of
+                :func:`reft_rs.positions.locate`; -1 marks unused slots.
+                When ``None``, the prompt is taken to be the tokens before the
+                first label (or the whole input without labels) and
+                positions are chosen from each intervention's spec.
+            kwargs: Passed to the wrapped model (``inputs_embeds``, ...).
+
+        Returns:
+            The wrapped model's output.
+        """
+        reference = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+        if reference is None:
+            raise ValueError("pass input_ids or inputs_embeds")
+        batch, length = reference.shape[0], reference.shape[1]
+        sources = self._prepare_sources(locations, batch, length, attention_mask, labels, prompt_only=False)
+        position_ids = self._position_ids(attention_mask, kwargs)
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids
+        if labels is not None:
+            kwargs["labels"] = labels
+        with self._active(_CallState(sources)):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        locations: torch.Tensor | np.ndarray | None = None,
+        intervene_on_generated: bool = False,
+        **kwargs: Any,
+    ) -> Any:
+        """Generates with the interventions applied.
+
+        The prompt is edited in the prefill pass; generated tokens see the
+        edits through the KV cache. With ``use_cache=False`` the prompt is
+        edited again on every step, so the result is the same. Batches must
+        be left-padded (as for any decoder-only generation).
+
+        Args:
+            input_ids: The prompts, ``(batch, length)``.
+            attention_mask: Defaults to all ones.
+            locations: As in :meth:`forward`; by default chosen from each
+                intervention's spec over each prompt.
+            intervene_on_generated: Also edit every generated token with the
+                position-based interventions (``"all"`` ones always do).
+            kwargs: Passed to the wrapped model's ``generate``.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        batch, length = input_ids.shape
+        sources = self._prepare_sources(locations, batch, length, attention_mask, None, prompt_only=True)
+        state = _CallState(sources, prompt_length=length, intervene_generated=intervene_on_generated)
+        with self._active(state):
+            return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    # ------------------------------------------------------------------ the rest
+
+    @property
+    def config(self) -> Any:
+        """The wrapped model's config (what Hugging Face tools expect here)."""
+        return self.model.config
+
+    @property
+    def main_input_name(self) -> str:
+        return getattr(self.model, "main_input_name", "input_ids")
+
+    @property
+    def device(self) -> torch.device:
+        return _device_of(self.model)
+
+    def trainable_parameter_count(self) -> int:
+        """Trainable values, counted as the ReFT paper counts them."""
+        count = sum(item.parameter_count() for item in self.interventions if item.config.trainable)
+        if self.head is not None:
+            count += sum(p.numel() for p in self.head.parameters())
+        return count
+
+    def print_trainable_parameters(self) -> None:
+        """Prints ``trainable params: … || all params: … || trainable%: …`` (peft's format)."""
+        trainable = self.trainable_parameter_count()
+        total = sum(p.numel() for p in self.model.parameters()) + sum(
+            item.parameter_count() for item in self.interventions
+        )
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    def remove_hooks(self) -> nn.Module:
+        """Detaches the interventions from the model and returns the model as it was."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        return self.model
+
+    def base_model_identity(self) -> dict[str, Any]:
+        """What a checkpoint records about the model."""
+        config = self.model.config
+        hidden_size, num_layers = model_dimensions(self.model)
+        return {
+            "name_or_path": str(getattr(config, "_name_or_path", "") or getattr(self.model, "name_or_path", "") or ""),
+            "model_type": str(getattr(config, "model_type", "") or type(self.model).__name__),
+            "hidden_size": hidden_size,
+            "num_hidden_layers": num_layers,
+        }
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        """Every saved tensor by checkpoint key, on the CPU."""
+        tensors: dict[str, torch.Tensor] = {}
+        for intervention in self.interventions:
+            for name, value in intervention.checkpoint_tensors().items():
+                tensors[f"{intervention.config.name}.{name}"] = value.detach().to("cpu")
+        if self.head is not None:
+            for name, value in self.head.named_parameters():
+                tensors[f"head.{name}"] = value.detach().to("cpu")
+        return tensors
+
+    def save_pretrained(self, path: str | os.PathLike[str], metadata: Mapping[str, Any] | None = None) -> None:
+        """Saves the interventions (and a trainable head) as a reft_rs checkpoint.
+
+        The folder gets ``reft_config.json`` and ``reft_model.safetensors``,
+        written atomically; see :mod:`reft_rs.checkpoint`.
+        """
+        config = self.reft_config.to_checkpoint(self.base_model_identity())
+        if metadata:
+            config["metadata"].update(metadata)
+        tensors = self.checkpoint_tensors()
+        config["extra_tensors"] = [key for key in tensors if key.startswith("head.")]
+        checkpoint.save(path, config, tensors)
+
+    def load_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Sets the interventions (and head) from checkpoint tensors."""
+        by_intervention: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            owner, _, name = key.partition(".")
+            by_intervention.setdefault(owner, {})[name] = value
+        for intervention in self.interventions:
+            intervention.load_checkpoint_tensors(by_intervention.pop(intervention.config.name, {}))
+        head = by_intervention.pop("head", None)
+        if head is not None:
+            if self.head is None:
+                raise InvalidCheckpointError("the checkpoint holds a head but the config trains none")
+            self.head.load_state_dict(head)
+        if by_intervention:
+            raise InvalidCheckpointError(f"tensors for unknown interventions: {sorted(by_intervention)}")
+
+    @classmethod
+    def from_pretrained(
+        cls, model: nn.Module, path: str | os.PathLike[str], *, strict: bool = True
+    ) -> ReftModel:
+        """Attaches a saved checkpoint's interventions to ``model``.
+
+        Args:
+            model: The base model the checkpoint was trained on.
+            path: The checkpoint folder.
+            strict: Refuse a different ``model_type`` (hidden size and layer
+                count must always match); ``False`` only warns.
+
+        Raises:
+            IncompatibleModelError: The checkpoint does not fit the model.
+            CheckpointError: The checkpoint is missing or damaged.
+        """
+        config, tensors = checkpoint.load(path, framework="torch")
+        base = config["base_model"]
+        hidden_size, num_layers = _dimensions_or_none(model)
+        problems = []
+        if hidden_size is not None and base["hidden_size"] != hidden_size:
+            problems.append(f"hidden size {base['hidden_size']} vs the model's {hidden_size}")
+        if num_layers is not None and base["num_hidden_layers"] != num_layers:
+            problems.append(f"{base['num_hidden_layers']} layers vs the model's {num_layers}")
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if problems:
+            raise IncompatibleModelError(
+                f"the checkpoint at {os.fspath(path)} was trained on {base['name_or_path'] or base['model_type']} "
+                f"and does not fit this model: {'; '.join(problems)}"
+            )
+        if model_type and base["model_type"] and model_type != base["model_type"]:
+            message = (
+                f"the checkpoint at {os.fspath(path)} was trained on a {base['model_type']} model, "
+                f"this is a {model_type} model"
+            )
+            if strict:
+                raise IncompatibleModelError(message + " (pass strict=False to load anyway)")
+            warnings.warn(message, stacklevel=2)
+        reft_model = cls(model, ReftConfig.from_checkpoint(config))
+        reft_model.load_tensors(tensors)
+        return reft_model
+
+
+def get_reft_model(
+    model: nn.Module, config: ReftConfig | InterventionConfig | Sequence[InterventionConfig]
+) -> ReftModel:
+    """Freezes ``model`` and attaches the interventions of ``config``.
+
+    Args:
+        model: A Hugging Face model (causal LM, sequence classification, or a
+            bare encoder/decoder); any other ``nn.Module`` works when every
+            intervention has a ``module_path`` and ``embed_dim``.
+        config: A :class:`ReftConfig`, or interventions to make one from.
+
+    Returns:
+        The :class:`ReftModel`. Its trainable parameters are the
+        interventions' (and the head's, with ``trainable_head``).
+
+    Raises:
+        ConfigError: A layer the model does not have, a rank larger than the
+            hidden size, ...
+        IncompatibleModelError: A component that cannot be found.
+
+    Example::
+
+        reft_model = reft_rs.get_reft_model(model, reft_rs.ReftConfig.for_layers([4, 8]))
+        reft_model.print_trainable_parameters()
+    """
+    if not isinstance(config, ReftConfig):
+        config = ReftConfig(list(config) if isinstance(config, Sequence) else [config])
+    return ReftModel(model, config)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _edit_rows(hidden: torch.Tensor, flat: torch.Tensor, intervention: Intervention) -> torch.Tensor:
+    """``hidden`` with the rows at ``flat`` (over the flattened batch, plus one
+    sink row for masked slots) replaced by their edited values."""
+    batch, length, width = hidden.shape
+    rows = torch.cat([hidden.reshape(batch * length, width), hidden.new_zeros(1, width)])
+    edited = intervention(rows.index_select(0, flat)).to(hidden.dtype)
+    # In place on our own copy: index_select keeps only the index for backward.
+    rows.index_copy_(0, flat, edited)
+    return rows[:-1].view(batch, length, width)
+
+
+def _prompt_lengths(
+    attention_mask: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    batch: int,
+    length: int,
+    prompt_only: bool,
+) -> tuple[np.ndarray, str, np.ndarray]:
+    """Prompt lengths, padding side and sequence lengths of a batch, when the
+    caller gave no locations: the prompt ends at the first labelled token."""
+    if attention_mask is None:
+        mask = np.ones((batch, length), dtype=bool)
+    else:
+        mask = attention_mask.detach().to("cpu").numpy().astype(bool)
+    sequence = mask.sum(axis=1).astype(np.int64)
+    left = bool((~mask[:, 0]).any()) and bool(mask[:, -1].all())
+    padding_side = "left" if left else "right"
+    if prompt_only or labels is None or labels.dim() != 2:
+        return sequence, padding_side, sequence
+    labelled = (labels.detach().to("cpu").numpy() != IGNORE_INDEX) & mask
+    first = np.where(labelled.any(axis=1), labelled.argmax(axis=1), length)
+    start = length - sequence if left else np.zeros(batch, dtype=np.int64)
+    return (first - start).clip(min=0).astype(np.int64), padding_side, sequence
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for parameter in model.parameters():
+        return parameter.device
+    return torch.device("cpu")
+
+
+def _dimensions_or_none(model: nn.Module) -> tuple[int | None, int | None]:
+    try:
+        return model_dimensions(model)
+    except IncompatibleModelError:
+        return None, None
+
+
+def _validate_against_model(model: nn.Module, config: ReftConfig) -> None:
+    """Checks layers and ranks against the model with the checkpoint rules."""
+    hidden_size, num_layers = _dimensions_or_none(model)
+    if hidden_size is None:
+        hidden_size = max(item.embed_dim or 1 for item in config.interventions)
+        num_layers = 1 + max(item.layer for item in config.interventions)
+    identity = {"name_or_path": "", "model_type": "", "hidden_size": hidden_size, "num_hidden_layers": num_layers}
+    try:
+        checkpoint.normalize_config(config.to_checkpoint(identity))
+    except InvalidCheckpointError as error:
+        message = str(error).replace("invalid checkpoint config: ", "")
+        raise ConfigError(f"the config does not fit this model: {message}") from None
+
+
+def _find_head(model: nn.Module) -> nn.Module:
+    for name in _HEAD_NAMES:
+        head = getattr(model, name, None)
+        if isinstance(head, nn.Module):
+            return head
+    raise ConfigError(
+        f"trainable_head is set but {type(model).__name__} has no classification head "
+        f"(looked for: {', '.join(_HEAD_NAMES)})"
+    )
