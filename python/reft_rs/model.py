@@ -112,7 +112,9 @@ class ReftModel(nn.Module):
             self.head = _find_head(model)
             self.head.requires_grad_(True)
         self._state: _CallState | None = None
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        # (module, hook id) pairs. The hooks are objects that refer back to this
+        # model, so a deep copy of the ReftModel carries working hooks of its own.
+        self._hook_ids: list[tuple[nn.Module, int]] = []
         self._register_hooks()
         self._accepts_position_ids = "position_ids" in inspect.signature(model.forward).parameters
 
@@ -125,41 +127,17 @@ class ReftModel(nn.Module):
             key = (id(site.module), site.edits_input)
             sites.setdefault(key, (site, []))[1].append(index)
         for site, indices in sites.values():
+            hook = _Hook(self, "input" if site.edits_input else "output", indices)
             if site.edits_input:
-                handle = site.module.register_forward_pre_hook(self._input_hook(indices), with_kwargs=True)
+                handle = site.module.register_forward_pre_hook(hook, with_kwargs=True)
             else:
-                handle = site.module.register_forward_hook(self._output_hook(indices))
-            self._handles.append(handle)
-        self._handles.append(self.model.register_forward_pre_hook(self._call_hook, with_kwargs=True))
+                handle = site.module.register_forward_hook(hook)
+            self._hook_ids.append((site.module, handle.id))
+        handle = self.model.register_forward_pre_hook(_Hook(self, "call", []), with_kwargs=True)
+        self._hook_ids.append((self.model, handle.id))
         self._sites = {index: site.path for site, indices in sites.values() for index in indices}
 
-    def _call_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """Notes where the tokens of this forward call sit in the sequence."""
-        if self._state is not None:
-            self._state.offset = _cache_length(kwargs)
-            self._state.indices.clear()
-
-    def _output_hook(self, indices: list[int]):
-        def hook(module: nn.Module, args: tuple, output: Any) -> Any:
-            if self._state is None:
-                return None
-            return _with_hidden(output, self._apply(indices, _hidden_of(output)))
-
-        return hook
-
-    def _input_hook(self, indices: list[int]):
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> Any:
-            if self._state is None:
-                return None
-            if args:
-                return (self._apply(indices, args[0]), *args[1:]), kwargs
-            kwargs = dict(kwargs)
-            kwargs["hidden_states"] = self._apply(indices, kwargs["hidden_states"])
-            return args, kwargs
-
-        return hook
-
-    def _apply(self, indices: list[int], hidden: torch.Tensor) -> torch.Tensor:
+    def _edit(self, indices: list[int], hidden: torch.Tensor) -> torch.Tensor:
         for index in indices:
             hidden = self._apply_one(index, hidden)
         return hidden
@@ -394,10 +372,20 @@ class ReftModel(nn.Module):
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 
     def remove_hooks(self) -> nn.Module:
-        """Detaches the interventions from the model and returns the model as it was."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        """Detaches the interventions from the model and returns the model as it was.
+
+        Only reft_rs's own hooks are removed; hooks others registered stay.
+        """
+        for module, hook_id in self._hook_ids:
+            for registry in (
+                module._forward_hooks,
+                module._forward_hooks_with_kwargs,
+                module._forward_hooks_always_called,
+                module._forward_pre_hooks,
+                module._forward_pre_hooks_with_kwargs,
+            ):
+                registry.pop(hook_id, None)
+        self._hook_ids.clear()
         return self.model
 
     def base_model_identity(self) -> dict[str, Any]:
@@ -525,6 +513,37 @@ def get_reft_model(
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+class _Hook:
+    """A hook of a ReftModel: ``call`` (a pre-hook on the whole model) notes
+    where each forward call's tokens start; ``output`` and ``input`` edit a
+    module's output or input."""
+
+    def __init__(self, owner: ReftModel, kind: str, indices: list[int]) -> None:
+        self.owner = owner
+        self.kind = kind
+        self.indices = indices
+
+    def __call__(self, module: nn.Module, args: tuple, *rest: Any) -> Any:
+        owner = self.owner
+        state = owner._state
+        if state is None:
+            return None
+        if self.kind == "call":
+            state.offset = _cache_length(rest[0])
+            state.indices.clear()
+            return None
+        if self.kind == "output":
+            output = rest[0]
+            return _with_hidden(output, owner._edit(self.indices, _hidden_of(output)))
+        kwargs = rest[0]
+        if args:
+            return (owner._edit(self.indices, args[0]), *args[1:]), kwargs
+        kwargs = dict(kwargs)
+        kwargs["hidden_states"] = owner._edit(self.indices, kwargs["hidden_states"])
+        return args, kwargs
+
 
 
 def _edit_rows(hidden: torch.Tensor, flat: torch.Tensor, intervention: Intervention) -> torch.Tensor:
