@@ -17,7 +17,9 @@ NEW = 8
 
 def reft_for(family, **options):
     model = build(family, dtype=torch.float64, seed=3)
-    config = ReftConfig.for_layers([0, 2], low_rank_dimension=3, positions="f2+l2", dtype="float64", **options)
+    config = ReftConfig.for_layers(
+        [0, 2], low_rank_dimension=3, positions="f2+l2", dtype="float64", **options
+    )
     reft_model = get_reft_model(model, config)
     with torch.no_grad():  # make the edit strong enough to change greedy choices
         for intervention in reft_model.interventions:
@@ -27,10 +29,16 @@ def reft_for(family, **options):
 
 def greedy(reft_model, ids, mask=None, **kwargs):
     out = reft_model.generate(
-        ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0,
-        return_dict_in_generate=True, output_scores=True, **kwargs,
+        ids,
+        attention_mask=mask,
+        max_new_tokens=NEW,
+        do_sample=False,
+        pad_token_id=0,
+        return_dict_in_generate=True,
+        output_scores=True,
+        **kwargs,
     )
-    return out.sequences[:, ids.shape[1]:], torch.stack(out.scores, dim=1)
+    return out.sequences[:, ids.shape[1] :], torch.stack(out.scores, dim=1)
 
 
 def left_pad(prompts):
@@ -38,8 +46,8 @@ def left_pad(prompts):
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = prompt
-        mask[row, width - len(prompt):] = 1
+        ids[row, width - len(prompt) :] = prompt
+        mask[row, width - len(prompt) :] = 1
     return ids, mask
 
 
@@ -60,7 +68,9 @@ def test_the_prompt_is_edited_on_every_step_without_a_cache(family, on_generated
     reft_model = reft_for(family)
     ids, mask = left_pad([random_ids(1, n, seed=n)[0] for n in (6, 9)])
     cached, cached_scores = greedy(reft_model, ids, mask, intervene_on_generated=on_generated)
-    uncached, uncached_scores = greedy(reft_model, ids, mask, use_cache=False, intervene_on_generated=on_generated)
+    uncached, uncached_scores = greedy(
+        reft_model, ids, mask, use_cache=False, intervene_on_generated=on_generated
+    )
     assert torch.equal(cached, uncached)
     torch.testing.assert_close(cached_scores, uncached_scores, rtol=1e-9, atol=1e-9)
 
@@ -69,8 +79,14 @@ def test_interventions_change_generation_and_options_matter():
     reft_model = reft_for("llama")
     ids = random_ids(1, 7, seed=1)
     _, edited = greedy(reft_model, ids)
-    base = reft_model.model.generate(ids, max_new_tokens=NEW, do_sample=False, pad_token_id=0,
-                                     return_dict_in_generate=True, output_scores=True)
+    base = reft_model.model.generate(
+        ids,
+        max_new_tokens=NEW,
+        do_sample=False,
+        pad_token_id=0,
+        return_dict_in_generate=True,
+        output_scores=True,
+    )
     plain = torch.stack(base.scores, dim=1)
     assert not torch.allclose(edited[:, 0], plain[:, 0])
     _, also_generated = greedy(reft_model, ids, intervene_on_generated=True)
@@ -88,8 +104,10 @@ def test_explicit_locations_equal_the_default_ones():
     masked = locations.copy()
     masked[:] = -1
     untouched, _ = greedy(reft_model, ids, mask, locations=masked)
-    plain = reft_model.model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0)
-    assert torch.equal(untouched, plain[:, ids.shape[1]:])
+    plain = reft_model.model.generate(
+        ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0
+    )
+    assert torch.equal(untouched, plain[:, ids.shape[1] :])
 
 
 def test_steering_vectors_act_on_every_token():

@@ -86,7 +86,9 @@ def test_every_type_matches_its_formula(kind, activation):
     got = intervention(states)
     for i in range(3):
         for j in range(4):
-            torch.testing.assert_close(got[i, j], expected(intervention, states[i, j]), rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(
+                got[i, j], expected(intervention, states[i, j]), rtol=1e-12, atol=1e-12
+            )
 
 
 @pytest.mark.parametrize("kind", ["loreft", "direft", "noreft", "nodireft"])
@@ -130,7 +132,7 @@ def test_rotation_stays_orthonormal_through_training(kind):
     assert loss.item() < ((states - target) ** 2).mean().item()  # it did learn
 
 
-def test_rotation_is_computed_once_per_forward_and_cached_for_inference(monkeypatch):
+def test_rotation_is_computed_once_per_forward_and_once_per_inference_call(monkeypatch):
     from reft_rs import interventions as module
 
     calls = []
@@ -146,14 +148,33 @@ def test_rotation_is_computed_once_per_forward_and_cached_for_inference(monkeypa
     intervention(states).sum().backward()
     assert len(calls) == 1
     calls.clear()
-    with torch.no_grad():
+    with torch.no_grad(), module.inference_call():
         first = intervention(states)
         second = intervention(states)
     assert len(calls) == 1 and torch.equal(first, second)
     with torch.no_grad():
-        intervention.rotation.base.add_(0.01)  # a change invalidates the cache
-        intervention(states)
+        intervention.rotation.base.add_(0.01)  # between calls anything may change
+        with module.inference_call():
+            intervention(states)
     assert len(calls) == 2
+
+
+def test_a_fused_optimizer_step_is_seen_by_inference():
+    intervention = make("loreft")
+    states = torch.randn(4, DIM)
+    optimizer = torch.optim.AdamW(intervention.parameters(), lr=0.1, fused=True)
+    for _ in range(2):
+        with torch.no_grad():
+            from reft_rs.interventions import inference_call
+
+            with inference_call():
+                before = intervention.rotation()
+        intervention(states).pow(2).sum().backward()
+        optimizer.step()
+        with torch.no_grad(), inference_call():
+            after = intervention.rotation()
+        assert not torch.equal(before, after)
+        torch.testing.assert_close(after, orthonormalize(intervention.rotation.base.detach()), rtol=0, atol=0)
 
 
 def test_orthonormalize_keeps_orthonormal_rows_nearly_fixed():

@@ -31,9 +31,11 @@ COMPONENTS = ["block_output", "block_input", "mlp_output", "attention_output"]
 LOW_RANK = {"loreft", "noreft", "direft", "nodireft", "consreft", "lobireft"}
 LENGTH = 9
 
-TEST_CASES = [(family, kind, "block_output") for family in FAMILIES for kind in TYPES] + [
-    (family, "loreft", component) for family in FAMILIES for component in COMPONENTS[1:]
-] + [("llama", kind, component) for kind in ("red", "steer") for component in COMPONENTS[1:]]
+TEST_CASES = (
+    [(family, kind, "block_output") for family in FAMILIES for kind in TYPES]
+    + [(family, "loreft", component) for family in FAMILIES for component in COMPONENTS[1:]]
+    + [("llama", kind, component) for kind in ("red", "steer") for component in COMPONENTS[1:]]
+)
 
 
 def intervention_for(kind, component, layer=1, **options):
@@ -65,7 +67,9 @@ def capture(module, edits_input):
     seen = []
     if edits_input:
         handle = module.register_forward_pre_hook(
-            lambda m, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"]).detach().clone()),
+            lambda m, args, kwargs: seen.append(
+                (args[0] if args else kwargs["hidden_states"]).detach().clone()
+            ),
             with_kwargs=True,
         )
     else:
@@ -123,7 +127,9 @@ def test_edits_land_exactly_at_the_chosen_positions(family, kind, component):
 def test_training_lowers_the_loss_and_only_trains_interventions(family, kind, component):
     model = build(family)
     frozen = {name: p.clone() for name, p in model.named_parameters()}
-    reft_model = get_reft_model(model, ReftConfig([intervention_for(kind, component)], trainable_head=family in ENCODERS))
+    reft_model = get_reft_model(
+        model, ReftConfig([intervention_for(kind, component)], trainable_head=family in ENCODERS)
+    )
     reft_model.train()
     inputs = loss_inputs(family)
     optimizer = torch.optim.Adam([p for p in reft_model.parameters() if p.requires_grad], lr=0.05)
@@ -135,7 +141,11 @@ def test_training_lowers_the_loss_and_only_trains_interventions(family, kind, co
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
-    head = {f"{name}.{p}" for name in ("score", "classifier") for p in ("weight", "bias", "dense.weight", "dense.bias", "out_proj.weight", "out_proj.bias")}
+    head = {
+        f"{name}.{p}"
+        for name in ("score", "classifier")
+        for p in ("weight", "bias", "dense.weight", "dense.bias", "out_proj.weight", "out_proj.bias")
+    }
     for name, parameter in model.named_parameters():
         if name not in head:
             assert torch.equal(parameter, frozen[name]), name
@@ -145,7 +155,9 @@ def test_training_lowers_the_loss_and_only_trains_interventions(family, kind, co
 def test_save_and_load_give_bit_identical_outputs(family, kind, component, tmp_path):
     model = build(family)
     options = {"dropout": 0.1} if kind in LOW_RANK else {}
-    reft_model = get_reft_model(model, ReftConfig([intervention_for(kind, component, **options)], trainable_head=family in ENCODERS))
+    reft_model = get_reft_model(
+        model, ReftConfig([intervention_for(kind, component, **options)], trainable_head=family in ENCODERS)
+    )
     randomize(reft_model)
     reft_model.train()
     inputs = loss_inputs(family)
@@ -165,13 +177,30 @@ def test_save_and_load_give_bit_identical_outputs(family, kind, component, tmp_p
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float64"])
 def test_dtype_dropout_activation_and_bias_flags_survive_reloading(dtype, tmp_path):
-    config = ReftConfig([
-        InterventionConfig(layer=0, type="loreft", low_rank_dimension=2, positions="f1+l1", dtype=dtype,
-                           dropout=0.25, activation="gelu", bias=False),
-        InterventionConfig(layer=1, type="noreft", low_rank_dimension=3, positions="l3", dtype=dtype,
-                           projection_bias=True, activation="tanh"),
-        InterventionConfig(layer=2, type="steer", alpha=-2.0, trainable=False, dtype=dtype),
-    ])
+    config = ReftConfig(
+        [
+            InterventionConfig(
+                layer=0,
+                type="loreft",
+                low_rank_dimension=2,
+                positions="f1+l1",
+                dtype=dtype,
+                dropout=0.25,
+                activation="gelu",
+                bias=False,
+            ),
+            InterventionConfig(
+                layer=1,
+                type="noreft",
+                low_rank_dimension=3,
+                positions="l3",
+                dtype=dtype,
+                projection_bias=True,
+                activation="tanh",
+            ),
+            InterventionConfig(layer=2, type="steer", alpha=-2.0, trainable=False, dtype=dtype),
+        ]
+    )
     reft_model = get_reft_model(build("llama"), config)
     reft_model.save_pretrained(tmp_path)
     restored = ReftModel.from_pretrained(build("llama"), tmp_path)
@@ -184,14 +213,28 @@ def test_dtype_dropout_activation_and_bias_flags_survive_reloading(dtype, tmp_pa
 def test_checkpoint_for_another_model_is_refused(tmp_path):
     reft_model = get_reft_model(build("llama"), intervention_for("loreft", "block_output"))
     reft_model.save_pretrained(tmp_path)
-    wider = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=96, hidden_size=48, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2))
+    wider = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=96,
+            hidden_size=48,
+            intermediate_size=48,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
     with pytest.raises(IncompatibleModelError, match="hidden size 32 vs the model's 48"):
         ReftModel.from_pretrained(wider, tmp_path)
-    deeper = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2))
+    deeper = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=96,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
     with pytest.raises(IncompatibleModelError, match="3 layers vs the model's 4"):
         ReftModel.from_pretrained(deeper, tmp_path)
     with pytest.raises(IncompatibleModelError, match="llama model, this is a qwen2"):
@@ -252,7 +295,9 @@ def test_location_forms_agree():
 
 
 def test_bad_locations():
-    reft_model = get_reft_model(build("llama"), ReftConfig.for_layers([0], low_rank_dimension=2, positions="f1+l1"))
+    reft_model = get_reft_model(
+        build("llama"), ReftConfig.for_layers([0], low_rank_dimension=2, positions="f1+l1")
+    )
     ids = random_ids(2, 5)
     with pytest.raises(LocationError, match="outside the 5 tokens"):
         reft_model(input_ids=ids, locations=np.full((2, 2, 1), 5))
@@ -268,11 +313,15 @@ def test_bad_locations():
 
 def test_many_interventions_on_one_layer_apply_in_order():
     model = build("llama", dtype=torch.float64)
-    config = ReftConfig([
-        InterventionConfig(layer=1, type="steer", dtype="float64", name="first"),
-        InterventionConfig(layer=1, type="red", dtype="float64", name="second"),
-        InterventionConfig(layer=1, type="loreft", low_rank_dimension=2, positions="l1", dtype="float64", name="third"),
-    ])
+    config = ReftConfig(
+        [
+            InterventionConfig(layer=1, type="steer", dtype="float64", name="first"),
+            InterventionConfig(layer=1, type="red", dtype="float64", name="second"),
+            InterventionConfig(
+                layer=1, type="loreft", low_rank_dimension=2, positions="l1", dtype="float64", name="third"
+            ),
+        ]
+    )
     reft_model = get_reft_model(model, config)
     randomize(reft_model)
     layer = model.model.layers[1]
@@ -325,12 +374,17 @@ def test_config_must_fit_the_model():
     with pytest.raises(ConfigError, match="low_rank_dimension 40"):
         get_reft_model(build("llama"), InterventionConfig(layer=0, low_rank_dimension=40))
     with pytest.raises(ConfigError, match="head"):
-        get_reft_model(build("llama"), ReftConfig([InterventionConfig(layer=0, low_rank_dimension=2)], trainable_head=True))
+        get_reft_model(
+            build("llama"),
+            ReftConfig([InterventionConfig(layer=0, low_rank_dimension=2)], trainable_head=True),
+        )
 
 
 def test_explicit_module_paths_reach_any_module():
     model = build("llama", dtype=torch.float64)
-    config = InterventionConfig(layer=2, type="red", module_path="model.layers.{layer}.mlp.down_proj", dtype="float64")
+    config = InterventionConfig(
+        layer=2, type="red", module_path="model.layers.{layer}.mlp.down_proj", dtype="float64"
+    )
     reft_model = get_reft_model(model, config)
     randomize(reft_model)
     seen, handle = capture(model.model.layers[2].mlp.down_proj, False)
@@ -356,7 +410,9 @@ def test_print_trainable_parameters_counts_like_the_paper(capsys):
 
 
 def test_deepcopy_and_device_moves_keep_outputs():
-    reft_model = get_reft_model(build("llama"), ReftConfig.for_layers([1], low_rank_dimension=2, positions="l1"))
+    reft_model = get_reft_model(
+        build("llama"), ReftConfig.for_layers([1], low_rank_dimension=2, positions="l1")
+    )
     ids = random_ids(1, 5)
     with torch.no_grad():
         first = reft_model(input_ids=ids).logits
@@ -365,7 +421,9 @@ def test_deepcopy_and_device_moves_keep_outputs():
 
 
 def test_a_deep_copy_is_independent():
-    reft_model = get_reft_model(build("llama"), ReftConfig.for_layers([1], low_rank_dimension=2, positions="l1"))
+    reft_model = get_reft_model(
+        build("llama"), ReftConfig.for_layers([1], low_rank_dimension=2, positions="l1")
+    )
     ids = random_ids(1, 5)
     with torch.no_grad():
         first = reft_model(input_ids=ids).logits

@@ -22,42 +22,84 @@ def config_for(family: str) -> transformers.PretrainedConfig:
     common = dict(vocab_size=VOCAB, pad_token_id=0)
     if family == "llama":
         return transformers.LlamaConfig(
-            hidden_size=HIDDEN, intermediate_size=48, num_hidden_layers=LAYERS,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, **common,
+            hidden_size=HIDDEN,
+            intermediate_size=48,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            **common,
         )
     if family == "qwen2":
         return transformers.Qwen2Config(
-            hidden_size=HIDDEN, intermediate_size=48, num_hidden_layers=LAYERS,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, **common,
+            hidden_size=HIDDEN,
+            intermediate_size=48,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            **common,
         )
     if family == "gemma":
         return transformers.GemmaConfig(
-            hidden_size=HIDDEN, intermediate_size=48, num_hidden_layers=LAYERS, num_attention_heads=4,
-            num_key_value_heads=1, head_dim=8, max_position_embeddings=128, **common,
+            hidden_size=HIDDEN,
+            intermediate_size=48,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=8,
+            max_position_embeddings=128,
+            **common,
         )
     if family == "gpt2":
         return transformers.GPT2Config(
-            n_embd=HIDDEN, n_layer=LAYERS, n_head=4, n_positions=128,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common,
+            n_embd=HIDDEN,
+            n_layer=LAYERS,
+            n_head=4,
+            n_positions=128,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            **common,
         )
     if family == "bert":
         return transformers.BertConfig(
-            hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=4, intermediate_size=48,
-            max_position_embeddings=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **common,
+            hidden_size=HIDDEN,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=4,
+            intermediate_size=48,
+            max_position_embeddings=128,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            **common,
         )
     if family == "roberta":
         return transformers.RobertaConfig(
-            hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=4, intermediate_size=48,
-            max_position_embeddings=130, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-            vocab_size=VOCAB, pad_token_id=1,
+            hidden_size=HIDDEN,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=4,
+            intermediate_size=48,
+            max_position_embeddings=130,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            vocab_size=VOCAB,
+            pad_token_id=1,
         )
     raise ValueError(family)
 
 
-def build(family: str, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """A causal LM for decoders, a 2-label sequence classifier for encoders."""
+def build(
+    family: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, init_range: float | None = None
+) -> torch.nn.Module:
+    """A causal LM for decoders, a 2-label sequence classifier for encoders.
+
+    ``init_range`` widens the random weights: with the default 0.02 a model
+    this small cannot make confident predictions at all, whatever it learns.
+    """
     torch.manual_seed(seed)
     config = config_for(family)
+    if init_range is not None:
+        config.initializer_range = init_range
     if family in ENCODERS:
         config.num_labels = 2
         model = transformers.AutoModelForSequenceClassification.from_config(config)
@@ -69,3 +111,30 @@ def build(family: str, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> 
 def random_ids(batch: int, length: int, *, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(2, VOCAB, (batch, length), generator=generator)
+
+
+WORDS = (
+    "the a cat dog sat on mat ran to park is big small red blue green yes no hello world what colour "
+    "answer question please say sky sea grass tree one two three four five six seven eight nine ten"
+).split()
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} </s> {% endfor %}"
+    "{% if add_generation_prompt %}<assistant> {% endif %}"
+)
+
+
+def tokenizer(*, chat: bool = True):
+    """A word-level fast tokenizer over a small vocabulary, with a chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    specials = ["<pad>", "<unk>", "<s>", "</s>", "<user>", "<assistant>", "<system>"]
+    vocab = {token: index for index, token in enumerate(specials + WORDS)}
+    assert len(vocab) <= VOCAB
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", eos_token="</s>", bos_token="<s>"
+    )
+    if chat:
+        fast.chat_template = CHAT_TEMPLATE
+    return fast

@@ -149,10 +149,10 @@ class InterventionConfig:
             )
         if self.embed_dim is not None and self.embed_dim < 1:
             raise ConfigError(f"embed_dim must be positive, found {self.embed_dim}")
-        if self.name is not None and (
-            not self.name or not all(c.isalnum() or c in "_-" for c in self.name)
-        ):
-            raise ConfigError(f"name {self.name!r} must be non-empty and use only letters, digits, '_' and '-'")
+        if self.name is not None and (not self.name or not all(c.isalnum() or c in "_-" for c in self.name)):
+            raise ConfigError(
+                f"name {self.name!r} must be non-empty and use only letters, digits, '_' and '-'"
+            )
 
     @property
     def position_spec(self) -> PositionSpec:
@@ -215,7 +215,9 @@ class ReftConfig:
             if isinstance(item, Mapping):
                 item = InterventionConfig(**item)
             if not isinstance(item, InterventionConfig):
-                raise ConfigError(f"interventions must be InterventionConfig objects, found {type(item).__name__}")
+                raise ConfigError(
+                    f"interventions must be InterventionConfig objects, found {type(item).__name__}"
+                )
             if item.group is None and item.group_count() > 1:
                 expanded.extend(dataclasses.replace(item, group=g) for g in range(item.group_count()))
             else:
@@ -294,7 +296,10 @@ class ReftConfig:
         """``(positions, share_weights)`` shared by every intervention that reads
         locations, or ``None`` if there are none. Raises if they differ, since
         one grouped locations array cannot serve them all."""
-        specs = {(self.interventions[i].positions, self.interventions[i].share_weights) for i in self.position_interventions}
+        specs = {
+            (self.interventions[i].positions, self.interventions[i].share_weights)
+            for i in self.position_interventions
+        }
         if not specs:
             return None
         if len(specs) > 1:

@@ -18,9 +18,10 @@ R ∈ ℝ^{r×d} with orthonormal rows, W ∈ ℝ^{r×d}, b ∈ ℝʳ.
 
 R is kept orthonormal by construction: it is the orthonormal factor of an
 unconstrained parameter (a QR decomposition, sign-fixed so the map is
-smooth), computed once per forward pass while training and cached for
-inference. That costs one small QR per intervention per step, where pyreft's
-orthogonal parametrization rebuilds a Householder product several times.
+smooth), computed once per forward pass while training and once per model
+call in inference. That costs one small QR per intervention per step, where
+pyreft's orthogonal parametrization rebuilds a Householder product several
+times.
 
 Dropout, when set, applies to the whole output ``Φ(h)`` during training, as
 pyreft does.
@@ -28,14 +29,17 @@ pyreft does.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 from .config import InterventionConfig
 
-__all__ = ["Intervention", "OrthonormalRows", "build_intervention", "orthonormalize"]
+__all__ = ["Intervention", "OrthonormalRows", "build_intervention", "inference_call", "orthonormalize"]
 
 _ACTIVATIONS = {
     "identity": lambda x: x,
@@ -62,12 +66,31 @@ def orthonormalize(matrix: torch.Tensor) -> torch.Tensor:
     return (q * signs).transpose(0, 1).to(matrix.dtype)
 
 
+# The ReftModel call in progress (a fresh number per call), or None. Inference
+# caches R for the length of one call: parameters cannot change inside it,
+# while between calls an optimizer may have changed them without a trace
+# (fused optimizers do not bump tensors' version counters).
+_current_call: int | None = None
+_calls = itertools.count()
+
+
+@contextlib.contextmanager
+def inference_call() -> Iterator[None]:
+    """Marks one model call, within which R is computed at most once."""
+    global _current_call
+    previous, _current_call = _current_call, next(_calls)
+    try:
+        yield
+    finally:
+        _current_call = previous
+
+
 class OrthonormalRows(nn.Module):
     """A matrix R ∈ ℝ^{rank×dim} with orthonormal rows, trained freely.
 
     The trainable parameter ``base`` is unconstrained; ``R = orthonormalize(base)``.
     With gradients enabled R is recomputed on each call (once per forward
-    pass); without them it is cached until ``base`` changes.
+    pass); without them it is computed once per :func:`inference_call`.
     """
 
     def __init__(self, rank: int, dim: int, dtype: torch.dtype, device: torch.device | None = None) -> None:
@@ -79,31 +102,37 @@ class OrthonormalRows(nn.Module):
             init = torch.empty(rank, dim, dtype=torch.float32, device=device)
             nn.init.orthogonal_(init)
             self.base.copy_(orthonormalize(init).to(dtype))
-        self.register_buffer("cached", None, persistent=False)
-        self._cached_version = -1
+        self._cached: torch.Tensor | None = None
+        self._cached_call: int | None = None
 
     def forward(self) -> torch.Tensor:
         if torch.is_grad_enabled() and self.base.requires_grad:
             return orthonormalize(self.base)
-        cached = self.cached
-        if cached is None or self._cached_version != self.base._version or cached.dtype != self.base.dtype:
-            cached = orthonormalize(self.base.detach())
-            self.cached = cached
-            self._cached_version = self.base._version
-        return cached
+        if _current_call is None:
+            return orthonormalize(self.base.detach())
+        if self._cached_call != _current_call or self._cached is None:
+            self._cached = orthonormalize(self.base.detach())
+            self._cached_call = _current_call
+        return self._cached
 
     @torch.no_grad()
-    def set(self, rotation: torch.Tensor) -> None:
-        """Sets R to ``rotation`` (rows already orthonormal, as a checkpoint
-        stores them), so inference uses exactly these values."""
-        if rotation.shape != self.base.shape:
-            raise ValueError(f"rotation has shape {tuple(rotation.shape)}, expected {tuple(self.base.shape)}")
-        self.base.copy_(rotation)
-        self.cached = self.base.detach().clone()
-        self._cached_version = self.base._version
+    def set(self, rotation: torch.Tensor, base: torch.Tensor | None = None) -> None:
+        """Sets the parameter from a checkpoint: ``base`` (the unconstrained
+        matrix R was computed from) when the checkpoint has it, so that R comes
+        out bit for bit as saved; otherwise R itself, whose rows are already
+        orthonormal (R is then reproduced to rounding)."""
+        for value in (rotation, base):
+            if value is not None and value.shape != self.base.shape:
+                raise ValueError(
+                    f"rotation has shape {tuple(value.shape)}, expected {tuple(self.base.shape)}"
+                )
+        self.base.copy_(rotation if base is None else base)
+        self._cached = None
 
 
-def _linear_init(rows: int, dim: int, dtype: torch.dtype, device: torch.device | None) -> tuple[nn.Parameter, nn.Parameter]:
+def _linear_init(
+    rows: int, dim: int, dtype: torch.dtype, device: torch.device | None
+) -> tuple[nn.Parameter, nn.Parameter]:
     """W and b drawn as ``nn.Linear(dim, rows)`` draws them: U(±1/√dim)."""
     bound = 1.0 / math.sqrt(dim)
     weight = nn.Parameter(torch.empty(rows, dim, dtype=dtype, device=device).uniform_(-bound, bound))
@@ -195,11 +224,15 @@ class Intervention(nn.Module):
         return output
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
-        """The parameters under their checkpoint names (R itself, not its base)."""
+        """The parameters under their checkpoint names: R itself as
+        ``rotation`` (what inference uses), and ``rotation_base``, the
+        unconstrained matrix R is computed from, so that a reloaded model
+        reproduces R bit for bit and training resumes exactly."""
         tensors: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             if self.rotation is not None:
                 tensors["rotation"] = self.rotation()
+                tensors["rotation_base"] = self.rotation.base.detach()
             for name in ("weight", "bias", "projection_weight", "projection_bias", "scale", "vector"):
                 value = getattr(self, name, None)
                 if value is not None:
@@ -209,16 +242,27 @@ class Intervention(nn.Module):
     @torch.no_grad()
     def load_checkpoint_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Sets every parameter from :meth:`checkpoint_tensors`-style names."""
-        expected = set(self.checkpoint_tensors())
-        if set(tensors) != expected:
-            raise ValueError(f"{self.config.name}: expected tensors {sorted(expected)}, found {sorted(tensors)}")
+        tensors = dict(tensors)
+        base = tensors.pop("rotation_base", None)
+        expected = set(self.checkpoint_tensors()) - {"rotation_base"}
+        if set(tensors) != expected or (base is not None and self.rotation is None):
+            raise ValueError(
+                f"{self.config.name}: expected tensors {sorted(expected)}, found {sorted(tensors)}"
+            )
         for name, value in tensors.items():
             if name == "rotation":
-                self.rotation.set(value.to(self.rotation.base.device, self.rotation.base.dtype))
+                self.rotation.set(
+                    value.to(self.rotation.base.device, self.rotation.base.dtype),
+                    base=None
+                    if base is None
+                    else base.to(self.rotation.base.device, self.rotation.base.dtype),
+                )
             else:
                 parameter = getattr(self, name)
                 if parameter.shape != value.shape:
-                    raise ValueError(f"{self.config.name}.{name}: shape {tuple(value.shape)}, expected {tuple(parameter.shape)}")
+                    raise ValueError(
+                        f"{self.config.name}.{name}: shape {tuple(value.shape)}, expected {tuple(parameter.shape)}"
+                    )
                 parameter.copy_(value)
 
     def parameter_count(self) -> int:
@@ -230,6 +274,8 @@ class Intervention(nn.Module):
         return f"{self.kind}, dim={self.dim}{rank}, dtype={self.config.dtype}"
 
 
-def build_intervention(config: InterventionConfig, dim: int, device: torch.device | None = None) -> Intervention:
+def build_intervention(
+    config: InterventionConfig, dim: int, device: torch.device | None = None
+) -> Intervention:
     """Builds the module for ``config`` with hidden width ``dim``."""
     return Intervention(config, dim, device)

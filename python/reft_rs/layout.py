@@ -92,6 +92,8 @@ def resolve(model: nn.Module, config: InterventionConfig) -> HookSite:
     layer = layers[config.layer]
     if config.component in ("block_output", "block_input"):
         return HookSite(layer_path, layer, edits_input)
-    names, what = (_MLP_NAMES, "feed-forward") if config.component == "mlp_output" else (_ATTENTION_NAMES, "attention")
+    names, what = (
+        (_MLP_NAMES, "feed-forward") if config.component == "mlp_output" else (_ATTENTION_NAMES, "attention")
+    )
     name, module = _child(layer, names, what, layer_path)
     return HookSite(f"{layer_path}.{name}", module, False)

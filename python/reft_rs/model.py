@@ -34,7 +34,7 @@ from torch import nn
 from . import checkpoint
 from .config import InterventionConfig, ReftConfig
 from .errors import ConfigError, IncompatibleModelError, InvalidCheckpointError, LocationError, ShapeError
-from .interventions import Intervention
+from .interventions import Intervention, inference_call
 from .layout import HookSite, model_dimensions, resolve
 from .positions import locate
 
@@ -116,7 +116,9 @@ class ReftModel(nn.Module):
         # model, so a deep copy of the ReftModel carries working hooks of its own.
         self._hook_ids: list[tuple[nn.Module, int]] = []
         self._register_hooks()
-        self._accepts_position_ids = "position_ids" in inspect.signature(model.forward).parameters
+        parameters = inspect.signature(model.forward).parameters
+        self._accepts_position_ids = "position_ids" in parameters
+        self._takes_any_keyword = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters.values())
 
     # ------------------------------------------------------------------ hooks
 
@@ -186,7 +188,8 @@ class ReftModel(nn.Module):
             raise RuntimeError("a ReftModel cannot be called from inside one of its own calls")
         self._state = state
         try:
-            yield
+            with inference_call():
+                yield
         finally:
             self._state = None
 
@@ -209,7 +212,9 @@ class ReftModel(nn.Module):
             return sources
         device = _device_of(self.model)
         if locations is None:
-            lengths, padding_side, sequence = _prompt_lengths(attention_mask, labels, batch, length, prompt_only)
+            lengths, padding_side, sequence = _prompt_lengths(
+                attention_mask, labels, batch, length, prompt_only
+            )
             grouped: dict[tuple[str, bool], torch.Tensor] = {}
             for index in positional:
                 item = config.interventions[index]
@@ -226,7 +231,9 @@ class ReftModel(nn.Module):
                     grouped[key] = torch.from_numpy(array).to(device)
                 sources[index] = grouped[key][item.group]
             return sources
-        tensor = torch.from_numpy(locations) if isinstance(locations, np.ndarray) else torch.as_tensor(locations)
+        tensor = (
+            torch.from_numpy(locations) if isinstance(locations, np.ndarray) else torch.as_tensor(locations)
+        )
         if tensor.dim() != 3 or tensor.shape[1] != batch:
             raise ShapeError(
                 f"locations must have shape (interventions or groups, batch={batch}, positions), "
@@ -258,7 +265,9 @@ class ReftModel(nn.Module):
                 sources[index] = tensor[config.interventions[index].group]
         return sources
 
-    def _position_ids(self, attention_mask: torch.Tensor | None, kwargs: Mapping[str, Any]) -> torch.Tensor | None:
+    def _position_ids(
+        self, attention_mask: torch.Tensor | None, kwargs: Mapping[str, Any]
+    ) -> torch.Tensor | None:
         """Positions counted over real tokens, for left-padded batches."""
         if attention_mask is None or "position_ids" in kwargs or not self._accepts_position_ids:
             return None
@@ -305,6 +314,8 @@ class ReftModel(nn.Module):
             kwargs["position_ids"] = position_ids
         if labels is not None:
             kwargs["labels"] = labels
+        if "num_items_in_batch" in kwargs and not self.accepts_loss_kwargs:
+            kwargs.pop("num_items_in_batch")
         with self._active(_CallState(sources)):
             return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
@@ -349,6 +360,12 @@ class ReftModel(nn.Module):
         return self.model.config
 
     @property
+    def accepts_loss_kwargs(self) -> bool:
+        """Whether the wrapped model takes ``num_items_in_batch`` (the Trainer asks)."""
+        declared = getattr(self.model, "accepts_loss_kwargs", None)
+        return self._takes_any_keyword if declared is None else bool(declared)
+
+    @property
     def main_input_name(self) -> str:
         return getattr(self.model, "main_input_name", "input_ids")
 
@@ -369,7 +386,9 @@ class ReftModel(nn.Module):
         total = sum(p.numel() for p in self.model.parameters()) + sum(
             item.parameter_count() for item in self.interventions
         )
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        )
 
     def remove_hooks(self) -> nn.Module:
         """Detaches the interventions from the model and returns the model as it was.
@@ -393,7 +412,9 @@ class ReftModel(nn.Module):
         config = self.model.config
         hidden_size, num_layers = model_dimensions(self.model)
         return {
-            "name_or_path": str(getattr(config, "_name_or_path", "") or getattr(self.model, "name_or_path", "") or ""),
+            "name_or_path": str(
+                getattr(config, "_name_or_path", "") or getattr(self.model, "name_or_path", "") or ""
+            ),
             "model_type": str(getattr(config, "model_type", "") or type(self.model).__name__),
             "hidden_size": hidden_size,
             "num_hidden_layers": num_layers,
@@ -410,17 +431,28 @@ class ReftModel(nn.Module):
                 tensors[f"head.{name}"] = value.detach().to("cpu")
         return tensors
 
-    def save_pretrained(self, path: str | os.PathLike[str], metadata: Mapping[str, Any] | None = None) -> None:
+    def save_pretrained(
+        self, path: str | os.PathLike[str], metadata: Mapping[str, Any] | None = None
+    ) -> None:
         """Saves the interventions (and a trainable head) as a reft_rs checkpoint.
 
         The folder gets ``reft_config.json`` and ``reft_model.safetensors``,
-        written atomically; see :mod:`reft_rs.checkpoint`.
+        written atomically; see :mod:`reft_rs.checkpoint`. Besides each R the
+        file keeps the unconstrained matrix it is computed from (declared as
+        an extra tensor), so reloading reproduces outputs bit for bit and
+        training resumes exactly.
+
+        Args:
+            path: The folder.
+            metadata: Stored in the config's ``metadata``.
         """
         config = self.reft_config.to_checkpoint(self.base_model_identity())
         if metadata:
             config["metadata"].update(metadata)
         tensors = self.checkpoint_tensors()
-        config["extra_tensors"] = [key for key in tensors if key.startswith("head.")]
+        config["extra_tensors"] = [
+            key for key in tensors if key.startswith("head.") or key.endswith(".rotation_base")
+        ]
         checkpoint.save(path, config, tensors)
 
     def load_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -545,7 +577,6 @@ class _Hook:
         return args, kwargs
 
 
-
 def _edit_rows(hidden: torch.Tensor, flat: torch.Tensor, intervention: Intervention) -> torch.Tensor:
     """``hidden`` with the rows at ``flat`` (over the flattened batch, plus one
     sink row for masked slots) replaced by their edited values."""
@@ -600,7 +631,12 @@ def _validate_against_model(model: nn.Module, config: ReftConfig) -> None:
     if hidden_size is None:
         hidden_size = max(item.embed_dim or 1 for item in config.interventions)
         num_layers = 1 + max(item.layer for item in config.interventions)
-    identity = {"name_or_path": "", "model_type": "", "hidden_size": hidden_size, "num_hidden_layers": num_layers}
+    identity = {
+        "name_or_path": "",
+        "model_type": "",
+        "hidden_size": hidden_size,
+        "num_hidden_layers": num_layers,
+    }
     try:
         checkpoint.normalize_config(config.to_checkpoint(identity))
     except InvalidCheckpointError as error:

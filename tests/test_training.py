@@ -1,0 +1,198 @@
+"""Datasets, the collator, the plain loop and ReftTrainer (save, resume)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import reft_rs  # noqa: E402
+from reft_rs import ReftConfig, ReftDataCollator, ReftModel, get_reft_model, make_dataset  # noqa: E402
+from reft_rs.data import IGNORE_INDEX  # noqa: E402
+
+from .tiny_models import build, tokenizer  # noqa: E402
+
+PROMPTS = ["what colour is the sky", "what colour is the grass", "say hello", "what colour is the sea"]
+RESPONSES = ["blue", "green", "hello world", "blue"]
+
+
+def test_dataset_masks_prompts_and_locates_positions():
+    tok = tokenizer()
+    config = ReftConfig.for_layers([0, 2], low_rank_dimension=2, positions="f2+l2")
+    dataset = make_dataset(tok, PROMPTS, RESPONSES, config=config)
+    assert len(dataset) == 4
+    for index, prompt in enumerate(PROMPTS):
+        prompt_text = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        prompt_ids = tok(prompt_text, add_special_tokens=False)["input_ids"]
+        item = dataset[index]
+        n = len(prompt_ids)
+        assert dataset.prompt_lengths[index] == n
+        assert item["input_ids"][:n].tolist() == prompt_ids
+        assert (item["labels"][:n] == IGNORE_INDEX).all()
+        response = tok.decode(item["input_ids"][n:])
+        assert response.split() == RESPONSES[index].split() + ["</s>"]
+        assert (item["labels"][n:] == item["input_ids"][n:]).all()
+        expected = reft_rs.positions.locate([n], "f2+l2")[:, 0]
+        assert np.array_equal(item["locations"], expected)
+        assert np.shares_memory(item["locations"], dataset.locations)
+
+
+def test_dataset_without_a_chat_template_and_for_classification():
+    tok = tokenizer(chat=False)
+    dataset = make_dataset(tok, PROMPTS, RESPONSES, positions="l1")
+    assert dataset[0]["input_ids"][-1] == tok.eos_token_id
+    texts = make_dataset(tok, PROMPTS, labels=[0, 1, 0, 1], positions="f1+l1", include_last=False)
+    assert texts[1]["labels"] == 1
+    n = texts.prompt_lengths[0]
+    assert texts[0]["locations"][1, 0] == n - 2  # the last token is left out
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_collator_pads_and_moves_locations(side):
+    tok = tokenizer()
+    dataset = make_dataset(tok, PROMPTS, RESPONSES, positions="f2+l2")
+    batch = ReftDataCollator(tok.pad_token_id, padding_side=side)([dataset[i] for i in range(4)])
+    ids, mask, labels, locations = (
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["labels"],
+        batch["locations"],
+    )
+    assert ids.shape == mask.shape == labels.shape
+    for row in range(4):
+        real = ids[row][mask[row].bool()]
+        assert real.tolist() == dataset[row]["input_ids"].tolist()
+        assert (labels[row][~mask[row].bool()] == IGNORE_INDEX).all()
+        for group in range(2):
+            chosen = [p for p in locations[group, row].tolist() if p >= 0]
+            unpadded = [p for p in dataset[row]["locations"][group].tolist() if p >= 0]
+            assert ids[row, chosen].tolist() == dataset[row]["input_ids"][unpadded].tolist()
+
+
+def test_plain_loop_teaches_a_tiny_model_its_responses():
+    tok = tokenizer()
+    model = build("llama", seed=1, init_range=0.5)
+    # f3+l3 reaches past the chat template's markers to the words of the question
+    config = ReftConfig.for_layers([0, 1, 2], low_rank_dimension=4, positions="f3+l3")
+    reft_model = get_reft_model(model, config)
+    dataset = make_dataset(tok, PROMPTS, RESPONSES, config=config)
+    losses = reft_rs.train(
+        reft_model,
+        dataset,
+        collator=ReftDataCollator(tok.pad_token_id),
+        epochs=80,
+        batch_size=4,
+        learning_rate=3e-2,
+        progress=False,
+    )
+    assert losses[-1] < 0.2 < 4.0 < losses[0]
+    for prompt, response in zip(PROMPTS, RESPONSES):
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+        out = reft_model.generate(
+            ids,
+            max_new_tokens=4,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+        assert tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).split() == response.split()
+
+
+class StopAt(transformers.TrainerCallback):
+    """Ends training after a given step, as a crash would (after its save)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+        return control
+
+
+def trainer_for(output_dir, *, steps, save_steps=None, accumulate=1, seed=0, family="llama", stop_at=None):
+    tok = tokenizer()
+    model = build(family, seed=1)
+    if family == "bert":
+        config = ReftConfig.for_layers([0, 2], low_rank_dimension=2, positions="f1+l1", trainable_head=True)
+        dataset = make_dataset(tok, PROMPTS, labels=[0, 1, 0, 1], config=config)
+    else:
+        config = ReftConfig.for_layers([0, 2], low_rank_dimension=2, positions="f1+l1", dropout=0.1)
+        dataset = make_dataset(tok, PROMPTS, RESPONSES, config=config)
+    reft_model = get_reft_model(model, config)
+    args = transformers.TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=steps,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        gradient_accumulation_steps=accumulate,
+        save_steps=save_steps or steps,
+        save_strategy="steps",
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        seed=seed,
+        data_seed=seed,
+        disable_tqdm=True,
+    )
+    trainer = reft_rs.ReftTrainer(
+        model=reft_model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=ReftDataCollator(tok.pad_token_id),
+        callbacks=[StopAt(stop_at)] if stop_at else None,
+    )
+    return trainer, reft_model
+
+
+def test_trainer_saves_full_checkpoints_and_resumes_exactly(tmp_path):
+    straight, straight_model = trainer_for(tmp_path / "a", steps=6)
+    straight.train()
+    interrupted, _ = trainer_for(tmp_path / "b", steps=6, save_steps=3, stop_at=3)
+    interrupted.train()
+    assert interrupted.state.global_step == 3
+    folder = tmp_path / "b" / "checkpoint-3"
+    assert {"reft_config.json", "reft_model.safetensors", "training_args.json"} <= set(os.listdir(folder))
+    assert json.loads((folder / "reft_config.json").read_text())["interventions"]  # config included
+    resumed, resumed_model = trainer_for(tmp_path / "b", steps=6, save_steps=3)
+    resumed.train(resume_from_checkpoint=str(folder))
+    assert resumed.state.global_step == 6
+    ours = resumed_model.checkpoint_tensors()
+    for key, value in straight_model.checkpoint_tensors().items():
+        torch.testing.assert_close(ours[key], value, rtol=1e-6, atol=1e-7)
+    restored = ReftModel.from_pretrained(build("llama", seed=1), tmp_path / "a" / "checkpoint-6")
+    for key, value in straight_model.checkpoint_tensors().items():
+        assert torch.equal(restored.checkpoint_tensors()[key], value)
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_trainer_with_gradient_accumulation(tmp_path, family):
+    trainer, reft_model = trainer_for(tmp_path, steps=4, accumulate=2, family=family)
+    before = {k: v.clone() for k, v in reft_model.checkpoint_tensors().items()}
+    result = trainer.train()
+    assert np.isfinite(result.training_loss)
+    after = reft_model.checkpoint_tensors()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    if family == "bert":
+        assert any(key.startswith("head.") for key in after)
+        restored = ReftModel.from_pretrained(build("bert", seed=1), tmp_path / "checkpoint-4")
+        for key, value in after.items():
+            assert torch.equal(restored.checkpoint_tensors()[key], value)
+
+
+def test_resuming_into_a_different_config_is_refused(tmp_path):
+    trainer, _ = trainer_for(tmp_path, steps=2)
+    trainer.train()
+    other = get_reft_model(build("llama"), ReftConfig.for_layers([1], low_rank_dimension=2, positions="l1"))
+    with pytest.raises(reft_rs.IncompatibleModelError, match="holds interventions"):
+        reft_rs.trainer.load_into(other, tmp_path / "checkpoint-2")
