@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -53,7 +53,8 @@ _ACTIVATIONS = {
 
 
 def orthonormalize(matrix: torch.Tensor) -> torch.Tensor:
-    """The ``(r, d)`` matrix with orthonormal rows nearest in QR's sense to ``matrix``.
+    """The ``(r, d)`` matrix with orthonormal rows that QR gives for ``matrix``
+    (or a batch of them, ``(..., r, d)``).
 
     Rows are orthonormalized in order (Gram-Schmidt's result, computed by
     Householder QR), with signs chosen so each row keeps a positive
@@ -61,9 +62,10 @@ def orthonormalize(matrix: torch.Tensor) -> torch.Tensor:
     Half-precision inputs are computed in float32 and cast back.
     """
     work = matrix if matrix.dtype in (torch.float32, torch.float64) else matrix.float()
-    q, r = torch.linalg.qr(work.transpose(0, 1), mode="reduced")
-    signs = torch.where(torch.diagonal(r) < 0, -1.0, 1.0).to(q.dtype)
-    return (q * signs).transpose(0, 1).to(matrix.dtype)
+    q, r = torch.linalg.qr(work.transpose(-2, -1), mode="reduced")
+    diagonal = torch.diagonal(r, dim1=-2, dim2=-1)
+    signs = torch.where(diagonal < 0, -1.0, 1.0).to(q.dtype)
+    return (q * signs.unsqueeze(-2)).transpose(-2, -1).to(matrix.dtype)
 
 
 # The ReftModel call in progress (a fresh number per call), or None. Inference
@@ -72,17 +74,38 @@ def orthonormalize(matrix: torch.Tensor) -> torch.Tensor:
 # (fused optimizers do not bump tensors' version counters).
 _current_call: int | None = None
 _calls = itertools.count()
+# R of every rotation of the model in the call in progress, by id(module),
+# computed up front in one batched QR (and one batched backward).
+_precomputed: dict[int, torch.Tensor] = {}
+
+
+def _orthonormalize_all(modules: Sequence[OrthonormalRows]) -> dict[int, torch.Tensor]:
+    grad = torch.is_grad_enabled()
+    groups: dict[tuple, list[OrthonormalRows]] = {}
+    for module in modules:
+        base = module.base
+        groups.setdefault((tuple(base.shape), base.dtype, base.device), []).append(module)
+    result: dict[int, torch.Tensor] = {}
+    for members in groups.values():
+        bases = [m.base if grad and m.base.requires_grad else m.base.detach() for m in members]
+        rotations = orthonormalize(torch.stack(bases)) if len(bases) > 1 else orthonormalize(bases[0])[None]
+        for module, rotation in zip(members, rotations.unbind(0)):
+            result[id(module)] = rotation
+    return result
 
 
 @contextlib.contextmanager
-def inference_call() -> Iterator[None]:
-    """Marks one model call, within which R is computed at most once."""
-    global _current_call
-    previous, _current_call = _current_call, next(_calls)
+def inference_call(rotations: Sequence[OrthonormalRows] = ()) -> Iterator[None]:
+    """Marks one model call: every R is computed once, at its start, for all
+    of ``rotations`` together (one batched QR)."""
+    global _current_call, _precomputed
+    previous = (_current_call, _precomputed)
+    _current_call = next(_calls)
+    _precomputed = _orthonormalize_all(rotations) if rotations else {}
     try:
         yield
     finally:
-        _current_call = previous
+        _current_call, _precomputed = previous
 
 
 class OrthonormalRows(nn.Module):
@@ -106,6 +129,9 @@ class OrthonormalRows(nn.Module):
         self._cached_call: int | None = None
 
     def forward(self) -> torch.Tensor:
+        precomputed = _precomputed.get(id(self))
+        if precomputed is not None:
+            return precomputed
         if torch.is_grad_enabled() and self.base.requires_grad:
             return orthonormalize(self.base)
         if _current_call is None:
@@ -185,33 +211,44 @@ class Intervention(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
+    def _project(self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``h Wᵀ + b``, fused into one ``addmm`` for the usual 2-D rows."""
+        if bias is not None and h.dim() == 2:
+            return torch.addmm(bias, h, weight.T)
+        out = h @ weight.T
+        return out if bias is None else out + bias
+
+    def _add_back(self, h: torch.Tensor, edit: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+        """``h + edit · basis`` (that is, h + basisᵀ edit per row), fused when 2-D."""
+        if h.dim() == 2:
+            return torch.addmm(h, edit, basis)
+        return h + edit @ basis
+
     def _source(self, h: torch.Tensor) -> torch.Tensor:
         """act(Wh + b)."""
-        source = h @ self.weight.T
-        if self.bias is not None:
-            source = source + self.bias
-        return self.activation(source)
+        return self.activation(self._project(h, self.weight, self.bias))
 
     def edit(self, h: torch.Tensor) -> torch.Tensor:
         """Φ(h) without dropout, for ``h`` already in the parameter dtype."""
         kind = self.kind
         if kind == "loreft":
             r = self.rotation()
-            return h + (self._source(h) - h @ r.T) @ r
+            if self.config.activation == "identity":
+                # Wh + b − Rh = (W − R)h + b: one projection instead of two.
+                return self._add_back(h, self._project(h, self.weight - r, self.bias), r)
+            return self._add_back(h, self._source(h) - h @ r.T, r)
         if kind == "direft":
-            return h + self._source(h) @ self.rotation()
+            return self._add_back(h, self._source(h), self.rotation())
         if kind == "consreft":
             r = self.rotation()
-            return h + (self.bias - h @ r.T) @ r
+            return self._add_back(h, self.bias - h @ r.T, r)
         if kind == "lobireft":
             return h + self.bias @ self.rotation()
         if kind == "noreft":
-            projected = h @ self.projection_weight.T
-            if self.projection_bias is not None:
-                projected = projected + self.projection_bias
-            return h + (self._source(h) - projected) @ self.projection_weight
+            projected = self._project(h, self.projection_weight, self.projection_bias)
+            return self._add_back(h, self._source(h) - projected, self.projection_weight)
         if kind == "nodireft":
-            return h + self._source(h) @ self.projection_weight
+            return self._add_back(h, self._source(h), self.projection_weight)
         if kind == "red":
             return h * self.scale + self.bias
         return h + self.config.alpha * self.vector

@@ -13,6 +13,8 @@ grouped ``(groups, batch, positions)`` array from
 They are moved to the model's device once per call; each hook gathers the
 chosen states with ``index_select``, edits them and writes them back with
 ``index_copy``, so masked slots and every other token are left untouched.
+Each group's row indices are computed once per call and shared by the
+interventions of every layer.
 Interventions whose positions are ``"all"`` (RED, steering vectors) edit every
 token and need no locations.
 """
@@ -168,8 +170,9 @@ class ReftModel(nn.Module):
         return hidden
 
     def _flat_indices(self, source: torch.Tensor, batch: int, length: int) -> torch.Tensor | None:
-        """Rows of the flattened ``(batch * length + 1, d)`` states to edit for
-        ``source``; masked slots point at the extra last row, a sink."""
+        """Rows of the flattened ``(batch * length, d)`` states that ``source``
+        chooses in this forward call, or ``None`` if none. Computed once per
+        call for each group (one host sync on an accelerator)."""
         state = self._state
         key = id(source)
         if key not in state.indices:
@@ -179,7 +182,8 @@ class ReftModel(nn.Module):
                 local = source - state.offset
                 valid = (source >= 0) & (local >= 0) & (local < length)
                 rows = torch.arange(batch, device=source.device).unsqueeze(1) * length
-                state.indices[key] = torch.where(valid, rows + local, batch * length).reshape(-1)
+                chosen = torch.masked_select(rows + local, valid)
+                state.indices[key] = chosen if chosen.numel() else None
         return state.indices[key]
 
     @contextlib.contextmanager
@@ -188,7 +192,8 @@ class ReftModel(nn.Module):
             raise RuntimeError("a ReftModel cannot be called from inside one of its own calls")
         self._state = state
         try:
-            with inference_call():
+            rotations = [i.rotation for i in self.interventions if i.rotation is not None]
+            with inference_call(rotations):
                 yield
         finally:
             self._state = None
@@ -215,21 +220,26 @@ class ReftModel(nn.Module):
             lengths, padding_side, sequence = _prompt_lengths(
                 attention_mask, labels, batch, length, prompt_only
             )
-            grouped: dict[tuple[str, bool], torch.Tensor] = {}
+            # One tensor object per group, shared by its interventions: the
+            # hooks compute each group's indices once per call.
+            groups: dict[tuple[str, bool, int], torch.Tensor] = {}
             for index in positional:
                 item = config.interventions[index]
-                key = (item.positions, item.share_weights)
-                if key not in grouped:
-                    array = locate(
-                        lengths,
-                        item.positions,
-                        share_weights=item.share_weights,
-                        padding_side=padding_side,
-                        padded_length=length,
-                        sequence_lengths=sequence,
-                    )
-                    grouped[key] = torch.from_numpy(array).to(device)
-                sources[index] = grouped[key][item.group]
+                key = (item.positions, item.share_weights, item.group)
+                if key not in groups:
+                    array = torch.from_numpy(
+                        locate(
+                            lengths,
+                            item.positions,
+                            share_weights=item.share_weights,
+                            padding_side=padding_side,
+                            padded_length=length,
+                            sequence_lengths=sequence,
+                        )
+                    ).to(device)
+                    for group in range(array.shape[0]):
+                        groups[(item.positions, item.share_weights, group)] = array[group]
+                sources[index] = groups[key]
             return sources
         tensor = (
             torch.from_numpy(locations) if isinstance(locations, np.ndarray) else torch.as_tensor(locations)
@@ -247,11 +257,13 @@ class ReftModel(nn.Module):
             raise LocationError(f"a location is {bad}, outside the {length} tokens of the batch (and not -1)")
         rows = tensor.shape[0]
         if rows == len(config.interventions):
+            views = list(tensor.unbind(0))
             for index in positional:
-                sources[index] = tensor[index]
+                sources[index] = views[index]
         elif rows == len(positional):
+            views = list(tensor.unbind(0))
             for row, index in enumerate(positional):
-                sources[index] = tensor[row]
+                sources[index] = views[row]
         else:
             groups = 1 + max(config.interventions[i].group for i in positional)
             if rows != groups:
@@ -261,8 +273,9 @@ class ReftModel(nn.Module):
                     f"or one per position group ({groups})"
                 )
             config.shared_positions()
+            views = list(tensor.unbind(0))
             for index in positional:
-                sources[index] = tensor[config.interventions[index].group]
+                sources[index] = views[config.interventions[index].group]
         return sources
 
     def _position_ids(
@@ -578,14 +591,12 @@ class _Hook:
 
 
 def _edit_rows(hidden: torch.Tensor, flat: torch.Tensor, intervention: Intervention) -> torch.Tensor:
-    """``hidden`` with the rows at ``flat`` (over the flattened batch, plus one
-    sink row for masked slots) replaced by their edited values."""
+    """``hidden`` with the rows at ``flat`` (indices into the flattened batch)
+    replaced by their edited values; every other row is left as it was."""
     batch, length, width = hidden.shape
-    rows = torch.cat([hidden.reshape(batch * length, width), hidden.new_zeros(1, width)])
+    rows = hidden.reshape(batch * length, width)
     edited = intervention(rows.index_select(0, flat)).to(hidden.dtype)
-    # In place on our own copy: index_select keeps only the index for backward.
-    rows.index_copy_(0, flat, edited)
-    return rows[:-1].view(batch, length, width)
+    return rows.index_copy(0, flat, edited).view(batch, length, width)
 
 
 def _prompt_lengths(
