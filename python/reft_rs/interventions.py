@@ -116,15 +116,23 @@ class OrthonormalRows(nn.Module):
     pass); without them it is computed once per :func:`inference_call`.
     """
 
-    def __init__(self, rank: int, dim: int, dtype: torch.dtype, device: torch.device | None = None) -> None:
+    def __init__(
+        self,
+        rank: int,
+        dim: int,
+        dtype: torch.dtype,
+        device: torch.device | None = None,
+        initialize: bool = True,
+    ) -> None:
         super().__init__()
         if rank > dim:
             raise ValueError(f"rank {rank} cannot exceed the hidden size {dim}")
         self.base = nn.Parameter(torch.empty(rank, dim, dtype=dtype, device=device))
-        with torch.no_grad():
-            init = torch.empty(rank, dim, dtype=torch.float32, device=device)
-            nn.init.orthogonal_(init)
-            self.base.copy_(orthonormalize(init).to(dtype))
+        if initialize:
+            with torch.no_grad():
+                init = torch.empty(rank, dim, dtype=torch.float32, device=device)
+                nn.init.orthogonal_(init)
+                self.base.copy_(orthonormalize(init).to(dtype))
         self._cached: torch.Tensor | None = None
         self._cached_call: int | None = None
 
@@ -179,7 +187,14 @@ class Intervention(nn.Module):
     b₂), ``scale`` and ``bias`` for ``red``, ``vector`` for ``steer``.
     """
 
-    def __init__(self, config: InterventionConfig, dim: int, device: torch.device | None = None) -> None:
+    def __init__(
+        self,
+        config: InterventionConfig,
+        dim: int,
+        device: torch.device | None = None,
+        *,
+        initialize: bool = True,
+    ) -> None:
         super().__init__()
         self.config = config
         self.kind = config.type
@@ -190,7 +205,7 @@ class Intervention(nn.Module):
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None
         self.rotation: OrthonormalRows | None = None
         if self.kind in ("loreft", "direft", "consreft", "lobireft"):
-            self.rotation = OrthonormalRows(rank, dim, dtype, device)
+            self.rotation = OrthonormalRows(rank, dim, dtype, device, initialize)
         if self.kind in ("loreft", "noreft", "direft", "nodireft"):
             self.weight, bias = _linear_init(rank, dim, dtype, device)
             self.bias = bias if config.bias else None
@@ -281,7 +296,7 @@ class Intervention(nn.Module):
         """Sets every parameter from :meth:`checkpoint_tensors`-style names."""
         tensors = dict(tensors)
         base = tensors.pop("rotation_base", None)
-        expected = set(self.checkpoint_tensors()) - {"rotation_base"}
+        expected = self.parameter_names()
         if set(tensors) != expected or (base is not None and self.rotation is None):
             raise ValueError(
                 f"{self.config.name}: expected tensors {sorted(expected)}, found {sorted(tensors)}"
@@ -301,6 +316,14 @@ class Intervention(nn.Module):
                         f"{self.config.name}.{name}: shape {tuple(value.shape)}, expected {tuple(parameter.shape)}"
                     )
                 parameter.copy_(value)
+
+    def parameter_names(self) -> set[str]:
+        """The checkpoint names of this intervention's parameters."""
+        names = {"rotation"} if self.rotation is not None else set()
+        for name in ("weight", "bias", "projection_weight", "projection_bias", "scale", "vector"):
+            if getattr(self, name, None) is not None:
+                names.add(name)
+        return names
 
     def parameter_count(self) -> int:
         """Trainable values as the ReFT paper counts them (R counts r·d)."""

@@ -73,8 +73,11 @@ def _child(layer: nn.Module, names: tuple[str, ...], what: str, layer_path: str)
     )
 
 
-def resolve(model: nn.Module, config: InterventionConfig) -> HookSite:
-    """Where ``config`` hooks into ``model``."""
+def resolve(
+    model: nn.Module, config: InterventionConfig, layers: tuple[str, nn.ModuleList] | None = None
+) -> HookSite:
+    """Where ``config`` hooks into ``model``; ``layers`` is :func:`find_layers`'s
+    answer when the caller already has it."""
     edits_input = config.component == "block_input"
     if config.module_path is not None:
         path = config.module_path.replace("{layer}", str(config.layer))
@@ -83,7 +86,7 @@ def resolve(model: nn.Module, config: InterventionConfig) -> HookSite:
         except AttributeError:
             raise IncompatibleModelError(f"{config.name}: the model has no module {path!r}") from None
         return HookSite(path, module, edits_input)
-    layers_path, layers = find_layers(model)
+    layers_path, layers = layers if layers is not None else find_layers(model)
     if config.layer >= len(layers):
         raise IncompatibleModelError(
             f"{config.name}: layer {config.layer} does not exist; the model has {len(layers)} layers"

@@ -37,7 +37,7 @@ from . import checkpoint
 from .config import InterventionConfig, ReftConfig
 from .errors import ConfigError, IncompatibleModelError, InvalidCheckpointError, LocationError, ShapeError
 from .interventions import Intervention, inference_call
-from .layout import HookSite, model_dimensions, resolve
+from .layout import HookSite, find_layers, model_dimensions, resolve
 from .positions import locate
 
 __all__ = ["ReftModel", "get_reft_model"]
@@ -87,6 +87,12 @@ def _cache_length(kwargs: Mapping[str, Any]) -> int:
 class ReftModel(nn.Module):
     """A frozen model plus interventions. Build it with :func:`get_reft_model`.
 
+    Args:
+        model: The model; its parameters are frozen.
+        config: The interventions.
+        initialize: Draw the interventions' starting values (``False`` leaves
+            them uninitialised, for callers that load them right away).
+
     Attributes:
         model: The wrapped Hugging Face model (frozen).
         reft_config: The :class:`ReftConfig`.
@@ -94,7 +100,7 @@ class ReftModel(nn.Module):
             config entry, in order.
     """
 
-    def __init__(self, model: nn.Module, config: ReftConfig) -> None:
+    def __init__(self, model: nn.Module, config: ReftConfig, *, initialize: bool = True) -> None:
         super().__init__()
         self.model = model
         self.reft_config = config
@@ -107,7 +113,8 @@ class ReftModel(nn.Module):
             parameter.requires_grad_(False)
         device = _device_of(model)
         self.interventions = nn.ModuleList(
-            Intervention(item, item.embed_dim or hidden_size, device) for item in config.interventions
+            Intervention(item, item.embed_dim or hidden_size, device, initialize=initialize)
+            for item in config.interventions
         )
         self.head: nn.Module | None = None
         if config.trainable_head:
@@ -126,8 +133,11 @@ class ReftModel(nn.Module):
 
     def _register_hooks(self) -> None:
         sites: dict[tuple[int, bool], tuple[HookSite, list[int]]] = {}
+        layers = None
         for index, item in enumerate(self.reft_config.interventions):
-            site = resolve(self.model, item)
+            if item.module_path is None and layers is None:
+                layers = find_layers(self.model)
+            site = resolve(self.model, item, layers)
             key = (id(site.module), site.edits_input)
             sites.setdefault(key, (site, []))[1].append(index)
         for site, indices in sites.values():
@@ -436,9 +446,11 @@ class ReftModel(nn.Module):
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         """Every saved tensor by checkpoint key, on the CPU."""
         tensors: dict[str, torch.Tensor] = {}
-        for intervention in self.interventions:
-            for name, value in intervention.checkpoint_tensors().items():
-                tensors[f"{intervention.config.name}.{name}"] = value.detach().to("cpu")
+        rotations = [i.rotation for i in self.interventions if i.rotation is not None]
+        with torch.no_grad(), inference_call(rotations):  # every R in one batched QR
+            for intervention in self.interventions:
+                for name, value in intervention.checkpoint_tensors().items():
+                    tensors[f"{intervention.config.name}.{name}"] = value.detach().to("cpu")
         if self.head is not None:
             for name, value in self.head.named_parameters():
                 tensors[f"head.{name}"] = value.detach().to("cpu")
@@ -522,7 +534,8 @@ class ReftModel(nn.Module):
             if strict:
                 raise IncompatibleModelError(message + " (pass strict=False to load anyway)")
             warnings.warn(message, stacklevel=2)
-        reft_model = cls(model, ReftConfig.from_checkpoint(config))
+        # Every parameter is about to be overwritten: skip the random start.
+        reft_model = cls(model, ReftConfig.from_checkpoint(config), initialize=False)
         reft_model.load_tensors(tensors)
         return reft_model
 
