@@ -1,0 +1,137 @@
+"""A first real job: teach SmolLM2-135M-Instruct a reply style with LoReFT.
+
+    python -m reft_rs.quickstart [--output-dir ./reft-quickstart]
+
+The bundled instruction set (64 questions answered as a pirate would: each
+reply opens with "Arr!" and closes with "matey.") is split into 48 training
+and 16 held-out prompts. The job measures how often the model replies in the
+style on the held-out prompts before and after training (a checker, not a
+judgement), prints examples, and saves the checkpoint and ``metrics.json``.
+It takes a couple of minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+__all__ = ["generate_replies", "has_style", "load_examples", "main"]
+
+
+def load_examples() -> list[dict[str, str]]:
+    """The bundled prompt/response pairs."""
+    text = resources.files("reft_rs").joinpath("assets/pirate_style.jsonl").read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def has_style(reply: str) -> bool:
+    """The checker: a reply in the taught style opens with "Arr!"."""
+    return reply.strip().startswith("Arr!")
+
+
+def generate_replies(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int = 24) -> list[str]:
+    """Greedy replies to chat prompts, generated as one left-padded batch."""
+    import torch
+
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+        )
+        for p in prompts
+    ]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    width = max(len(i) for i in ids)
+    input_ids = torch.full((len(ids), width), tokenizer.pad_token_id)
+    mask = torch.zeros_like(input_ids)
+    for row, sequence in enumerate(ids):
+        input_ids[row, width - len(sequence) :] = torch.tensor(sequence)
+        mask[row, width - len(sequence) :] = 1
+    with torch.no_grad():
+        out = model.generate(
+            input_ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m reft_rs.quickstart",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--output-dir", default="reft-quickstart", help="where the checkpoint and metrics go")
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--learning-rate", type=float, default=1e-2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    import reft_rs
+    from reft_rs.pretrained import load_smollm2
+
+    torch.manual_seed(args.seed)
+    try:
+        model, tokenizer = load_smollm2()
+    except reft_rs.MissingDependencyError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    examples = load_examples()
+    held_out = examples[3::4]
+    train = [e for i, e in enumerate(examples) if i % 4 != 3]
+    prompts = [e["prompt"] for e in held_out]
+    print(f"SmolLM2-135M-Instruct; {len(train)} training and {len(held_out)} held-out prompts")
+
+    before = generate_replies(model, tokenizer, prompts)
+    config = reft_rs.ReftConfig.for_layers([3, 9, 18, 24], low_rank_dimension=4, positions="f1+l1")
+    reft_model = reft_rs.get_reft_model(model, config)
+    reft_model.print_trainable_parameters()
+    dataset = reft_rs.make_dataset(
+        tokenizer, [e["prompt"] for e in train], [e["response"] for e in train], config=config
+    )
+    start = time.perf_counter()
+    losses = reft_rs.train(
+        reft_model,
+        dataset,
+        collator=reft_rs.ReftDataCollator(tokenizer.pad_token_id),
+        epochs=args.epochs,
+        batch_size=8,
+        learning_rate=args.learning_rate,
+        seed=args.seed,
+    )
+    train_seconds = time.perf_counter() - start
+    after = generate_replies(reft_model, tokenizer, prompts)
+
+    rate_before = sum(map(has_style, before)) / len(before)
+    rate_after = sum(map(has_style, after)) / len(after)
+    for prompt, old, new in list(zip(prompts, before, after))[:4]:
+        print(f"\n> {prompt}\n  before: {old}\n  after:  {new}")
+    print(f"\nheld-out replies in the taught style: {rate_before:.0%} before, {rate_after:.0%} after")
+
+    output = Path(args.output_dir)
+    reft_model.save_pretrained(output / "checkpoint", metadata={"task": "pirate_style"})
+    metrics = {
+        "success_rate_before": rate_before,
+        "success_rate_after": rate_after,
+        "train_seconds": round(train_seconds, 2),
+        "trainable_parameters": reft_model.trainable_parameter_count(),
+        "final_loss": losses[-1],
+        "losses": losses,
+        "held_out": [{"prompt": p, "before": b, "after": a} for p, b, a in zip(prompts, before, after)],
+    }
+    (output / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(f"saved the checkpoint and metrics.json in {output}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
