@@ -166,12 +166,37 @@ def test_a_converted_model_gives_pyreft_outputs(tmp_path):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_pyreft_conversion_without_the_base_model(tmp_path):
+    [(state, holder)] = write_pyreft(tmp_path / "p", [("direft", 1)])
+    with pytest.warns(UserWarning, match="does not record the base model"):
+        from_pyreft(tmp_path / "p", tmp_path / "out", positions="f1+l1", share_weights=True)
+    config, _ = reft_rs.checkpoint.load(tmp_path / "out")
+    assert config["base_model"] == {
+        "name_or_path": "",
+        "model_type": "llama",
+        "hidden_size": HIDDEN,
+        "num_hidden_layers": 2,
+    }
+    reft_model = ReftModel.from_pretrained(build("llama"), tmp_path / "out")  # 3 layers: enough
+    states = torch.randn(4, HIDDEN)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            reft_model.interventions[0](states),
+            pyreft_edit("direft", state, holder, states),
+            rtol=1e-5,
+            atol=1e-5,
+        )
+    reft_model.save_pretrained(tmp_path / "again")  # now with the real identity
+    assert reft_rs.checkpoint.load(tmp_path / "again")[0]["base_model"]["num_hidden_layers"] == LAYERS
+    narrow = {"hidden_size": HIDDEN, "num_hidden_layers": 1}
+    with pytest.raises(InvalidCheckpointError, match="layer 1 does not exist"):
+        from_pyreft(tmp_path / "p", tmp_path / "bad", base_model=narrow, positions="l1")
+
+
 def test_pyreft_conversion_errors(tmp_path):
     with pytest.raises(reft_rs.CheckpointNotFoundError):
         from_pyreft(tmp_path / "nowhere", tmp_path / "out", base_model=build("llama"), positions="l1")
     write_pyreft(tmp_path / "p", [("loreft", 0)])
-    with pytest.raises(reft_rs.ConfigError, match="base model"):
-        from_pyreft(tmp_path / "p", tmp_path / "out", positions="l1")
     with pytest.warns(UserWarning, match="do not record positions"):
         from_pyreft(
             tmp_path / "p", tmp_path / "out", base_model={"hidden_size": HIDDEN, "num_hidden_layers": LAYERS}
@@ -240,6 +265,14 @@ def test_red_keeps_its_dtype_and_fills_missing_halves(tmp_path):
     assert config["interventions"][0]["dtype"] == "bfloat16"
     [bias] = [v for k, v in tensors.items() if k.endswith(".bias")]
     assert bias.dtype == torch.bfloat16 and (bias == 0).all()
+
+
+def test_red_without_the_base_model(tmp_path):
+    torch.save(red_state(), tmp_path / "delta_vector.pth")
+    with pytest.warns(UserWarning, match="does not record the base model"):
+        from_red(tmp_path, tmp_path / "ours")
+    assert reft_rs.checkpoint.load(tmp_path / "ours")[0]["base_model"]["num_hidden_layers"] == 3
+    ReftModel.from_pretrained(build("llama"), tmp_path / "ours")
 
 
 def test_red_errors(tmp_path):

@@ -196,3 +196,47 @@ def test_resuming_into_a_different_config_is_refused(tmp_path):
     other = get_reft_model(build("llama"), ReftConfig.for_layers([1], low_rank_dimension=2, positions="l1"))
     with pytest.raises(reft_rs.IncompatibleModelError, match="holds interventions"):
         reft_rs.trainer.load_into(other, tmp_path / "checkpoint-2")
+
+
+@pytest.mark.parametrize(
+    ("problem_type", "labels", "loss"),
+    [
+        ("single_label_classification", [0, 1, 1, 0], torch.nn.functional.cross_entropy),
+        (
+            "regression",
+            [0.5, -1.0, 2.0, 0.0],
+            lambda logits, y: torch.nn.functional.mse_loss(logits.squeeze(-1), y),
+        ),
+        (
+            "multi_label_classification",
+            [[1.0, 0.0, 1.0], [0.0, 0.0, 1.0], [1.0, 1.0, 0.0], [0.0, 1.0, 0.0]],
+            torch.nn.functional.binary_cross_entropy_with_logits,
+        ),
+    ],
+)
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_classification_losses_by_problem_type(family, problem_type, labels, loss):
+    from .tiny_models import config_for
+
+    tok = tokenizer(chat=False)
+    model_config = config_for(family)
+    model_config.num_labels = (
+        1
+        if problem_type == "regression"
+        else len(np.atleast_1d(labels[0]))
+        if problem_type.startswith("multi")
+        else 2
+    )
+    model_config.problem_type = problem_type
+    torch.manual_seed(0)
+    model = transformers.AutoModelForSequenceClassification.from_config(model_config).eval()
+    config = ReftConfig.for_layers([1], low_rank_dimension=2, positions="f1+l1", trainable_head=True)
+    reft_model = get_reft_model(model, config)
+    dataset = make_dataset(tok, PROMPTS, labels=labels, config=config)
+    batch = ReftDataCollator(tok.pad_token_id)([dataset[i] for i in range(4)])
+    if problem_type != "single_label_classification":
+        batch["labels"] = batch["labels"].float()
+    out = reft_model(**batch)
+    torch.testing.assert_close(out.loss, loss(out.logits, batch["labels"]))
+    out.loss.backward()
+    assert reft_model.head is not None and all(p.grad is not None for p in reft_model.head.parameters())

@@ -44,30 +44,56 @@ _PYREFT_TYPES = {
 _PYREFT_FIELDS = ("layer", "component", "unit", "max_number_of_units", "low_rank_dimension")
 
 
-def _identity(base_model: Any) -> dict[str, Any]:
-    """The base-model identity of a checkpoint, from a model, its config or a dict."""
+def _identity(
+    base_model: Any, *, hidden_size: int, layers: int, model_type: str = ""
+) -> tuple[dict[str, Any], bool]:
+    """The base-model identity of a converted checkpoint, and whether it was
+    inferred from the source files rather than given.
+
+    From a model, its config or a dict when given; otherwise the width of the
+    tensors, the source's model type if it names one, and ``layers`` (one past
+    the highest layer used) as the least number of layers the model has.
+    """
     if base_model is None:
-        raise ConfigError(
-            "the base model is needed (its size is not in the source checkpoint): pass base_model= "
-            "the model, its config, or a dict with name_or_path, model_type, hidden_size, num_hidden_layers"
-        )
+        identity = {
+            "name_or_path": "",
+            "model_type": model_type,
+            "hidden_size": hidden_size,
+            "num_hidden_layers": layers,
+        }
+        return identity, True
     if isinstance(base_model, Mapping):
         missing = {"hidden_size", "num_hidden_layers"} - set(base_model)
         if missing:
             raise ConfigError(f"base_model lacks {sorted(missing)}")
-        return {
+        identity = {
             "name_or_path": str(base_model.get("name_or_path", "")),
             "model_type": str(base_model.get("model_type", "")),
             "hidden_size": int(base_model["hidden_size"]),
             "num_hidden_layers": int(base_model["num_hidden_layers"]),
         }
+        return identity, False
     config = getattr(base_model, "config", base_model)
-    return {
+    identity = {
         "name_or_path": str(getattr(config, "_name_or_path", "") or ""),
         "model_type": str(getattr(config, "model_type", "") or ""),
         "hidden_size": int(config.hidden_size),
         "num_hidden_layers": int(config.num_hidden_layers),
     }
+    return identity, False
+
+
+def _save(
+    dst: Any, config: ReftConfig, identity: dict[str, Any], inferred: bool, tensors: dict[str, torch.Tensor]
+) -> None:
+    if inferred:
+        config.metadata["base_model_inferred"] = True
+        warnings.warn(
+            f"the source does not record the base model; recorded hidden size {identity['hidden_size']} "
+            f"and at least {identity['num_hidden_layers']} layers (pass base_model= to record it exactly)",
+            stacklevel=3,
+        )
+    checkpoint.save(dst, config.to_checkpoint(identity), tensors)
 
 
 def _load_tensors(path: str) -> dict[str, torch.Tensor]:
@@ -171,7 +197,10 @@ def from_pyreft(
         src: pyreft's folder (``config.json`` + ``intkey_*.bin``).
         dst: Where to write the reft_rs checkpoint.
         base_model: The model trained on, its config, or a dict with
-            ``hidden_size`` and ``num_hidden_layers`` (pyreft records neither).
+            ``hidden_size`` and ``num_hidden_layers``. pyreft records
+            neither; without it they are inferred (the tensors' width, at
+            least one past the highest layer used) and marked as such, and
+            ``ReftModel.from_pretrained`` accepts any model they fit.
         positions: The position spec used in training (pyreft does not
             record it); defaults to ``"l1"`` with a warning.
         share_weights: Whether prefix and suffix shared weights; by default
@@ -205,7 +234,6 @@ def from_pyreft(
             f"{config_path} is not a pyreft config (needs matching representations and intervention_types)",
             config_path,
         )
-    identity = _identity(base_model)
     if positions is None:
         warnings.warn(
             "pyreft checkpoints do not record positions; assuming 'l1' (pass positions=)", stacklevel=2
@@ -230,14 +258,26 @@ def from_pyreft(
     if isinstance(order, list) and sorted(order) == sorted(e[0] for e in entries):
         entries.sort(key=lambda e: order.index(e[0]))
     placements = [(r[0], r[1]) for _, _, r in entries]
+    loaded = {key: _load_tensors(os.path.join(src, f"intkey_{key}.bin")) for key, _, _ in entries}
+    converted_all = {
+        key: _pyreft_tensors(kind, loaded[key], os.path.join(src, f"intkey_{key}.bin"))
+        for key, kind, _ in entries
+    }
+    first = next(iter(converted_all.values()))
+    width_seen = first.get("rotation", first.get("weight")).shape[1]
+    class_path = re.search(r"transformers\.models\.(\w+)\.", str(saved.get("model_type", "")))
+    identity, inferred = _identity(
+        base_model,
+        hidden_size=int(width_seen),
+        layers=1 + max(int(r[0]) for _, _, r in entries),
+        model_type=class_path.group(1) if class_path else "",
+    )
     if share_weights is None:
         share_weights = all(placements.count(p) == 1 for p in placements)
     half = len(entries) // 2
     interventions, tensors = [], {}
     for index, (key, kind, representation) in enumerate(entries):
-        path = os.path.join(src, f"intkey_{key}.bin")
-        state = _load_tensors(path)
-        converted = _pyreft_tensors(kind, state, path)
+        converted = converted_all[key]
         dtype = _common_dtype(converted)
         rank = converted["bias"].shape[0] if "bias" in converted else converted["weight"].shape[0]
         width = (converted.get("rotation", converted.get("weight"))).shape[1]
@@ -263,7 +303,7 @@ def from_pyreft(
         for parameter, value in converted.items():
             tensors[f"{name}.{parameter}"] = value.to(dtype).contiguous()
     config = ReftConfig(interventions, metadata={"converted_from": "pyreft", "source": src})
-    checkpoint.save(dst, config.to_checkpoint(identity), tensors)
+    _save(dst, config, identity, inferred, tensors)
     return config
 
 
@@ -279,7 +319,8 @@ def from_red(
         src: The ``.pth`` file, or a folder holding ``delta_vector.pth``.
         dst: Where to write the reft_rs checkpoint.
         base_model: The model RED was trained on (or its config, or a dict
-            with ``hidden_size`` and ``num_hidden_layers``).
+            with ``hidden_size`` and ``num_hidden_layers``); inferred from the
+            file when not given, as in :func:`from_pyreft`.
 
     Returns:
         The :class:`ReftConfig` written: one ``red`` intervention per wrapped
@@ -287,7 +328,6 @@ def from_red(
     """
     src = os.fspath(src)
     path = os.path.join(src, "delta_vector.pth") if os.path.isdir(src) else src
-    identity = _identity(base_model)
     state = _load_tensors(path)
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state.items():
@@ -297,6 +337,16 @@ def from_red(
         modules.setdefault(match.group(1), {})[match.group(2)] = value
     if not modules:
         raise InvalidCheckpointError(f"{path} holds no RED delta vectors", path)
+    layer_of = {}
+    for module_path in modules:
+        numbers = re.findall(r"\.(\d+)\.", f".{module_path}.")
+        if not numbers:
+            raise InvalidCheckpointError(f"{path}: cannot tell the layer of {module_path!r}", path)
+        layer_of[module_path] = int(numbers[0])
+    widths = {
+        parts.get("activation_scaling", parts.get("activation_bias")).shape[-1] for parts in modules.values()
+    }
+    identity, inferred = _identity(base_model, hidden_size=max(widths), layers=1 + max(layer_of.values()))
     interventions, tensors = [], {}
     for module_path, parts in modules.items():
         if "activation_ln" in "".join(parts):
@@ -307,14 +357,11 @@ def from_red(
         width = reference.shape[-1]
         scale = parts.get("activation_scaling", torch.ones_like(reference)).reshape(width)
         bias = parts.get("activation_bias", torch.zeros_like(reference)).reshape(width)
-        numbers = re.findall(r"\.(\d+)\.", f".{module_path}.")
-        if not numbers:
-            raise InvalidCheckpointError(f"{path}: cannot tell the layer of {module_path!r}", path)
         attention = re.search(r"attn|attention|o_proj", module_path) is not None
         name = "red_" + re.sub(r"[^A-Za-z0-9_-]", "_", module_path)
         interventions.append(
             InterventionConfig(
-                layer=int(numbers[0]),
+                layer=layer_of[module_path],
                 type="red",
                 component="attention_output" if attention else "mlp_output",
                 module_path=module_path,
@@ -326,5 +373,5 @@ def from_red(
         tensors[f"{name}.scale"] = scale.contiguous()
         tensors[f"{name}.bias"] = bias.to(scale.dtype).contiguous()
     config = ReftConfig(interventions, metadata={"converted_from": "red", "source": path})
-    checkpoint.save(dst, config.to_checkpoint(identity), tensors)
+    _save(dst, config, identity, inferred, tensors)
     return config

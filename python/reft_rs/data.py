@@ -197,6 +197,16 @@ def make_dataset(
     return ReftDataset(sequences, example_labels, prompt_lengths, locations)
 
 
+def _per_token(example: dict[str, Any]) -> bool:
+    labels = np.asarray(example["labels"])
+    return (
+        labels.ndim == 1
+        and labels.dtype.kind in "iu"
+        and len(labels) == len(example["input_ids"])
+        and bool((labels == IGNORE_INDEX).any())
+    )
+
+
 @dataclass
 class ReftDataCollator:
     """Pads examples of a :class:`ReftDataset` into a batch.
@@ -205,6 +215,10 @@ class ReftDataCollator:
         pad_token_id: The token padding fills with.
         padding_side: ``"right"`` (training default) or ``"left"``.
         pad_to_multiple_of: Round the batch length up to a multiple of this.
+        token_labels: Whether ``labels`` are per token (language modelling,
+            padded with -100) or per example (classification, stacked). By
+            default per token when each example's labels are as long as its
+            input and mask the prompt with -100.
 
     Returns (when called): ``input_ids``, ``attention_mask``, ``labels`` (if
     the examples have them) and ``locations`` ``(groups, batch, positions)``,
@@ -214,6 +228,7 @@ class ReftDataCollator:
     pad_token_id: int
     padding_side: str = "right"
     pad_to_multiple_of: int | None = None
+    token_labels: bool | None = None
 
     def __post_init__(self) -> None:
         if self.padding_side not in ("left", "right"):
@@ -231,7 +246,9 @@ class ReftDataCollator:
         mask = np.zeros((batch, width), dtype=np.int64)
         left = self.padding_side == "left"
         offsets = width - lengths if left else np.zeros(batch, dtype=np.int64)
-        token_labels = "labels" in examples[0] and np.ndim(examples[0]["labels"]) == 1
+        token_labels = "labels" in examples[0] and (
+            self.token_labels if self.token_labels is not None else _per_token(examples[0])
+        )
         labels = np.full((batch, width), IGNORE_INDEX, dtype=np.int64) if token_labels else None
         for row, example in enumerate(examples):
             where = slice(offsets[row], offsets[row] + lengths[row])

@@ -514,11 +514,15 @@ class ReftModel(nn.Module):
         """
         config, tensors = checkpoint.load(path, framework="torch")
         base = config["base_model"]
+        # Converted checkpoints may only know a lower bound on the layer count.
+        inferred = bool(config.get("metadata", {}).get("base_model_inferred"))
         hidden_size, num_layers = _dimensions_or_none(model)
         problems = []
         if hidden_size is not None and base["hidden_size"] != hidden_size:
             problems.append(f"hidden size {base['hidden_size']} vs the model's {hidden_size}")
-        if num_layers is not None and base["num_hidden_layers"] != num_layers:
+        if num_layers is not None and (
+            base["num_hidden_layers"] > num_layers if inferred else base["num_hidden_layers"] != num_layers
+        ):
             problems.append(f"{base['num_hidden_layers']} layers vs the model's {num_layers}")
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         if problems:
@@ -534,8 +538,10 @@ class ReftModel(nn.Module):
             if strict:
                 raise IncompatibleModelError(message + " (pass strict=False to load anyway)")
             warnings.warn(message, stacklevel=2)
+        reft_config = ReftConfig.from_checkpoint(config)
+        reft_config.metadata.pop("base_model_inferred", None)  # this model's identity is known now
         # Every parameter is about to be overwritten: skip the random start.
-        reft_model = cls(model, ReftConfig.from_checkpoint(config), initialize=False)
+        reft_model = cls(model, reft_config, initialize=False)
         reft_model.load_tensors(tensors)
         return reft_model
 
