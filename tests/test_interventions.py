@@ -44,13 +44,14 @@ def expected(intervention, h):
     kind = intervention.kind
     act = ACTS[intervention.config.activation]
     p = {name: value.detach() for name, value in intervention.checkpoint_tensors().items()}
-    b = p.get("bias", torch.zeros(RANK, dtype=h.dtype))
+    rank = intervention.config.low_rank_dimension or 0
+    b = p.get("bias", h.new_zeros(rank))
     if kind == "loreft":
         R, W = p["rotation"], p["weight"]
         return h + R.T @ (act(W @ h + b) - R @ h)
     if kind == "noreft":
         W1, W2 = p["weight"], p["projection_weight"]
-        b2 = p.get("projection_bias", torch.zeros(RANK, dtype=h.dtype))
+        b2 = p.get("projection_bias", h.new_zeros(rank))
         return h + W2.T @ (act(W1 @ h + b) - (W2 @ h + b2))
     if kind == "direft":
         return h + p["rotation"].T @ act(p["weight"] @ h + b)
