@@ -7,6 +7,7 @@ Modules:
     spans: gather hidden states at those positions and scatter edits back.
     checkpoint: the checkpoint format (``reft_config.json`` +
         ``reft_model.safetensors``), written atomically and checked on load.
+    Engine: CPU inference in Rust with interventions, without torch.
 
 Errors derive from :class:`reft_rs.ReftError` (see :mod:`reft_rs.errors`).
 """
@@ -18,21 +19,28 @@ from typing import TYPE_CHECKING, Any
 from . import checkpoint, positions, spans
 from ._core import FORMAT_VERSION, MASKED, __version__
 from .config import InterventionConfig, ReftConfig
+from .engine import Engine
 from .errors import (
     CheckpointError,
     CheckpointIOError,
     CheckpointNotFoundError,
     ConfigError,
     CorruptCheckpointError,
+    EngineError,
     IncompatibleModelError,
+    InvalidArgumentError,
     InvalidCheckpointError,
     LocationError,
     MissingDependencyError,
+    ModelLoadError,
+    ModelNotFoundError,
     PositionError,
     ReftError,
     ReftMemoryError,
     ShapeError,
+    TokenizerError,
     UnsupportedFormatError,
+    UnsupportedModelError,
 )
 from .positions import PositionSpec
 
@@ -107,4 +115,11 @@ __all__ = [
     "CorruptCheckpointError",
     "UnsupportedFormatError",
     "MissingDependencyError",
+    "Engine",
+    "ModelLoadError",
+    "ModelNotFoundError",
+    "UnsupportedModelError",
+    "InvalidArgumentError",
+    "TokenizerError",
+    "EngineError",
 ]

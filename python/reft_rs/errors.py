@@ -30,6 +30,12 @@ __all__ = [
     "CorruptCheckpointError",
     "UnsupportedFormatError",
     "MissingDependencyError",
+    "ModelLoadError",
+    "ModelNotFoundError",
+    "UnsupportedModelError",
+    "InvalidArgumentError",
+    "TokenizerError",
+    "EngineError",
 ]
 
 
@@ -111,3 +117,30 @@ class UnsupportedFormatError(CheckpointError, ValueError):
 
 class MissingDependencyError(ReftError, ImportError):
     """An optional package needed for the requested operation is missing."""
+
+
+class ModelLoadError(ReftError, ValueError):
+    """A model folder or file the engine cannot load: a bad ``config.json``,
+    missing or misshapen weights, an unreadable GGUF file."""
+
+
+class ModelNotFoundError(ModelLoadError, FileNotFoundError):
+    """A model folder or file that does not exist."""
+
+
+class UnsupportedModelError(ModelLoadError):
+    """A model whose architecture (``model_type``) the engine does not implement."""
+
+
+class InvalidArgumentError(ReftError, ValueError):
+    """An argument outside its range: a token id past the vocabulary, a
+    negative temperature, ``top_p`` outside (0, 1], ..."""
+
+
+class TokenizerError(ReftError, ValueError):
+    """Text that cannot be turned into tokens or back: no ``tokenizer.json``,
+    a chat template that fails, a model without a chat template."""
+
+
+class EngineError(ReftError, RuntimeError):
+    """The engine's tensor backend failed (a bug, or memory exhausted)."""

@@ -103,6 +103,50 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+
+    /// A model file or folder is missing.
+    #[error("model file not found: {}", path.display())]
+    ModelNotFound {
+        /// The file or folder that was looked for.
+        path: PathBuf,
+    },
+
+    /// A model folder or file cannot be loaded (bad config, missing or
+    /// misshapen weights, unreadable GGUF).
+    #[error("cannot load model {}: {reason}", path.display())]
+    ModelLoad {
+        /// The file or folder at fault.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// A model whose architecture the engine does not implement.
+    #[error("model {} has model_type {model_type:?}, which the engine does not support (supported: llama, mistral, qwen2, smollm, gpt2)", path.display())]
+    UnsupportedModel {
+        /// The model's config or file.
+        path: PathBuf,
+        /// The `model_type` found.
+        model_type: String,
+    },
+
+    /// Interventions that do not fit the model they are applied to.
+    #[error("incompatible checkpoint: {0}")]
+    Incompatible(String),
+
+    /// An argument outside its allowed range (a token id past the
+    /// vocabulary, a negative temperature, top_p outside (0, 1], ...).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+
+    /// Text cannot be turned into tokens or back (no tokenizer, a bad chat
+    /// template, ...).
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+
+    /// The tensor backend failed.
+    #[error("engine: {0}")]
+    Backend(String),
 }
 
 /// The broad class of an [`Error`], used by bindings to pick an exception type.
@@ -127,6 +171,20 @@ pub enum ErrorKind {
     CorruptCheckpoint,
     /// A checkpoint format newer than this build reads.
     UnsupportedFormat,
+    /// A model file that is not there.
+    ModelNotFound,
+    /// A model that cannot be loaded.
+    ModelLoad,
+    /// A model architecture the engine does not implement.
+    UnsupportedModel,
+    /// Interventions that do not fit the model.
+    Incompatible,
+    /// An argument outside its range.
+    InvalidArgument,
+    /// Tokenizer or chat-template failure.
+    Tokenizer,
+    /// Tensor backend failure.
+    Backend,
 }
 
 impl Error {
@@ -144,6 +202,13 @@ impl Error {
             | Error::UnknownInterventionType { .. }
             | Error::InvalidTensor { .. } => ErrorKind::InvalidCheckpoint,
             Error::UnsupportedFormat { .. } => ErrorKind::UnsupportedFormat,
+            Error::ModelNotFound { .. } => ErrorKind::ModelNotFound,
+            Error::ModelLoad { .. } => ErrorKind::ModelLoad,
+            Error::UnsupportedModel { .. } => ErrorKind::UnsupportedModel,
+            Error::Incompatible(_) => ErrorKind::Incompatible,
+            Error::InvalidArgument(_) => ErrorKind::InvalidArgument,
+            Error::Tokenizer(_) => ErrorKind::Tokenizer,
+            Error::Backend(_) => ErrorKind::Backend,
         }
     }
 
@@ -153,7 +218,10 @@ impl Error {
             Error::MissingFile { path }
             | Error::Io { path, .. }
             | Error::CorruptCheckpoint { path, .. }
-            | Error::UnsupportedFormat { path, .. } => Some(path),
+            | Error::UnsupportedFormat { path, .. }
+            | Error::ModelNotFound { path }
+            | Error::ModelLoad { path, .. }
+            | Error::UnsupportedModel { path, .. } => Some(path),
             Error::InvalidConfig { path, .. } | Error::UnknownInterventionType { path, .. } => {
                 path.as_deref()
             }
@@ -168,6 +236,13 @@ impl Error {
         } else {
             Error::Io { path, source }
         }
+    }
+}
+
+#[cfg(feature = "engine")]
+impl From<candle_core::Error> for Error {
+    fn from(error: candle_core::Error) -> Self {
+        Error::Backend(error.to_string())
     }
 }
 

@@ -15,6 +15,8 @@
 
 pub mod checkpoint;
 pub mod config;
+#[cfg(feature = "engine")]
+pub mod engine;
 pub mod error;
 mod memory;
 pub mod parallel;

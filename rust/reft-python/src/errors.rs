@@ -20,6 +20,13 @@ fn class_name(kind: ErrorKind) -> &'static str {
         ErrorKind::InvalidCheckpoint => "InvalidCheckpointError",
         ErrorKind::CorruptCheckpoint => "CorruptCheckpointError",
         ErrorKind::UnsupportedFormat => "UnsupportedFormatError",
+        ErrorKind::ModelNotFound => "ModelNotFoundError",
+        ErrorKind::ModelLoad => "ModelLoadError",
+        ErrorKind::UnsupportedModel => "UnsupportedModelError",
+        ErrorKind::Incompatible => "IncompatibleModelError",
+        ErrorKind::InvalidArgument => "InvalidArgumentError",
+        ErrorKind::Tokenizer => "TokenizerError",
+        ErrorKind::Backend => "EngineError",
     }
 }
 

@@ -2,6 +2,7 @@
 //! `reft-core`. The public API lives in the `reft_rs` Python package.
 
 mod checkpoint;
+mod engine;
 mod errors;
 mod positions;
 mod spans;
@@ -16,6 +17,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("CONFIG_FILE", reft_core::checkpoint::CONFIG_FILE)?;
     m.add("TENSORS_FILE", reft_core::checkpoint::TENSORS_FILE)?;
     m.add_class::<positions::PyPositionSpec>()?;
+    m.add_class::<engine::PyEngine>()?;
+    m.add_class::<engine::PyStream>()?;
     m.add_function(wrap_pyfunction!(positions::locate, m)?)?;
     m.add_function(wrap_pyfunction!(positions::locate_char_spans, m)?)?;
     m.add_function(wrap_pyfunction!(spans::gather, m)?)?;

@@ -1,0 +1,305 @@
+"""The Rust CPU inference engine: :class:`Engine`. Needs neither torch nor
+transformers.
+
+Example::
+
+    engine = reft_rs.Engine("SmolLM2-135M-Instruct/", reft="reft-quickstart/checkpoint", threads=2)
+    print(engine.chat([{"role": "user", "content": "What colour is the sky?"}], max_new_tokens=32))
+    for piece in engine.stream("Once upon a time", max_new_tokens=20):
+        print(piece, end="", flush=True)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from . import _core
+from .errors import InvalidArgumentError
+
+__all__ = ["Engine"]
+
+Messages = Sequence[Mapping[str, Any]]
+
+
+def _count(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise InvalidArgumentError(f"{name} must be an integer >= {minimum}, found {value!r}")
+    return int(value)
+
+
+def _token_ids(name: str, ids: Any) -> list[int]:
+    array = np.asarray(ids)
+    if array.ndim != 1 or not (array.size == 0 or np.issubdtype(array.dtype, np.integer)):
+        raise InvalidArgumentError(f"{name} must be a flat sequence of token ids, found {array.dtype} {array.shape}")
+    if array.size and (array.min() < 0 or array.max() >= 2**32):
+        raise InvalidArgumentError(f"{name} holds a negative or too large token id")
+    return array.astype(np.uint32).tolist()
+
+
+class Engine:
+    """A model on the CPU with optional interventions, in Rust.
+
+    Args:
+        model_path: A Hugging Face model folder (``config.json``,
+            ``model.safetensors`` or a sharded index, ``tokenizer.json``) or a
+            GGUF file (quantized or not). Llama-style (Llama, Mistral, Qwen2,
+            SmolLM) and GPT-2 models.
+        reft: A reft_rs checkpoint folder to apply (``save_pretrained``'s
+            output); refused if it was trained on a model of another type,
+            width or depth.
+        threads: Threads for this engine (default: one per core).
+
+    Raises:
+        ModelNotFoundError, ModelLoadError, UnsupportedModelError: for the model.
+        CheckpointError, IncompatibleModelError: for the checkpoint.
+
+    The interpreter is released while the engine computes, and one engine
+    may serve several Python threads at once.
+    """
+
+    def __init__(
+        self, model_path: str | os.PathLike[str], reft: str | os.PathLike[str] | None = None, *, threads: int | None = None
+    ) -> None:
+        if threads is not None:
+            threads = _count("threads", threads, 1)
+        self._engine = _core.Engine(os.fspath(model_path), None if reft is None else os.fspath(reft), threads)
+        self.model_path = os.fspath(model_path)
+        self.reft_path = None if reft is None else os.fspath(reft)
+
+    # ------------------------------------------------------------------ facts
+
+    @property
+    def model_type(self) -> str:
+        return self._engine.model_info[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return self._engine.model_info[1]
+
+    @property
+    def num_hidden_layers(self) -> int:
+        return self._engine.model_info[2]
+
+    @property
+    def vocab_size(self) -> int:
+        return self._engine.model_info[3]
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the weights are GGUF block-quantized."""
+        return self._engine.model_info[4]
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        return self._engine.eos_token_ids
+
+    @property
+    def has_tokenizer(self) -> bool:
+        return self._engine.has_tokenizer
+
+    @property
+    def has_chat_template(self) -> bool:
+        return self._engine.has_chat_template
+
+    @property
+    def reft_config(self) -> dict[str, Any] | None:
+        """The applied checkpoint's config, or ``None``."""
+        text = self._engine.reft_config_json
+        return None if text is None else json.loads(text)
+
+    def __repr__(self) -> str:
+        kind = "GGUF" if self.quantized else "float32"
+        reft = f", reft={self.reft_path!r}" if self.reft_path else ""
+        return f"Engine({self.model_path!r}{reft}: {self.model_type}, {self.num_hidden_layers} layers, {kind})"
+
+    # ------------------------------------------------------------------ text
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text``, as ``tokenizer(text)["input_ids"]``."""
+        return self._engine.encode(text, add_special_tokens)
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """Text of ``token_ids``, special tokens left out."""
+        return self._engine.decode(_token_ids("token_ids", token_ids))
+
+    def apply_chat_template(self, messages: Messages | str, add_generation_prompt: bool = True) -> str:
+        """``messages`` rendered with the model's chat template."""
+        return self._engine.apply_chat_template(json.dumps(_messages(messages)), add_generation_prompt)
+
+    # ------------------------------------------------------------------ compute
+
+    def logits(self, token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Float32 logits ``(len, vocab)`` of every position of one sequence,
+        interventions applied (the whole sequence counts as the prompt)."""
+        ids = _token_ids("token_ids", token_ids)
+        if not ids:
+            raise InvalidArgumentError("token_ids is empty")
+        return self._engine.logits(ids)
+
+    def generate(
+        self,
+        prompts: str | Sequence[str],
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        *,
+        intervene_on_generated: bool = False,
+        ignore_eos: bool = False,
+        add_special_tokens: bool = True,
+    ) -> list[str]:
+        """Continues each prompt as is (no chat template; see :meth:`chat`).
+
+        Args:
+            prompts: One text or a list; a list is run as one left-padded batch.
+            max_new_tokens: Most new tokens per prompt.
+            temperature: 0 for greedy decoding, else the sampling temperature.
+            top_k, top_p: Sampling filters.
+            seed: Sampling seed: the same seed gives the same tokens.
+            stop: Text(s) that end a prompt's generation; the result is cut
+                before the first.
+            intervene_on_generated: Also edit every generated token with the
+                position-based interventions.
+            ignore_eos: Keep generating past end-of-sequence tokens.
+            add_special_tokens: Tokenize prompts as ``tokenizer(prompt)`` does.
+
+        Returns:
+            The new text of each prompt (a list even for one prompt).
+        """
+        texts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not all(isinstance(p, str) for p in texts):
+            raise InvalidArgumentError("prompts must be strings; use generate_ids for token ids")
+        return self._engine.generate_text(
+            texts,
+            *self._options(max_new_tokens, temperature, top_k, top_p, seed, stop),
+            intervene_on_generated,
+            ignore_eos,
+            add_special_tokens,
+        )
+
+    def generate_ids(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        *,
+        intervene_on_generated: bool = False,
+        ignore_eos: bool = False,
+    ) -> list[list[int]]:
+        """As :meth:`generate`, on token ids: the new ids of each prompt
+        (end-of-sequence tokens left out). Works without a tokenizer."""
+        ids = [_token_ids(f"prompts[{i}]", p) for i, p in enumerate(prompts)]
+        return self._engine.generate_ids(
+            ids,
+            *self._options(max_new_tokens, temperature, top_k, top_p, seed, stop),
+            intervene_on_generated,
+            ignore_eos,
+        )
+
+    def stream(
+        self,
+        prompt: str | Sequence[int],
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        *,
+        intervene_on_generated: bool = False,
+        ignore_eos: bool = False,
+        tokens: bool = False,
+    ) -> Iterator[str] | Iterator[int]:
+        """Generates for one prompt a token at a time.
+
+        Yields the new text of each step (``tokens=True``: the token ids),
+        as soon as it is computed; joined, the pieces equal
+        :meth:`generate`'s result.
+        """
+        ids = self.encode(prompt) if isinstance(prompt, str) else _token_ids("prompt", prompt)
+        stream = self._engine.stream_ids(
+            ids,
+            *self._options(max_new_tokens, temperature, top_k, top_p, seed, stop),
+            intervene_on_generated,
+            ignore_eos,
+        )
+        if tokens:
+            return (token for token, _ in stream)
+        return (piece for _, piece in stream if piece)
+
+    def chat(
+        self,
+        messages: Messages | str,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        *,
+        intervene_on_generated: bool = False,
+    ) -> str:
+        """The assistant's reply to a conversation, formatted with the
+        model's chat template.
+
+        Args:
+            messages: ``[{"role": "user", "content": "..."}, ...]``, or one
+                user message as a string.
+            Others: as for :meth:`generate`.
+        """
+        prompt = self.apply_chat_template(messages, add_generation_prompt=True)
+        return self.generate(
+            prompt,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            stop,
+            intervene_on_generated=intervene_on_generated,
+            add_special_tokens=False,
+        )[0]
+
+    @staticmethod
+    def _options(
+        max_new_tokens: int,
+        temperature: float,
+        top_k: int | None,
+        top_p: float | None,
+        seed: int | None,
+        stop: str | Sequence[str] | None,
+    ) -> tuple[int, float, int | None, float | None, int | None, list[str] | None]:
+        max_new_tokens = _count("max_new_tokens", max_new_tokens, 0)
+        if top_k is not None:
+            top_k = _count("top_k", top_k, 1)
+        if seed is not None:
+            seed = _count("seed", seed, 0)
+        try:
+            temperature = float(temperature)
+            top_p = None if top_p is None else float(top_p)
+        except (TypeError, ValueError) as error:
+            raise InvalidArgumentError(f"temperature and top_p must be numbers: {error}") from None
+        stops = [stop] if isinstance(stop, str) else (None if stop is None else [str(s) for s in stop])
+        return max_new_tokens, temperature, top_k, top_p, seed, stops
+
+
+def _messages(messages: Messages | str) -> list[dict[str, Any]]:
+    if isinstance(messages, str):
+        return [{"role": "user", "content": messages}]
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
+            raise InvalidArgumentError(f"messages[{i}] must be a mapping with 'role' and 'content'")
+        out.append(dict(message))
+    return out

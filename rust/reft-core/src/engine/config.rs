@@ -1,0 +1,239 @@
+//! Architecture settings of a model, read from a Hugging Face `config.json`
+//! or from GGUF metadata.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+
+/// The layer layouts the engine implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// Llama, Mistral, Qwen2, SmolLM: RMSNorm, rotary embeddings,
+    /// grouped-query attention, SwiGLU.
+    Llama,
+    /// GPT-2: LayerNorm, learned positions, GELU MLP, fused qkv.
+    Gpt2,
+}
+
+/// How rotary embeddings pair the dimensions of a head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Dimension i with i + head_dim/2 (Hugging Face weights).
+    Halves,
+    /// Dimension 2i with 2i + 1 (GGUF files, whose q/k rows are permuted).
+    Interleaved,
+}
+
+/// Everything the layer loop needs to know about a model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    /// `model_type` as the model's config names it (`llama`, `qwen2`, `gpt2`, ...).
+    pub model_type: String,
+    /// The layer layout.
+    pub family: Family,
+    /// Width of the residual stream.
+    pub hidden_size: usize,
+    /// Width of the feed-forward block.
+    pub intermediate_size: usize,
+    /// Number of layers.
+    pub num_hidden_layers: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Key/value heads (grouped-query attention when fewer than query heads).
+    pub num_key_value_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Epsilon of the normalisations.
+    pub norm_eps: f64,
+    /// Rotary base (Llama family).
+    pub rope_theta: f64,
+    /// Rotary dimension pairing.
+    pub rope_style: RopeStyle,
+    /// Longest sequence the model supports (learned positions, rotary tables).
+    pub max_position_embeddings: usize,
+    /// Whether the output layer reuses the token embeddings.
+    pub tie_word_embeddings: bool,
+    /// Activation of the feed-forward block (`silu`, `gelu_new`, ...).
+    pub hidden_act: String,
+    /// End-of-sequence token ids from the config, if any.
+    pub eos_token_ids: Vec<u32>,
+    /// Beginning-of-sequence token id, if any.
+    pub bos_token_id: Option<u32>,
+}
+
+/// Model types read as the Llama family.
+const LLAMA_TYPES: [&str; 5] = ["llama", "mistral", "qwen2", "smollm", "smollm2"];
+
+fn token_ids(value: Option<&Value>) -> Vec<u32> {
+    match value {
+        Some(Value::Number(n)) => n.as_u64().map(|n| vec![n as u32]).unwrap_or_default(),
+        Some(Value::Array(items)) => items
+            .iter()
+            .filter_map(|v| v.as_u64().map(|n| n as u32))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+impl ModelConfig {
+    /// Reads a Hugging Face `config.json`.
+    pub fn from_hf_json(text: &str, path: &Path) -> Result<Self> {
+        let bad = |reason: String| Error::ModelLoad {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let json: Value =
+            serde_json::from_str(text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+        let get = |key: &str| json.get(key).filter(|v| !v.is_null());
+        let model_type = get("model_type")
+            .and_then(Value::as_str)
+            .ok_or_else(|| bad("has no \"model_type\"".into()))?
+            .to_string();
+        let usize_of = |keys: &[&str]| -> Option<usize> {
+            keys.iter()
+                .find_map(|k| get(k).and_then(Value::as_u64).map(|n| n as usize))
+        };
+        let need = |keys: &[&str]| -> Result<usize> {
+            usize_of(keys).ok_or_else(|| bad(format!("has no {:?}", keys[0])))
+        };
+        let float_of = |keys: &[&str], default: f64| -> f64 {
+            keys.iter()
+                .find_map(|k| get(k).and_then(Value::as_f64))
+                .unwrap_or(default)
+        };
+        let family = if LLAMA_TYPES.contains(&model_type.as_str()) {
+            Family::Llama
+        } else if model_type == "gpt2" {
+            Family::Gpt2
+        } else {
+            return Err(Error::UnsupportedModel {
+                path: path.to_path_buf(),
+                model_type,
+            });
+        };
+        let eos_token_ids = token_ids(get("eos_token_id"));
+        let bos_token_id = token_ids(get("bos_token_id")).first().copied();
+        let config = match family {
+            Family::Llama => {
+                let hidden_size = need(&["hidden_size"])?;
+                let heads = need(&["num_attention_heads"])?;
+                let kv_heads = usize_of(&["num_key_value_heads"]).unwrap_or(heads);
+                // transformers 5 moves rope_theta into rope_parameters
+                let rope = get("rope_parameters").or_else(|| get("rope_scaling"));
+                if let Some(rope) = rope {
+                    let kind = rope
+                        .get("rope_type")
+                        .or_else(|| rope.get("type"))
+                        .and_then(Value::as_str)
+                        .unwrap_or("default");
+                    if kind != "default" {
+                        return Err(bad(format!(
+                            "rope scaling {kind:?} is not supported by the engine (only plain rotary embeddings)"
+                        )));
+                    }
+                }
+                let theta = rope
+                    .and_then(|r| r.get("rope_theta"))
+                    .and_then(Value::as_f64)
+                    .unwrap_or_else(|| float_of(&["rope_theta"], 10000.0));
+                ModelConfig {
+                    model_type,
+                    family,
+                    hidden_size,
+                    intermediate_size: need(&["intermediate_size"])?,
+                    num_hidden_layers: need(&["num_hidden_layers"])?,
+                    num_attention_heads: heads,
+                    num_key_value_heads: kv_heads,
+                    head_dim: usize_of(&["head_dim"]).unwrap_or(hidden_size / heads.max(1)),
+                    vocab_size: need(&["vocab_size"])?,
+                    norm_eps: float_of(&["rms_norm_eps"], 1e-6),
+                    rope_theta: theta,
+                    rope_style: RopeStyle::Halves,
+                    max_position_embeddings: usize_of(&["max_position_embeddings"]).unwrap_or(4096),
+                    tie_word_embeddings: get("tie_word_embeddings")
+                        .and_then(Value::as_bool)
+                        .unwrap_or(false),
+                    hidden_act: get("hidden_act")
+                        .and_then(Value::as_str)
+                        .unwrap_or("silu")
+                        .to_string(),
+                    eos_token_ids,
+                    bos_token_id,
+                }
+            }
+            Family::Gpt2 => {
+                let hidden_size = need(&["n_embd", "hidden_size"])?;
+                let heads = need(&["n_head", "num_attention_heads"])?;
+                for flag in ["scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"] {
+                    if get(flag).and_then(Value::as_bool) == Some(true) {
+                        return Err(bad(format!("GPT-2 option {flag} is not supported")));
+                    }
+                }
+                ModelConfig {
+                    model_type,
+                    family,
+                    hidden_size,
+                    intermediate_size: usize_of(&["n_inner"]).unwrap_or(4 * hidden_size),
+                    num_hidden_layers: need(&["n_layer", "num_hidden_layers"])?,
+                    num_attention_heads: heads,
+                    num_key_value_heads: heads,
+                    head_dim: hidden_size / heads.max(1),
+                    vocab_size: need(&["vocab_size"])?,
+                    norm_eps: float_of(&["layer_norm_epsilon"], 1e-5),
+                    rope_theta: 0.0,
+                    rope_style: RopeStyle::Halves,
+                    max_position_embeddings: need(&["n_positions", "max_position_embeddings"])?,
+                    tie_word_embeddings: true,
+                    hidden_act: get("activation_function")
+                        .and_then(Value::as_str)
+                        .unwrap_or("gelu_new")
+                        .to_string(),
+                    eos_token_ids,
+                    bos_token_id,
+                }
+            }
+        };
+        config.check(path)?;
+        Ok(config)
+    }
+
+    /// Checks that the sizes fit together.
+    pub(crate) fn check(&self, path: &Path) -> Result<()> {
+        let bad = |reason: String| Error::ModelLoad {
+            path: path.to_path_buf(),
+            reason,
+        };
+        if self.hidden_size == 0 || self.num_hidden_layers == 0 || self.vocab_size == 0 {
+            return Err(bad(
+                "hidden size, layer count and vocabulary must be positive".into(),
+            ));
+        }
+        if self.num_attention_heads == 0
+            || self.num_key_value_heads == 0
+            || !self
+                .num_attention_heads
+                .is_multiple_of(self.num_key_value_heads)
+        {
+            return Err(bad(format!(
+                "{} attention heads cannot share {} key/value heads",
+                self.num_attention_heads, self.num_key_value_heads
+            )));
+        }
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
+            return Err(bad(format!("head size {} must be even", self.head_dim)));
+        }
+        let activations = ["silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu"];
+        if !activations.contains(&self.hidden_act.as_str()) {
+            return Err(bad(format!(
+                "activation {:?} is not supported (supported: {})",
+                self.hidden_act,
+                activations.join(", ")
+            )));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,376 @@
+//! Interventions from a reft_rs checkpoint, applied inside the layer loop.
+//!
+//! Every type of SPEC section 1 is written as the change it makes to a
+//! state, `Φ(h) − h`, computed in float32 for the chosen rows and added back
+//! with `index_add`, so rows that are not chosen are never touched. Which
+//! rows are chosen comes from [`crate::positions::locate`], the same code the
+//! torch path uses, over each prompt of the left-padded batch.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+
+use super::config::ModelConfig;
+use super::model::EditSite;
+use crate::checkpoint::{self, Checkpoint};
+use crate::config::{Component, InterventionConfig, InterventionType, ReftConfig};
+use crate::error::{Error, Result};
+use crate::positions::{locate, LocateOptions, PaddingSide, PositionSpec, MASKED};
+
+#[derive(Debug, Clone, Copy)]
+enum SourceActivation {
+    Identity,
+    Relu,
+    Gelu,
+    GeluTanh,
+    Silu,
+    Tanh,
+    Sigmoid,
+}
+
+impl SourceActivation {
+    fn from_name(name: &str) -> Result<Self> {
+        Ok(match name {
+            "identity" => SourceActivation::Identity,
+            "relu" => SourceActivation::Relu,
+            "gelu" => SourceActivation::Gelu,
+            "gelu_tanh" => SourceActivation::GeluTanh,
+            "silu" => SourceActivation::Silu,
+            "tanh" => SourceActivation::Tanh,
+            "sigmoid" => SourceActivation::Sigmoid,
+            other => {
+                return Err(Error::Incompatible(format!(
+                    "activation {other:?} is not known to the engine"
+                )))
+            }
+        })
+    }
+
+    fn apply(self, x: Tensor) -> Result<Tensor> {
+        Ok(match self {
+            SourceActivation::Identity => x,
+            SourceActivation::Relu => x.relu()?,
+            SourceActivation::Gelu => x.gelu_erf()?,
+            SourceActivation::GeluTanh => x.gelu()?,
+            SourceActivation::Silu => x.silu()?,
+            SourceActivation::Tanh => x.tanh()?,
+            SourceActivation::Sigmoid => (x.neg()?.exp()? + 1.0)?.recip()?,
+        })
+    }
+}
+
+/// One intervention's parameters as float32 tensors.
+struct Intervention {
+    config: InterventionConfig,
+    kind: InterventionType,
+    spec: PositionSpec,
+    activation: SourceActivation,
+    /// R or W₂, `[r, d]`.
+    basis: Option<Tensor>,
+    /// W or W₁, `[r, d]`.
+    weight: Option<Tensor>,
+    /// b, `[r]` (`[d]` for `red`).
+    bias: Option<Tensor>,
+    /// b₂, `[r]`.
+    projection_bias: Option<Tensor>,
+    /// s of `red`, `[d]`.
+    scale: Option<Tensor>,
+    /// α v of `steer`, `[d]`.
+    vector: Option<Tensor>,
+}
+
+fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let y = x.matmul(&weight.t()?)?;
+    Ok(match bias {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    })
+}
+
+impl Intervention {
+    fn every_token(&self) -> bool {
+        matches!(self.spec, PositionSpec::All)
+    }
+
+    /// `Φ(h) − h` for `[rows, d]` states.
+    fn delta(&self, h: &Tensor) -> Result<Tensor> {
+        let need = |t: &Option<Tensor>| t.clone().expect("checked at load");
+        Ok(match self.kind {
+            InterventionType::LoReft => {
+                let r = need(&self.basis);
+                let source =
+                    self.activation
+                        .apply(linear(h, &need(&self.weight), self.bias.as_ref())?)?;
+                source.sub(&h.matmul(&r.t()?)?)?.matmul(&r)?
+            }
+            InterventionType::NoReft => {
+                let w2 = need(&self.basis);
+                let source =
+                    self.activation
+                        .apply(linear(h, &need(&self.weight), self.bias.as_ref())?)?;
+                let projected = linear(h, &w2, self.projection_bias.as_ref())?;
+                source.sub(&projected)?.matmul(&w2)?
+            }
+            InterventionType::DiReft | InterventionType::NoDiReft => {
+                let source =
+                    self.activation
+                        .apply(linear(h, &need(&self.weight), self.bias.as_ref())?)?;
+                source.matmul(&need(&self.basis))?
+            }
+            InterventionType::ConsReft => {
+                let r = need(&self.basis);
+                let b = need(&self.bias);
+                h.matmul(&r.t()?)?.neg()?.broadcast_add(&b)?.matmul(&r)?
+            }
+            InterventionType::LoBiReft => {
+                let r = need(&self.basis);
+                let shift = need(&self.bias).unsqueeze(0)?.matmul(&r)?;
+                shift.broadcast_as(h.shape())?.contiguous()?
+            }
+            InterventionType::Red => {
+                let edited = h
+                    .broadcast_mul(&need(&self.scale))?
+                    .broadcast_add(&need(&self.bias))?;
+                edited.sub(h)?
+            }
+            InterventionType::Steer => need(&self.vector)
+                .unsqueeze(0)?
+                .broadcast_as(h.shape())?
+                .contiguous()?,
+        })
+    }
+
+    /// `Φ(h)` for `[rows, d]` states.
+    fn apply_all(&self, h: &Tensor) -> Result<Tensor> {
+        if self.kind == InterventionType::Red {
+            return Ok(h
+                .broadcast_mul(self.scale.as_ref().expect("checked at load"))?
+                .broadcast_add(self.bias.as_ref().expect("checked at load"))?);
+        }
+        Ok(h.add(&self.delta(h)?)?)
+    }
+}
+
+/// The interventions of one checkpoint, checked against one model.
+pub(crate) struct EditSet {
+    interventions: Vec<Intervention>,
+    sites: HashSet<(usize, Component)>,
+    pub(crate) config: ReftConfig,
+}
+
+impl EditSet {
+    /// Loads `dir` (a reft_rs checkpoint) for `model`, refusing a checkpoint
+    /// trained on another model.
+    pub(crate) fn load(dir: &Path, model: &ModelConfig) -> Result<Self> {
+        let Checkpoint {
+            config, tensors, ..
+        } = checkpoint::load(dir)?;
+        let base = &config.base_model;
+        let inferred = config
+            .metadata
+            .get("base_model_inferred")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false);
+        let mut problems = Vec::new();
+        if base.hidden_size != model.hidden_size {
+            problems.push(format!(
+                "hidden size {} vs the model's {}",
+                base.hidden_size, model.hidden_size
+            ));
+        }
+        let layers_differ = if inferred {
+            base.num_hidden_layers > model.num_hidden_layers
+        } else {
+            base.num_hidden_layers != model.num_hidden_layers
+        };
+        if layers_differ {
+            problems.push(format!(
+                "{} layers vs the model's {}",
+                base.num_hidden_layers, model.num_hidden_layers
+            ));
+        }
+        if !base.model_type.is_empty() && base.model_type != model.model_type {
+            problems.push(format!(
+                "model type {:?} vs the model's {:?}",
+                base.model_type, model.model_type
+            ));
+        }
+        if !problems.is_empty() {
+            let name = if base.name_or_path.is_empty() {
+                &base.model_type
+            } else {
+                &base.name_or_path
+            };
+            return Err(Error::Incompatible(format!(
+                "the checkpoint at {} was trained on {name} and does not fit this model: {}",
+                dir.display(),
+                problems.join("; ")
+            )));
+        }
+        let d = model.hidden_size;
+        let mut interventions = Vec::with_capacity(config.interventions.len());
+        let mut sites = HashSet::new();
+        for item in &config.interventions {
+            if let Some(path) = &item.module_path {
+                return Err(Error::Incompatible(format!(
+                    "{}: module_path {path:?} names a torch module; the engine edits only the standard components",
+                    item.name
+                )));
+            }
+            if item.dim(d) != d {
+                return Err(Error::Incompatible(format!(
+                    "{}: edits width {}, but the model's states have width {d}",
+                    item.name,
+                    item.dim(d)
+                )));
+            }
+            let tensor = |name: &str| -> Result<Option<Tensor>> {
+                let key = format!("{}.{name}", item.name);
+                match tensors.get(&key) {
+                    None => Ok(None),
+                    Some(t) => {
+                        let values = t.to_f32().ok_or_else(|| Error::CorruptCheckpoint {
+                            path: dir.to_path_buf(),
+                            reason: format!("{key} is not a floating-point tensor"),
+                        })?;
+                        Ok(Some(Tensor::from_vec(
+                            values,
+                            t.shape.as_slice(),
+                            &Device::Cpu,
+                        )?))
+                    }
+                }
+            };
+            let kind = item.intervention_type()?;
+            let basis = if kind.has_rotation() {
+                tensor("rotation")?
+            } else {
+                tensor("projection_weight")?
+            };
+            let vector = match tensor("vector")? {
+                Some(v) => Some((v * item.alpha)?),
+                None => None,
+            };
+            interventions.push(Intervention {
+                config: item.clone(),
+                kind,
+                spec: item.position_spec()?,
+                activation: SourceActivation::from_name(&item.activation)?,
+                basis,
+                weight: tensor("weight")?,
+                bias: tensor("bias")?,
+                projection_bias: tensor("projection_bias")?,
+                scale: tensor("scale")?,
+                vector,
+            });
+            sites.insert((item.layer, item.component));
+        }
+        Ok(EditSet {
+            interventions,
+            sites,
+            config,
+        })
+    }
+
+    /// The edits of one forward call.
+    ///
+    /// `prompt_lengths`: real prompt tokens per row (prefill only);
+    /// `width`: tokens per row in this call; `start`: tokens already cached;
+    /// `prompt_width`: padded prompt length (tokens past it are generated).
+    pub(crate) fn step<'a>(
+        &'a self,
+        prompt_lengths: Option<&[i64]>,
+        width: usize,
+        start: usize,
+        prompt_width: usize,
+        on_generated: bool,
+    ) -> Result<StepEdits<'a>> {
+        let mut rows: Vec<Option<Tensor>> = vec![None; self.interventions.len()];
+        if let Some(lengths) = prompt_lengths {
+            // Positions of the prompt, one locate call per (spec, sharing).
+            let mut cache: HashMap<(String, bool), crate::positions::Locations> = HashMap::new();
+            for (index, item) in self.interventions.iter().enumerate() {
+                if item.every_token() {
+                    continue;
+                }
+                let key = (item.config.positions.clone(), item.config.share_weights);
+                if !cache.contains_key(&key) {
+                    let options = LocateOptions {
+                        share_weights: item.config.share_weights,
+                        include_last: true,
+                        padding_side: PaddingSide::Left,
+                        padded_length: Some(width),
+                        parallel: false,
+                    };
+                    cache.insert(key.clone(), locate(lengths, None, &item.spec, &options)?);
+                }
+                let locations = &cache[&key];
+                let mut flat = Vec::new();
+                for b in 0..lengths.len() {
+                    for &p in locations.row(item.config.group, b) {
+                        if p != MASKED {
+                            flat.push((b * width) as u32 + p as u32);
+                        }
+                    }
+                }
+                if !flat.is_empty() {
+                    let n = flat.len();
+                    rows[index] = Some(Tensor::from_vec(flat, n, &Device::Cpu)?);
+                }
+            }
+        }
+        let generated_from =
+            (on_generated && start + width > prompt_width).then(|| start.max(prompt_width) - start);
+        Ok(StepEdits {
+            set: self,
+            rows,
+            generated_from,
+            width,
+        })
+    }
+}
+
+/// The edits of one forward call: which rows each intervention changes.
+pub(crate) struct StepEdits<'a> {
+    set: &'a EditSet,
+    rows: Vec<Option<Tensor>>,
+    /// First local token index that is a generated token, when generated
+    /// tokens are edited too.
+    generated_from: Option<usize>,
+    width: usize,
+}
+
+impl EditSite for StepEdits<'_> {
+    fn wants(&self, layer: usize, component: Component) -> bool {
+        self.set.sites.contains(&(layer, component))
+    }
+
+    fn apply(&self, layer: usize, component: Component, mut hidden: Tensor) -> Result<Tensor> {
+        for (index, item) in self.set.interventions.iter().enumerate() {
+            if item.config.layer != layer || item.config.component != component {
+                continue;
+            }
+            if item.every_token() {
+                hidden = item.apply_all(&hidden)?;
+                continue;
+            }
+            if let Some(rows) = &self.rows[index] {
+                let chosen = hidden.index_select(rows, 0)?;
+                hidden = hidden.index_add(rows, &item.delta(&chosen)?, 0)?;
+            }
+            if let Some(from) = self.generated_from {
+                let (n, d) = hidden.dims2()?;
+                let batch = n / self.width;
+                let tail = self.width - from;
+                let shaped = hidden.reshape((batch, self.width, d))?;
+                let kept = shaped.narrow(1, 0, from)?;
+                let edited = item
+                    .apply_all(&shaped.narrow(1, from, tail)?.reshape((batch * tail, d))?)?
+                    .reshape((batch, tail, d))?;
+                hidden = Tensor::cat(&[&kept, &edited], 1)?.reshape((n, d))?;
+            }
+        }
+        Ok(hidden)
+    }
+}

@@ -1,0 +1,197 @@
+//! Text in and out: the `tokenizers` crate for `tokenizer.json` (or the
+//! vocabulary stored in a GGUF file) and the model's Jinja chat template.
+
+use std::path::Path;
+
+use candle_core::quantized::gguf_file;
+use candle_core::quantized::tokenizer::TokenizerFromGguf;
+use serde_json::Value;
+use tokenizers::Tokenizer;
+
+use crate::error::{Error, Result};
+
+/// A tokenizer, the special tokens and the chat template of one model.
+pub struct Text {
+    tokenizer: Tokenizer,
+    chat_template: Option<String>,
+    bos_token: String,
+    eos_token: String,
+    /// Token ids that end generation.
+    pub(crate) eos_ids: Vec<u32>,
+}
+
+fn token_text(value: Option<&Value>) -> Option<String> {
+    match value? {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(map) => map.get("content")?.as_str().map(str::to_string),
+        _ => None,
+    }
+}
+
+fn template_text(value: Option<&Value>) -> Option<String> {
+    match value? {
+        Value::String(s) => Some(s.clone()),
+        // A list of named templates: take "default", else the first.
+        Value::Array(items) => {
+            let named = |want: Option<&str>| {
+                items.iter().find_map(|item| {
+                    let name = item.get("name")?.as_str()?;
+                    if want.is_none_or(|w| w == name) {
+                        item.get("template")?.as_str().map(str::to_string)
+                    } else {
+                        None
+                    }
+                })
+            };
+            named(Some("default")).or_else(|| named(None))
+        }
+        _ => None,
+    }
+}
+
+impl Text {
+    /// Reads `tokenizer.json`, `tokenizer_config.json`, `chat_template.jinja`
+    /// and `generation_config.json` from a model folder. `None` when the
+    /// folder has no `tokenizer.json`.
+    pub fn from_folder(folder: &Path, config_eos: &[u32]) -> Result<Option<Self>> {
+        let file = folder.join("tokenizer.json");
+        if !file.is_file() {
+            return Ok(None);
+        }
+        let tokenizer = Tokenizer::from_file(&file)
+            .map_err(|e| Error::Tokenizer(format!("cannot read {}: {e}", file.display())))?;
+        let read_json = |name: &str| -> Result<Option<Value>> {
+            let path = folder.join(name);
+            if !path.is_file() {
+                return Ok(None);
+            }
+            let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+            serde_json::from_str(&text)
+                .map(Some)
+                .map_err(|e| Error::ModelLoad {
+                    path: path.clone(),
+                    reason: format!("not valid JSON: {e}"),
+                })
+        };
+        let tokenizer_config = read_json("tokenizer_config.json")?.unwrap_or(Value::Null);
+        let generation = read_json("generation_config.json")?.unwrap_or(Value::Null);
+        let jinja = folder.join("chat_template.jinja");
+        let chat_template = if jinja.is_file() {
+            Some(std::fs::read_to_string(&jinja).map_err(|e| Error::io(&jinja, e))?)
+        } else {
+            template_text(tokenizer_config.get("chat_template"))
+        };
+        let bos_token = token_text(tokenizer_config.get("bos_token")).unwrap_or_default();
+        let eos_token = token_text(tokenizer_config.get("eos_token")).unwrap_or_default();
+        let mut eos_ids: Vec<u32> = match generation.get("eos_token_id") {
+            Some(Value::Number(n)) => n.as_u64().map(|n| vec![n as u32]).unwrap_or_default(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(|v| v.as_u64().map(|n| n as u32))
+                .collect(),
+            _ => Vec::new(),
+        };
+        if eos_ids.is_empty() {
+            eos_ids = config_eos.to_vec();
+        }
+        if eos_ids.is_empty() {
+            eos_ids.extend(tokenizer.token_to_id(&eos_token));
+        }
+        Ok(Some(Text {
+            tokenizer,
+            chat_template,
+            bos_token,
+            eos_token,
+            eos_ids,
+        }))
+    }
+
+    /// The tokenizer and template stored in a GGUF file's metadata.
+    pub(crate) fn from_gguf(content: &gguf_file::Content) -> Result<Option<Self>> {
+        if !content.metadata.contains_key("tokenizer.ggml.tokens") {
+            return Ok(None);
+        }
+        let tokenizer = Tokenizer::from_gguf(content)
+            .map_err(|e| Error::Tokenizer(format!("cannot build the GGUF tokenizer: {e}")))?;
+        let id = |key: &str| content.metadata.get(key).and_then(|v| v.to_u32().ok());
+        let name = |id: Option<u32>| {
+            id.and_then(|i| tokenizer.id_to_token(i))
+                .unwrap_or_default()
+        };
+        let eos = id("tokenizer.ggml.eos_token_id");
+        let chat_template = content
+            .metadata
+            .get("tokenizer.chat_template")
+            .and_then(|v| v.to_string().ok())
+            .cloned();
+        Ok(Some(Text {
+            bos_token: name(id("tokenizer.ggml.bos_token_id")),
+            eos_token: name(eos),
+            eos_ids: eos.into_iter().collect(),
+            chat_template,
+            tokenizer,
+        }))
+    }
+
+    /// Token ids of `text`; `special` adds the tokens the tokenizer's
+    /// post-processor adds (as `tokenizer(text)` does in transformers).
+    pub fn encode(&self, text: &str, special: bool) -> Result<Vec<u32>> {
+        self.tokenizer
+            .encode(text, special)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| Error::Tokenizer(format!("cannot encode text: {e}")))
+    }
+
+    /// Text of `ids`, special tokens left out.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.tokenizer
+            .decode(ids, true)
+            .map_err(|e| Error::Tokenizer(format!("cannot decode tokens: {e}")))
+    }
+
+    /// Whether the model has a chat template.
+    pub fn has_chat_template(&self) -> bool {
+        self.chat_template.is_some()
+    }
+
+    /// Renders `messages` (a JSON list of `{"role", "content"}` objects) with
+    /// the chat template, ending with the assistant's turn opened when
+    /// `add_generation_prompt`.
+    pub fn render_chat(&self, messages: &Value, add_generation_prompt: bool) -> Result<String> {
+        let template = self.chat_template.as_deref().ok_or_else(|| {
+            Error::Tokenizer(
+                "the model has no chat template; use generate() with plain text".into(),
+            )
+        })?;
+        let mut env = minijinja::Environment::new();
+        env.set_syntax(
+            minijinja::syntax::SyntaxConfig::builder()
+                .trim_blocks(true)
+                .lstrip_blocks(true)
+                .build()
+                .map_err(|e| Error::Tokenizer(e.to_string()))?,
+        );
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function(
+            "raise_exception",
+            |message: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    message,
+                ))
+            },
+        );
+        let rendered = env
+            .template_from_str(template)
+            .and_then(|t| {
+                t.render(minijinja::context! {
+                    messages => minijinja::Value::from(minijinja::value::Serde(messages)),
+                    add_generation_prompt => add_generation_prompt,
+                    bos_token => self.bos_token.clone(),
+                    eos_token => self.eos_token.clone(),
+                })
+            })
+            .map_err(|e| Error::Tokenizer(format!("the chat template failed: {e}")))?;
+        Ok(rendered)
+    }
+}

@@ -1,0 +1,318 @@
+//! Python face of `reft_core::engine`: `_core.Engine` and its token
+//! stream. `python/reft_rs/engine.py` wraps them in the public
+//! `reft_rs.Engine`. Every call that computes releases the interpreter.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use numpy::{IntoPyArray, PyArray2};
+use pyo3::prelude::*;
+use reft_core::engine::{cut_at_stop, Engine, GenerateOptions, Sampling, Session};
+use reft_core::Error;
+
+use crate::errors::IntoPyResult;
+
+/// A loaded model with optional interventions (see `reft_rs.Engine`).
+#[pyclass(module = "reft_rs._core", name = "Engine", frozen)]
+pub struct PyEngine {
+    inner: Arc<Engine>,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn options(
+    max_new_tokens: usize,
+    temperature: f64,
+    top_k: Option<usize>,
+    top_p: Option<f64>,
+    seed: Option<u64>,
+    stop: Option<Vec<String>>,
+    intervene_on_generated: bool,
+    ignore_eos: bool,
+) -> GenerateOptions {
+    GenerateOptions {
+        max_new_tokens,
+        sampling: Sampling {
+            temperature,
+            top_k,
+            top_p,
+            seed,
+        },
+        stop: stop.unwrap_or_default(),
+        intervene_on_generated,
+        ignore_eos,
+    }
+}
+
+impl PyEngine {
+    fn text(&self) -> Result<&reft_core::engine::Text, Error> {
+        self.inner.text().ok_or_else(|| {
+            Error::Tokenizer(
+                "the model has no tokenizer (no tokenizer.json); pass token ids".into(),
+            )
+        })
+    }
+}
+
+#[pymethods]
+impl PyEngine {
+    #[new]
+    #[pyo3(signature = (model_path, reft=None, threads=None))]
+    fn new(
+        py: Python<'_>,
+        model_path: PathBuf,
+        reft: Option<PathBuf>,
+        threads: Option<usize>,
+    ) -> PyResult<Self> {
+        let engine = py
+            .detach(|| Engine::load(&model_path, reft.as_deref(), threads))
+            .into_py_result()?;
+        Ok(PyEngine {
+            inner: Arc::new(engine),
+        })
+    }
+
+    /// Logits `(len, vocab)` of every position of `token_ids`, float32.
+    fn logits<'py>(
+        &self,
+        py: Python<'py>,
+        token_ids: Vec<u32>,
+    ) -> PyResult<Bound<'py, PyArray2<f32>>> {
+        let vocab = self.inner.config().vocab_size;
+        let values = py
+            .detach(|| self.inner.logits(&token_ids))
+            .into_py_result()?;
+        let rows = values.len() / vocab;
+        let array = numpy::ndarray::Array2::from_shape_vec((rows, vocab), values)
+            .map_err(|e| pyo3::exceptions::PyRuntimeError::new_err(e.to_string()))?;
+        Ok(array.into_pyarray(py))
+    }
+
+    /// New token ids for each prompt of token ids.
+    #[pyo3(signature = (prompts, max_new_tokens, temperature, top_k, top_p, seed, stop, intervene_on_generated, ignore_eos))]
+    #[allow(clippy::too_many_arguments)]
+    fn generate_ids(
+        &self,
+        py: Python<'_>,
+        prompts: Vec<Vec<u32>>,
+        max_new_tokens: usize,
+        temperature: f64,
+        top_k: Option<usize>,
+        top_p: Option<f64>,
+        seed: Option<u64>,
+        stop: Option<Vec<String>>,
+        intervene_on_generated: bool,
+        ignore_eos: bool,
+    ) -> PyResult<Vec<Vec<u32>>> {
+        let options = options(
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            stop,
+            intervene_on_generated,
+            ignore_eos,
+        );
+        py.detach(|| self.inner.generate(&prompts, &options))
+            .into_py_result()
+    }
+
+    /// Text continuations of each prompt, cut before any stop string.
+    #[pyo3(signature = (prompts, max_new_tokens, temperature, top_k, top_p, seed, stop, intervene_on_generated, ignore_eos, add_special_tokens))]
+    #[allow(clippy::too_many_arguments)]
+    fn generate_text(
+        &self,
+        py: Python<'_>,
+        prompts: Vec<String>,
+        max_new_tokens: usize,
+        temperature: f64,
+        top_k: Option<usize>,
+        top_p: Option<f64>,
+        seed: Option<u64>,
+        stop: Option<Vec<String>>,
+        intervene_on_generated: bool,
+        ignore_eos: bool,
+        add_special_tokens: bool,
+    ) -> PyResult<Vec<String>> {
+        let options = options(
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            stop,
+            intervene_on_generated,
+            ignore_eos,
+        );
+        py.detach(|| -> Result<Vec<String>, Error> {
+            let text = self.text()?;
+            let ids = prompts
+                .iter()
+                .map(|p| text.encode(p, add_special_tokens))
+                .collect::<Result<Vec<_>, _>>()?;
+            let out = self.inner.generate(&ids, &options)?;
+            out.iter()
+                .map(|tokens| Ok(cut_at_stop(&text.decode(tokens)?, &options.stop).to_string()))
+                .collect()
+        })
+        .into_py_result()
+    }
+
+    /// A stream of one prompt's tokens (see `reft_rs.Engine.stream`).
+    #[pyo3(signature = (prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, intervene_on_generated, ignore_eos))]
+    #[allow(clippy::too_many_arguments)]
+    fn stream_ids(
+        &self,
+        prompt: Vec<u32>,
+        max_new_tokens: usize,
+        temperature: f64,
+        top_k: Option<usize>,
+        top_p: Option<f64>,
+        seed: Option<u64>,
+        stop: Option<Vec<String>>,
+        intervene_on_generated: bool,
+        ignore_eos: bool,
+    ) -> PyResult<PyStream> {
+        let options = options(
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            stop,
+            intervene_on_generated,
+            ignore_eos,
+        );
+        let stop = options.stop.clone();
+        let session =
+            Session::new(Arc::clone(&self.inner), vec![prompt], options).into_py_result()?;
+        Ok(PyStream {
+            engine: Arc::clone(&self.inner),
+            state: Mutex::new(StreamState {
+                session,
+                emitted: 0,
+                stop,
+                finished: false,
+            }),
+        })
+    }
+
+    /// Token ids of `text`.
+    #[pyo3(signature = (text, add_special_tokens=true))]
+    fn encode(&self, py: Python<'_>, text: &str, add_special_tokens: bool) -> PyResult<Vec<u32>> {
+        py.detach(|| self.text()?.encode(text, add_special_tokens))
+            .into_py_result()
+    }
+
+    /// Text of `token_ids`, special tokens left out.
+    fn decode(&self, py: Python<'_>, token_ids: Vec<u32>) -> PyResult<String> {
+        py.detach(|| self.text()?.decode(&token_ids))
+            .into_py_result()
+    }
+
+    /// `messages` (JSON text of a list of role/content objects) rendered
+    /// with the model's chat template.
+    #[pyo3(signature = (messages_json, add_generation_prompt=true))]
+    fn apply_chat_template(
+        &self,
+        messages_json: &str,
+        add_generation_prompt: bool,
+    ) -> PyResult<String> {
+        let messages: serde_json::Value = serde_json::from_str(messages_json)
+            .map_err(|e| pyo3::exceptions::PyValueError::new_err(format!("messages: {e}")))?;
+        self.text()
+            .and_then(|t| t.render_chat(&messages, add_generation_prompt))
+            .into_py_result()
+    }
+
+    /// `(model_type, hidden_size, num_hidden_layers, vocab_size, quantized)`.
+    #[getter]
+    fn model_info(&self) -> (String, usize, usize, usize, bool) {
+        let c = self.inner.config();
+        (
+            c.model_type.clone(),
+            c.hidden_size,
+            c.num_hidden_layers,
+            c.vocab_size,
+            self.inner.is_quantized(),
+        )
+    }
+
+    #[getter]
+    fn has_tokenizer(&self) -> bool {
+        self.inner.text().is_some()
+    }
+
+    #[getter]
+    fn has_chat_template(&self) -> bool {
+        self.inner.text().is_some_and(|t| t.has_chat_template())
+    }
+
+    #[getter]
+    fn eos_token_ids(&self) -> Vec<u32> {
+        self.inner.eos_token_ids()
+    }
+
+    /// The checkpoint's config as JSON, or `None` without interventions.
+    #[getter]
+    fn reft_config_json(&self) -> Option<String> {
+        self.inner.reft_config().map(|c| c.to_json())
+    }
+}
+
+struct StreamState {
+    session: Session,
+    /// Bytes of decoded text already handed out.
+    emitted: usize,
+    stop: Vec<String>,
+    finished: bool,
+}
+
+/// Iterator over `(token_id, text)` pieces of one generation.
+#[pyclass(module = "reft_rs._core", name = "TokenStream", frozen)]
+pub struct PyStream {
+    engine: Arc<Engine>,
+    state: Mutex<StreamState>,
+}
+
+#[pymethods]
+impl PyStream {
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    /// The next `(token_id, new_text)`; `new_text` is empty while a
+    /// character is still incomplete, or when the model has no tokenizer.
+    fn __next__(&self, py: Python<'_>) -> PyResult<Option<(u32, String)>> {
+        py.detach(|| -> Result<Option<(u32, String)>, Error> {
+            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            loop {
+                if state.finished {
+                    return Ok(None);
+                }
+                let Some(step) = state.session.step()? else {
+                    state.finished = true;
+                    return Ok(None);
+                };
+                let Some(token) = step[0] else {
+                    continue; // end of sequence: the next call finishes
+                };
+                let Some(text) = self.engine.text() else {
+                    return Ok(Some((token, String::new())));
+                };
+                let decoded = text.decode(&state.session.generated()[0])?;
+                let visible = cut_at_stop(&decoded, &state.stop);
+                if visible.len() < decoded.len() {
+                    state.finished = true; // a stop string appeared
+                }
+                if visible.ends_with('\u{fffd}') && !state.finished {
+                    return Ok(Some((token, String::new())));
+                }
+                let piece = visible.get(state.emitted..).unwrap_or("").to_string();
+                state.emitted = state.emitted.max(visible.len());
+                return Ok(Some((token, piece)));
+            }
+        })
+        .into_py_result()
+    }
+}
