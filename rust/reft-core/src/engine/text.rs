@@ -111,8 +111,31 @@ impl Text {
         if !content.metadata.contains_key("tokenizer.ggml.tokens") {
             return Ok(None);
         }
-        let tokenizer = Tokenizer::from_gguf(content)
+        let mut tokenizer = Tokenizer::from_gguf(content)
             .map_err(|e| Error::Tokenizer(format!("cannot build the GGUF tokenizer: {e}")))?;
+        let meta = |key: &str| content.metadata.get(key);
+        let pre = meta("tokenizer.ggml.pre")
+            .and_then(|v| v.to_string().ok())
+            .map(String::as_str)
+            .unwrap_or("gpt2");
+        if !matches!(pre, "qwen2" | "smaug-bpe" | "lfm2" | "llama3") {
+            // candle reads other GPT-2-style vocabularies with a prefix space
+            // added; llama.cpp and transformers add one only when the file
+            // says so, and split digits one by one for SmolLM.
+            use tokenizers::pre_tokenizers::{byte_level::ByteLevel, digits::Digits, sequence::Sequence};
+            let prefix = meta("tokenizer.ggml.add_space_prefix")
+                .and_then(|v| v.to_bool().ok())
+                .unwrap_or(false);
+            let byte_level = ByteLevel::new(prefix, true, true);
+            if pre == "smollm" {
+                tokenizer.with_pre_tokenizer(Some(Sequence::new(vec![
+                    Digits::new(true).into(),
+                    byte_level.into(),
+                ])));
+            } else {
+                tokenizer.with_pre_tokenizer(Some(byte_level));
+            }
+        }
         let id = |key: &str| content.metadata.get(key).and_then(|v| v.to_u32().ok());
         let name = |id: Option<u32>| {
             id.and_then(|i| tokenizer.id_to_token(i))
