@@ -123,7 +123,9 @@ def test_greedy_generation_of_64_tokens_matches_the_torch_path(folders, family, 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_left_padded_batches_equal_one_by_one_and_the_torch_batch(folders, family, tmp_path):
-    config = ReftConfig([intervention("loreft", "block_output", positions="f2+l2"), intervention("red", "mlp_output")])
+    config = ReftConfig(
+        [intervention("loreft", "block_output", positions="f2+l2"), intervention("red", "mlp_output")]
+    )
     reft_model = checkpoint_for(folders, family, config, tmp_path / "reft")
     engine = reft_rs.Engine(folders[family], reft=tmp_path / "reft")
     prompts = [random_ids(1, n, seed=n)[0].tolist() for n in (4, 9, 6)]
@@ -132,7 +134,9 @@ def test_left_padded_batches_equal_one_by_one_and_the_torch_batch(folders, famil
     width = max(map(len, prompts))
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    torch_out = reft_model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    torch_out = reft_model.generate(
+        ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0
+    )
     assert torch_out[:, width:].tolist() == singles
 
 
@@ -177,9 +181,10 @@ def test_tokenizer_chat_template_and_streaming_follow_transformers(folders, tmp_
     assert engine.chat(messages, max_new_tokens=10) == engine.decode(new) or hf.eos_token_id in new
     pieces = list(engine.stream(text, max_new_tokens=10, ignore_eos=True))
     assert "".join(pieces) == engine.generate(text, 10, ignore_eos=True)[0]
-    assert list(engine.stream(text, 10, ignore_eos=True, tokens=True)) == engine.generate_ids(
-        [engine.encode(text)], 10, ignore_eos=True
-    )[0]
+    assert (
+        list(engine.stream(text, 10, ignore_eos=True, tokens=True))
+        == engine.generate_ids([engine.encode(text)], 10, ignore_eos=True)[0]
+    )
     # A stop string cuts the text before it, in both forms.
     full = engine.generate(text, 10, ignore_eos=True)[0]
     word = full.split()[1]
@@ -276,15 +281,21 @@ def test_checkpoints_for_another_model_are_refused(folders, tmp_path):
     deeper = tmp_path / "deeper"
     transformers.LlamaForCausalLM(
         transformers.LlamaConfig(
-            vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
-            num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
         )
     ).save_pretrained(deeper)
     with pytest.raises(reft_rs.IncompatibleModelError, match="3 layers vs the model's 4"):
         reft_rs.Engine(deeper, reft=tmp_path / "llama-reft")
     with pytest.raises(reft_rs.CheckpointNotFoundError):
         reft_rs.Engine(folders["llama"], reft=tmp_path / "missing")
-    custom = ReftConfig([InterventionConfig(layer=0, type="red", module_path="model.layers.{layer}.mlp.down_proj")])
+    custom = ReftConfig(
+        [InterventionConfig(layer=0, type="red", module_path="model.layers.{layer}.mlp.down_proj")]
+    )
     checkpoint_for(folders, "llama", custom, tmp_path / "custom")
     with pytest.raises(reft_rs.IncompatibleModelError, match="module_path"):
         reft_rs.Engine(folders["llama"], reft=tmp_path / "custom")
@@ -327,7 +338,7 @@ import sys
 sys.modules["torch"] = None          # any `import torch` now fails
 sys.modules["transformers"] = None
 import reft_rs
-engine = reft_rs.Engine({str(folders['gpt2'])!r})
+engine = reft_rs.Engine({str(folders["gpt2"])!r})
 print(engine.logits([1, 2, 3]).shape, engine.generate("the cat", 3, ignore_eos=True) != [""])
 assert "torch" not in [m for m in sys.modules if sys.modules[m] is not None]
 """

@@ -17,6 +17,8 @@ __all__ = [
     "CONFIG_FILE",
     "TENSORS_FILE",
     "PositionSpec",
+    "Engine",
+    "TokenStream",
     "locate",
     "locate_char_spans",
     "gather",
@@ -92,3 +94,68 @@ def save_checkpoint(
 def load_checkpoint(
     path: str | PathLike[str],
 ) -> tuple[str, list[tuple[str, str, list[int], bytearray]], bool]: ...
+
+@final
+class Engine:
+    def __new__(
+        cls,
+        model_path: str | PathLike[str],
+        reft: str | PathLike[str] | None = None,
+        threads: int | None = None,
+    ) -> Engine: ...
+    def logits(self, token_ids: list[int]) -> npt.NDArray[np.float32]: ...
+    def generate_ids(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        temperature: float,
+        top_k: int | None,
+        top_p: float | None,
+        seed: int | None,
+        stop: list[str] | None,
+        intervene_on_generated: bool,
+        ignore_eos: bool,
+    ) -> list[list[int]]: ...
+    def generate_text(
+        self,
+        prompts: list[str],
+        max_new_tokens: int,
+        temperature: float,
+        top_k: int | None,
+        top_p: float | None,
+        seed: int | None,
+        stop: list[str] | None,
+        intervene_on_generated: bool,
+        ignore_eos: bool,
+        add_special_tokens: bool,
+    ) -> list[str]: ...
+    def stream_ids(
+        self,
+        prompt: list[int],
+        max_new_tokens: int,
+        temperature: float,
+        top_k: int | None,
+        top_p: float | None,
+        seed: int | None,
+        stop: list[str] | None,
+        intervene_on_generated: bool,
+        ignore_eos: bool,
+    ) -> TokenStream: ...
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+    def decode(self, token_ids: list[int]) -> str: ...
+    def apply_chat_template(self, messages_json: str, add_generation_prompt: bool = True) -> str: ...
+    @property
+    def model_info(self) -> tuple[str, int, int, int, bool]: ...
+    @property
+    def has_tokenizer(self) -> bool: ...
+    @property
+    def has_chat_template(self) -> bool: ...
+    @property
+    def eos_token_ids(self) -> list[int]: ...
+    @property
+    def reft_config_json(self) -> str | None: ...
+
+@final
+class TokenStream:
+    def __iter__(self) -> TokenStream: ...
+    def __next__(self) -> tuple[int, str]: ...

@@ -35,7 +35,9 @@ def _count(name: str, value: Any, minimum: int) -> int:
 def _token_ids(name: str, ids: Any) -> list[int]:
     array = np.asarray(ids)
     if array.ndim != 1 or not (array.size == 0 or np.issubdtype(array.dtype, np.integer)):
-        raise InvalidArgumentError(f"{name} must be a flat sequence of token ids, found {array.dtype} {array.shape}")
+        raise InvalidArgumentError(
+            f"{name} must be a flat sequence of token ids, found {array.dtype} {array.shape}"
+        )
     if array.size and (array.min() < 0 or array.max() >= 2**32):
         raise InvalidArgumentError(f"{name} holds a negative or too large token id")
     return array.astype(np.uint32).tolist()
@@ -63,7 +65,11 @@ class Engine:
     """
 
     def __init__(
-        self, model_path: str | os.PathLike[str], reft: str | os.PathLike[str] | None = None, *, threads: int | None = None
+        self,
+        model_path: str | os.PathLike[str],
+        reft: str | os.PathLike[str] | None = None,
+        *,
+        threads: int | None = None,
     ) -> None:
         if threads is not None:
             threads = _count("threads", threads, 1)
@@ -115,7 +121,9 @@ class Engine:
     def __repr__(self) -> str:
         kind = "GGUF" if self.quantized else "float32"
         reft = f", reft={self.reft_path!r}" if self.reft_path else ""
-        return f"Engine({self.model_path!r}{reft}: {self.model_type}, {self.num_hidden_layers} layers, {kind})"
+        return (
+            f"Engine({self.model_path!r}{reft}: {self.model_type}, {self.num_hidden_layers} layers, {kind})"
+        )
 
     # ------------------------------------------------------------------ text
 
