@@ -55,6 +55,9 @@ class Engine:
             output); refused if it was trained on a model of another type,
             width or depth.
         threads: Threads for this engine (default: one per core).
+        dequantize: GGUF only: expand the quantized matrices to float32 when
+            loading (what transformers computes from the file; several times
+            the memory, and slower).
 
     Raises:
         ModelNotFoundError, ModelLoadError, UnsupportedModelError: for the model.
@@ -70,10 +73,13 @@ class Engine:
         reft: str | os.PathLike[str] | None = None,
         *,
         threads: int | None = None,
+        dequantize: bool = False,
     ) -> None:
         if threads is not None:
             threads = _count("threads", threads, 1)
-        self._engine = _core.Engine(os.fspath(model_path), None if reft is None else os.fspath(reft), threads)
+        self._engine = _core.Engine(
+            os.fspath(model_path), None if reft is None else os.fspath(reft), threads, bool(dequantize)
+        )
         self.model_path = os.fspath(model_path)
         self.reft_path = None if reft is None else os.fspath(reft)
 

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use numpy::{IntoPyArray, PyArray2};
 use pyo3::prelude::*;
-use reft_core::engine::{cut_at_stop, Engine, GenerateOptions, Sampling, Session};
+use reft_core::engine::{cut_at_stop, Engine, GenerateOptions, LoadOptions, Sampling, Session};
 use reft_core::Error;
 
 use crate::errors::IntoPyResult;
@@ -56,15 +56,20 @@ impl PyEngine {
 #[pymethods]
 impl PyEngine {
     #[new]
-    #[pyo3(signature = (model_path, reft=None, threads=None))]
+    #[pyo3(signature = (model_path, reft=None, threads=None, dequantize=false))]
     fn new(
         py: Python<'_>,
         model_path: PathBuf,
         reft: Option<PathBuf>,
         threads: Option<usize>,
+        dequantize: bool,
     ) -> PyResult<Self> {
+        let options = LoadOptions {
+            threads,
+            dequantize,
+        };
         let engine = py
-            .detach(|| Engine::load(&model_path, reft.as_deref(), threads))
+            .detach(|| Engine::load_with(&model_path, reft.as_deref(), &options))
             .into_py_result()?;
         Ok(PyEngine {
             inner: Arc::new(engine),

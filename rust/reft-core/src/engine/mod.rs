@@ -72,6 +72,16 @@ impl GenerateOptions {
     }
 }
 
+/// How to load a model.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Threads of a private pool; `None` uses the process-wide one.
+    pub threads: Option<usize>,
+    /// GGUF only: expand block-quantized matrices to float32 when loading
+    /// (exactly what transformers computes from the file; 4-8x the memory).
+    pub dequantize: bool,
+}
+
 /// A loaded model, its tokenizer and, optionally, interventions.
 ///
 /// An engine is immutable once loaded: any number of threads may call it at
@@ -164,6 +174,23 @@ impl Engine {
     /// checkpoint at `reft`, if any. `threads` sizes a private thread pool
     /// (by default the process-wide one).
     pub fn load(model_path: &Path, reft: Option<&Path>, threads: Option<usize>) -> Result<Self> {
+        Self::load_with(
+            model_path,
+            reft,
+            &LoadOptions {
+                threads,
+                ..LoadOptions::default()
+            },
+        )
+    }
+
+    /// [`Engine::load`] with every option.
+    pub fn load_with(
+        model_path: &Path,
+        reft: Option<&Path>,
+        options: &LoadOptions,
+    ) -> Result<Self> {
+        let threads = options.threads;
         let pool = match threads {
             Some(0) => return Err(Error::InvalidArgument("threads must be at least 1".into())),
             Some(n) => Some(
@@ -196,14 +223,18 @@ impl Engine {
                                 .into(),
                     });
                 }
-                let source = Source::gguf(model_path)?;
+                let source = Source::gguf(model_path, options.dequantize)?;
                 let meta = source.gguf_metadata().expect("a GGUF source");
                 let config = gguf_config(meta, model_path)?;
                 let text = match &source {
                     Source::Gguf { content, .. } => Text::from_gguf(content)?,
                     Source::Safetensors { .. } => None,
                 };
-                Ok((Transformer::from_gguf(config, &source)?, text, true))
+                Ok((
+                    Transformer::from_gguf(config, &source)?,
+                    text,
+                    !options.dequantize,
+                ))
             } else {
                 Err(Error::ModelNotFound {
                     path: model_path.to_path_buf(),

@@ -122,7 +122,9 @@ impl Text {
             // candle reads other GPT-2-style vocabularies with a prefix space
             // added; llama.cpp and transformers add one only when the file
             // says so, and split digits one by one for SmolLM.
-            use tokenizers::pre_tokenizers::{byte_level::ByteLevel, digits::Digits, sequence::Sequence};
+            use tokenizers::pre_tokenizers::{
+                byte_level::ByteLevel, digits::Digits, sequence::Sequence,
+            };
             let prefix = meta("tokenizer.ggml.add_space_prefix")
                 .and_then(|v| v.to_bool().ok())
                 .unwrap_or(false);

@@ -62,6 +62,8 @@ pub(crate) enum Source {
         content: gguf_file::Content,
         file: std::sync::Mutex<File>,
         path: PathBuf,
+        /// Expand quantized matrices to float32 at load.
+        dequantize: bool,
     },
 }
 
@@ -113,7 +115,7 @@ impl Source {
     }
 
     /// Opens a GGUF file and reads its header.
-    pub(crate) fn gguf(path: &Path) -> Result<Self> {
+    pub(crate) fn gguf(path: &Path, dequantize: bool) -> Result<Self> {
         let mut file = File::open(path).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => Error::ModelNotFound {
                 path: path.to_path_buf(),
@@ -126,6 +128,7 @@ impl Source {
             content,
             file: std::sync::Mutex::new(file),
             path: path.to_path_buf(),
+            dequantize,
         })
     }
 
@@ -155,6 +158,7 @@ impl Source {
                 content,
                 file,
                 path,
+                ..
             } => {
                 let mut file = file.lock().unwrap_or_else(|p| p.into_inner());
                 content
@@ -220,7 +224,10 @@ impl Source {
         } else {
             None
         };
-        if let Source::Gguf { path, .. } = self {
+        if let Source::Gguf {
+            path, dequantize, ..
+        } = self
+        {
             if !self.contains(&weight_name) {
                 return Err(load_error(
                     path,
@@ -238,6 +245,12 @@ impl Source {
                         [out, inp]
                     ),
                 ));
+            }
+            if *dequantize {
+                return Ok(Linear::Dense {
+                    weight: q.dequantize(&Device::Cpu)?,
+                    bias,
+                });
             }
             return Ok(Linear::Quantized {
                 weight: QMatMul::from_arc(Arc::new(q))?,
