@@ -22,6 +22,7 @@
 
 mod config;
 mod edits;
+mod kernels;
 mod model;
 mod sample;
 mod text;
@@ -159,6 +160,20 @@ fn gguf_config(meta: &HashMap<String, gguf_file::Value>, path: &Path) -> Result<
     Ok(config)
 }
 
+/// candle runs element-wise operations on a spinning thread pool of its
+/// own beside rayon's; on a few cores the two fight (a prefill took 40% longer).
+/// Unless the user chose otherwise, element-wise work stays on the calling
+/// thread and the matrix products use rayon. Must run before candle's first
+/// operation, which creates its pool.
+fn limit_candle_pool() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+            std::env::set_var("CANDLE_NUM_THREADS", "1");
+        }
+    });
+}
+
 fn is_gguf(path: &Path) -> bool {
     use std::io::Read;
     let mut magic = [0u8; 4];
@@ -190,6 +205,7 @@ impl Engine {
         reft: Option<&Path>,
         options: &LoadOptions,
     ) -> Result<Self> {
+        limit_candle_pool();
         let threads = options.threads;
         let pool = match threads {
             Some(0) => return Err(Error::InvalidArgument("threads must be at least 1".into())),

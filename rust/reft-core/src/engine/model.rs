@@ -10,7 +10,7 @@
 use candle_core::{Device, Tensor, D};
 
 use super::config::{Family, ModelConfig, RopeStyle};
-use super::weights::{Linear, Source};
+use super::weights::{Fused, Linear, Source};
 use crate::config::Component;
 use crate::error::{Error, Result};
 
@@ -98,8 +98,8 @@ impl Activation {
 #[derive(Debug, Clone)]
 enum Mlp {
     Gated {
-        gate: Linear,
-        up: Linear,
+        /// gate and up projections.
+        gate_up: Fused,
         down: Linear,
     },
     Plain {
@@ -111,9 +111,8 @@ enum Mlp {
 #[derive(Debug, Clone)]
 struct Layer {
     attn_norm: Norm,
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// q, k and v projections.
+    qkv: Fused,
     o: Linear,
     mlp_norm: Norm,
     mlp: Mlp,
@@ -174,14 +173,18 @@ impl Transformer {
                     let p = format!("model.layers.{i}");
                     layers.push(Layer {
                         attn_norm: rms(format!("{p}.input_layernorm.weight"))?,
-                        q: source.linear(&format!("{p}.self_attn.q_proj"), q_out, d, false)?,
-                        k: source.linear(&format!("{p}.self_attn.k_proj"), kv_out, d, false)?,
-                        v: source.linear(&format!("{p}.self_attn.v_proj"), kv_out, d, false)?,
+                        qkv: Fused::new(vec![
+                            source.linear(&format!("{p}.self_attn.q_proj"), q_out, d, false)?,
+                            source.linear(&format!("{p}.self_attn.k_proj"), kv_out, d, false)?,
+                            source.linear(&format!("{p}.self_attn.v_proj"), kv_out, d, false)?,
+                        ])?,
                         o: source.linear(&format!("{p}.self_attn.o_proj"), d, q_out, false)?,
                         mlp_norm: rms(format!("{p}.post_attention_layernorm.weight"))?,
                         mlp: Mlp::Gated {
-                            gate: source.linear(&format!("{p}.mlp.gate_proj"), inter, d, false)?,
-                            up: source.linear(&format!("{p}.mlp.up_proj"), inter, d, false)?,
+                            gate_up: Fused::new(vec![
+                                source.linear(&format!("{p}.mlp.gate_proj"), inter, d, false)?,
+                                source.linear(&format!("{p}.mlp.up_proj"), inter, d, false)?,
+                            ])?,
                             down: source.linear(&format!("{p}.mlp.down_proj"), d, inter, false)?,
                         },
                     });
@@ -221,12 +224,9 @@ impl Transformer {
                 for i in 0..c.num_hidden_layers {
                     let p = format!("{prefix}h.{i}");
                     let fused = source.linear(&format!("{p}.attn.c_attn"), 3 * d, d, true)?;
-                    let (q, k, v) = split_qkv(fused, d)?;
                     layers.push(Layer {
                         attn_norm: ln(format!("{p}.ln_1"))?,
-                        q,
-                        k,
-                        v,
+                        qkv: Fused::whole(fused, vec![d, d, d]),
                         o: source.linear(&format!("{p}.attn.c_proj"), d, d, true)?,
                         mlp_norm: ln(format!("{p}.ln_2"))?,
                         mlp: Mlp::Plain {
@@ -273,14 +273,18 @@ impl Transformer {
             let p = format!("blk.{i}");
             layers.push(Layer {
                 attn_norm: rms(format!("{p}.attn_norm.weight"))?,
-                q: source.linear(&format!("{p}.attn_q"), q_out, d, false)?,
-                k: source.linear(&format!("{p}.attn_k"), kv_out, d, false)?,
-                v: source.linear(&format!("{p}.attn_v"), kv_out, d, false)?,
+                qkv: Fused::new(vec![
+                    source.linear(&format!("{p}.attn_q"), q_out, d, false)?,
+                    source.linear(&format!("{p}.attn_k"), kv_out, d, false)?,
+                    source.linear(&format!("{p}.attn_v"), kv_out, d, false)?,
+                ])?,
                 o: source.linear(&format!("{p}.attn_output"), d, q_out, false)?,
                 mlp_norm: rms(format!("{p}.ffn_norm.weight"))?,
                 mlp: Mlp::Gated {
-                    gate: source.linear(&format!("{p}.ffn_gate"), inter, d, false)?,
-                    up: source.linear(&format!("{p}.ffn_up"), inter, d, false)?,
+                    gate_up: Fused::new(vec![
+                        source.linear(&format!("{p}.ffn_gate"), inter, d, false)?,
+                        source.linear(&format!("{p}.ffn_up"), inter, d, false)?,
+                    ])?,
                     down: source.linear(&format!("{p}.ffn_down"), d, inter, false)?,
                 },
             });
@@ -413,9 +417,10 @@ impl Transformer {
             h = h.add(&a)?;
             let x = layer.mlp_norm.forward(&h)?;
             let mut m = match &layer.mlp {
-                Mlp::Gated { gate, up, down } => {
-                    let g = self.act.apply(&gate.forward(&x)?)?;
-                    down.forward(&g.mul(&up.forward(&x)?)?)?
+                Mlp::Gated { gate_up, down } => {
+                    let parts = gate_up.forward(&x)?;
+                    let g = self.act.apply(&parts[0])?;
+                    down.forward(&g.mul(&parts[1])?)?
                 }
                 Mlp::Plain { fc, proj } => proj.forward(&self.act.apply(&fc.forward(&x)?)?)?,
             };
@@ -458,9 +463,11 @@ impl Transformer {
                 .transpose(1, 2)?
                 .contiguous()?)
         };
-        let mut q = split(layer.q.forward(x)?, heads)?;
-        let mut k = split(layer.k.forward(x)?, kv_heads)?;
-        let v = split(layer.v.forward(x)?, kv_heads)?;
+        let mut parts = layer.qkv.forward(x)?.into_iter();
+        let mut next = || parts.next().expect("three projections");
+        let mut q = split(next(), heads)?;
+        let mut k = split(next(), kv_heads)?;
+        let v = split(next(), kv_heads)?;
         if let Some((cos, sin)) = rope {
             q = apply_rope(&q, cos, sin, c.rope_style)?;
             k = apply_rope(&k, cos, sin, c.rope_style)?;
@@ -490,26 +497,6 @@ impl Transformer {
             .transpose(1, 2)?
             .reshape((batch * t, heads * hd))?;
         layer.o.forward(&out)
-    }
-}
-
-fn split_qkv(fused: Linear, d: usize) -> Result<(Linear, Linear, Linear)> {
-    match fused {
-        Linear::Dense { weight, bias } => {
-            let part = |i: usize| -> Result<Linear> {
-                Ok(Linear::Dense {
-                    weight: weight.narrow(0, i * d, d)?.contiguous()?,
-                    bias: match &bias {
-                        Some(b) => Some(b.narrow(0, i * d, d)?.contiguous()?),
-                        None => None,
-                    },
-                })
-            };
-            Ok((part(0)?, part(1)?, part(2)?))
-        }
-        Linear::Quantized { .. } => Err(Error::Backend(
-            "a quantized fused qkv matrix cannot be split".into(),
-        )),
     }
 }
 

@@ -6,11 +6,19 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::quantized::{gguf_file, QMatMul, QTensor};
+use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Module, Tensor};
 
+use super::kernels;
 use crate::error::{Error, Result};
+
+/// GGUF block layouts with kernels of our own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BlockKind {
+    Q4_1,
+    Q8_0,
+}
 
 /// A weight matrix `[out, in]` and optional bias, applied as `x Wᵀ + b`.
 #[derive(Debug, Clone)]
@@ -20,18 +28,71 @@ pub(crate) enum Linear {
         weight: Tensor,
         bias: Option<Tensor>,
     },
-    /// A GGUF block-quantized matrix.
+    /// GGUF `Q4_1` or `Q8_0` blocks, row after row.
+    Blocks {
+        kind: BlockKind,
+        data: Vec<u8>,
+        out: usize,
+        bias: Option<Tensor>,
+    },
+    /// Another GGUF block-quantized layout, through candle's kernels.
     Quantized {
         weight: QMatMul,
         bias: Option<Tensor>,
     },
 }
 
+/// Up to this many rows, float32 products use the streaming kernel (each
+/// weight read once); above it, candle's blocked matrix product.
+const FEW_ROWS: usize = 16;
+
+fn rows_of(x: &Tensor) -> Result<(usize, usize, Vec<f32>)> {
+    let (m, k) = x.dims2()?;
+    Ok((m, k, x.flatten_all()?.to_vec1::<f32>()?))
+}
+
 impl Linear {
     /// `x` is `[n, in]`; the result is `[n, out]`.
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (out, bias) = match self {
+            Linear::Dense { weight, bias } if x.dim(0)? <= FEW_ROWS => {
+                let (m, k, xs) = rows_of(x)?;
+                let n = weight.dim(0)?;
+                let (storage, layout) = weight.storage_and_layout();
+                let y = match &*storage {
+                    candle_core::Storage::Cpu(cpu) => {
+                        let all = cpu.as_slice::<f32>()?;
+                        let w = &all[layout.start_offset()..layout.start_offset() + n * k];
+                        kernels::matmul_rows(kernels::Rows::F32(w), &xs, m, k, n)
+                    }
+                    _ => return Err(Error::Backend("weights must live on the CPU".into())),
+                };
+                (Tensor::from_vec(y, (m, n), &Device::Cpu)?, bias)
+            }
             Linear::Dense { weight, bias } => (x.matmul(&weight.t()?)?, bias),
+            Linear::Blocks {
+                kind,
+                data,
+                out,
+                bias,
+            } => {
+                let rows = match kind {
+                    BlockKind::Q4_1 => kernels::Rows::Q4_1(data),
+                    BlockKind::Q8_0 => kernels::Rows::Q8_0(data),
+                };
+                let (m, k) = x.dims2()?;
+                if m > FEW_ROWS {
+                    // Many rows (a prefill): expanding the blocks once and
+                    // using the blocked float product beats re-reading them per row.
+                    let w = kernels::dequantize(rows, *out, k);
+                    let w = Tensor::from_vec(w, (*out, k), &Device::Cpu)?;
+                    (x.matmul(&w.t()?)?, bias)
+                } else {
+                    let (m, k, xs) = rows_of(x)?;
+                    let y = kernels::matmul_rows(rows, &xs, m, k, *out);
+                    (Tensor::from_vec(y, (m, *out), &Device::Cpu)?, bias)
+                }
+            }
             Linear::Quantized { weight, bias } => (weight.forward(x)?, bias),
         };
         Ok(match bias {
@@ -43,10 +104,129 @@ impl Linear {
     pub(crate) fn out_features(&self) -> usize {
         match self {
             Linear::Dense { weight, .. } => weight.dim(0).unwrap_or(0),
+            Linear::Blocks { out, .. } => *out,
             Linear::Quantized { weight, .. } => match weight {
                 QMatMul::QTensor(q) => q.shape().dims()[0],
                 QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.dim(0).unwrap_or(0),
             },
+        }
+    }
+}
+
+/// Projections of the same input done as one matrix product (q, k, v; or
+/// gate and up), so each call streams the weights in one pass.
+#[derive(Debug, Clone)]
+pub(crate) struct Fused {
+    whole: Option<Linear>,
+    parts: Vec<Linear>,
+    sizes: Vec<usize>,
+}
+
+fn concat(parts: &[Linear]) -> Result<Option<Linear>> {
+    let biases = || -> Result<Option<Tensor>> {
+        let have: Vec<Option<&Tensor>> = parts
+            .iter()
+            .map(|p| match p {
+                Linear::Dense { bias, .. }
+                | Linear::Blocks { bias, .. }
+                | Linear::Quantized { bias, .. } => bias.as_ref(),
+            })
+            .collect();
+        if have.iter().all(Option::is_none) {
+            return Ok(None);
+        }
+        let filled = parts
+            .iter()
+            .zip(have)
+            .map(|(p, b)| match b {
+                Some(b) => Ok(b.clone()),
+                None => Ok(Tensor::zeros(
+                    p.out_features(),
+                    candle_core::DType::F32,
+                    &Device::Cpu,
+                )?),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Some(Tensor::cat(&filled, 0)?))
+    };
+    if parts.iter().all(|p| matches!(p, Linear::Dense { .. })) {
+        let weights: Vec<&Tensor> = parts
+            .iter()
+            .map(|p| match p {
+                Linear::Dense { weight, .. } => weight,
+                _ => unreachable!(),
+            })
+            .collect();
+        return Ok(Some(Linear::Dense {
+            weight: Tensor::cat(&weights, 0)?,
+            bias: biases()?,
+        }));
+    }
+    let kinds: Vec<Option<BlockKind>> = parts
+        .iter()
+        .map(|p| match p {
+            Linear::Blocks { kind, .. } => Some(*kind),
+            _ => None,
+        })
+        .collect();
+    if kinds.iter().all(|k| k.is_some() && *k == kinds[0]) {
+        let mut data = Vec::new();
+        for p in parts {
+            if let Linear::Blocks { data: d, .. } = p {
+                data.extend_from_slice(d);
+            }
+        }
+        return Ok(Some(Linear::Blocks {
+            kind: kinds[0].expect("checked"),
+            data,
+            out: parts.iter().map(Linear::out_features).sum(),
+            bias: biases()?,
+        }));
+    }
+    Ok(None)
+}
+
+impl Fused {
+    /// One product where the layouts allow it, else one per part.
+    pub(crate) fn new(parts: Vec<Linear>) -> Result<Self> {
+        let sizes = parts.iter().map(Linear::out_features).collect();
+        Ok(match concat(&parts)? {
+            Some(whole) => Fused {
+                whole: Some(whole),
+                parts: Vec::new(),
+                sizes,
+            },
+            None => Fused {
+                whole: None,
+                parts,
+                sizes,
+            },
+        })
+    }
+
+    /// A matrix already stored fused (GPT-2's `c_attn`), split as `sizes`.
+    pub(crate) fn whole(linear: Linear, sizes: Vec<usize>) -> Self {
+        Fused {
+            whole: Some(linear),
+            parts: Vec::new(),
+            sizes,
+        }
+    }
+
+    /// Each part's output, `[n, size]`.
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        match &self.whole {
+            Some(whole) => {
+                let y = whole.forward(x)?;
+                let mut offset = 0;
+                let mut out = Vec::with_capacity(self.sizes.len());
+                for &size in &self.sizes {
+                    out.push(y.narrow(1, offset, size)?.contiguous()?);
+                    offset += size;
+                }
+                Ok(out)
+            }
+            None => self.parts.iter().map(|p| p.forward(x)).collect(),
         }
     }
 }
@@ -245,6 +425,21 @@ impl Source {
                         [out, inp]
                     ),
                 ));
+            }
+            let kind = match q.dtype() {
+                GgmlDType::Q4_1 => Some(BlockKind::Q4_1),
+                GgmlDType::Q8_0 => Some(BlockKind::Q8_0),
+                _ => None,
+            };
+            if let (Some(kind), false, true) =
+                (kind, *dequantize, inp.is_multiple_of(kernels::BLOCK))
+            {
+                return Ok(Linear::Blocks {
+                    kind,
+                    data: q.data()?.into_owned(),
+                    out,
+                    bias,
+                });
             }
             if *dequantize {
                 return Ok(Linear::Dense {

@@ -1,0 +1,493 @@
+//! Matrix products for the few-rows case of decoding: `y = x Wᵀ` with `x`
+//! of `m` rows (one per sequence in the batch) and `W` of `n` rows of `k`
+//! weights, stored as float32 or as GGUF `Q4_1` / `Q8_0` blocks.
+//!
+//! Decoding reads every weight once per token, so these loops stream `W`
+//! once per call, rows split across threads, and dot each row with every
+//! row of `x`. Quantized rows are expanded block by block in registers and
+//! multiplied with float32 activations (no rounding of the activations, unlike
+//! llama.cpp's integer dot products). Each loop has an AVX2+FMA build chosen
+//! at run time and a portable one.
+
+use rayon::prelude::*;
+
+/// Bytes of one GGUF `Q4_1` block: f16 scale, f16 minimum, 16 bytes of nibbles.
+pub(crate) const Q4_1_BYTES: usize = 20;
+/// Bytes of one GGUF `Q8_0` block: f16 scale, 32 signed bytes.
+pub(crate) const Q8_0_BYTES: usize = 34;
+/// Weights per block.
+pub(crate) const BLOCK: usize = 32;
+
+/// A weight matrix in one of the layouts the kernels read.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Rows<'a> {
+    F32(&'a [f32]),
+    Q4_1(&'a [u8]),
+    Q8_0(&'a [u8]),
+}
+
+#[inline(always)]
+fn f16(bits: u16) -> f32 {
+    half_to_f32(bits)
+}
+
+/// IEEE binary16 to binary32.
+#[inline(always)]
+fn half_to_f32(bits: u16) -> f32 {
+    let sign = ((bits >> 15) as u32) << 31;
+    let exponent = ((bits >> 10) & 0x1f) as u32;
+    let mantissa = (bits & 0x3ff) as u32;
+    if exponent == 0 {
+        let value = mantissa as f32 * (1.0 / 16_777_216.0);
+        return if sign != 0 { -value } else { value };
+    }
+    let magnitude = if exponent == 0x1f {
+        0x7f80_0000 | (mantissa << 13)
+    } else {
+        ((exponent + 112) << 23) | (mantissa << 13)
+    };
+    f32::from_bits(sign | magnitude)
+}
+
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let chunks = a.len() / 16;
+    for c in 0..chunks {
+        let (x, y) = (&a[c * 16..c * 16 + 16], &b[c * 16..c * 16 + 16]);
+        for i in 0..16 {
+            acc[i] = x[i].mul_add(y[i], acc[i]);
+        }
+    }
+    let mut total = 0.0;
+    for i in chunks * 16..a.len() {
+        total += a[i] * b[i];
+    }
+    let mut pairs = [0f32; 8];
+    for i in 0..8 {
+        pairs[i] = acc[i] + acc[i + 8];
+    }
+    total + pairs.iter().sum::<f32>()
+}
+
+/// One `Q4_1` row dotted with `x` (`k` values), plus nothing else.
+#[inline(always)]
+fn dot_q4_1(row: &[u8], x: &[f32], sums: &[f32]) -> f32 {
+    let mut total = 0.0f32;
+    for (b, block) in row.chunks_exact(Q4_1_BYTES).enumerate() {
+        let d = f16(u16::from_le_bytes([block[0], block[1]]));
+        let m = f16(u16::from_le_bytes([block[2], block[3]]));
+        let qs = &block[4..20];
+        let xs = &x[b * BLOCK..b * BLOCK + BLOCK];
+        let mut acc = [0f32; 16];
+        for j in 0..16 {
+            acc[j] = ((qs[j] & 0x0f) as f32).mul_add(xs[j], acc[j]);
+            acc[j] = ((qs[j] >> 4) as f32).mul_add(xs[j + 16], acc[j]);
+        }
+        let mut s = 0.0;
+        for v in acc {
+            s += v;
+        }
+        total += d * s + m * sums[b];
+    }
+    total
+}
+
+#[inline(always)]
+fn dot_q8_0(row: &[u8], x: &[f32]) -> f32 {
+    let mut total = 0.0f32;
+    for (b, block) in row.chunks_exact(Q8_0_BYTES).enumerate() {
+        let d = f16(u16::from_le_bytes([block[0], block[1]]));
+        let xs = &x[b * BLOCK..b * BLOCK + BLOCK];
+        let mut acc = [0f32; 16];
+        for j in 0..16 {
+            acc[j] = (block[2 + j] as i8 as f32).mul_add(xs[j], acc[j]);
+            acc[j] = (block[18 + j] as i8 as f32).mul_add(xs[j + 16], acc[j]);
+        }
+        let mut s = 0.0;
+        for v in acc {
+            s += v;
+        }
+        total += d * s;
+    }
+    total
+}
+
+/// Fills `out` (`[rows of W][m]`) for the W rows starting at `first`.
+#[inline(always)]
+fn rows_body(
+    w: Rows<'_>,
+    x: &[f32],
+    sums: &[f32],
+    m: usize,
+    k: usize,
+    first: usize,
+    out: &mut [f32],
+) {
+    let blocks = k / BLOCK;
+    for (r, out_row) in out.chunks_exact_mut(m).enumerate() {
+        let n = first + r;
+        match w {
+            Rows::F32(data) => {
+                let row = &data[n * k..n * k + k];
+                for (i, o) in out_row.iter_mut().enumerate() {
+                    *o = dot(row, &x[i * k..i * k + k]);
+                }
+            }
+            Rows::Q4_1(data) => {
+                let row = &data[n * blocks * Q4_1_BYTES..(n + 1) * blocks * Q4_1_BYTES];
+                for (i, o) in out_row.iter_mut().enumerate() {
+                    *o = dot_q4_1(
+                        row,
+                        &x[i * k..i * k + k],
+                        &sums[i * blocks..i * blocks + blocks],
+                    );
+                }
+            }
+            Rows::Q8_0(data) => {
+                let row = &data[n * blocks * Q8_0_BYTES..(n + 1) * blocks * Q8_0_BYTES];
+                for (i, o) in out_row.iter_mut().enumerate() {
+                    *o = dot_q8_0(row, &x[i * k..i * k + k]);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn rows_avx2(
+    w: Rows<'_>,
+    x: &[f32],
+    sums: &[f32],
+    m: usize,
+    k: usize,
+    first: usize,
+    out: &mut [f32],
+) {
+    rows_body(w, x, sums, m, k, first, out)
+}
+
+fn rows(w: Rows<'_>, x: &[f32], sums: &[f32], m: usize, k: usize, first: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has the features the function is compiled for.
+            return unsafe { rows_avx2(w, x, sums, m, k, first, out) };
+        }
+    }
+    rows_body(w, x, sums, m, k, first, out)
+}
+
+/// Activations rounded to 8-bit blocks of 32, as llama.cpp's `Q8_1`: per
+/// block a float32 scale `d`, the sum `d·Σq`, and 32 signed bytes.
+#[cfg(target_arch = "x86_64")]
+struct Q8Rows {
+    q: Vec<i8>,
+    d: Vec<f32>,
+    s: Vec<f32>,
+}
+
+#[cfg(target_arch = "x86_64")]
+fn quantize_rows(x: &[f32]) -> Q8Rows {
+    let blocks = x.len() / BLOCK;
+    let mut out = Q8Rows {
+        q: vec![0; x.len()],
+        d: Vec::with_capacity(blocks),
+        s: Vec::with_capacity(blocks),
+    };
+    for (b, block) in x.chunks_exact(BLOCK).enumerate() {
+        let amax = block.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let d = amax / 127.0;
+        let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+        let mut sum = 0i32;
+        for (j, v) in block.iter().enumerate() {
+            let q = (v * inv).round() as i32;
+            out.q[b * BLOCK + j] = q as i8;
+            sum += q;
+        }
+        out.d.push(d);
+        out.s.push(d * sum as f32);
+    }
+    out
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{f16, Q8Rows, BLOCK, Q4_1_BYTES, Q8_0_BYTES};
+    use std::arch::x86_64::*;
+
+    #[inline(always)]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let lo = _mm256_castps256_ps128(v);
+        let hi = _mm256_extractf128_ps(v, 1);
+        let s = _mm_add_ps(lo, hi);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+
+    /// Σ over blocks of `Q4_1` weights times 8-bit activations.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot_q4_1(row: &[u8], x: &Q8Rows, first_block: usize) -> f32 {
+        let blocks = row.len() / Q4_1_BYTES;
+        let mask = _mm_set1_epi8(0x0f);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = _mm256_setzero_ps();
+        let mut mins = 0f32;
+        for b in 0..blocks {
+            let block = row.as_ptr().add(b * Q4_1_BYTES);
+            let d = f16(u16::from_le_bytes([*block, *block.add(1)]));
+            let m = f16(u16::from_le_bytes([*block.add(2), *block.add(3)]));
+            let raw = _mm_loadu_si128(block.add(4) as *const __m128i);
+            let lo = _mm_and_si128(raw, mask);
+            let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+            let qw = _mm256_set_m128i(hi, lo);
+            let xb = first_block + b;
+            let qx = _mm256_loadu_si256(x.q.as_ptr().add(xb * BLOCK) as *const __m256i);
+            let products = _mm256_madd_epi16(_mm256_maddubs_epi16(qw, qx), ones);
+            acc = _mm256_fmadd_ps(
+                _mm256_cvtepi32_ps(products),
+                _mm256_set1_ps(d * x.d[xb]),
+                acc,
+            );
+            mins += m * x.s[xb];
+        }
+        hsum(acc) + mins
+    }
+
+    /// Σ over blocks of `Q8_0` weights times 8-bit activations.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot_q8_0(row: &[u8], x: &Q8Rows, first_block: usize) -> f32 {
+        let blocks = row.len() / Q8_0_BYTES;
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = _mm256_setzero_ps();
+        for b in 0..blocks {
+            let block = row.as_ptr().add(b * Q8_0_BYTES);
+            let d = f16(u16::from_le_bytes([*block, *block.add(1)]));
+            let qw = _mm256_loadu_si256(block.add(2) as *const __m256i);
+            let xb = first_block + b;
+            let qx = _mm256_loadu_si256(x.q.as_ptr().add(xb * BLOCK) as *const __m256i);
+            // maddubs wants an unsigned operand: |w| times x carrying w's sign.
+            let products = _mm256_maddubs_epi16(_mm256_sign_epi8(qw, qw), _mm256_sign_epi8(qx, qw));
+            let products = _mm256_madd_epi16(products, ones);
+            acc = _mm256_fmadd_ps(
+                _mm256_cvtepi32_ps(products),
+                _mm256_set1_ps(d * x.d[xb]),
+                acc,
+            );
+        }
+        hsum(acc)
+    }
+
+    /// Fills `out` (`[rows of W][m]`) for the W rows starting at `first`.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn rows(
+        data: &[u8],
+        q4: bool,
+        x: &Q8Rows,
+        m: usize,
+        k: usize,
+        first: usize,
+        out: &mut [f32],
+    ) {
+        let blocks = k / BLOCK;
+        let width = blocks * if q4 { Q4_1_BYTES } else { Q8_0_BYTES };
+        for (r, out_row) in out.chunks_exact_mut(m).enumerate() {
+            let row = &data[(first + r) * width..(first + r + 1) * width];
+            for (i, o) in out_row.iter_mut().enumerate() {
+                *o = if q4 {
+                    dot_q4_1(row, x, i * blocks)
+                } else {
+                    dot_q8_0(row, x, i * blocks)
+                };
+            }
+        }
+    }
+}
+
+/// `y = x Wᵀ`: `x` is `[m, k]`, `W` has `n` rows of `k`; returns `[m, n]`.
+///
+/// The caller checks that `W` holds `n * k` weights and, for the block
+/// layouts, that `k` is a multiple of 32.
+pub(crate) fn matmul_rows(w: Rows<'_>, x: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+    debug_assert_eq!(x.len(), m * k);
+    // Block sums of x, for the minimum term of Q4_1.
+    let sums: Vec<f32> = match w {
+        Rows::Q4_1(_) => x.chunks_exact(BLOCK).map(|c| c.iter().sum()).collect(),
+        _ => Vec::new(),
+    };
+    let mut transposed = vec![0f32; n * m];
+    // Enough rows per task to amortise scheduling, enough tasks to balance.
+    let per_task = (n / (rayon::current_num_threads() * 8)).clamp(8, 256);
+    #[cfg(target_arch = "x86_64")]
+    {
+        let quantized = match w {
+            Rows::Q4_1(data) => Some((data, true)),
+            Rows::Q8_0(data) => Some((data, false)),
+            Rows::F32(_) => None,
+        };
+        if let Some((data, q4)) = quantized {
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                let xq = quantize_rows(x);
+                transposed
+                    .par_chunks_mut(per_task * m)
+                    .enumerate()
+                    // SAFETY: the CPU has the features the kernel is compiled for.
+                    .for_each(|(t, out)| unsafe {
+                        avx2::rows(data, q4, &xq, m, k, t * per_task, out)
+                    });
+                return transpose(transposed, m, n);
+            }
+        }
+    }
+    transposed
+        .par_chunks_mut(per_task * m)
+        .enumerate()
+        .for_each(|(t, out)| rows(w, x, &sums, m, k, t * per_task, out));
+    transpose(transposed, m, n)
+}
+
+/// The float32 values of `n` rows of `k` weights.
+pub(crate) fn dequantize(w: Rows<'_>, n: usize, k: usize) -> Vec<f32> {
+    let mut out = vec![0f32; n * k];
+    let blocks = k / BLOCK;
+    out.par_chunks_mut(k)
+        .enumerate()
+        .for_each(|(r, row)| match w {
+            Rows::F32(data) => row.copy_from_slice(&data[r * k..(r + 1) * k]),
+            Rows::Q4_1(data) => {
+                for b in 0..blocks {
+                    let block = &data[(r * blocks + b) * Q4_1_BYTES..][..Q4_1_BYTES];
+                    let d = f16(u16::from_le_bytes([block[0], block[1]]));
+                    let m = f16(u16::from_le_bytes([block[2], block[3]]));
+                    for j in 0..16 {
+                        row[b * BLOCK + j] = d * (block[4 + j] & 0x0f) as f32 + m;
+                        row[b * BLOCK + j + 16] = d * (block[4 + j] >> 4) as f32 + m;
+                    }
+                }
+            }
+            Rows::Q8_0(data) => {
+                for b in 0..blocks {
+                    let block = &data[(r * blocks + b) * Q8_0_BYTES..][..Q8_0_BYTES];
+                    let d = f16(u16::from_le_bytes([block[0], block[1]]));
+                    for j in 0..BLOCK {
+                        row[b * BLOCK + j] = d * block[2 + j] as i8 as f32;
+                    }
+                }
+            }
+        });
+    out
+}
+
+/// `[n][m]` to `[m][n]`.
+fn transpose(transposed: Vec<f32>, m: usize, n: usize) -> Vec<f32> {
+    if m == 1 {
+        return transposed;
+    }
+    let mut y = vec![0f32; m * n];
+    for (j, row) in transposed.chunks_exact(m).enumerate() {
+        for (i, &v) in row.iter().enumerate() {
+            y[i * n + j] = v;
+        }
+    }
+    y
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(w: &[f32], x: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+        let mut y = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                y[i * n + j] = (0..k)
+                    .map(|t| x[i * k + t] as f64 * w[j * k + t] as f64)
+                    .sum::<f64>() as f32;
+            }
+        }
+        y
+    }
+
+    fn values(count: usize, seed: u32) -> Vec<f32> {
+        (0..count)
+            .map(|i| (((i as u32).wrapping_mul(2_654_435_761) ^ seed) % 1000) as f32 / 500.0 - 1.0)
+            .collect()
+    }
+
+    fn f16_bits(v: f32) -> u16 {
+        // round-to-nearest f32 -> f16 for normal values, enough for tests
+        let bits = v.to_bits();
+        let sign = ((bits >> 16) & 0x8000) as u16;
+        let exp = ((bits >> 23) & 0xff) as i32 - 127 + 15;
+        let mant = bits & 0x7f_ffff;
+        if v == 0.0 {
+            return sign;
+        }
+        let rounded = (mant + 0x1000) >> 13;
+        sign | (((exp as u16) << 10) + rounded as u16)
+    }
+
+    #[test]
+    fn float32_rows_match_the_plain_product() {
+        for (m, k, n) in [(1, 64, 70), (3, 40, 9), (4, 576, 300)] {
+            let (w, x) = (values(n * k, 1), values(m * k, 2));
+            let got = matmul_rows(Rows::F32(&w), &x, m, k, n);
+            for (a, b) in got.iter().zip(naive(&w, &x, m, k, n)) {
+                assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn quantized_rows_match_their_expansion() {
+        let (m, k, n) = (2, 64, 33);
+        let x = values(m * k, 3);
+        let mut q4 = Vec::new();
+        let mut q8 = Vec::new();
+        let (mut w4, mut w8) = (Vec::new(), Vec::new());
+        for r in 0..n * k / BLOCK {
+            let (d, mn) = (0.01 + r as f32 * 1e-3, -0.05 * (r % 3) as f32);
+            let (d, mn) = (half_to_f32(f16_bits(d)), half_to_f32(f16_bits(mn)));
+            q4.extend_from_slice(&f16_bits(d).to_le_bytes());
+            q4.extend_from_slice(&f16_bits(mn).to_le_bytes());
+            q8.extend_from_slice(&f16_bits(d).to_le_bytes());
+            let nibbles: Vec<u8> = (0..32).map(|j| ((j * 7 + r) % 16) as u8).collect();
+            for j in 0..16 {
+                q4.push(nibbles[j] | (nibbles[j + 16] << 4));
+            }
+            for &q in &nibbles {
+                w4.push(d * q as f32 + mn);
+            }
+            for j in 0..32 {
+                let q = ((j * 13 + r) % 255) as i32 - 127;
+                q8.push(q as i8 as u8);
+                w8.push(d * q as f32);
+            }
+        }
+        let got4 = matmul_rows(Rows::Q4_1(&q4), &x, m, k, n);
+        let got8 = matmul_rows(Rows::Q8_0(&q8), &x, m, k, n);
+        for (got, w) in [(got4, w4), (got8, w8)] {
+            let expected = naive(&w, &x, m, k, n);
+            for i in 0..m {
+                for j in 0..n {
+                    // Activations may be rounded to 8-bit blocks: each value
+                    // moves by at most half a step, amax / 254.
+                    let bound: f32 = (0..k)
+                        .map(|t| {
+                            let block = &x[i * k + t / BLOCK * BLOCK..][..BLOCK];
+                            let step = block.iter().fold(0f32, |a, v| a.max(v.abs())) / 127.0;
+                            w[j * k + t].abs() * step / 2.0
+                        })
+                        .sum();
+                    let (a, b) = (got[i * n + j], expected[i * n + j]);
+                    assert!(
+                        (a - b).abs() <= bound * 1.01 + 1e-4,
+                        "{a} vs {b} (bound {bound})"
+                    );
+                }
+            }
+        }
+    }
+}
