@@ -104,7 +104,11 @@ def worker(kind: str, batch: int, threads: int, repeats: int, checkpoint: str, l
         import llama_cpp
 
         llm = llama_cpp.Llama(
-            model_path=str(pretrained.smollm2_gguf()), n_threads=threads, n_ctx=256, n_batch=128, verbose=False
+            model_path=str(pretrained.smollm2_gguf()),
+            n_threads=threads,
+            n_ctx=256,
+            n_batch=128,
+            verbose=False,
         )
         prompts = prompts_for(lambda t: llm.tokenize(t.encode(), add_bos=False), batch)
         if batch != 1:
@@ -165,7 +169,9 @@ def spawn(kind: str, batch: int, args: argparse.Namespace, checkpoint: str) -> d
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--worker")
@@ -185,7 +191,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = os.path.join(tmp, "reft")
         subprocess.run(
-            [sys.executable, "-c", f"import runpy; runpy.run_path({__file__!r})['make_checkpoint']({checkpoint!r})"],
+            [
+                sys.executable,
+                "-c",
+                f"import runpy; runpy.run_path({__file__!r})['make_checkpoint']({checkpoint!r})",
+            ],
             check=True,
             capture_output=True,
         )
@@ -193,13 +203,20 @@ def main() -> None:
             f"SmolLM2-135M, LoReFT r4 on 4 layers at f5+l5, prompt {PROMPT}, {NEW} new tokens, "
             f"{args.threads} threads"
         )
-        header = f"{'':18}{'batch':>6}{'prefill tok/s':>15}{'decode tok/s':>14}{'TTFT cold s':>13}{'peak MB':>10}"
+        header = (
+            f"{'':18}{'batch':>6}{'prefill tok/s':>15}{'decode tok/s':>14}{'TTFT cold s':>13}{'peak MB':>10}"
+        )
         print(header)
         results: dict[tuple[str, int], dict] = {}
         rows = [("torch", 1), ("engine", 1), ("gguf", 1), ("torch", 4), ("engine", 4), ("gguf", 4)]
         if has_llamacpp:
             rows.append(("llamacpp", 1))
-        names = {"torch": "torch f32", "engine": "engine f32", "gguf": "engine Q4_1", "llamacpp": "llama.cpp Q4_1"}
+        names = {
+            "torch": "torch f32",
+            "engine": "engine f32",
+            "gguf": "engine Q4_1",
+            "llamacpp": "llama.cpp Q4_1",
+        }
         for kind, batch in rows:
             result = spawn(kind, batch, args, checkpoint)
             if result is None:

@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -345,3 +346,24 @@ assert "torch" not in [m for m in sys.modules if sys.modules[m] is not None]
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == f"(3, {VOCAB}) True"
+
+
+def test_the_interpreter_runs_while_the_engine_computes(folders):
+    engine = reft_rs.Engine(folders["llama"], threads=1)
+    prompts = [random_ids(1, 40, seed=i)[0].tolist() for i in range(4)]
+    window = {}
+
+    def work():
+        window["start"] = time.perf_counter()
+        engine.generate_ids(prompts, 80, ignore_eos=True)
+        window["end"] = time.perf_counter()
+
+    worker = threading.Thread(target=work)
+    ticks = []
+    worker.start()
+    while worker.is_alive():
+        ticks.append(time.perf_counter())
+    worker.join()
+    inside = [t for t in ticks if window["start"] < t < window["end"]]
+    assert window["end"] - window["start"] > 0.01
+    assert len(inside) > 100  # the main thread kept running Python meanwhile

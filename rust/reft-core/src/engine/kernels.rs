@@ -227,37 +227,66 @@ mod avx2 {
         _mm_cvtss_f32(s)
     }
 
+    /// Scale and minimum of a block: two float16 values, converted together.
+    #[inline(always)]
+    unsafe fn halves(block: *const u8) -> (f32, f32) {
+        let packed = _mm_cvtsi32_si128(std::ptr::read_unaligned(block as *const i32));
+        let both = _mm_cvtph_ps(packed);
+        (_mm_cvtss_f32(both), _mm_cvtss_f32(_mm_movehdup_ps(both)))
+    }
+
+    /// One block of `Q4_1` nibbles times 32 activation bytes, as 8 int32 sums.
+    #[inline(always)]
+    unsafe fn q4_block(block: *const u8, qx: *const i8) -> __m256 {
+        let mask = _mm_set1_epi8(0x0f);
+        let raw = _mm_loadu_si128(block.add(4) as *const __m128i);
+        let lo = _mm_and_si128(raw, mask);
+        let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+        let qw = _mm256_set_m128i(hi, lo);
+        let qx = _mm256_loadu_si256(qx as *const __m256i);
+        _mm256_cvtepi32_ps(_mm256_madd_epi16(
+            _mm256_maddubs_epi16(qw, qx),
+            _mm256_set1_epi16(1),
+        ))
+    }
+
     /// Σ over blocks of `Q4_1` weights times 8-bit activations.
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn dot_q4_1(row: &[u8], x: &Q8Rows, first_block: usize) -> f32 {
         let blocks = row.len() / Q4_1_BYTES;
-        let mask = _mm_set1_epi8(0x0f);
-        let ones = _mm256_set1_epi16(1);
-        let mut acc = _mm256_setzero_ps();
-        let mut mins = 0f32;
-        for b in 0..blocks {
-            let block = row.as_ptr().add(b * Q4_1_BYTES);
-            let d = f16(u16::from_le_bytes([*block, *block.add(1)]));
-            let m = f16(u16::from_le_bytes([*block.add(2), *block.add(3)]));
-            let raw = _mm_loadu_si128(block.add(4) as *const __m128i);
-            let lo = _mm_and_si128(raw, mask);
-            let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
-            let qw = _mm256_set_m128i(hi, lo);
-            let xb = first_block + b;
-            let qx = _mm256_loadu_si256(x.q.as_ptr().add(xb * BLOCK) as *const __m256i);
-            let products = _mm256_madd_epi16(_mm256_maddubs_epi16(qw, qx), ones);
-            acc = _mm256_fmadd_ps(
-                _mm256_cvtepi32_ps(products),
-                _mm256_set1_ps(d * x.d[xb]),
-                acc,
-            );
-            mins += m * x.s[xb];
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let (mut mins0, mut mins1) = (0f32, 0f32);
+        let base = row.as_ptr();
+        let qx = x.q.as_ptr().add(first_block * BLOCK);
+        let (xd, xs) = (x.d.as_ptr().add(first_block), x.s.as_ptr().add(first_block));
+        let mut b = 0;
+        while b + 2 <= blocks {
+            let (p0, p1) = (base.add(b * Q4_1_BYTES), base.add((b + 1) * Q4_1_BYTES));
+            let (d0, m0) = halves(p0);
+            let (d1, m1) = halves(p1);
+            let s0 = q4_block(p0, qx.add(b * BLOCK));
+            let s1 = q4_block(p1, qx.add((b + 1) * BLOCK));
+            acc0 = _mm256_fmadd_ps(s0, _mm256_set1_ps(d0 * *xd.add(b)), acc0);
+            acc1 = _mm256_fmadd_ps(s1, _mm256_set1_ps(d1 * *xd.add(b + 1)), acc1);
+            mins0 += m0 * *xs.add(b);
+            mins1 += m1 * *xs.add(b + 1);
+            b += 2;
         }
-        hsum(acc) + mins
+        if b < blocks {
+            let p = base.add(b * Q4_1_BYTES);
+            let (d, m) = halves(p);
+            acc0 = _mm256_fmadd_ps(
+                q4_block(p, qx.add(b * BLOCK)),
+                _mm256_set1_ps(d * *xd.add(b)),
+                acc0,
+            );
+            mins0 += m * *xs.add(b);
+        }
+        hsum(_mm256_add_ps(acc0, acc1)) + mins0 + mins1
     }
 
     /// Σ over blocks of `Q8_0` weights times 8-bit activations.
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn dot_q8_0(row: &[u8], x: &Q8Rows, first_block: usize) -> f32 {
         let blocks = row.len() / Q8_0_BYTES;
         let ones = _mm256_set1_epi16(1);
@@ -281,7 +310,7 @@ mod avx2 {
     }
 
     /// Fills `out` (`[rows of W][m]`) for the W rows starting at `first`.
-    #[target_feature(enable = "avx2,fma")]
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn rows(
         data: &[u8],
         q4: bool,
@@ -328,7 +357,10 @@ pub(crate) fn matmul_rows(w: Rows<'_>, x: &[f32], m: usize, k: usize, n: usize) 
             Rows::F32(_) => None,
         };
         if let Some((data, q4)) = quantized {
-            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            if std::is_x86_feature_detected!("avx2")
+                && std::is_x86_feature_detected!("fma")
+                && std::is_x86_feature_detected!("f16c")
+            {
                 let xq = quantize_rows(x);
                 transposed
                     .par_chunks_mut(per_task * m)

@@ -164,12 +164,21 @@ fn gguf_config(meta: &HashMap<String, gguf_file::Value>, path: &Path) -> Result<
 /// own beside rayon's; on a few cores the two fight (a prefill took 40% longer).
 /// Unless the user chose otherwise, element-wise work stays on the calling
 /// thread and the matrix products use rayon. Must run before candle's first
-/// operation, which creates its pool.
+/// operation, which creates its pool. Also pins `RAYON_NUM_THREADS` to the
+/// size of rayon's global pool (which this call creates if needed).
 fn limit_candle_pool() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
             std::env::set_var("CANDLE_NUM_THREADS", "1");
+        }
+        // candle sizes each matrix product's split from this variable, and
+        // without it reads the CPU topology from /proc on every product.
+        if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+            std::env::set_var(
+                "RAYON_NUM_THREADS",
+                rayon::current_num_threads().to_string(),
+            );
         }
     });
 }
