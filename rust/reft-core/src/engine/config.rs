@@ -153,7 +153,17 @@ impl ModelConfig {
                     norm_eps: float_of(&["rms_norm_eps"], 1e-6),
                     rope_theta: theta,
                     rope_style: RopeStyle::Halves,
-                    max_position_embeddings: usize_of(&["max_position_embeddings"]).unwrap_or(4096),
+                    // Attention beyond a sliding window is not implemented:
+                    // sequences are held within it instead.
+                    max_position_embeddings: {
+                        let most = usize_of(&["max_position_embeddings"]).unwrap_or(4096);
+                        let sliding =
+                            get("use_sliding_window").and_then(Value::as_bool) != Some(false);
+                        match usize_of(&["sliding_window"]) {
+                            Some(window) if sliding && window > 0 => most.min(window),
+                            _ => most,
+                        }
+                    },
                     tie_word_embeddings: get("tie_word_embeddings")
                         .and_then(Value::as_bool)
                         .unwrap_or(false),
@@ -235,5 +245,57 @@ impl ModelConfig {
             )));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> Result<ModelConfig> {
+        ModelConfig::from_hf_json(json, Path::new("config.json"))
+    }
+
+    const LLAMA: &str = r#"{"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100"#;
+
+    #[test]
+    fn llama_defaults_and_transformers5_rope_parameters() {
+        let c = parse(&format!(
+            r#"{LLAMA}, "rope_parameters": {{"rope_type": "default", "rope_theta": 5e5}}}}"#
+        ))
+        .unwrap();
+        assert_eq!(
+            (c.family, c.head_dim, c.rope_theta),
+            (Family::Llama, 16, 5e5)
+        );
+        assert!(!c.tie_word_embeddings);
+    }
+
+    #[test]
+    fn sliding_windows_cap_the_length() {
+        let c = parse(&format!(r#"{LLAMA}, "model_type": "mistral", "max_position_embeddings": 9000, "sliding_window": 4096}}"#)).unwrap();
+        assert_eq!(c.max_position_embeddings, 4096);
+        let c = parse(&format!(r#"{LLAMA}, "max_position_embeddings": 9000, "sliding_window": 4096, "use_sliding_window": false}}"#)).unwrap();
+        assert_eq!(c.max_position_embeddings, 9000);
+    }
+
+    #[test]
+    fn unsupported_models_and_settings_are_named() {
+        let e = parse(r#"{"model_type": "bert", "hidden_size": 8}"#).unwrap_err();
+        assert!(
+            matches!(e, Error::UnsupportedModel { ref model_type, .. } if model_type == "bert"),
+            "{e}"
+        );
+        let e = parse(&format!(
+            r#"{LLAMA}, "rope_scaling": {{"rope_type": "yarn", "factor": 4.0}}}}"#
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("\"yarn\""), "{e}");
+        let e = parse(&format!(r#"{LLAMA}, "num_key_value_heads": 3}}"#)).unwrap_err();
+        assert!(e.to_string().contains("cannot share"), "{e}");
+        let e = parse(r#"{"model_type": "llama"}"#).unwrap_err();
+        assert!(e.to_string().contains("hidden_size"), "{e}");
+        assert!(matches!(parse("not json"), Err(Error::ModelLoad { .. })));
     }
 }

@@ -346,8 +346,25 @@ impl Engine {
         prompts: &[Vec<u32>],
         options: &GenerateOptions,
     ) -> Result<Vec<Vec<u32>>> {
+        self.generate_streaming(prompts, options, |_, _| {})
+    }
+
+    /// [`Engine::generate`], calling `on_token(prompt index, token)` for each
+    /// token as soon as it is chosen.
+    pub fn generate_streaming(
+        self: &Arc<Self>,
+        prompts: &[Vec<u32>],
+        options: &GenerateOptions,
+        mut on_token: impl FnMut(usize, u32),
+    ) -> Result<Vec<Vec<u32>>> {
         let mut session = Session::new(Arc::clone(self), prompts.to_vec(), options.clone())?;
-        while session.step()?.is_some() {}
+        while let Some(tokens) = session.step()? {
+            for (row, token) in tokens.into_iter().enumerate() {
+                if let Some(token) = token {
+                    on_token(row, token);
+                }
+            }
+        }
         Ok(session.generated)
     }
 }
@@ -512,4 +529,17 @@ pub fn cut_at_stop<'a>(text: &'a str, stop: &[String]) -> &'a str {
         .min()
         .unwrap_or(text.len());
     &text[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cut_at_stop;
+
+    #[test]
+    fn text_is_cut_before_the_first_stop() {
+        let stops = vec!["END".to_string(), "\n\n".to_string(), String::new()];
+        assert_eq!(cut_at_stop("one\n\ntwo END", &stops), "one");
+        assert_eq!(cut_at_stop("no stop here", &stops), "no stop here");
+        assert_eq!(cut_at_stop("xEND\n\n", &stops), "x");
+    }
 }
