@@ -95,6 +95,9 @@ def load_checkpoint(
     path: str | PathLike[str],
 ) -> tuple[str, list[tuple[str, str, list[int], bytearray]], bool]: ...
 
+#: (max_new_tokens, temperature, top_k, top_p, seed, stop, intervene_on_generated, ignore_eos)
+_GenerateArgs = tuple[int, float, int | None, float | None, int | None, list[str] | None, bool, bool]
+
 @final
 class Engine:
     def __new__(
@@ -102,45 +105,14 @@ class Engine:
         model_path: str | PathLike[str],
         reft: str | PathLike[str] | None = None,
         threads: int | None = None,
+        dequantize: bool = False,
     ) -> Engine: ...
     def logits(self, token_ids: list[int]) -> npt.NDArray[np.float32]: ...
-    def generate_ids(
-        self,
-        prompts: list[list[int]],
-        max_new_tokens: int,
-        temperature: float,
-        top_k: int | None,
-        top_p: float | None,
-        seed: int | None,
-        stop: list[str] | None,
-        intervene_on_generated: bool,
-        ignore_eos: bool,
-    ) -> list[list[int]]: ...
+    def generate_ids(self, prompts: list[list[int]], options: _GenerateArgs) -> list[list[int]]: ...
     def generate_text(
-        self,
-        prompts: list[str],
-        max_new_tokens: int,
-        temperature: float,
-        top_k: int | None,
-        top_p: float | None,
-        seed: int | None,
-        stop: list[str] | None,
-        intervene_on_generated: bool,
-        ignore_eos: bool,
-        add_special_tokens: bool,
+        self, prompts: list[str], options: _GenerateArgs, add_special_tokens: bool
     ) -> list[str]: ...
-    def stream_ids(
-        self,
-        prompt: list[int],
-        max_new_tokens: int,
-        temperature: float,
-        top_k: int | None,
-        top_p: float | None,
-        seed: int | None,
-        stop: list[str] | None,
-        intervene_on_generated: bool,
-        ignore_eos: bool,
-    ) -> TokenStream: ...
+    def stream_ids(self, prompt: list[int], options: _GenerateArgs) -> TokenStream: ...
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
     def decode(self, token_ids: list[int]) -> str: ...
     def apply_chat_template(self, messages_json: str, add_generation_prompt: bool = True) -> str: ...

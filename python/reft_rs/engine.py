@@ -24,6 +24,8 @@ from .errors import InvalidArgumentError
 __all__ = ["Engine"]
 
 Messages = Sequence[Mapping[str, Any]]
+# (max_new_tokens, temperature, top_k, top_p, seed, stop, intervene_on_generated, ignore_eos)
+_GenerateArgs = tuple[int, float, "int | None", "float | None", "int | None", "list[str] | None", bool, bool]
 
 
 def _count(name: str, value: Any, minimum: int) -> int:
@@ -190,13 +192,10 @@ class Engine:
         texts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not all(isinstance(p, str) for p in texts):
             raise InvalidArgumentError("prompts must be strings; use generate_ids for token ids")
-        return self._engine.generate_text(
-            texts,
-            *self._options(max_new_tokens, temperature, top_k, top_p, seed, stop),
-            intervene_on_generated,
-            ignore_eos,
-            add_special_tokens,
+        options = self._options(
+            max_new_tokens, temperature, top_k, top_p, seed, stop, intervene_on_generated, ignore_eos
         )
+        return self._engine.generate_text(texts, options, add_special_tokens)
 
     def generate_ids(
         self,
@@ -214,12 +213,10 @@ class Engine:
         """As :meth:`generate`, on token ids: the new ids of each prompt
         (end-of-sequence tokens left out). Works without a tokenizer."""
         ids = [_token_ids(f"prompts[{i}]", p) for i, p in enumerate(prompts)]
-        return self._engine.generate_ids(
-            ids,
-            *self._options(max_new_tokens, temperature, top_k, top_p, seed, stop),
-            intervene_on_generated,
-            ignore_eos,
+        options = self._options(
+            max_new_tokens, temperature, top_k, top_p, seed, stop, intervene_on_generated, ignore_eos
         )
+        return self._engine.generate_ids(ids, options)
 
     def stream(
         self,
@@ -242,12 +239,10 @@ class Engine:
         :meth:`generate`'s result.
         """
         ids = self.encode(prompt) if isinstance(prompt, str) else _token_ids("prompt", prompt)
-        stream = self._engine.stream_ids(
-            ids,
-            *self._options(max_new_tokens, temperature, top_k, top_p, seed, stop),
-            intervene_on_generated,
-            ignore_eos,
+        options = self._options(
+            max_new_tokens, temperature, top_k, top_p, seed, stop, intervene_on_generated, ignore_eos
         )
+        stream = self._engine.stream_ids(ids, options)
         if tokens:
             return (token for token, _ in stream)
         return (piece for _, piece in stream if piece)
@@ -293,7 +288,9 @@ class Engine:
         top_p: float | None,
         seed: int | None,
         stop: str | Sequence[str] | None,
-    ) -> tuple[int, float, int | None, float | None, int | None, list[str] | None]:
+        intervene_on_generated: bool,
+        ignore_eos: bool,
+    ) -> _GenerateArgs:
         max_new_tokens = _count("max_new_tokens", max_new_tokens, 0)
         if top_k is not None:
             top_k = _count("top_k", top_k, 1)
@@ -305,7 +302,16 @@ class Engine:
         except (TypeError, ValueError) as error:
             raise InvalidArgumentError(f"temperature and top_p must be numbers: {error}") from None
         stops = [stop] if isinstance(stop, str) else (None if stop is None else [str(s) for s in stop])
-        return max_new_tokens, temperature, top_k, top_p, seed, stops
+        return (
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            stops,
+            bool(intervene_on_generated),
+            bool(ignore_eos),
+        )
 
 
 def _messages(messages: Messages | str) -> list[dict[str, Any]]:

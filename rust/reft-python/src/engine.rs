@@ -18,17 +18,22 @@ pub struct PyEngine {
     inner: Arc<Engine>,
 }
 
-#[allow(clippy::too_many_arguments)]
-fn options(
-    max_new_tokens: usize,
-    temperature: f64,
-    top_k: Option<usize>,
-    top_p: Option<f64>,
-    seed: Option<u64>,
-    stop: Option<Vec<String>>,
-    intervene_on_generated: bool,
-    ignore_eos: bool,
-) -> GenerateOptions {
+/// `(max_new_tokens, temperature, top_k, top_p, seed, stop,
+/// intervene_on_generated, ignore_eos)`, as `reft_rs.Engine._options` builds it.
+type OptionArgs = (
+    usize,
+    f64,
+    Option<usize>,
+    Option<f64>,
+    Option<u64>,
+    Option<Vec<String>>,
+    bool,
+    bool,
+);
+
+fn options(args: OptionArgs) -> GenerateOptions {
+    let (max_new_tokens, temperature, top_k, top_p, seed, stop, intervene_on_generated, ignore_eos) =
+        args;
     GenerateOptions {
         max_new_tokens,
         sampling: Sampling {
@@ -93,62 +98,26 @@ impl PyEngine {
     }
 
     /// New token ids for each prompt of token ids.
-    #[pyo3(signature = (prompts, max_new_tokens, temperature, top_k, top_p, seed, stop, intervene_on_generated, ignore_eos))]
-    #[allow(clippy::too_many_arguments)]
     fn generate_ids(
         &self,
         py: Python<'_>,
         prompts: Vec<Vec<u32>>,
-        max_new_tokens: usize,
-        temperature: f64,
-        top_k: Option<usize>,
-        top_p: Option<f64>,
-        seed: Option<u64>,
-        stop: Option<Vec<String>>,
-        intervene_on_generated: bool,
-        ignore_eos: bool,
+        options: OptionArgs,
     ) -> PyResult<Vec<Vec<u32>>> {
-        let options = options(
-            max_new_tokens,
-            temperature,
-            top_k,
-            top_p,
-            seed,
-            stop,
-            intervene_on_generated,
-            ignore_eos,
-        );
+        let options = self::options(options);
         py.detach(|| self.inner.generate(&prompts, &options))
             .into_py_result()
     }
 
     /// Text continuations of each prompt, cut before any stop string.
-    #[pyo3(signature = (prompts, max_new_tokens, temperature, top_k, top_p, seed, stop, intervene_on_generated, ignore_eos, add_special_tokens))]
-    #[allow(clippy::too_many_arguments)]
     fn generate_text(
         &self,
         py: Python<'_>,
         prompts: Vec<String>,
-        max_new_tokens: usize,
-        temperature: f64,
-        top_k: Option<usize>,
-        top_p: Option<f64>,
-        seed: Option<u64>,
-        stop: Option<Vec<String>>,
-        intervene_on_generated: bool,
-        ignore_eos: bool,
+        options: OptionArgs,
         add_special_tokens: bool,
     ) -> PyResult<Vec<String>> {
-        let options = options(
-            max_new_tokens,
-            temperature,
-            top_k,
-            top_p,
-            seed,
-            stop,
-            intervene_on_generated,
-            ignore_eos,
-        );
+        let options = self::options(options);
         py.detach(|| -> Result<Vec<String>, Error> {
             let text = self.text()?;
             let ids = prompts
@@ -164,30 +133,8 @@ impl PyEngine {
     }
 
     /// A stream of one prompt's tokens (see `reft_rs.Engine.stream`).
-    #[pyo3(signature = (prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, intervene_on_generated, ignore_eos))]
-    #[allow(clippy::too_many_arguments)]
-    fn stream_ids(
-        &self,
-        prompt: Vec<u32>,
-        max_new_tokens: usize,
-        temperature: f64,
-        top_k: Option<usize>,
-        top_p: Option<f64>,
-        seed: Option<u64>,
-        stop: Option<Vec<String>>,
-        intervene_on_generated: bool,
-        ignore_eos: bool,
-    ) -> PyResult<PyStream> {
-        let options = options(
-            max_new_tokens,
-            temperature,
-            top_k,
-            top_p,
-            seed,
-            stop,
-            intervene_on_generated,
-            ignore_eos,
-        );
+    fn stream_ids(&self, prompt: Vec<u32>, options: OptionArgs) -> PyResult<PyStream> {
+        let options = self::options(options);
         let stop = options.stop.clone();
         let session =
             Session::new(Arc::clone(&self.inner), vec![prompt], options).into_py_result()?;

@@ -68,7 +68,8 @@ pub struct ModelConfig {
 /// Model types read as the Llama family.
 const LLAMA_TYPES: [&str; 5] = ["llama", "mistral", "qwen2", "smollm", "smollm2"];
 
-fn token_ids(value: Option<&Value>) -> Vec<u32> {
+/// Token ids given as one number or a list (as `eos_token_id` may be).
+pub(crate) fn token_ids(value: Option<&Value>) -> Vec<u32> {
     match value {
         Some(Value::Number(n)) => n.as_u64().map(|n| vec![n as u32]).unwrap_or_default(),
         Some(Value::Array(items)) => items

@@ -118,6 +118,88 @@ struct Layer {
     mlp: Mlp,
 }
 
+/// Tensor names of a Llama-style layer: its prefix, then the suffixes of
+/// the two norms and of the q, k, v, o, gate, up and down projections.
+struct LayerNames {
+    prefix: &'static str,
+    norms: [&'static str; 2],
+    projections: [&'static str; 7],
+}
+
+const HF_NAMES: LayerNames = LayerNames {
+    prefix: "model.layers",
+    norms: ["input_layernorm.weight", "post_attention_layernorm.weight"],
+    projections: [
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    ],
+};
+
+const GGUF_NAMES: LayerNames = LayerNames {
+    prefix: "blk",
+    norms: ["attn_norm.weight", "ffn_norm.weight"],
+    projections: [
+        "attn_q",
+        "attn_k",
+        "attn_v",
+        "attn_output",
+        "ffn_gate",
+        "ffn_up",
+        "ffn_down",
+    ],
+};
+
+fn llama_layers(c: &ModelConfig, source: &Source, names: &LayerNames) -> Result<Vec<Layer>> {
+    let (d, inter) = (c.hidden_size, c.intermediate_size);
+    let q_out = c.num_attention_heads * c.head_dim;
+    let kv_out = c.num_key_value_heads * c.head_dim;
+    let shapes = [
+        (q_out, d),
+        (kv_out, d),
+        (kv_out, d),
+        (d, q_out),
+        (inter, d),
+        (inter, d),
+        (d, inter),
+    ];
+    (0..c.num_hidden_layers)
+        .map(|i| {
+            let p = format!("{}.{i}", names.prefix);
+            let norm = |suffix: &str| -> Result<Norm> {
+                Ok(Norm::Rms {
+                    weight: source.tensor(&format!("{p}.{suffix}"), &[d])?,
+                    eps: c.norm_eps,
+                })
+            };
+            let mut linears = names
+                .projections
+                .iter()
+                .zip(shapes)
+                .map(|(suffix, (out, inp))| {
+                    source.linear(&format!("{p}.{suffix}"), out, inp, false)
+                })
+                .collect::<Result<Vec<_>>>()?
+                .into_iter();
+            let mut next = || linears.next().expect("seven projections");
+            Ok(Layer {
+                attn_norm: norm(names.norms[0])?,
+                qkv: Fused::new(vec![next(), next(), next()])?,
+                o: next(),
+                mlp_norm: norm(names.norms[1])?,
+                mlp: Mlp::Gated {
+                    gate_up: Fused::new(vec![next(), next()])?,
+                    down: next(),
+                },
+            })
+        })
+        .collect()
+}
+
 /// Keys and values of the tokens seen so far, per layer, for one batch.
 pub(crate) struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
@@ -158,37 +240,9 @@ impl Transformer {
     pub(crate) fn from_hf(config: ModelConfig, source: &Source) -> Result<Self> {
         let c = &config;
         let (d, inter) = (c.hidden_size, c.intermediate_size);
-        let q_out = c.num_attention_heads * c.head_dim;
-        let kv_out = c.num_key_value_heads * c.head_dim;
         match c.family {
             Family::Llama => {
-                let rms = |name: String| -> Result<Norm> {
-                    Ok(Norm::Rms {
-                        weight: source.tensor(&name, &[d])?,
-                        eps: c.norm_eps,
-                    })
-                };
-                let mut layers = Vec::with_capacity(c.num_hidden_layers);
-                for i in 0..c.num_hidden_layers {
-                    let p = format!("model.layers.{i}");
-                    layers.push(Layer {
-                        attn_norm: rms(format!("{p}.input_layernorm.weight"))?,
-                        qkv: Fused::new(vec![
-                            source.linear(&format!("{p}.self_attn.q_proj"), q_out, d, false)?,
-                            source.linear(&format!("{p}.self_attn.k_proj"), kv_out, d, false)?,
-                            source.linear(&format!("{p}.self_attn.v_proj"), kv_out, d, false)?,
-                        ])?,
-                        o: source.linear(&format!("{p}.self_attn.o_proj"), d, q_out, false)?,
-                        mlp_norm: rms(format!("{p}.post_attention_layernorm.weight"))?,
-                        mlp: Mlp::Gated {
-                            gate_up: Fused::new(vec![
-                                source.linear(&format!("{p}.mlp.gate_proj"), inter, d, false)?,
-                                source.linear(&format!("{p}.mlp.up_proj"), inter, d, false)?,
-                            ])?,
-                            down: source.linear(&format!("{p}.mlp.down_proj"), d, inter, false)?,
-                        },
-                    });
-                }
+                let layers = llama_layers(c, source, &HF_NAMES)?;
                 let embed = source.tensor("model.embed_tokens.weight", &[c.vocab_size, d])?;
                 let head = if source.contains("lm_head.weight") && !c.tie_word_embeddings {
                     source.linear("lm_head", c.vocab_size, d, false)?
@@ -203,7 +257,10 @@ impl Transformer {
                     embed,
                     None,
                     layers,
-                    rms("model.norm.weight".into())?,
+                    Norm::Rms {
+                        weight: source.tensor("model.norm.weight", &[d])?,
+                        eps: c.norm_eps,
+                    },
                     head,
                 )
             }
@@ -259,36 +316,8 @@ impl Transformer {
     /// Builds a Llama-family model from GGUF tensor names (`blk.0.attn_q`, ...).
     pub(crate) fn from_gguf(config: ModelConfig, source: &Source) -> Result<Self> {
         let c = &config;
-        let (d, inter) = (c.hidden_size, c.intermediate_size);
-        let q_out = c.num_attention_heads * c.head_dim;
-        let kv_out = c.num_key_value_heads * c.head_dim;
-        let rms = |name: String| -> Result<Norm> {
-            Ok(Norm::Rms {
-                weight: source.tensor(&name, &[d])?,
-                eps: c.norm_eps,
-            })
-        };
-        let mut layers = Vec::with_capacity(c.num_hidden_layers);
-        for i in 0..c.num_hidden_layers {
-            let p = format!("blk.{i}");
-            layers.push(Layer {
-                attn_norm: rms(format!("{p}.attn_norm.weight"))?,
-                qkv: Fused::new(vec![
-                    source.linear(&format!("{p}.attn_q"), q_out, d, false)?,
-                    source.linear(&format!("{p}.attn_k"), kv_out, d, false)?,
-                    source.linear(&format!("{p}.attn_v"), kv_out, d, false)?,
-                ])?,
-                o: source.linear(&format!("{p}.attn_output"), d, q_out, false)?,
-                mlp_norm: rms(format!("{p}.ffn_norm.weight"))?,
-                mlp: Mlp::Gated {
-                    gate_up: Fused::new(vec![
-                        source.linear(&format!("{p}.ffn_gate"), inter, d, false)?,
-                        source.linear(&format!("{p}.ffn_up"), inter, d, false)?,
-                    ])?,
-                    down: source.linear(&format!("{p}.ffn_down"), d, inter, false)?,
-                },
-            });
-        }
+        let d = c.hidden_size;
+        let layers = llama_layers(c, source, &GGUF_NAMES)?;
         let embed = source.tensor("token_embd.weight", &[c.vocab_size, d])?;
         let head = if source.contains("output.weight") {
             source.linear("output", c.vocab_size, d, false)?
@@ -300,7 +329,10 @@ impl Transformer {
             embed,
             None,
             layers,
-            rms("output_norm.weight".into())?,
+            Norm::Rms {
+                weight: source.tensor("output_norm.weight", &[d])?,
+                eps: c.norm_eps,
+            },
             head,
         )
     }

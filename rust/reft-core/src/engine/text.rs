@@ -83,14 +83,7 @@ impl Text {
         };
         let bos_token = token_text(tokenizer_config.get("bos_token")).unwrap_or_default();
         let eos_token = token_text(tokenizer_config.get("eos_token")).unwrap_or_default();
-        let mut eos_ids: Vec<u32> = match generation.get("eos_token_id") {
-            Some(Value::Number(n)) => n.as_u64().map(|n| vec![n as u32]).unwrap_or_default(),
-            Some(Value::Array(a)) => a
-                .iter()
-                .filter_map(|v| v.as_u64().map(|n| n as u32))
-                .collect(),
-            _ => Vec::new(),
-        };
+        let mut eos_ids = super::config::token_ids(generation.get("eos_token_id"));
         if eos_ids.is_empty() {
             eos_ids = config_eos.to_vec();
         }
