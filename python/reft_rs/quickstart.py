@@ -6,8 +6,11 @@ The bundled instruction set (64 questions answered as a pirate would: each
 reply opens with "Arr!" and closes with "matey.") is split into 48 training
 and 16 held-out prompts. The job measures how often the model replies in the
 style on the held-out prompts before and after training (a checker, not a
-judgement), prints examples, and saves the checkpoint and ``metrics.json``.
-It takes a couple of minutes on 2 CPU cores.
+judgement), prints examples, and saves the checkpoint, ``metrics.json`` and
+the loss curve (``loss.png``). Last, it runs the saved checkpoint through the
+Rust CPU engine (no torch) and checks that it gives the same replies,
+printing the generation speed of both paths. It takes a couple of minutes on
+2 CPU cores.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-__all__ = ["generate_replies", "has_style", "load_examples", "main"]
+__all__ = ["engine_check", "generate_replies", "has_style", "load_examples", "main"]
 
 
 def load_examples() -> list[dict[str, str]]:
@@ -60,6 +63,19 @@ def generate_replies(model: Any, tokenizer: Any, prompts: list[str], max_new_tok
             pad_token_id=tokenizer.pad_token_id,
         )
     return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+
+
+def engine_check(checkpoint: Path, prompts: list[str], threads: int) -> tuple[list[str], float]:
+    """Greedy replies of the Rust engine with the saved checkpoint (one
+    left-padded batch, as the torch path ran), and the seconds they took."""
+    import reft_rs
+    from reft_rs.pretrained import smollm2_path
+
+    engine = reft_rs.Engine(smollm2_path(), reft=checkpoint, threads=threads)
+    texts = [engine.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
+    start = time.perf_counter()
+    replies = engine.generate(texts, max_new_tokens=24, add_special_tokens=False)
+    return [r.strip() for r in replies], time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
     )
     train_seconds = time.perf_counter() - start
+    start = time.perf_counter()
     after = generate_replies(reft_model, tokenizer, prompts)
+    torch_seconds = time.perf_counter() - start
 
     rate_before = sum(map(has_style, before)) / len(before)
     rate_after = sum(map(has_style, after)) / len(after)
@@ -119,17 +137,31 @@ def main(argv: list[str] | None = None) -> int:
 
     output = Path(args.output_dir)
     reft_model.save_pretrained(output / "checkpoint", metadata={"task": "pirate_style"})
+    from reft_rs.plot import line_chart
+
+    line_chart(output / "loss.png", losses, title="LoReFT training loss (SmolLM2-135M-Instruct)")
+    engine_replies, engine_seconds = engine_check(output / "checkpoint", prompts, torch.get_num_threads())
+    same = sum(a == b for a, b in zip(engine_replies, after))
+    tokens = sum(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in after)
+    print(
+        f"the Rust engine, run on the saved checkpoint, gives the same replies for {same}/{len(after)} "
+        f"held-out prompts\n  torch: {tokens / torch_seconds:.1f} tok/s, Rust engine: "
+        f"{tokens / engine_seconds:.1f} tok/s ({torch_seconds / engine_seconds:.1f}x)"
+    )
     metrics = {
         "success_rate_before": rate_before,
         "success_rate_after": rate_after,
         "train_seconds": round(train_seconds, 2),
         "trainable_parameters": reft_model.trainable_parameter_count(),
         "final_loss": losses[-1],
+        "engine_same_replies": same,
+        "torch_generate_seconds": round(torch_seconds, 3),
+        "engine_generate_seconds": round(engine_seconds, 3),
         "losses": losses,
         "held_out": [{"prompt": p, "before": b, "after": a} for p, b, a in zip(prompts, before, after)],
     }
     (output / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    print(f"saved the checkpoint and metrics.json in {output}/")
+    print(f"saved the checkpoint, metrics.json and loss.png in {output}/")
     return 0
 
 

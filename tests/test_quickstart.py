@@ -1,0 +1,37 @@
+"""The README's main job end to end on the real SmolLM2 (slow)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("gguf")
+
+import reft_rs  # noqa: E402
+from reft_rs import pretrained, quickstart  # noqa: E402
+
+from .test_plot import read_png  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+def test_quickstart_teaches_the_style_and_the_engine_agrees(tmp_path, capsys):
+    try:
+        pretrained.smollm2_gguf()
+    except reft_rs.MissingDependencyError as error:
+        pytest.skip(str(error))
+    assert quickstart.main(["--output-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    for key in ("success_rate_before", "success_rate_after", "train_seconds", "trainable_parameters"):
+        assert key in metrics
+    assert metrics["success_rate_before"] <= 0.25 and metrics["success_rate_after"] >= 0.9
+    assert metrics["engine_same_replies"] == len(metrics["held_out"])
+    assert metrics["losses"][-1] < metrics["losses"][0] / 2
+    width, height, _, _ = read_png(tmp_path / "loss.png")
+    assert (width, height) == (640, 360)
+    assert "gives the same replies for 16/16" in out
+    engine = reft_rs.Engine(pretrained.smollm2_path(), reft=tmp_path / "checkpoint")
+    assert engine.reft_config["metadata"]["task"] == "pirate_style"
