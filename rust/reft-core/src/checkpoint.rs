@@ -92,7 +92,8 @@ impl Tensor {
 }
 
 /// IEEE binary16 to binary32, exact.
-fn f16_to_f32(bits: u16) -> f32 {
+#[inline]
+pub(crate) fn f16_to_f32(bits: u16) -> f32 {
     let sign = ((bits >> 15) as u32) << 31;
     let exponent = ((bits >> 10) & 0x1f) as u32;
     let mantissa = (bits & 0x3ff) as u32;

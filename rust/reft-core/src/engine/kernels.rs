@@ -26,28 +26,7 @@ pub(crate) enum Rows<'a> {
     Q8_0(&'a [u8]),
 }
 
-#[inline(always)]
-fn f16(bits: u16) -> f32 {
-    half_to_f32(bits)
-}
-
-/// IEEE binary16 to binary32.
-#[inline(always)]
-fn half_to_f32(bits: u16) -> f32 {
-    let sign = ((bits >> 15) as u32) << 31;
-    let exponent = ((bits >> 10) & 0x1f) as u32;
-    let mantissa = (bits & 0x3ff) as u32;
-    if exponent == 0 {
-        let value = mantissa as f32 * (1.0 / 16_777_216.0);
-        return if sign != 0 { -value } else { value };
-    }
-    let magnitude = if exponent == 0x1f {
-        0x7f80_0000 | (mantissa << 13)
-    } else {
-        ((exponent + 112) << 23) | (mantissa << 13)
-    };
-    f32::from_bits(sign | magnitude)
-}
+use crate::checkpoint::f16_to_f32 as f16;
 
 #[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -481,7 +460,7 @@ mod tests {
         let (mut w4, mut w8) = (Vec::new(), Vec::new());
         for r in 0..n * k / BLOCK {
             let (d, mn) = (0.01 + r as f32 * 1e-3, -0.05 * (r % 3) as f32);
-            let (d, mn) = (half_to_f32(f16_bits(d)), half_to_f32(f16_bits(mn)));
+            let (d, mn) = (f16(f16_bits(d)), f16(f16_bits(mn)));
             q4.extend_from_slice(&f16_bits(d).to_le_bytes());
             q4.extend_from_slice(&f16_bits(mn).to_le_bytes());
             q8.extend_from_slice(&f16_bits(d).to_le_bytes());

@@ -13,7 +13,8 @@ use crate::error::{Error, Result};
 /// A tokenizer, the special tokens and the chat template of one model.
 pub struct Text {
     tokenizer: Tokenizer,
-    chat_template: Option<String>,
+    /// The chat template compiled once (`Err`: why it does not compile).
+    chat: Option<std::result::Result<minijinja::Environment<'static>, String>>,
     bos_token: String,
     eos_token: String,
     /// Token ids that end generation.
@@ -92,7 +93,7 @@ impl Text {
         }
         Ok(Some(Text {
             tokenizer,
-            chat_template,
+            chat: chat_template.map(compile_chat),
             bos_token,
             eos_token,
             eos_ids,
@@ -146,7 +147,7 @@ impl Text {
             bos_token: name(id("tokenizer.ggml.bos_token_id")),
             eos_token: name(eos),
             eos_ids: eos.into_iter().collect(),
-            chat_template,
+            chat: chat_template.map(compile_chat),
             tokenizer,
         }))
     }
@@ -169,38 +170,28 @@ impl Text {
 
     /// Whether the model has a chat template.
     pub fn has_chat_template(&self) -> bool {
-        self.chat_template.is_some()
+        self.chat.is_some()
     }
 
     /// Renders `messages` (a JSON list of `{"role", "content"}` objects) with
     /// the chat template, ending with the assistant's turn opened when
     /// `add_generation_prompt`.
     pub fn render_chat(&self, messages: &Value, add_generation_prompt: bool) -> Result<String> {
-        let template = self.chat_template.as_deref().ok_or_else(|| {
-            Error::Tokenizer(
-                "the model has no chat template; use generate() with plain text".into(),
-            )
-        })?;
-        let mut env = minijinja::Environment::new();
-        env.set_syntax(
-            minijinja::syntax::SyntaxConfig::builder()
-                .trim_blocks(true)
-                .lstrip_blocks(true)
-                .build()
-                .map_err(|e| Error::Tokenizer(e.to_string()))?,
-        );
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function(
-            "raise_exception",
-            |message: String| -> std::result::Result<String, minijinja::Error> {
-                Err(minijinja::Error::new(
-                    minijinja::ErrorKind::InvalidOperation,
-                    message,
+        let env = match &self.chat {
+            None => {
+                return Err(Error::Tokenizer(
+                    "the model has no chat template; use generate() with plain text".into(),
                 ))
-            },
-        );
+            }
+            Some(Err(reason)) => {
+                return Err(Error::Tokenizer(format!(
+                    "the chat template does not compile: {reason}"
+                )))
+            }
+            Some(Ok(env)) => env,
+        };
         let rendered = env
-            .template_from_str(template)
+            .get_template("chat")
             .and_then(|t| {
                 t.render(minijinja::context! {
                     messages => minijinja::Value::from(minijinja::value::Serde(messages)),
@@ -212,4 +203,30 @@ impl Text {
             .map_err(|e| Error::Tokenizer(format!("the chat template failed: {e}")))?;
         Ok(rendered)
     }
+}
+
+/// The template in an environment that behaves like transformers' (blocks
+/// trimmed, Python string methods, `raise_exception`).
+fn compile_chat(template: String) -> std::result::Result<minijinja::Environment<'static>, String> {
+    let mut env = minijinja::Environment::new();
+    env.set_syntax(
+        minijinja::syntax::SyntaxConfig::builder()
+            .trim_blocks(true)
+            .lstrip_blocks(true)
+            .build()
+            .map_err(|e| e.to_string())?,
+    );
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function(
+        "raise_exception",
+        |message: String| -> std::result::Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(
+                minijinja::ErrorKind::InvalidOperation,
+                message,
+            ))
+        },
+    );
+    env.add_template_owned("chat", template)
+        .map_err(|e| e.to_string())?;
+    Ok(env)
 }
