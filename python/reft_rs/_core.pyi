@@ -19,6 +19,7 @@ __all__ = [
     "PositionSpec",
     "Engine",
     "TokenStream",
+    "BatchTokenizer",
     "locate",
     "locate_char_spans",
     "gather",
@@ -131,3 +132,23 @@ class Engine:
 class TokenStream:
     def __iter__(self) -> TokenStream: ...
     def __next__(self) -> tuple[int, str]: ...
+
+@final
+class BatchTokenizer:
+    @staticmethod
+    def from_json(json: str) -> BatchTokenizer: ...
+    @staticmethod
+    def from_file(path: str | PathLike[str]) -> BatchTokenizer: ...
+    @property
+    def fast_path(self) -> bool: ...
+    def encode_batch(
+        self, texts: list[str], add_special_tokens: bool = False
+    ) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int64]]: ...
+    def encode_pairs(
+        self,
+        prompts: list[str],
+        responses: list[str] | None,
+        affixes: tuple[str, str, str, str],
+        prompt_special_tokens: bool,
+        max_length: int | None = None,
+    ) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int64], npt.NDArray[np.int64]]: ...

@@ -1,11 +1,14 @@
 """Training data: tokenized prompt/response pairs with their intervention locations.
 
-:func:`make_dataset` tokenizes a whole dataset in batch calls (through the
-tokenizer's chat template when it has one), masks the prompt in the labels,
-and chooses the intervention positions of every example with one call into
-Rust. :class:`ReftDataCollator` pads a batch (left or right), moves the
-locations with the padding, and returns tensors ready for
-``ReftModel(**batch)`` or the ``transformers`` Trainer.
+:func:`make_dataset` tokenizes a whole dataset in one call into Rust (the
+tokenizer's own ids, through its chat template when it has one), masks the
+prompt in the labels, and chooses the intervention positions of every
+example with one more. The examples live in one flat token array.
+:class:`ReftDataCollator` pads a batch (left or right), moves the locations
+with the padding, and returns tensors ready for ``ReftModel(**batch)`` or the
+``transformers`` Trainer; :meth:`ReftDataset.batches` does the same for
+whole index batches at once, in length-grouped order if asked, and
+:func:`stream_batches` does it chunk by chunk for datasets larger than memory.
 
 Example::
 
@@ -16,77 +19,503 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from . import _core
 from .config import ReftConfig
-from .errors import ConfigError
+from .errors import ConfigError, ReftError
 from .positions import locate
 
-__all__ = ["IGNORE_INDEX", "ReftDataCollator", "ReftDataset", "make_dataset", "tokenize_pairs"]
+__all__ = [
+    "IGNORE_INDEX",
+    "Batches",
+    "LengthGroupedSampler",
+    "ReftDataCollator",
+    "ReftDataset",
+    "batch_tokenizer",
+    "chat_affixes",
+    "encode_pairs",
+    "length_grouped_batches",
+    "make_dataset",
+    "stream_batches",
+    "tokenize_pairs",
+]
 
 IGNORE_INDEX = -100
+
+# Sentinels for finding where a chat template puts the message contents.
+_PROMPT_MARK = "\ue000reft-rs-prompt\ue001"
+_RESPONSE_MARK = "\ue000reft-rs-response\ue001"
+# Contents that a template which transforms them (trims, escapes) renders
+# differently from plain substitution.
+_PROBES = [
+    ("  padded prompt  ", "  padded response \n"),
+    ("two\nlines\n", "\nlead"),
+    ("{{ braces }} {% if x %}'quotes' \"double\"", "caf\u00e9 \u4e2d\u6587"),
+    ("", ""),
+]
 
 
 class ReftDataset(torch.utils.data.Dataset):
     """Tokenized examples, their labels and their locations.
 
+    Example ``i`` holds tokens ``tokens[offsets[i]:offsets[i + 1]]``, the
+    first ``prompt_lengths[i]`` of them the prompt.
+
     Attributes:
-        input_ids: Token ids of each example (prompt, then response).
-        labels: Token labels (-100 on the prompt) for language modelling, or
-            one label per example for classification, or ``None``.
+        tokens: Every example's token ids, one after another (int32).
+        offsets: Where each example starts, then the end (int64, ``n + 1``).
         prompt_lengths: Prompt tokens per example.
+        labels: ``None`` for language modelling (the labels are the tokens
+            with the prompt masked by -100) or one label per example for
+            classification.
         locations: ``(groups, examples, positions)`` from
             :func:`reft_rs.positions.locate`, or ``None`` when no intervention
             reads locations. Examples take views of it, never copies.
+        token_labels: Whether the examples carry per-token labels.
     """
 
     def __init__(
         self,
-        input_ids: Sequence[Sequence[int]],
-        labels: Sequence[Any] | None,
+        tokens: np.ndarray,
+        offsets: np.ndarray,
         prompt_lengths: np.ndarray,
         locations: np.ndarray | None,
+        *,
+        labels: Sequence[Any] | None = None,
+        token_labels: bool = True,
     ) -> None:
-        self.input_ids = [np.asarray(ids, dtype=np.int64) for ids in input_ids]
-        self.labels = labels
+        self.tokens = np.asarray(tokens)
+        self.offsets = np.asarray(offsets, dtype=np.int64)
         self.prompt_lengths = np.asarray(prompt_lengths, dtype=np.int64)
         self.locations = locations
+        self.labels = labels
+        self.token_labels = token_labels and labels is None
+        count = len(self.prompt_lengths)
+        if len(self.offsets) != count + 1 or (labels is not None and len(labels) != count):
+            raise ConfigError(
+                f"a dataset of {count} examples needs {count + 1} offsets and {count} labels, "
+                f"found {len(self.offsets)} and {None if labels is None else len(labels)}"
+            )
+
+    @classmethod
+    def from_sequences(
+        cls,
+        sequences: Sequence[Sequence[int]],
+        prompt_lengths: Sequence[int],
+        locations: np.ndarray | None = None,
+        *,
+        labels: Sequence[Any] | None = None,
+        token_labels: bool = True,
+    ) -> ReftDataset:
+        """A dataset from lists of token ids."""
+        lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        tokens = np.fromiter(itertools.chain.from_iterable(sequences), dtype=np.int64, count=int(offsets[-1]))
+        return cls(
+            tokens, offsets, np.asarray(prompt_lengths), locations, labels=labels, token_labels=token_labels
+        )
 
     def __len__(self) -> int:
-        return len(self.input_ids)
+        return len(self.prompt_lengths)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Tokens per example."""
+        return np.diff(self.offsets)
+
+    @property
+    def input_ids(self) -> list[np.ndarray]:
+        """Each example's token ids (int64 copies)."""
+        return [self.tokens[a:b].astype(np.int64) for a, b in zip(self.offsets[:-1], self.offsets[1:])]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        item: dict[str, Any] = {"input_ids": self.input_ids[index]}
-        if self.labels is not None:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"example {index} of a dataset of {len(self)}")
+        index = index % len(self)
+        ids = self.tokens[self.offsets[index] : self.offsets[index + 1]].astype(np.int64)
+        item: dict[str, Any] = {"input_ids": ids}
+        if self.token_labels:
+            labels = ids.copy()
+            labels[: self.prompt_lengths[index]] = IGNORE_INDEX
+            item["labels"] = labels
+        elif self.labels is not None:
             item["labels"] = self.labels[index]
         if self.locations is not None:
             item["locations"] = self.locations[:, index]
         return item
 
+    def collate(
+        self,
+        indices: Sequence[int] | np.ndarray,
+        pad_token_id: int,
+        *,
+        padding_side: str = "right",
+        pad_to_multiple_of: int | None = None,
+        as_tensors: bool = True,
+    ) -> dict[str, Any]:
+        """The padded batch of examples ``indices``: what
+        :class:`ReftDataCollator` makes of them, built without a loop."""
+        if padding_side not in ("left", "right"):
+            raise ConfigError(f"padding_side must be 'left' or 'right', found {padding_side!r}")
+        indices = np.asarray(indices, dtype=np.int64)
+        starts = self.offsets[indices]
+        lengths = self.offsets[indices + 1] - starts
+        width = int(lengths.max()) if len(indices) else 0
+        if pad_to_multiple_of:
+            width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+        column = np.arange(width, dtype=np.int64)[None, :]
+        offset = (
+            (width - lengths)[:, None] if padding_side == "left" else np.zeros((len(indices), 1), np.int64)
+        )
+        within = column - offset
+        mask = (within >= 0) & (within < lengths[:, None])
+        source = np.where(mask, starts[:, None] + within, 0)
+        ids = np.where(mask, self.tokens[source] if len(self.tokens) else 0, pad_token_id).astype(np.int64)
+        out: dict[str, Any] = {"input_ids": ids, "attention_mask": mask.astype(np.int64)}
+        if self.token_labels:
+            answer = mask & (within >= self.prompt_lengths[indices][:, None])
+            out["labels"] = np.where(answer, ids, IGNORE_INDEX)
+        elif self.labels is not None:
+            out["labels"] = np.asarray([self.labels[i] for i in indices])
+        if self.locations is not None:
+            locations = self.locations[:, indices]
+            if padding_side == "left":
+                shift = offset[None, :, :]
+                locations = np.where(locations >= 0, locations + shift, locations)
+            out["locations"] = np.ascontiguousarray(locations)
+        if as_tensors:
+            return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()}
+        return out
+
+    def batches(
+        self,
+        batch_size: int,
+        pad_token_id: int,
+        *,
+        shuffle: bool = False,
+        group_by_length: bool = False,
+        seed: int = 0,
+        padding_side: str = "right",
+        pad_to_multiple_of: int | None = None,
+        drop_last: bool = False,
+        as_tensors: bool = True,
+    ) -> Batches:
+        """Padded batches of the whole dataset, an iterable that a training
+        loop can go over once per epoch (each epoch in a new order when
+        ``shuffle``). ``group_by_length`` puts examples of similar length
+        together (see :func:`length_grouped_batches`) to cut padding."""
+        return Batches(
+            self,
+            batch_size,
+            pad_token_id,
+            shuffle=shuffle,
+            group_by_length=group_by_length,
+            seed=seed,
+            padding_side=padding_side,
+            pad_to_multiple_of=pad_to_multiple_of,
+            drop_last=drop_last,
+            as_tensors=as_tensors,
+        )
+
+
+def length_grouped_batches(
+    lengths: np.ndarray,
+    batch_size: int,
+    *,
+    shuffle: bool = True,
+    seed: int = 0,
+    mega_batch: int = 50,
+    drop_last: bool = False,
+) -> list[np.ndarray]:
+    """Index batches of examples of similar length.
+
+    Without ``shuffle`` every example is sorted by length (longest first)
+    and cut into batches. With it the examples are shuffled, cut into groups
+    of ``mega_batch`` batches, each group sorted by length and cut into
+    batches, and the batches shuffled: padding falls almost as far as with
+    a full sort, while every epoch still sees a new order.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be at least 1, found {batch_size}")
+    lengths = np.asarray(lengths)
+    count = len(lengths)
+    if not shuffle:
+        order = np.argsort(-lengths, kind="stable")
+        batches = [order[i : i + batch_size] for i in range(0, count, batch_size)]
+    else:
+        rng = np.random.default_rng(seed)
+        order = rng.permutation(count)
+        group = batch_size * max(mega_batch, 1)
+        batches = []
+        for start in range(0, count, group):
+            chunk = order[start : start + group]
+            chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
+            batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    if drop_last:
+        batches = [b for b in batches if len(b) == batch_size]
+    return batches
+
+
+class Batches:
+    """Padded batches of a :class:`ReftDataset` (see :meth:`ReftDataset.batches`).
+
+    Iterating again starts a new epoch: with ``shuffle`` each epoch gets a
+    new order, drawn from ``seed`` and the epoch number.
+    """
+
+    def __init__(
+        self,
+        dataset: ReftDataset,
+        batch_size: int,
+        pad_token_id: int,
+        *,
+        shuffle: bool,
+        group_by_length: bool,
+        seed: int,
+        padding_side: str,
+        pad_to_multiple_of: int | None,
+        drop_last: bool,
+        as_tensors: bool,
+    ) -> None:
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be at least 1, found {batch_size}")
+        if pad_token_id is None:
+            raise ConfigError("the tokenizer has no pad token; pass pad_token_id (e.g. the eos token id)")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.pad_token_id = pad_token_id
+        self.shuffle = shuffle
+        self.group_by_length = group_by_length
+        self.seed = seed
+        self.padding_side = padding_side
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.drop_last = drop_last
+        self.as_tensors = as_tensors
+        self.epoch = 0
+
+    def index_batches(self, epoch: int = 0) -> list[np.ndarray]:
+        """The index batches of one epoch."""
+        count = len(self.dataset)
+        seed = self.seed + epoch
+        if self.group_by_length:
+            return length_grouped_batches(
+                self.dataset.lengths,
+                self.batch_size,
+                shuffle=self.shuffle,
+                seed=seed,
+                drop_last=self.drop_last,
+            )
+        order = np.random.default_rng(seed).permutation(count) if self.shuffle else np.arange(count)
+        batches = [order[i : i + self.batch_size] for i in range(0, count, self.batch_size)]
+        if self.drop_last:
+            batches = [b for b in batches if len(b) == self.batch_size]
+        return batches
+
+    def __len__(self) -> int:
+        full, rest = divmod(len(self.dataset), self.batch_size)
+        return full + (1 if rest and not self.drop_last else 0)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        for indices in self.index_batches(epoch):
+            yield self.dataset.collate(
+                indices,
+                self.pad_token_id,
+                padding_side=self.padding_side,
+                pad_to_multiple_of=self.pad_to_multiple_of,
+                as_tensors=self.as_tensors,
+            )
+
+
+class LengthGroupedSampler(torch.utils.data.Sampler):
+    """A batch sampler for ``DataLoader(batch_sampler=...)`` that groups
+    examples of similar length (see :func:`length_grouped_batches`); a new
+    order every epoch."""
+
+    def __init__(self, lengths: np.ndarray, batch_size: int, *, seed: int = 0, shuffle: bool = True) -> None:
+        self.lengths = np.asarray(lengths)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return -(-len(self.lengths) // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        batches = length_grouped_batches(
+            self.lengths, self.batch_size, shuffle=self.shuffle, seed=self.seed + epoch
+        )
+        for batch in batches:
+            yield batch.tolist()
+
+
+# ---------------------------------------------------------------- tokenization
+
+
+def batch_tokenizer(tokenizer: Any) -> _core.BatchTokenizer | None:
+    """The Rust batch tokenizer of a Hugging Face fast tokenizer (its
+    ``tokenizer.json`` read by the ``tokenizers`` crate), or ``None`` for
+    tokenizers that have none (slow ones)."""
+    if isinstance(tokenizer, _core.BatchTokenizer):
+        return tokenizer
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    try:
+        return _core.BatchTokenizer.from_json(backend.to_str())
+    except ReftError:
+        return None
+
+
+def _renderer(tokenizer: Any, system_prompt: str | None) -> Callable[[str, str | None], str]:
+    prefix = [{"role": "system", "content": system_prompt}] if system_prompt else []
+
+    def render(prompt: str, response: str | None) -> str:
+        messages = [*prefix, {"role": "user", "content": prompt}]
+        if response is None:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        messages.append({"role": "assistant", "content": response})
+        return tokenizer.apply_chat_template(messages, tokenize=False)
+
+    return render
+
+
+def chat_affixes(tokenizer: Any, system_prompt: str | None = None) -> tuple[str, str, str, str] | None:
+    """``(prompt_before, prompt_after, response_before, response_after)``:
+    the text the chat template puts around a prompt and a response, or
+    ``None`` when the template does more than put text around them (trims
+    or escapes the contents, or renders the prompt differently once a
+    response follows), in which case each example must be rendered.
+
+    Found by rendering sentinel contents, then checked on probe contents.
+    """
+    render = _renderer(tokenizer, system_prompt)
+    try:
+        prompt = render(_PROMPT_MARK, None)
+        full = render(_PROMPT_MARK, _RESPONSE_MARK)
+    except Exception:
+        return None
+    if prompt.count(_PROMPT_MARK) != 1 or not full.startswith(prompt) or full.count(_RESPONSE_MARK) != 1:
+        return None
+    before, after = prompt.split(_PROMPT_MARK)
+    response_before, response_after = full[len(prompt) :].split(_RESPONSE_MARK)
+    for p, r in _PROBES:
+        try:
+            if render(p, None) != before + p + after:
+                return None
+            if render(p, r) != before + p + after + response_before + r + response_after:
+                return None
+        except Exception:
+            return None
+    return before, after, response_before, response_after
+
 
 def _chat_texts(tokenizer: Any, prompts: Sequence[str], responses: Sequence[str] | None, system: str | None):
-    """Prompt texts ending in the assistant turn's header, and the response
-    texts that complete them (with the template's end-of-turn marker)."""
-    prefix = [{"role": "system", "content": system}] if system else []
+    """Each example rendered: prompt texts ending in the assistant turn's
+    header, and the response texts that complete them."""
+    render = _renderer(tokenizer, system)
     prompt_texts, response_texts = [], []
     for index, prompt in enumerate(prompts):
-        messages = [*prefix, {"role": "user", "content": prompt}]
-        prompt_text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prompt_text = render(prompt, None)
         prompt_texts.append(prompt_text)
         if responses is not None:
-            full = tokenizer.apply_chat_template(
-                [*messages, {"role": "assistant", "content": responses[index]}], tokenize=False
-            )
+            full = render(prompt, responses[index])
             if full.startswith(prompt_text):
                 response_texts.append(full[len(prompt_text) :])
             else:
                 response_texts.append(responses[index] + (tokenizer.eos_token or ""))
-    return prompt_texts, response_texts
+    return prompt_texts, (response_texts if responses is not None else None)
+
+
+def _use_template(tokenizer: Any, chat_template: bool | None) -> bool:
+    has = bool(getattr(tokenizer, "chat_template", None))
+    if chat_template and not has:
+        raise ConfigError("chat_template=True, but the tokenizer has no chat template")
+    return has if chat_template is None else chat_template
+
+
+def encode_pairs(
+    tokenizer: Any,
+    prompts: Sequence[str],
+    responses: Sequence[str] | None = None,
+    *,
+    chat_template: bool | None = None,
+    system_prompt: str | None = None,
+    max_length: int | None = None,
+    encoder: _core.BatchTokenizer | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(tokens, offsets, prompt_lengths)`` of ``prompt + response`` pairs.
+
+    Prompt and response are tokenized separately and joined, so the prompt's
+    tokens are exactly those a generation from the prompt would see. With a
+    chat template the prompt is the user's turn and the opening of the
+    assistant's, the response the assistant's words and the end of the turn;
+    without one the prompt gets the tokenizer's special tokens (BOS) and the
+    response ends with EOS.
+
+    Args:
+        tokenizer: A Hugging Face tokenizer.
+        prompts: The prompts.
+        responses: The responses, or ``None`` (the prompt is everything).
+        chat_template: Wrap prompts (and responses) in the tokenizer's chat
+            template; by default when the tokenizer has one.
+        system_prompt: A system message for the chat template.
+        max_length: Cut sequences to this many tokens (the response first).
+        encoder: A :func:`batch_tokenizer` of ``tokenizer`` made earlier.
+    """
+    if responses is not None and len(responses) != len(prompts):
+        raise ConfigError(f"{len(prompts)} prompts but {len(responses)} responses")
+    if max_length is not None and max_length < 1:
+        raise ConfigError(f"max_length must be at least 1, found {max_length}")
+    prompts = list(prompts)
+    responses = None if responses is None else list(responses)
+    eos = tokenizer.eos_token or ""
+    affixes: tuple[str, str, str, str] = ("", "", "", eos)
+    special = True
+    if _use_template(tokenizer, chat_template):
+        special = False
+        found = chat_affixes(tokenizer, system_prompt)
+        if found is not None:
+            affixes = found
+        else:
+            prompts, response_texts = _chat_texts(tokenizer, prompts, responses, system_prompt)
+            responses = response_texts
+            affixes = ("", "", "", "")
+    encoder = encoder or batch_tokenizer(tokenizer)
+    if encoder is not None:
+        return encoder.encode_pairs(prompts, responses, affixes, special, max_length)
+    return _encode_pairs_python(tokenizer, prompts, responses, affixes, special, max_length)
+
+
+def _encode_pairs_python(tokenizer, prompts, responses, affixes, special, max_length):
+    """:func:`encode_pairs` through the tokenizer's own batch call, for
+    tokenizers without a ``tokenizer.json`` (slow ones)."""
+    before, after, response_before, response_after = affixes
+    prompt_ids = tokenizer([before + p + after for p in prompts], add_special_tokens=special)["input_ids"]
+    if responses is None:
+        sequences = [list(ids) for ids in prompt_ids]
+    else:
+        texts = [response_before + r + response_after for r in responses]
+        response_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        sequences = [list(p) + list(r) for p, r in zip(prompt_ids, response_ids)]
+    prompt_lengths = np.fromiter((len(p) for p in prompt_ids), dtype=np.int64, count=len(prompt_ids))
+    if max_length is not None:
+        sequences = [s[:max_length] for s in sequences]
+        prompt_lengths = np.minimum(prompt_lengths, max_length)
+    lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    tokens = np.fromiter(itertools.chain.from_iterable(sequences), dtype=np.int32, count=int(offsets[-1]))
+    return tokens, offsets, prompt_lengths
 
 
 def tokenize_pairs(
@@ -98,40 +527,25 @@ def tokenize_pairs(
     system_prompt: str | None = None,
     max_length: int | None = None,
 ) -> tuple[list[list[int]], np.ndarray]:
-    """Token ids of ``prompt + response`` per example, and the prompt lengths.
-
-    Prompt and response are tokenized separately and joined, so the prompt's
-    tokens are exactly those a generation from the prompt would see.
-
-    Args:
-        tokenizer: A Hugging Face tokenizer.
-        prompts: The prompts.
-        responses: The responses, or ``None`` (the prompt is everything).
-        chat_template: Wrap prompts (and responses) in the tokenizer's chat
-            template; by default when the tokenizer has one.
-        system_prompt: A system message for the chat template.
-        max_length: Cut sequences to this many tokens (the response first).
-    """
-    use_template = (
-        chat_template if chat_template is not None else bool(getattr(tokenizer, "chat_template", None))
+    """Token ids of ``prompt + response`` per example (lists), and the prompt
+    lengths; :func:`encode_pairs` gives the same as flat arrays."""
+    tokens, offsets, prompt_lengths = encode_pairs(
+        tokenizer,
+        prompts,
+        responses,
+        chat_template=chat_template,
+        system_prompt=system_prompt,
+        max_length=max_length,
     )
-    if use_template:
-        prompt_texts, response_texts = _chat_texts(tokenizer, prompts, responses, system_prompt)
-        prompt_ids = tokenizer(list(prompt_texts), add_special_tokens=False)["input_ids"]
-    else:
-        prompt_texts = list(prompts)
-        response_texts = None if responses is None else [r + (tokenizer.eos_token or "") for r in responses]
-        prompt_ids = tokenizer(prompt_texts, add_special_tokens=True)["input_ids"]
-    if responses is None:
-        sequences = [list(ids) for ids in prompt_ids]
-    else:
-        response_ids = tokenizer(list(response_texts), add_special_tokens=False)["input_ids"]
-        sequences = [list(p) + list(r) for p, r in zip(prompt_ids, response_ids)]
-    prompt_lengths = np.fromiter((len(p) for p in prompt_ids), dtype=np.int64, count=len(prompt_ids))
-    if max_length is not None:
-        sequences = [s[:max_length] for s in sequences]
-        prompt_lengths = np.minimum(prompt_lengths, max_length)
-    return sequences, prompt_lengths
+    flat = tokens.tolist()
+    return [flat[a:b] for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())], prompt_lengths
+
+
+def _position_spec(config: ReftConfig | None, positions: str | None, share_weights: bool):
+    if config is None:
+        return positions, share_weights
+    shared = config.shared_positions()
+    return (None, False) if shared is None else shared
 
 
 def make_dataset(
@@ -147,6 +561,7 @@ def make_dataset(
     chat_template: bool | None = None,
     system_prompt: str | None = None,
     max_length: int | None = None,
+    encoder: _core.BatchTokenizer | None = None,
 ) -> ReftDataset:
     """Builds a :class:`ReftDataset` for language modelling or classification.
 
@@ -160,41 +575,118 @@ def make_dataset(
         positions, share_weights: The position spec when there is no config.
         include_last: Whether the last prompt token may be chosen (pyreft's
             library leaves it out: ``False``).
-        chat_template, system_prompt, max_length: See :func:`tokenize_pairs`.
+        chat_template, system_prompt, max_length, encoder: See
+            :func:`encode_pairs`. Classification texts go without the chat
+            template unless ``chat_template=True``.
     """
     if responses is not None and labels is not None:
         raise ConfigError("give responses (language modelling) or labels (classification), not both")
-    if responses is not None and len(responses) != len(prompts):
-        raise ConfigError(f"{len(prompts)} prompts but {len(responses)} responses")
     if labels is not None and len(labels) != len(prompts):
         raise ConfigError(f"{len(prompts)} texts but {len(labels)} labels")
-    if config is not None:
-        shared = config.shared_positions()
-        spec = None if shared is None else shared[0]
-        share_weights = False if shared is None else shared[1]
-    else:
-        spec = positions
-    sequences, prompt_lengths = tokenize_pairs(
+    spec, share_weights = _position_spec(config, positions, share_weights)
+    tokens, offsets, prompt_lengths = encode_pairs(
         tokenizer,
         prompts,
         responses,
         chat_template=chat_template if responses is not None or chat_template else False,
         system_prompt=system_prompt,
         max_length=max_length,
+        encoder=encoder,
     )
-    if responses is not None:
-        token_labels = []
-        for sequence, prompt_length in zip(sequences, prompt_lengths):
-            label = np.asarray(sequence, dtype=np.int64)
-            label[:prompt_length] = IGNORE_INDEX
-            token_labels.append(label)
-        example_labels: Sequence[Any] | None = token_labels
-    else:
-        example_labels = labels
     locations = None
     if spec is not None:
         locations = locate(prompt_lengths, spec, share_weights=share_weights, include_last=include_last)
-    return ReftDataset(sequences, example_labels, prompt_lengths, locations)
+    return ReftDataset(
+        tokens,
+        offsets,
+        prompt_lengths,
+        locations,
+        labels=labels,
+        token_labels=responses is not None,
+    )
+
+
+def stream_batches(
+    tokenizer: Any,
+    records: Iterable[Mapping[str, Any]],
+    batch_size: int,
+    *,
+    config: ReftConfig | None = None,
+    positions: str | None = None,
+    share_weights: bool = False,
+    include_last: bool = True,
+    chunk_size: int = 16384,
+    group_by_length: bool = True,
+    shuffle: bool = False,
+    seed: int = 0,
+    pad_token_id: int | None = None,
+    padding_side: str = "right",
+    chat_template: bool | None = None,
+    system_prompt: str | None = None,
+    max_length: int | None = None,
+    as_tensors: bool = True,
+) -> Iterator[dict[str, Any]]:
+    """Padded batches from records read one chunk at a time, for datasets
+    larger than memory: ``chunk_size`` records are tokenized and located at
+    once, batched (by length within the chunk when ``group_by_length``)
+    and handed out before the next chunk is read.
+
+    Args:
+        records: Mappings with ``prompt`` and ``response``, or ``text`` and
+            ``label`` (see :func:`reft_rs.records.read_records`).
+        batch_size, chunk_size: Examples per batch and per chunk.
+        pad_token_id: By default the tokenizer's pad token (else its EOS).
+        Others: as in :func:`make_dataset` and :meth:`ReftDataset.batches`.
+    """
+    if chunk_size < batch_size:
+        raise ConfigError(f"chunk_size ({chunk_size}) must be at least batch_size ({batch_size})")
+    if pad_token_id is None:
+        pad_token_id = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        )
+    encoder = batch_tokenizer(tokenizer)
+    iterator = iter(records)
+    for number in itertools.count():
+        chunk = list(itertools.islice(iterator, chunk_size))
+        if not chunk:
+            return
+        if "response" in chunk[0]:
+            dataset = make_dataset(
+                tokenizer,
+                [r["prompt"] for r in chunk],
+                [r["response"] for r in chunk],
+                config=config,
+                positions=positions,
+                share_weights=share_weights,
+                include_last=include_last,
+                chat_template=chat_template,
+                system_prompt=system_prompt,
+                max_length=max_length,
+                encoder=encoder,
+            )
+        else:
+            dataset = make_dataset(
+                tokenizer,
+                [r["text"] for r in chunk],
+                labels=[r["label"] for r in chunk],
+                config=config,
+                positions=positions,
+                share_weights=share_weights,
+                include_last=include_last,
+                chat_template=chat_template,
+                system_prompt=system_prompt,
+                max_length=max_length,
+                encoder=encoder,
+            )
+        yield from dataset.batches(
+            batch_size,
+            pad_token_id,
+            shuffle=shuffle,
+            group_by_length=group_by_length,
+            seed=seed + number,
+            padding_side=padding_side,
+            as_tensors=as_tensors,
+        )
 
 
 def _per_token(example: dict[str, Any]) -> bool:

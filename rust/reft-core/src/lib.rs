@@ -7,6 +7,7 @@
 //!   whole dataset at once (pyreft's `f{p}+l{s}` rule and more).
 //! * [`spans`]: gathering hidden states at those positions and scattering
 //!   edited states back.
+//! * [`tokenize`] (feature `engine`): whole datasets tokenized at once.
 //! * [`config`] and [`checkpoint`]: the checkpoint format (a JSON config and
 //!   a safetensors file), written atomically and checked when read.
 //!
@@ -22,6 +23,8 @@ mod memory;
 pub mod parallel;
 pub mod positions;
 pub mod spans;
+#[cfg(feature = "engine")]
+pub mod tokenize;
 
 pub use checkpoint::{load, save, Checkpoint, Tensor, TensorRef};
 pub use config::{BaseModel, Component, DType, InterventionConfig, InterventionType, ReftConfig};

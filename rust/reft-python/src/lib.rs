@@ -6,6 +6,7 @@ mod engine;
 mod errors;
 mod positions;
 mod spans;
+mod tokenize;
 
 use pyo3::prelude::*;
 
@@ -19,6 +20,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<positions::PyPositionSpec>()?;
     m.add_class::<engine::PyEngine>()?;
     m.add_class::<engine::PyStream>()?;
+    m.add_class::<tokenize::PyBatchTokenizer>()?;
     m.add_function(wrap_pyfunction!(positions::locate, m)?)?;
     m.add_function(wrap_pyfunction!(positions::locate_char_spans, m)?)?;
     m.add_function(wrap_pyfunction!(spans::gather, m)?)?;
