@@ -84,7 +84,9 @@ def python_pipeline(tokenizer, prompts, responses, batch_size):
         prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
         response_ids = tokenizer(full[len(prompt_text) :], add_special_tokens=False)["input_ids"]
         locations = python_locations([len(prompt_ids)], 7, 7, share_weights=False)[:, 0].tolist()
-        examples.append((prompt_ids + response_ids, [IGNORE_INDEX] * len(prompt_ids) + response_ids, locations))
+        examples.append(
+            (prompt_ids + response_ids, [IGNORE_INDEX] * len(prompt_ids) + response_ids, locations)
+        )
     batches = []
     pad = tokenizer.pad_token_id
     for start in range(0, len(examples), batch_size):
@@ -93,7 +95,9 @@ def python_pipeline(tokenizer, prompts, responses, batch_size):
         batches.append(
             {
                 "input_ids": np.array([ids + [pad] * (width - len(ids)) for ids, _, _ in chunk]),
-                "attention_mask": np.array([[1] * len(ids) + [0] * (width - len(ids)) for ids, _, _ in chunk]),
+                "attention_mask": np.array(
+                    [[1] * len(ids) + [0] * (width - len(ids)) for ids, _, _ in chunk]
+                ),
                 "labels": np.array([lab + [IGNORE_INDEX] * (width - len(lab)) for _, lab, _ in chunk]),
                 "locations": np.array([loc for _, _, loc in chunk]).transpose(1, 0, 2),
             }
@@ -111,7 +115,9 @@ def best_time(function, repeats: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--examples", type=int, default=100_000)
     parser.add_argument("--baseline-examples", type=int, default=5_000)
     parser.add_argument("--batch-size", type=int, default=32)

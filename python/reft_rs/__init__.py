@@ -26,6 +26,7 @@ from .errors import (
     CheckpointNotFoundError,
     ConfigError,
     CorruptCheckpointError,
+    DatasetError,
     EngineError,
     IncompatibleModelError,
     InvalidArgumentError,
@@ -122,4 +123,5 @@ __all__ = [
     "InvalidArgumentError",
     "TokenizerError",
     "EngineError",
+    "DatasetError",
 ]

@@ -24,6 +24,7 @@ __all__ = [
     "locate_char_spans",
     "gather",
     "scatter",
+    "pad_rows",
     "normalize_config",
     "config_parameters",
     "save_checkpoint",
@@ -152,3 +153,13 @@ class BatchTokenizer:
         prompt_special_tokens: bool,
         max_length: int | None = None,
     ) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int64], npt.NDArray[np.int64]]: ...
+
+def pad_rows(
+    tokens: npt.NDArray[np.int32],
+    offsets: npt.NDArray[np.int64],
+    prompt_lengths: npt.NDArray[np.int64] | None,
+    indices: npt.NDArray[np.int64],
+    width: int,
+    pad_token_id: int,
+    left: bool,
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64] | None]: ...

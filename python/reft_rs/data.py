@@ -91,7 +91,7 @@ class ReftDataset(torch.utils.data.Dataset):
         labels: Sequence[Any] | None = None,
         token_labels: bool = True,
     ) -> None:
-        self.tokens = np.asarray(tokens)
+        self.tokens = np.ascontiguousarray(tokens, dtype=np.int32)
         self.offsets = np.asarray(offsets, dtype=np.int64)
         self.prompt_lengths = np.asarray(prompt_lengths, dtype=np.int64)
         self.locations = locations
@@ -164,30 +164,30 @@ class ReftDataset(torch.utils.data.Dataset):
         :class:`ReftDataCollator` makes of them, built without a loop."""
         if padding_side not in ("left", "right"):
             raise ConfigError(f"padding_side must be 'left' or 'right', found {padding_side!r}")
-        indices = np.asarray(indices, dtype=np.int64)
-        starts = self.offsets[indices]
-        lengths = self.offsets[indices + 1] - starts
+        indices = np.ascontiguousarray(indices, dtype=np.int64)
+        lengths = self.offsets[indices + 1] - self.offsets[indices]
         width = int(lengths.max()) if len(indices) else 0
         if pad_to_multiple_of:
             width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
-        column = np.arange(width, dtype=np.int64)[None, :]
-        offset = (
-            (width - lengths)[:, None] if padding_side == "left" else np.zeros((len(indices), 1), np.int64)
+        left = padding_side == "left"
+        ids, mask, token_labels = _core.pad_rows(
+            self.tokens,
+            self.offsets,
+            self.prompt_lengths if self.token_labels else None,
+            indices,
+            width,
+            int(pad_token_id),
+            left,
         )
-        within = column - offset
-        mask = (within >= 0) & (within < lengths[:, None])
-        source = np.where(mask, starts[:, None] + within, 0)
-        ids = np.where(mask, self.tokens[source] if len(self.tokens) else 0, pad_token_id).astype(np.int64)
-        out: dict[str, Any] = {"input_ids": ids, "attention_mask": mask.astype(np.int64)}
-        if self.token_labels:
-            answer = mask & (within >= self.prompt_lengths[indices][:, None])
-            out["labels"] = np.where(answer, ids, IGNORE_INDEX)
+        out: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
+        if token_labels is not None:
+            out["labels"] = token_labels
         elif self.labels is not None:
             out["labels"] = np.asarray([self.labels[i] for i in indices])
         if self.locations is not None:
             locations = self.locations[:, indices]
-            if padding_side == "left":
-                shift = offset[None, :, :]
+            if left:
+                shift = (width - lengths)[None, :, None]
                 locations = np.where(locations >= 0, locations + shift, locations)
             out["locations"] = np.ascontiguousarray(locations)
         if as_tensors:

@@ -36,6 +36,7 @@ __all__ = [
     "InvalidArgumentError",
     "TokenizerError",
     "EngineError",
+    "DatasetError",
 ]
 
 
@@ -144,3 +145,8 @@ class TokenizerError(ReftError, ValueError):
 
 class EngineError(ReftError, RuntimeError):
     """The engine's tensor backend failed (a bug, or memory exhausted)."""
+
+
+class DatasetError(ReftError, ValueError):
+    """A dataset file is missing, malformed (the message gives the line) or
+    lacks the fields it needs."""

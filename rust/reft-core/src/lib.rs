@@ -8,12 +8,14 @@
 //! * [`spans`]: gathering hidden states at those positions and scattering
 //!   edited states back.
 //! * [`tokenize`] (feature `engine`): whole datasets tokenized at once.
+//! * [`batch`]: examples of a flat token array padded into a batch.
 //! * [`config`] and [`checkpoint`]: the checkpoint format (a JSON config and
 //!   a safetensors file), written atomically and checked when read.
 //!
 //! Errors of every module are one type, [`Error`].
 #![deny(missing_docs)]
 
+pub mod batch;
 pub mod checkpoint;
 pub mod config;
 #[cfg(feature = "engine")]

@@ -1,10 +1,13 @@
 //! Python face of `reft_core::tokenize`: `_core.BatchTokenizer`, used by
-//! `reft_rs.data` to tokenize whole datasets. Calls release the interpreter.
+//! `reft_rs.data` to tokenize whole datasets, and `_core.pad_rows`, which
+//! lays their examples out in batches. Calls release the interpreter.
 
 use std::path::PathBuf;
 
-use numpy::{IntoPyArray, PyArray1};
+use numpy::ndarray::Array2;
+use numpy::{IntoPyArray, PyArray1, PyArray2, PyReadonlyArray1, PyUntypedArrayMethods};
 use pyo3::prelude::*;
+use reft_core::batch::{self, PadOptions};
 use reft_core::tokenize::{BatchTokenizer, PairFormat};
 
 use crate::errors::IntoPyResult;
@@ -99,4 +102,52 @@ impl PyBatchTokenizer {
             encoded.prompt_lengths.into_pyarray(py),
         ))
     }
+}
+
+/// `(input_ids, attention_mask, labels)` of examples `indices` padded to
+/// `width` (labels `None` unless `prompt_lengths` is given).
+#[pyfunction]
+#[pyo3(signature = (tokens, offsets, prompt_lengths, indices, width, pad_token_id, left))]
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+pub fn pad_rows<'py>(
+    py: Python<'py>,
+    tokens: PyReadonlyArray1<'py, i32>,
+    offsets: PyReadonlyArray1<'py, i64>,
+    prompt_lengths: Option<PyReadonlyArray1<'py, i64>>,
+    indices: PyReadonlyArray1<'py, i64>,
+    width: usize,
+    pad_token_id: i64,
+    left: bool,
+) -> PyResult<(
+    Bound<'py, PyArray2<i64>>,
+    Bound<'py, PyArray2<i64>>,
+    Option<Bound<'py, PyArray2<i64>>>,
+)> {
+    let rows = indices.len();
+    let cells = rows * width;
+    let (mut ids, mut mask) = (vec![0i64; cells], vec![0i64; cells]);
+    let mut labels = prompt_lengths.as_ref().map(|_| vec![0i64; cells]);
+    let options = PadOptions {
+        width,
+        pad_token_id,
+        left,
+    };
+    let prompts = prompt_lengths.as_ref().map(|p| p.as_slice()).transpose()?;
+    batch::pad_rows(
+        tokens.as_slice()?,
+        offsets.as_slice()?,
+        prompts,
+        indices.as_slice()?,
+        options,
+        &mut ids,
+        &mut mask,
+        labels.as_deref_mut(),
+    )
+    .into_py_result()?;
+    let shape = |v: Vec<i64>| -> PyResult<Bound<'py, PyArray2<i64>>> {
+        Ok(Array2::from_shape_vec((rows, width), v)
+            .map_err(|e| pyo3::exceptions::PyValueError::new_err(e.to_string()))?
+            .into_pyarray(py))
+    };
+    Ok((shape(ids)?, shape(mask)?, labels.map(shape).transpose()?))
 }
