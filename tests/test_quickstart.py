@@ -10,7 +10,8 @@ pytest.importorskip("torch")
 pytest.importorskip("gguf")
 
 import reft_rs  # noqa: E402
-from reft_rs import pretrained, quickstart  # noqa: E402
+from reft_rs import pretrained  # noqa: E402
+from reft_rs.cli import main  # noqa: E402
 
 from .test_plot import read_png  # noqa: E402
 
@@ -22,7 +23,7 @@ def test_quickstart_teaches_the_style_and_the_engine_agrees(tmp_path, capsys):
         pretrained.smollm2_gguf()
     except reft_rs.MissingDependencyError as error:
         pytest.skip(str(error))
-    assert quickstart.main(["--output-dir", str(tmp_path)]) == 0
+    assert main(["quickstart", "--output-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     for key in ("success_rate_before", "success_rate_after", "train_seconds", "trainable_parameters"):

