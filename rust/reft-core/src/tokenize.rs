@@ -110,6 +110,16 @@ fn is_byte_level(value: &Value) -> bool {
             .unwrap_or(true)
 }
 
+/// No normalizer, or an empty sequence of them.
+fn is_no_op_normalizer(value: &Value) -> bool {
+    value.is_null()
+        || (value.get("type").and_then(Value::as_str) == Some("Sequence")
+            && value
+                .get("normalizers")
+                .and_then(Value::as_array)
+                .is_some_and(Vec::is_empty))
+}
+
 /// `Some(digits)` when the pre-tokenizer is one the fast path reproduces.
 fn fast_pre_tokenizer(value: &Value) -> Option<Option<bool>> {
     if is_byte_level(value) {
@@ -170,7 +180,7 @@ fn special_affixes(tokenizer: &Tokenizer, config: &Value) -> Option<(Vec<u32>, V
 
 impl FastPath {
     fn detect(tokenizer: &Tokenizer, config: &Value) -> Option<FastPath> {
-        if !config.get("normalizer").is_none_or(Value::is_null) {
+        if !config.get("normalizer").is_none_or(is_no_op_normalizer) {
             return None;
         }
         let digits = fast_pre_tokenizer(config.get("pre_tokenizer")?)?;
