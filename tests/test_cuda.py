@@ -134,3 +134,35 @@ def test_checkpoints_move_between_gpu_and_cpu_exactly(family, tmp_path):
     back = ReftModel.from_pretrained(build(family, dtype=torch.float64).to(CUDA), tmp_path / "ckpt")
     with torch.no_grad():
         assert torch.equal(back(input_ids=ids.to(CUDA)).logits, gpu(input_ids=ids.to(CUDA)).logits)
+
+
+def test_the_command_line_trains_in_bfloat16_on_the_gpu(tmp_path, capsys):
+    import json
+
+    from reft_rs.cli import main
+
+    from .tiny_models import tokenizer
+
+    build("llama", seed=1, init_range=0.5).save_pretrained(tmp_path / "model")
+    tokenizer().save_pretrained(tmp_path / "model")
+    prompts = ["what colour is the sky", "say hello"]
+    responses = ["blue", "hello world"]
+    with open(tmp_path / "train.jsonl", "w") as handle:
+        for prompt, response in zip(prompts, responses):
+            handle.write(json.dumps({"prompt": prompt, "response": response}) + "\n")
+    argv = ["train", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "train.jsonl")]
+    argv += ["--output", str(tmp_path / "run"), "--layers", "0,1", "--positions", "f1+l1", "--rank", "2"]
+    argv += ["--device", "cuda", "--bf16", "--epochs", "60", "--batch-size", "2", "--learning-rate", "3e-2"]
+    assert main(argv) == 0
+    metrics = json.loads((tmp_path / "run" / "train_metrics.json").read_text())
+    assert metrics["losses"][-1] < 0.5 * metrics["losses"][0]
+    config, tensors = reft_rs.checkpoint.load(tmp_path / "run", framework="torch")
+    # float32 interventions on a bfloat16 model
+    assert {t.dtype for t in tensors.values()} == {torch.float32}
+    capsys.readouterr()
+    common = ["generate", "--checkpoint", str(tmp_path / "run"), "--model", str(tmp_path / "model")]
+    common += ["--prompt", prompts[0], "--max-new-tokens", "2"]
+    assert main([*common, "--device", "cuda", "--bf16"]) == 0
+    assert capsys.readouterr().out.split()[:1] == ["blue"]
+    assert main([*common, "--engine", "rust"]) == 0  # the same checkpoint on the CPU engine
+    assert capsys.readouterr().out.split()[:1] == ["blue"]

@@ -91,11 +91,11 @@ def _model_path(model: str | None, checkpoint: str | None = None, *, for_engine:
         name = config["base_model"].get("name_or_path") or ""
         from .pretrained import SMOLLM2_NAME
 
-        if name and name != SMOLLM2_NAME and os.path.isdir(name):
+        if name and name != SMOLLM2_NAME and os.path.exists(name):
             model = name
         elif name and name != SMOLLM2_NAME:
             raise UsageError(
-                f"the checkpoint was trained on {name!r}, which is not a local folder; pass --model"
+                f"the checkpoint was trained on {name!r}, which is not a local folder or file; pass --model"
             )
     if model is None or model == DEFAULT_MODEL:
         from .pretrained import cache_dir, smollm2_gguf, smollm2_path
@@ -132,6 +132,7 @@ def _load_torch_model(path: Path, device: str, bf16: bool) -> tuple[Any, Any]:
         raise ModelNotFoundError(f"cannot load a model from {path}: {str(error).splitlines()[0]}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    model.config._name_or_path = str(path)  # what checkpoints record as the base model
     return model.to(device).eval(), tokenizer
 
 
@@ -237,7 +238,6 @@ class _StreamedEpochs:
 
 def cmd_train(args: argparse.Namespace) -> int:
     _require_torch()
-    import torch
     import transformers
 
     from .config import ReftConfig
@@ -261,11 +261,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         dropout=args.dropout,
     )
     model, tokenizer = _load_torch_model(_model_path(args.model), device, args.bf16)
+    transformers.set_seed(args.seed)  # the interventions' initial weights, then the data order
     reft_model = get_reft_model(model, config)
     reft_model.print_trainable_parameters()
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(args.seed)
     start = time.perf_counter()
     if args.stream:
         from .trainer import train
@@ -754,6 +754,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`reft-rs inspect ... | head`): stop quietly.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":
