@@ -251,3 +251,56 @@ def test_training_is_reproducible_with_a_seed(workspace):
     assert outputs[0].keys() == outputs[1].keys()
     for key in outputs[0]:
         assert np.array_equal(outputs[0][key], outputs[1][key]), key
+
+
+CLASSIFY = [
+    ("the cat sat on the mat", "animal"),
+    ("a dog ran to the park", "animal"),
+    ("the big cat is red", "animal"),
+    ("one two three four", "number"),
+    ("five six seven", "number"),
+    ("eight nine ten one", "number"),
+    ("the sky is blue", "colour"),
+    ("the grass is green", "colour"),
+    ("red blue green", "colour"),
+]
+
+
+def test_labelled_data_trains_a_classifier_and_eval_reports_its_accuracy(workspace, capsys):
+    data = workspace / "labelled.csv"
+    data.write_text("text,label\n" + "".join(f"{t},{label}\n" for t, label in CLASSIFY))
+    output = workspace / "classifier"
+    argv = ["train", "--model", str(workspace / "model"), "--data", str(data), "--output", str(output)]
+    argv += [*TRAIN, "--epochs", "40", "--learning-rate", "3e-2", "--positions", "l1"]
+    assert main(argv) == 0
+    config, tensors = reft_rs.checkpoint.load(output)
+    assert config["metadata"]["task"] == "classify"
+    assert config["metadata"]["labels"] == ["animal", "colour", "number"]
+    assert any(key.startswith("head.") for key in tensors)
+    capsys.readouterr()
+    results = workspace / "classifier.json"
+    common = ["--checkpoint", str(output), "--model", str(workspace / "model")]
+    code, out, _ = run(
+        capsys, "eval", *common, "--data", str(data), "--batch-size", "4", "--output", str(results)
+    )
+    assert code == 0
+    metrics = json.loads(out)
+    assert metrics["accuracy"] >= 0.75
+    # The batched (padded) predictions equal the model run on each text alone.
+    labels = config["metadata"]["labels"]
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(
+        workspace / "model", num_labels=3
+    ).eval()
+    model.config.pad_token_id = tokenizer().pad_token_id
+    reft_model = reft_rs.ReftModel.from_pretrained(model, output)
+    tok = tokenizer()
+    alone = []
+    for text, _ in CLASSIFY:
+        ids = torch.tensor([tok(text)["input_ids"]])
+        with torch.no_grad():
+            alone.append(labels[int(reft_model(ids).logits.argmax(-1))])
+    saved = json.loads(results.read_text())["predictions"]
+    assert [row["predicted"] for row in saved] == alone
+    assert metrics["accuracy"] == sum(a == label for a, (_, label) in zip(alone, CLASSIFY)) / len(CLASSIFY)
+    code, _, err = run(capsys, "generate", *common, "--prompt", "the cat")
+    assert code == 2 and "classification checkpoint" in err

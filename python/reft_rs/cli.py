@@ -114,26 +114,66 @@ def _model_path(model: str | None, checkpoint: str | None = None, *, for_engine:
     return path
 
 
-def _load_torch_model(path: Path, device: str, bf16: bool) -> tuple[Any, Any]:
+def _load_torch_model(
+    path: Path, device: str, bf16: bool, labels: Sequence[str] | None = None
+) -> tuple[Any, Any]:
+    """The model and tokenizer at ``path``: a causal LM, or with ``labels``
+    a sequence classifier over them (its head new unless saved with it)."""
     _require_torch()
     import torch
     import transformers
 
     dtype = torch.bfloat16 if bf16 else torch.float32
+    auto: Any = transformers.AutoModelForCausalLM
     try:
         if path.is_file():
             kwargs: dict[str, Any] = {"gguf_file": path.name}
             folder: Path | str = path.parent
         else:
             kwargs, folder = {}, path
-        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, **kwargs)
-        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+        if labels is not None:
+            auto = transformers.AutoModelForSequenceClassification
+            kwargs["num_labels"] = len(labels)
+            kwargs["id2label"] = dict(enumerate(labels))
+            kwargs["label2id"] = {label: index for index, label in enumerate(labels)}
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
+            folder, **{k: v for k, v in kwargs.items() if k == "gguf_file"}
+        )
+        with _quiet_transformers():
+            model = auto.from_pretrained(folder, dtype=dtype, **kwargs)
     except (OSError, ValueError) as error:
         raise ModelNotFoundError(f"cannot load a model from {path}: {str(error).splitlines()[0]}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if labels is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id  # finds each row's last token
     model.config._name_or_path = str(path)  # what checkpoints record as the base model
     return model.to(device).eval(), tokenizer
+
+
+class _quiet_transformers:
+    """Silences transformers' notice that a new classification head was
+    initialized: reft-rs trains it and says so."""
+
+    def __enter__(self) -> None:
+        import transformers
+
+        self.level = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()
+
+    def __exit__(self, *exc: Any) -> None:
+        import transformers
+
+        transformers.logging.set_verbosity(self.level)
+
+
+def _checkpoint_metadata(checkpoint: str | None) -> dict[str, Any]:
+    if checkpoint is None:
+        return {}
+    from . import _core
+
+    config_json, _, _ = _core.load_checkpoint(os.fspath(checkpoint))
+    return dict(json.loads(config_json).get("metadata") or {})
 
 
 def _device(name: str) -> str:
@@ -188,10 +228,23 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
 
 def _training_data(
-    args: argparse.Namespace, records: list[dict[str, Any]], tokenizer: Any, config: Any
+    args: argparse.Namespace,
+    records: list[dict[str, Any]],
+    tokenizer: Any,
+    config: Any,
+    labels: list[str] | None,
 ) -> Any:
     from .data import make_dataset
 
+    if labels is not None:
+        index = {label: i for i, label in enumerate(labels)}
+        return make_dataset(
+            tokenizer,
+            [r["text"] for r in records],
+            labels=[index[str(r["label"])] for r in records],
+            config=config,
+            max_length=args.max_length,
+        )
     options = {
         "config": config,
         "max_length": args.max_length,
@@ -251,6 +304,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UsageError("--bf16 runs on a GPU; use it with --device cuda")
     # Mistakes in the dataset or the options fail before the model loads.
     records = list(read_records(args.data)) if not args.stream else [next(iter(read_records(args.data)))]
+    task = args.task
+    if task == "auto":
+        task = "generate" if "response" in records[0] else "classify"
+    labels: list[str] | None = None
+    if task == "classify":
+        if "response" in records[0]:
+            raise UsageError("--task classify needs text/label records, found prompt/response ones")
+        if args.stream:
+            raise UsageError("--stream trains generation; classification datasets are read whole")
+        labels = sorted({str(r["label"]) for r in records})
+        if len(labels) < 2:
+            raise DatasetError(f"{args.data}: classification needs at least 2 labels, found {labels}")
     config = ReftConfig.for_layers(
         _layers(args.layers),
         type=args.type,
@@ -259,8 +324,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         share_weights=args.share_weights,
         component=args.component,
         dropout=args.dropout,
+        trainable_head=labels is not None,
     )
-    model, tokenizer = _load_torch_model(_model_path(args.model), device, args.bf16)
+    model, tokenizer = _load_torch_model(_model_path(args.model), device, args.bf16, labels)
     transformers.set_seed(args.seed)  # the interventions' initial weights, then the data order
     reft_model = get_reft_model(model, config)
     reft_model.print_trainable_parameters()
@@ -287,7 +353,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from .data import ReftDataCollator
         from .trainer import ReftTrainer
 
-        dataset = _training_data(args, records, tokenizer, config)
+        dataset = _training_data(args, records, tokenizer, config, labels)
         print(f"{len(dataset)} training examples from {args.data}")
         training_args = transformers.TrainingArguments(
             output_dir=str(output),
@@ -317,7 +383,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
         losses = losses or [result.training_loss]
     seconds = time.perf_counter() - start
-    reft_model.save_pretrained(output, metadata={"dataset": os.path.basename(args.data)})
+    metadata: dict[str, Any] = {"dataset": os.path.basename(args.data), "task": task}
+    if labels is not None:
+        metadata["labels"] = labels
+    reft_model.save_pretrained(output, metadata=metadata)
     summary = {
         "train_seconds": round(seconds, 2),
         "trainable_parameters": reft_model.trainable_parameter_count(),
@@ -445,6 +514,8 @@ def _generator(args: argparse.Namespace) -> _TorchGenerator | _RustGenerator:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    if _checkpoint_metadata(args.checkpoint).get("task") == "classify":
+        raise UsageError("this is a classification checkpoint; score texts with reft-rs eval")
     prompts = _prompts_from(args)
     generator = _generator(args)
     if prompts is None:
@@ -468,10 +539,62 @@ def _normalize(text: str) -> str:
     return " ".join(text.split()).casefold()
 
 
+def _eval_classifier(args: argparse.Namespace, labels: list[str], records: list[dict[str, Any]]) -> int:
+    """Accuracy of a classification checkpoint (batched forward passes)."""
+    import numpy as np
+    import torch
+
+    from .data import make_dataset
+    from .model import ReftModel
+
+    if args.engine == "rust":
+        raise UsageError("classification checkpoints run on the torch engine; drop --engine rust")
+    if "text" not in records[0]:
+        raise DatasetError(f"{args.data}: a classification checkpoint needs text/label records")
+    model, tokenizer = _load_torch_model(
+        _model_path(args.model, args.checkpoint), _device(args.device), args.bf16, labels
+    )
+    reft_model = ReftModel.from_pretrained(model, args.checkpoint)
+    index = {label: i for i, label in enumerate(labels)}
+    expected = np.array([index.get(str(r["label"]), -1) for r in records])
+    dataset = make_dataset(
+        tokenizer,
+        [r["text"] for r in records],
+        labels=expected.tolist(),
+        config=reft_model.reft_config,
+    )
+    start = time.perf_counter()
+    predicted = []
+    with torch.no_grad():
+        for batch in dataset.batches(args.batch_size, tokenizer.pad_token_id):
+            batch.pop("labels")
+            batch = {k: v.to(reft_model.device) for k, v in batch.items()}
+            predicted.append(reft_model(**batch).logits.argmax(-1).cpu().numpy())
+    chosen = np.concatenate(predicted)
+    metrics = {
+        "examples": len(records),
+        "accuracy": float((chosen == expected).mean()),
+        "unseen_labels": int((expected < 0).sum()),
+        "seconds": round(time.perf_counter() - start, 2),
+        "engine": "torch",
+    }
+    print(json.dumps(metrics, indent=2))
+    if args.output:
+        rows = [
+            {"text": r["text"], "expected": str(r["label"]), "predicted": labels[c], "correct": bool(c == e)}
+            for r, c, e in zip(records, chosen.tolist(), expected.tolist())
+        ]
+        Path(args.output).write_text(json.dumps({**metrics, "predictions": rows}, indent=2))
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .records import read_records
 
     records = list(read_records(args.data))
+    metadata = _checkpoint_metadata(args.checkpoint)
+    if metadata.get("task") == "classify":
+        return _eval_classifier(args, list(metadata["labels"]), records)
     pairs = [
         (r["prompt"], r["response"]) if "response" in r else (r["text"], str(r["label"])) for r in records
     ]
@@ -610,8 +733,10 @@ EXAMPLES = {
   reft-rs train --data train.jsonl --output runs/style --save-steps 50 --resume
   reft-rs train --data train.jsonl --device cuda --bf16 --output runs/gpu
 
-The dataset is JSON lines, JSON or CSV with prompt/response fields (or
-text/label: the model learns to answer each text with its label).""",
+The dataset is JSON lines, JSON or CSV with prompt/response fields (the
+model learns the responses) or text/label fields (a classification head
+trains with the interventions; --task generate teaches the model to answer
+each text with its label instead).""",
     "generate": """examples:
   reft-rs generate --checkpoint runs/style --prompt "What is the capital of France?"
   reft-rs generate --checkpoint runs/style --engine rust --prompt "Hello" --stream
@@ -619,7 +744,8 @@ text/label: the model learns to answer each text with its label).""",
   reft-rs generate --checkpoint runs/style          # interactive""",
     "eval": """examples:
   reft-rs eval --checkpoint runs/style --data test.jsonl
-  reft-rs eval --checkpoint runs/style --data test.csv --engine rust --output results.json""",
+  reft-rs eval --checkpoint runs/style --data test.csv --engine rust --output results.json
+  reft-rs eval --checkpoint runs/sentiment --data test.jsonl      # a classifier: accuracy""",
     "inspect": """examples:
   reft-rs inspect reft-quickstart/checkpoint
   reft-rs inspect runs/style --json""",
@@ -675,6 +801,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", required=True, help="JSONL, JSON or CSV dataset")
     train.add_argument("--output", required=True, help="folder for the checkpoint(s)")
     train.add_argument("--model", help=f"model folder or .gguf file (default: {DEFAULT_MODEL})")
+    train.add_argument(
+        "--task",
+        choices=["auto", "generate", "classify"],
+        default="auto",
+        help="generate: learn the responses (prompt/response data; the default for it); classify: a "
+        "sequence classifier over the labels (text/label data; the default for it); generate with "
+        "text/label data learns to answer each text with its label",
+    )
     train.add_argument("--type", default="loreft", help="intervention type (default loreft)")
     train.add_argument("--layers", default="3,9,18,24", help="comma-separated layers (default 3,9,18,24)")
     train.add_argument("--positions", default="f1+l1", help="position spec, e.g. f1+l1, l3, all")
@@ -708,7 +842,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--jsonl", action="store_true", help="print one JSON object per reply")
     generate.set_defaults(run=cmd_generate)
 
-    evaluate = _subparser(commands, "eval", "exact match of a checkpoint's replies on a labelled dataset")
+    evaluate = _subparser(
+        commands, "eval", "exact match of a checkpoint's replies, or a classifier's accuracy, on a dataset"
+    )
     _generation_options(evaluate)
     evaluate.add_argument("--data", required=True, help="prompt/response or text/label records")
     evaluate.add_argument("--output", help="write the metrics and every prediction to this JSON file")
