@@ -29,11 +29,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import numpy as np
 import transformers
-from bench_positions import python_locations
+from bench_positions import best_time, python_locations
 
 import reft_rs
 from reft_rs.data import IGNORE_INDEX, make_dataset
@@ -103,15 +102,6 @@ def python_pipeline(tokenizer, prompts, responses, batch_size):
             }
         )
     return batches
-
-
-def best_time(function, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:

@@ -115,9 +115,7 @@ class ReftDataset(torch.utils.data.Dataset):
         token_labels: bool = True,
     ) -> ReftDataset:
         """A dataset from lists of token ids."""
-        lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
-        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        tokens = np.fromiter(itertools.chain.from_iterable(sequences), dtype=np.int64, count=int(offsets[-1]))
+        tokens, offsets = _flatten(sequences)
         return cls(
             tokens, offsets, np.asarray(prompt_lengths), locations, labels=labels, token_labels=token_labels
         )
@@ -512,10 +510,16 @@ def _encode_pairs_python(tokenizer, prompts, responses, affixes, special, max_le
     if max_length is not None:
         sequences = [s[:max_length] for s in sequences]
         prompt_lengths = np.minimum(prompt_lengths, max_length)
+    tokens, offsets = _flatten(sequences)
+    return tokens, offsets, prompt_lengths
+
+
+def _flatten(sequences: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Lists of token ids as one int32 array and ``n + 1`` offsets."""
     lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     tokens = np.fromiter(itertools.chain.from_iterable(sequences), dtype=np.int32, count=int(offsets[-1]))
-    return tokens, offsets, prompt_lengths
+    return tokens, offsets
 
 
 def tokenize_pairs(
@@ -650,34 +654,22 @@ def stream_batches(
         chunk = list(itertools.islice(iterator, chunk_size))
         if not chunk:
             return
+        options: dict[str, Any] = {
+            "config": config,
+            "positions": positions,
+            "share_weights": share_weights,
+            "include_last": include_last,
+            "chat_template": chat_template,
+            "system_prompt": system_prompt,
+            "max_length": max_length,
+            "encoder": encoder,
+        }
         if "response" in chunk[0]:
-            dataset = make_dataset(
-                tokenizer,
-                [r["prompt"] for r in chunk],
-                [r["response"] for r in chunk],
-                config=config,
-                positions=positions,
-                share_weights=share_weights,
-                include_last=include_last,
-                chat_template=chat_template,
-                system_prompt=system_prompt,
-                max_length=max_length,
-                encoder=encoder,
-            )
+            texts, responses = [r["prompt"] for r in chunk], [r["response"] for r in chunk]
+            dataset = make_dataset(tokenizer, texts, responses, **options)
         else:
-            dataset = make_dataset(
-                tokenizer,
-                [r["text"] for r in chunk],
-                labels=[r["label"] for r in chunk],
-                config=config,
-                positions=positions,
-                share_weights=share_weights,
-                include_last=include_last,
-                chat_template=chat_template,
-                system_prompt=system_prompt,
-                max_length=max_length,
-                encoder=encoder,
-            )
+            texts, labels = [r["text"] for r in chunk], [r["label"] for r in chunk]
+            dataset = make_dataset(tokenizer, texts, labels=labels, **options)
         yield from dataset.batches(
             batch_size,
             pad_token_id,
