@@ -17,6 +17,7 @@ status 1.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -85,9 +86,7 @@ def _model_path(model: str | None, checkpoint: str | None = None, *, for_engine:
     checkpoint's base model when it is the default or a local folder, else
     SmolLM2."""
     if model is None and checkpoint is not None:
-        from . import checkpoint as checkpoint_io
-
-        config, _ = checkpoint_io.load(checkpoint)
+        config, _ = _read_checkpoint(checkpoint)
         name = config["base_model"].get("name_or_path") or ""
         from .pretrained import SMOLLM2_NAME
 
@@ -167,13 +166,20 @@ class _quiet_transformers:
         transformers.logging.set_verbosity(self.level)
 
 
+@functools.lru_cache(maxsize=4)
+def _read_checkpoint(checkpoint: str) -> tuple[dict[str, Any], tuple[tuple[str, str, tuple[int, ...]], ...]]:
+    """A checkpoint's config and its tensors' ``(key, dtype, shape)``, read
+    and checked once per command (the tensors' bytes are not kept)."""
+    from . import _core
+
+    config_json, raw, _ = _core.load_checkpoint(os.fspath(checkpoint))
+    return json.loads(config_json), tuple((key, dtype, tuple(shape)) for key, dtype, shape, _ in raw)
+
+
 def _checkpoint_metadata(checkpoint: str | None) -> dict[str, Any]:
     if checkpoint is None:
         return {}
-    from . import _core
-
-    config_json, _, _ = _core.load_checkpoint(os.fspath(checkpoint))
-    return dict(json.loads(config_json).get("metadata") or {})
+    return dict(_read_checkpoint(checkpoint)[0].get("metadata") or {})
 
 
 def _device(name: str) -> str:
@@ -638,20 +644,17 @@ def _size(path: Path) -> str:
 def cmd_inspect(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from . import _core
-
     folder = Path(args.checkpoint)
-    config_json, raw, _ = _core.load_checkpoint(os.fspath(folder))
-    config = json.loads(config_json)
+    config, tensors = _read_checkpoint(args.checkpoint)
     counts: dict[str, int] = {}
     dtypes: dict[str, str] = {}
-    for key, dtype, shape, _data in raw:
+    for key, dtype, shape in tensors:
         owner = key.partition(".")[0]
         counts[owner] = counts.get(owner, 0) + int(np.prod(shape))
         dtypes[owner] = dtype
     extra = set(config.get("extra_tensors") or [])
     trainable = sum(
-        int(np.prod(shape)) for key, _, shape, _ in raw if key not in extra or key.startswith("head.")
+        int(np.prod(shape)) for key, _, shape in tensors if key not in extra or key.startswith("head.")
     )
     files = {p.name: _size(p) for p in sorted(folder.iterdir()) if p.is_file()}
     if args.json:
@@ -873,6 +876,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _read_checkpoint.cache_clear()  # one command's reads; a later call may see new files
     if getattr(args, "run", None) is None:
         parser.print_help()
         return 2

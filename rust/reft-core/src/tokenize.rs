@@ -66,10 +66,10 @@ pub struct BatchTokenizer {
 struct FastPath {
     /// `Some(individual)` when a `Digits` pre-tokenizer runs first.
     digits: Option<bool>,
-    /// Added tokens matched on the raw text, longest first.
-    raw_tokens: Vec<(Box<[u8]>, u32)>,
-    /// Added tokens matched after normalization (none here), longest first.
-    normalized_tokens: Vec<(Box<[u8]>, u32)>,
+    /// Added tokens matched on the raw text.
+    raw_tokens: AddedTokens,
+    /// Added tokens matched after normalization (none here).
+    normalized_tokens: AddedTokens,
     /// Ids the post-processor puts before and after a text, when it is
     /// one of the kinds that only add tokens.
     special: Option<(Vec<u32>, Vec<u32>)>,
@@ -78,6 +78,23 @@ struct FastPath {
 }
 
 type Cache = FxHashMap<Box<[u8]>, Box<[u32]>>;
+
+/// Added tokens (content, id), longest first, and which bytes start one.
+struct AddedTokens {
+    tokens: Vec<(Box<[u8]>, u32)>,
+    first: [bool; 256],
+}
+
+impl AddedTokens {
+    fn new(mut tokens: Vec<(Box<[u8]>, u32)>) -> Self {
+        tokens.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.0.cmp(&b.0)));
+        let mut first = [false; 256];
+        for (content, _) in &tokens {
+            first[content[0] as usize] = true;
+        }
+        AddedTokens { tokens, first }
+    }
+}
 
 fn tokenizer_error(what: &str, e: impl std::fmt::Display) -> Error {
     Error::Tokenizer(format!("{what}: {e}"))
@@ -212,13 +229,10 @@ impl FastPath {
                 raw_tokens.push(entry);
             }
         }
-        for list in [&mut raw_tokens, &mut normalized_tokens] {
-            list.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.0.cmp(&b.0)));
-        }
         Some(FastPath {
             digits,
-            raw_tokens,
-            normalized_tokens,
+            raw_tokens: AddedTokens::new(raw_tokens),
+            normalized_tokens: AddedTokens::new(normalized_tokens),
             special: special_affixes(tokenizer, config),
             byte_chars: byte_chars(),
         })
@@ -296,21 +310,18 @@ fn split_gpt2(s: &[u8], emit: &mut impl FnMut(&[u8]) -> Result<()>) -> Result<()
 /// text between matches and `on_token` for each match.
 fn split_added(
     text: &[u8],
-    tokens: &[(Box<[u8]>, u32)],
+    added: &AddedTokens,
     on_text: &mut impl FnMut(&[u8]) -> Result<()>,
     on_token: &mut impl FnMut(u32),
 ) -> Result<()> {
-    if tokens.is_empty() {
+    if added.tokens.is_empty() {
         return on_text(text);
-    }
-    let mut first = [false; 256];
-    for (content, _) in tokens {
-        first[content[0] as usize] = true;
     }
     let (mut start, mut i) = (0, 0);
     while i < text.len() {
-        if first[text[i] as usize] {
-            if let Some((content, id)) = tokens.iter().find(|(c, _)| text[i..].starts_with(c)) {
+        if added.first[text[i] as usize] {
+            if let Some((content, id)) = added.tokens.iter().find(|(c, _)| text[i..].starts_with(c))
+            {
                 if start < i {
                     on_text(&text[start..i])?;
                 }
