@@ -71,8 +71,13 @@ def _with_hidden(value: Any, hidden: torch.Tensor) -> Any:
 
 
 def _cache_length(kwargs: Mapping[str, Any]) -> int:
-    """Tokens already in the KV cache when a forward call starts."""
+    """Tokens already in the KV cache when a forward call starts.
+
+    The cache is ``past_key_values`` up to transformers 5.23 and ``cache``
+    from 5.24 on (which also stops passing ``cache_position``)."""
     cache = kwargs.get("past_key_values")
+    if cache is None:
+        cache = kwargs.get("cache")
     if cache is not None:
         if hasattr(cache, "get_seq_length"):
             return int(cache.get_seq_length())
