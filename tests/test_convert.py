@@ -96,7 +96,7 @@ def write_pyreft(folder, interventions, *, key_style="underscore"):
         if key_style == "underscore":
             key = f"layer_{layer}_comp_block_output_unit_pos_nunit_1#{collision}"
         else:
-            key = f"layer.{layer}.repr.block_output.unit.pos.nunit.1#{collision}"
+            key = f"layer.{layer}.comp.block_output.unit.pos.nunit.1#{collision}"
         state, holder = pyreft_state(kind, seed=index, half_precision_source=kind == "loreft")
         torch.save(state, folder / f"intkey_{key}.bin")
         representations.append(

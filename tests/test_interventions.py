@@ -237,7 +237,7 @@ def test_paper_parameter_counts():
     ("kwargs", "needle"),
     [
         ({"type": "megareft"}, "unknown intervention type"),
-        ({"component": "mlp_input"}, "unknown component"),
+        ({"component": "mlp_input"}, "component: unknown variant `mlp_input`"),
         ({"positions": "f-1"}, "positions"),
         ({"low_rank_dimension": 0}, "low_rank_dimension"),
         ({"type": "red", "low_rank_dimension": 4}, "no low_rank_dimension"),

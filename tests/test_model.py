@@ -237,7 +237,7 @@ def test_checkpoint_for_another_model_is_refused(tmp_path):
     )
     with pytest.raises(IncompatibleModelError, match="3 layers vs the model's 4"):
         ReftModel.from_pretrained(deeper, tmp_path)
-    with pytest.raises(IncompatibleModelError, match="llama model, this is a qwen2"):
+    with pytest.raises(IncompatibleModelError, match='model type "llama" vs the model\'s "qwen2"'):
         ReftModel.from_pretrained(build("qwen2"), tmp_path)
     with pytest.warns(UserWarning, match="qwen2"):
         ReftModel.from_pretrained(build("qwen2"), tmp_path, strict=False)

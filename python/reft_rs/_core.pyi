@@ -25,6 +25,11 @@ __all__ = [
     "gather",
     "scatter",
     "pad_rows",
+    "schema",
+    "parameter_layout",
+    "normalize_intervention",
+    "check_placement",
+    "check_fits",
     "normalize_config",
     "config_parameters",
     "save_checkpoint",
@@ -86,6 +91,22 @@ def scatter(
     *,
     parallel: bool = True,
 ) -> None: ...
+def schema() -> dict[str, Any]: ...
+def parameter_layout(kind: str, bias: bool, projection_bias: bool) -> list[tuple[str, list[str]]]: ...
+def normalize_intervention(entry_json: str) -> str: ...
+def check_placement(
+    name: str, layer: int, rank: int | None, width: int, num_hidden_layers: int
+) -> None: ...
+def check_fits(
+    base: tuple[str, str, int, int],
+    source: str,
+    *,
+    inferred: bool,
+    hidden_size: int | None,
+    num_hidden_layers: int | None,
+    model_type: str | None,
+    strict: bool,
+) -> list[str]: ...
 def normalize_config(config_json: str) -> str: ...
 def config_parameters(config_json: str) -> list[tuple[str, str, list[int]]]: ...
 def save_checkpoint(

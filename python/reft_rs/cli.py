@@ -331,6 +331,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         component=args.component,
         dropout=args.dropout,
         trainable_head=labels is not None,
+        include_last=not args.exclude_last,
     )
     model, tokenizer = _load_torch_model(_model_path(args.model), device, args.bf16, labels)
     transformers.set_seed(args.seed)  # the interventions' initial weights, then the data order
@@ -673,6 +674,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for entry in config["interventions"]:
         rank = entry.get("low_rank_dimension")
         positions = (entry.get("positions") or "all") + (" shared" if entry.get("share_weights") else "")
+        if not entry.get("include_last", True):
+            positions += " (last token excluded)"
         rows.append(
             (
                 entry["name"],
@@ -716,6 +719,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             base_model=base,
             positions=args.positions,
             share_weights=args.share_weights,
+            include_last=not args.exclude_last,
         )
     else:
         config = convert.from_red(args.source, args.output, base_model=base)
@@ -817,6 +821,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--positions", default="f1+l1", help="position spec, e.g. f1+l1, l3, all")
     train.add_argument("--rank", type=int, default=4, help="low-rank dimension (default 4)")
     train.add_argument("--share-weights", action="store_true", help="one intervention for prefix and suffix")
+    train.add_argument(
+        "--exclude-last",
+        action="store_true",
+        help="leave the last prompt token out of the positions (pyreft's library datasets); recorded in "
+        "the checkpoint, so generate and eval edit the same positions",
+    )
     train.add_argument("--component", default="block_output")
     train.add_argument("--dropout", type=float, default=0.0)
     train.add_argument("--epochs", type=float, default=3)
@@ -868,6 +878,11 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--positions", help="pyreft: the position spec used in training")
     convert.add_argument(
         "--share-weights", action=argparse.BooleanOptionalAction, default=None, help="pyreft: shared weights"
+    )
+    convert.add_argument(
+        "--exclude-last",
+        action="store_true",
+        help="pyreft: trained on pyreft's library datasets, which leave the last prompt token out",
     )
     convert.set_defaults(run=cmd_convert)
     return parser

@@ -23,10 +23,12 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import _core
 from ._core import PositionSpec
 from .errors import ConfigError
 
@@ -40,20 +42,29 @@ __all__ = [
     "ReftConfig",
 ]
 
-INTERVENTION_TYPES = ("loreft", "noreft", "direft", "nodireft", "consreft", "lobireft", "red", "steer")
-LOW_RANK_TYPES = frozenset(INTERVENTION_TYPES[:6])
-COMPONENTS = ("block_output", "block_input", "mlp_output", "attention_output")
-ACTIVATIONS = ("identity", "relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid")
-DTYPES = ("float32", "float16", "bfloat16", "float64")
+# The schema belongs to the Rust core (the one owner of the checkpoint
+# format); these are its tables, read once.
+_SCHEMA = _core.schema()
+#: Intervention types, in the spec's order.
+INTERVENTION_TYPES = tuple(_SCHEMA["types"])
+#: Types with a rank r (all but ``red`` and ``steer``).
+LOW_RANK_TYPES = frozenset(name for name, kind in _SCHEMA["types"].items() if kind["low_rank"])
+#: Where in a layer an intervention acts.
+COMPONENTS = tuple(_SCHEMA["components"])
+#: Activations of the learned source.
+ACTIVATIONS = tuple(_SCHEMA["activations"])
+#: Parameter dtypes.
+DTYPES = tuple(_SCHEMA["dtypes"])
 #: Types whose learned source is ``act(Wh + b)``, so ``bias`` may be turned off.
-SOURCE_TYPES = frozenset({"loreft", "noreft", "direft", "nodireft"})
+SOURCE_TYPES = frozenset(name for name, kind in _SCHEMA["types"].items() if kind["source"])
 
 
-def _choice(value: Any, allowed: Iterable[str], what: str) -> str:
-    allowed = tuple(allowed)
-    if value not in allowed:
-        raise ConfigError(f"unknown {what} {value!r}; expected one of: {', '.join(allowed)}")
-    return value
+def _json_value(value: Any) -> Any:
+    """numpy scalars (an ``np.int64`` layer, say) as the Python numbers they hold."""
+    item = getattr(value, "item", None)
+    if callable(item):
+        return item()
+    raise TypeError(f"{type(value).__name__} is not a JSON value")
 
 
 @dataclass
@@ -95,6 +106,14 @@ class InterventionConfig:
             says whether the module's input (``block_input``) or output is
             edited.
         name: Unique name; generated from the placement when ``None``.
+        include_last: Whether the position spec may choose the last prompt
+            token (``True``, the ReFT paper's scripts) or leaves it out
+            (``False``, pyreft's library datasets). Recorded in checkpoints
+            and used by training data, ``forward``, ``generate`` and the
+            engine alike.
+
+    Every field is checked by the Rust core when the config is built (the
+    same check that saving and loading run), raising :class:`ConfigError`.
     """
 
     layer: int
@@ -114,45 +133,18 @@ class InterventionConfig:
     embed_dim: int | None = None
     module_path: str | None = None
     name: str | None = None
+    include_last: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
-            raise ConfigError(f"layer must be a non-negative integer, found {self.layer!r}")
-        _choice(self.type, INTERVENTION_TYPES, "intervention type")
-        _choice(self.component, COMPONENTS, "component")
-        _choice(self.activation, ACTIVATIONS, "activation")
-        _choice(self.dtype, DTYPES, "dtype")
-        if self.positions is None:
-            self.positions = "l1" if self.type in LOW_RANK_TYPES else "all"
+        entry = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         try:
-            spec = PositionSpec(self.positions)
-        except (ValueError, TypeError) as error:
-            raise ConfigError(f"positions: {error}") from None
-        self.positions = str(spec)
-        if self.type in LOW_RANK_TYPES:
-            rank = self.low_rank_dimension
-            if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-                raise ConfigError(f"{self.type} needs low_rank_dimension, a positive integer; found {rank!r}")
-        elif self.low_rank_dimension is not None:
-            raise ConfigError(f"{self.type} has no low_rank_dimension; leave it None")
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), found {self.dropout}")
-        if not self.bias and self.type not in SOURCE_TYPES:
-            raise ConfigError(f"{self.type} always has its bias; bias=False is not possible")
-        if self.projection_bias and self.type != "noreft":
-            raise ConfigError(f"projection_bias applies to noreft only, not {self.type}")
-        groups = spec.group_count(self.share_weights)
-        if self.group is not None and not 0 <= self.group < groups:
-            raise ConfigError(
-                f"group {self.group} does not exist: positions {self.positions!r} with "
-                f"share_weights={self.share_weights} give {groups} group(s)"
-            )
-        if self.embed_dim is not None and self.embed_dim < 1:
-            raise ConfigError(f"embed_dim must be positive, found {self.embed_dim}")
-        if self.name is not None and (not self.name or not all(c.isalnum() or c in "_-" for c in self.name)):
-            raise ConfigError(
-                f"name {self.name!r} must be non-empty and use only letters, digits, '_' and '-'"
-            )
+            text = json.dumps(entry, default=_json_value, allow_nan=True)
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"intervention fields must be plain values: {error}") from None
+        normalized = json.loads(_core.normalize_intervention(text))
+        for name, value in normalized.items():
+            if getattr(self, name) != value or type(getattr(self, name)) is not type(value):
+                object.__setattr__(self, name, value)
 
     @property
     def position_spec(self) -> PositionSpec:
@@ -292,20 +284,25 @@ class ReftConfig:
         """Indices of the interventions that read locations (not ``"all"``)."""
         return [i for i, item in enumerate(self.interventions) if not item.every_token]
 
-    def shared_positions(self) -> tuple[str, bool] | None:
-        """``(positions, share_weights)`` shared by every intervention that reads
-        locations, or ``None`` if there are none. Raises if they differ, since
-        one grouped locations array cannot serve them all."""
+    def shared_positions(self) -> tuple[str, bool, bool] | None:
+        """``(positions, share_weights, include_last)`` shared by every
+        intervention that reads locations, or ``None`` if there are none.
+        Raises if they differ, since one grouped locations array cannot
+        serve them all."""
         specs = {
-            (self.interventions[i].positions, self.interventions[i].share_weights)
-            for i in self.position_interventions
+            (item.positions, item.share_weights, item.include_last)
+            for item in (self.interventions[i] for i in self.position_interventions)
         }
         if not specs:
             return None
         if len(specs) > 1:
+            described = sorted(
+                f"{positions!r} (share_weights={shared}, include_last={last})"
+                for positions, shared, last in specs
+            )
             raise ConfigError(
-                "the interventions use different position specs "
-                f"({sorted(specs)}); pass one locations row per intervention instead"
+                f"the interventions use different position rules ({', '.join(described)}); "
+                "pass one locations row per intervention instead"
             )
         return specs.pop()
 

@@ -7,8 +7,12 @@ but tensors and plain containers.
 pyreft (0.1.0, on pyvene) writes a folder with ``config.json`` (its
 ``representations`` as positional lists: layer, component, unit,
 max_number_of_units, low_rank_dimension, ...; ``intervention_types`` as class
-names) and one ``intkey_<key>.bin`` per intervention. It records neither the
-positions, nor dropout, activation or the base model's size; pass them.
+names) and one ``intkey_<key>.bin`` per intervention, keyed by pyvene's rule
+(``layer_{l}_comp_{c}_unit_pos_nunit_1#{k}`` from pyvene 0.1.7 on,
+``layer.{l}.comp.{c}.unit.pos.nunit.1#{k}`` before, ``k`` counting repeats
+of the same placement in the order of ``representations``). It records
+neither the positions, nor dropout, activation or the base model's size;
+pass them.
 
 RED (Wu et al. 2024) saves ``{module}.delta_vector.activation_scaling`` and
 ``...activation_bias`` for each module it wraps (``down_proj`` in Llama);
@@ -27,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import checkpoint
+from . import _core, checkpoint
 from .config import InterventionConfig, ReftConfig
 from .errors import CheckpointNotFoundError, ConfigError, InvalidCheckpointError
 
@@ -164,19 +168,94 @@ def _common_dtype(tensors: Mapping[str, torch.Tensor]) -> torch.dtype:
     return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
 
-def _pyreft_key_files(folder: str, representation: list[Any], counter: dict[tuple, int]) -> str:
-    layer, component, unit, units = representation[:4]
-    proposal = (layer, component, unit, units)
-    collision = counter.get(proposal, -1) + 1
-    counter[proposal] = collision
-    for key in (
-        f"layer_{layer}_comp_{component}_unit_{unit}_nunit_{units}#{collision}",
-        f"layer.{layer}.repr.{component}.unit.{unit}.nunit.{units}#{collision}",
-    ):
-        if os.path.exists(os.path.join(folder, f"intkey_{key}.bin")):
-            return key
+_PYREFT_COMPONENTS = ("block_output", "block_input", "mlp_output", "attention_output")
+
+
+def _pyreft_representations(
+    saved: Mapping[str, Any], config_path: str
+) -> list[tuple[int, str, str, int, Any]]:
+    """``(layer, component, unit, max_number_of_units, low_rank_dimension)``
+    of each entry of pyreft's ``representations``, checked, in their order."""
+
+    def bad(reason: str) -> InvalidCheckpointError:
+        return InvalidCheckpointError(f"{config_path}: {reason}", config_path)
+
+    representations = saved.get("representations")
+    type_names = saved.get("intervention_types")
+    if not isinstance(representations, list) or not isinstance(type_names, list):
+        raise bad("not a pyreft config (needs representations and intervention_types lists)")
+    if not representations:
+        raise bad("the representations list is empty: there is nothing to convert")
+    if len(representations) != len(type_names):
+        raise bad(f"{len(representations)} representations but {len(type_names)} intervention_types")
+    out = []
+    for index, representation in enumerate(representations):
+        if isinstance(representation, Mapping):
+            representation = [representation.get(name) for name in _PYREFT_FIELDS]
+        if not isinstance(representation, list) or len(representation) < 4:
+            raise bad(f"representations[{index}] is not a pyreft representation: {representation!r}")
+        layer, component, unit, units = representation[:4]
+        rank = representation[4] if len(representation) > 4 else None
+        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+            raise bad(f"representations[{index}]: layer must be a non-negative integer, found {layer!r}")
+        if not isinstance(component, str) or not isinstance(unit, str):
+            raise bad(f"representations[{index}]: component and unit must be strings")
+        if isinstance(units, bool) or not isinstance(units, int):
+            raise bad(f"representations[{index}]: max_number_of_units must be an integer, found {units!r}")
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+            raise bad(
+                f"representations[{index}]: low_rank_dimension must be a positive integer, found {rank!r}"
+            )
+        out.append((layer, component, unit, units, rank))
+    return out
+
+
+def _pyreft_keys(representations: list[tuple[int, str, str, int, Any]]) -> list[tuple[str, str]]:
+    """Each representation's key under pyvene's two naming rules: 0.1.7 on
+    (``layer_{l}_comp_{c}_unit_{u}_nunit_{n}#{k}``, dots in the component
+    and unit turned into ``_``) and up to 0.1.6
+    (``layer.{l}.comp.{c}.unit.{u}.nunit.{n}#{k}``). ``k`` counts earlier
+    representations with the same key, from 0; a component given as a module
+    path has no layer in its key."""
+    counters: tuple[dict[str, int], dict[str, int]] = ({}, {})
+    keys = []
+    for layer, component, unit, units, _ in representations:
+        if "." in component:
+            proposals = (
+                f"comp_{component.replace('.', '_')}_unit_{unit.replace('.', '_')}_nunit_{units}",
+                f"comp.{component}.unit.{unit}.nunit.{units}",
+            )
+        else:
+            proposals = (
+                f"layer_{layer}_comp_{component}_unit_{unit.replace('.', '_')}_nunit_{units}",
+                f"layer.{layer}.comp.{component}.unit.{unit}.nunit.{units}",
+            )
+        pair = []
+        for proposal, counter in zip(proposals, counters):
+            counter[proposal] = counter.get(proposal, -1) + 1
+            pair.append(f"{proposal}#{counter[proposal]}")
+        keys.append((pair[0], pair[1]))
+    return keys
+
+
+def _pyreft_file(folder: str, keys: tuple[str, str], where: str) -> tuple[str, str]:
+    """``(key, path)`` of the tensor file of one intervention, which must lie
+    in ``folder`` itself (keys come from the config: a component such as
+    ``../x`` must not reach outside)."""
+    root = os.path.realpath(folder)
+    for key in keys:
+        name = f"intkey_{key}.bin"
+        path = os.path.join(root, name)
+        if (
+            os.sep in name
+            or (os.altsep and os.altsep in name)
+            or os.path.dirname(os.path.realpath(path)) != root
+        ):
+            raise InvalidCheckpointError(f"{where}: the key {key!r} names a file outside {folder}", folder)
+        if os.path.isfile(path):
+            return key, path
     raise CheckpointNotFoundError(
-        f"no intkey_*.bin file in {folder} for layer {layer} {component} (intervention {collision})",
+        f"no tensor file for {where} in {folder} (looked for intkey_{keys[0]}.bin and intkey_{keys[1]}.bin)",
         folder,
     )
 
@@ -190,6 +269,7 @@ def from_pyreft(
     share_weights: bool | None = None,
     dropout: float = 0.0,
     activation: str = "identity",
+    include_last: bool = True,
 ) -> ReftConfig:
     """Converts a pyreft checkpoint folder into a reft_rs checkpoint.
 
@@ -204,15 +284,27 @@ def from_pyreft(
         positions: The position spec used in training (pyreft does not
             record it); defaults to ``"l1"`` with a warning.
         share_weights: Whether prefix and suffix shared weights; by default
-            inferred: two interventions per layer and component mean they
-            did not.
+            inferred: an intervention placed twice (same layer and
+            component) means they did not.
         dropout, activation: The training options pyreft does not record.
+        include_last: ``False`` for a model trained on pyreft's library
+            datasets, which leave the last prompt token out of the positions
+            (its example scripts keep it: the default).
 
     Returns:
-        The :class:`ReftConfig` written. Interventions keep pyreft's order
-        (its sorted keys); with unshared weights its first half are the prefix
-        interventions and the second half the suffix ones, as pyreft lays
-        out its locations.
+        The :class:`ReftConfig` written. Interventions keep the order of
+        pyreft's ``representations`` list, the order pyreft reads its
+        locations in when it loads a checkpoint. With an unshared two-sided
+        spec (``f7+l7``) pyreft gives the first half of that list the first
+        positions and the second half the last ones, whatever their layers;
+        so does the conversion. ``metadata["pyreft"]`` records which pyreft
+        key became which intervention and position group.
+
+    Raises:
+        InvalidCheckpointError: Not a pyreft folder, a representation that
+            reft_rs cannot express, or an odd number of interventions for an
+            unshared two-sided spec.
+        CheckpointNotFoundError: A missing ``config.json`` or tensor file.
     """
     src = os.fspath(src)
     config_path = os.path.join(src, "config.json")
@@ -221,88 +313,117 @@ def from_pyreft(
             saved = json.load(handle)
     except FileNotFoundError:
         raise CheckpointNotFoundError(f"checkpoint file not found: {config_path}", config_path) from None
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise InvalidCheckpointError(f"{config_path} is not valid JSON: {error}", config_path) from None
-    representations = saved.get("representations")
-    type_names = saved.get("intervention_types")
-    if (
-        not isinstance(representations, list)
-        or not isinstance(type_names, list)
-        or len(representations) != len(type_names)
-    ):
-        raise InvalidCheckpointError(
-            f"{config_path} is not a pyreft config (needs matching representations and intervention_types)",
-            config_path,
-        )
+    if not isinstance(saved, Mapping):
+        raise InvalidCheckpointError(f"{config_path} is not a pyreft config (not a JSON object)", config_path)
+    representations = _pyreft_representations(saved, config_path)
     if positions is None:
         warnings.warn(
             "pyreft checkpoints do not record positions; assuming 'l1' (pass positions=)", stacklevel=2
         )
         positions = "l1"
-    entries = []
-    counter: dict[tuple, int] = {}
-    for representation, type_name in zip(representations, type_names):
-        if isinstance(representation, Mapping):
-            representation = [representation.get(field) for field in _PYREFT_FIELDS]
+    kinds = []
+    for index, ((layer, component, unit, units, _), type_name) in enumerate(
+        zip(representations, saved["intervention_types"])
+    ):
+        where = f"representations[{index}] (layer {layer}, {component})"
         match = re.search(r"(\w+Intervention)", str(type_name))
         kind = _PYREFT_TYPES.get(match.group(1) if match else "")
         if kind is None:
             raise InvalidCheckpointError(
-                f"{config_path}: intervention type {type_name!r} has no reft_rs equivalent "
+                f"{config_path}: {where}: intervention type {type_name!r} has no reft_rs equivalent "
                 f"(known: {', '.join(_PYREFT_TYPES)})",
                 config_path,
             )
-        key = _pyreft_key_files(src, representation, counter)
-        entries.append((key, kind, representation))
-    order = saved.get("sorted_keys")
-    if isinstance(order, list) and sorted(order) == sorted(e[0] for e in entries):
-        entries.sort(key=lambda e: order.index(e[0]))
-    placements = [(r[0], r[1]) for _, _, r in entries]
-    loaded = {key: _load_tensors(os.path.join(src, f"intkey_{key}.bin")) for key, _, _ in entries}
-    converted_all = {
-        key: _pyreft_tensors(kind, loaded[key], os.path.join(src, f"intkey_{key}.bin"))
-        for key, kind, _ in entries
-    }
-    first = next(iter(converted_all.values()))
-    width_seen = first.get("rotation", first.get("weight")).shape[1]
+        if component not in _PYREFT_COMPONENTS:
+            raise InvalidCheckpointError(
+                f"{config_path}: {where}: component {component!r} has no reft_rs equivalent "
+                f"(known: {', '.join(_PYREFT_COMPONENTS)})",
+                config_path,
+            )
+        if unit != "pos" or units != 1:
+            raise InvalidCheckpointError(
+                f"{config_path}: {where}: unit {unit!r} with {units} units is not a token-position "
+                "intervention (reft_rs converts unit 'pos', 1 unit)",
+                config_path,
+            )
+        kinds.append(kind)
+    files = [
+        _pyreft_file(src, keys, f"representations[{index}]")
+        for index, keys in enumerate(_pyreft_keys(representations))
+    ]
+    converted_all = [
+        _pyreft_tensors(kind, _load_tensors(path), path) for kind, (_, path) in zip(kinds, files)
+    ]
+    width_seen = converted_all[0].get("rotation", converted_all[0].get("weight")).shape[1]
     class_path = re.search(r"transformers\.models\.(\w+)\.", str(saved.get("model_type", "")))
     identity, inferred = _identity(
         base_model,
         hidden_size=int(width_seen),
-        layers=1 + max(int(r[0]) for _, _, r in entries),
+        layers=1 + max(r[0] for r in representations),
         model_type=class_path.group(1) if class_path else "",
     )
+    placements = [(r[0], r[1]) for r in representations]
     if share_weights is None:
-        share_weights = all(placements.count(p) == 1 for p in placements)
-    half = len(entries) // 2
-    interventions, tensors = [], {}
-    for index, (key, kind, representation) in enumerate(entries):
-        converted = converted_all[key]
+        share_weights = len(set(placements)) == len(placements)
+    try:
+        groups = _core.PositionSpec(positions).group_count(share_weights)
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"positions: {error}") from None
+    count = len(representations)
+    if groups == 2 and count % 2:
+        raise InvalidCheckpointError(
+            f"{config_path}: {count} interventions cannot be split into pyreft's prefix and suffix halves "
+            f"for the unshared spec {positions!r}; an unshared two-sided spec needs an even number "
+            "(pass share_weights=True if they were shared)",
+            config_path,
+        )
+    interventions, tensors, mapping, names = [], {}, [], set()
+    for index, ((key, _), kind, representation, converted) in enumerate(
+        zip(files, kinds, representations, converted_all)
+    ):
+        layer, component, _, _, recorded_rank = representation
         dtype = _common_dtype(converted)
         rank = converted["bias"].shape[0] if "bias" in converted else converted["weight"].shape[0]
+        if recorded_rank is not None and recorded_rank != rank:
+            raise InvalidCheckpointError(
+                f"{config_path}: representations[{index}] records rank {recorded_rank}, "
+                f"but intkey_{key}.bin holds rank {rank}",
+                config_path,
+            )
         width = (converted.get("rotation", converted.get("weight"))).shape[1]
-        name = re.sub(r"[^A-Za-z0-9_-]", "_", key)
+        base_name = re.sub(r"[^A-Za-z0-9_-]", "_", key)
+        name, suffix = base_name, 1
+        while name in names:
+            name, suffix = f"{base_name}_{suffix}", suffix + 1
+        names.add(name)
+        # pyreft's rule: the first half of the representations read the
+        # first positions, the second half the last ones.
+        group = (0 if index < count // 2 else 1) if groups == 2 else 0
         item = InterventionConfig(
-            layer=int(representation[0]),
+            layer=int(layer),
             type=kind,
-            component=str(representation[1]),
+            component=component,
             positions=positions,
             low_rank_dimension=int(rank),
             share_weights=share_weights,
-            group=0,
+            group=group,
             activation=activation if kind in ("loreft", "noreft", "direft", "nodireft") else "identity",
             dropout=dropout,
             dtype=str(dtype).removeprefix("torch."),
             projection_bias="projection_bias" in converted,
             embed_dim=None if width == identity["hidden_size"] else int(width),
             name=name,
+            include_last=include_last,
         )
-        if item.group_count() == 2:
-            item.group = 0 if index < half else 1
         interventions.append(item)
+        mapping.append({"key": key, "intervention": name, "group": group, "type": kind})
         for parameter, value in converted.items():
             tensors[f"{name}.{parameter}"] = value.to(dtype).contiguous()
-    config = ReftConfig(interventions, metadata={"converted_from": "pyreft", "source": src})
+    config = ReftConfig(
+        interventions, metadata={"converted_from": "pyreft", "source": src, "pyreft_keys": mapping}
+    )
     _save(dst, config, identity, inferred, tensors)
     return config
 

@@ -545,11 +545,25 @@ def tokenize_pairs(
     return [flat[a:b] for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())], prompt_lengths
 
 
-def _position_spec(config: ReftConfig | None, positions: str | None, share_weights: bool):
+def _position_rule(
+    config: ReftConfig | None, positions: str | None, share_weights: bool, include_last: bool | None
+) -> tuple[str | None, bool, bool]:
+    """``(positions, share_weights, include_last)`` for the data: the
+    config's when there is one (a different ``include_last`` given beside it
+    is an error: the checkpoint records the config's, and inference follows
+    it), else the arguments."""
     if config is None:
-        return positions, share_weights
+        return positions, share_weights, True if include_last is None else bool(include_last)
     shared = config.shared_positions()
-    return (None, False) if shared is None else shared
+    if shared is None:
+        return None, False, True
+    if include_last is not None and bool(include_last) != shared[2]:
+        raise ConfigError(
+            f"include_last={include_last} disagrees with the config's interventions (include_last={shared[2]}); "
+            "set it on the config instead (InterventionConfig(include_last=...) or "
+            "ReftConfig.for_layers(..., include_last=...)), so that inference edits the same positions"
+        )
+    return shared
 
 
 def make_dataset(
@@ -561,7 +575,7 @@ def make_dataset(
     config: ReftConfig | None = None,
     positions: str | None = None,
     share_weights: bool = False,
-    include_last: bool = True,
+    include_last: bool | None = None,
     chat_template: bool | None = None,
     system_prompt: str | None = None,
     max_length: int | None = None,
@@ -575,10 +589,13 @@ def make_dataset(
         responses: The responses to learn; the loss covers them only.
         labels: For classification: one label per text (no ``responses``).
         config: The :class:`ReftConfig` to train; its interventions' position
-            spec and ``share_weights`` are used. Or give ``positions``.
+            spec, ``share_weights`` and ``include_last`` are used. Or give
+            ``positions``.
         positions, share_weights: The position spec when there is no config.
-        include_last: Whether the last prompt token may be chosen (pyreft's
-            library leaves it out: ``False``).
+        include_last: Without a config, whether the last prompt token may be
+            chosen (default ``True``; pyreft's library leaves it out:
+            ``False``). With a config it is the config's; passing a
+            different value is an error.
         chat_template, system_prompt, max_length, encoder: See
             :func:`encode_pairs`. Classification texts go without the chat
             template unless ``chat_template=True``.
@@ -587,7 +604,7 @@ def make_dataset(
         raise ConfigError("give responses (language modelling) or labels (classification), not both")
     if labels is not None and len(labels) != len(prompts):
         raise ConfigError(f"{len(prompts)} texts but {len(labels)} labels")
-    spec, share_weights = _position_spec(config, positions, share_weights)
+    spec, share_weights, include_last = _position_rule(config, positions, share_weights, include_last)
     tokens, offsets, prompt_lengths = encode_pairs(
         tokenizer,
         prompts,
@@ -618,7 +635,7 @@ def stream_batches(
     config: ReftConfig | None = None,
     positions: str | None = None,
     share_weights: bool = False,
-    include_last: bool = True,
+    include_last: bool | None = None,
     chunk_size: int = 16384,
     group_by_length: bool = True,
     shuffle: bool = False,

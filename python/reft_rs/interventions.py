@@ -23,8 +23,17 @@ call in inference. That costs one small QR per intervention per step, where
 pyreft's orthogonal parametrization rebuilds a Householder product several
 times.
 
+Which parameters each type has (names, shapes in r and d, which bias flags
+apply) is the Rust core's table (:func:`reft_rs._core.parameter_layout`),
+the one the checkpoint format checks files against.
+
+Parameters stored in half precision (``float16``, ``bfloat16``) are widened
+to float32 for the edit, which is then cast back to the model's dtype: the
+torch path and the engine compute the same thing, and R stays orthonormal
+to float32 rounding. (pyreft computes W in the parameter dtype.)
+
 Dropout, when set, applies to the whole output ``Φ(h)`` during training, as
-pyreft does.
+pyreft does; never during generation.
 """
 
 from __future__ import annotations
@@ -37,7 +46,9 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from .config import InterventionConfig
+from . import _core
+from .config import DTYPES, InterventionConfig
+from .errors import ConfigError
 
 __all__ = ["Intervention", "OrthonormalRows", "build_intervention", "inference_call", "orthonormalize"]
 
@@ -203,28 +214,60 @@ class Intervention(nn.Module):
         rank = config.low_rank_dimension or 0
         self.activation = _ACTIVATIONS[config.activation]
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else None
+        layout = dict(_core.parameter_layout(config.type, config.bias, config.projection_bias))
+        self._layout = tuple(layout)
+        extent = {"rank": rank, "width": dim}
         self.rotation: OrthonormalRows | None = None
-        if self.kind in ("loreft", "direft", "consreft", "lobireft"):
+        if "rotation" in layout:
             self.rotation = OrthonormalRows(rank, dim, dtype, device, initialize)
-        if self.kind in ("loreft", "noreft", "direft", "nodireft"):
-            self.weight, bias = _linear_init(rank, dim, dtype, device)
-            self.bias = bias if config.bias else None
-        if self.kind in ("noreft", "nodireft"):
-            self.projection_weight, projection_bias = _linear_init(rank, dim, dtype, device)
-            self.projection_bias = projection_bias if config.projection_bias else None
-        if self.kind in ("consreft", "lobireft"):
+        # Starting values (the draws are in a fixed order, so seeded runs repeat):
+        # W, b and W₂, b₂ as nn.Linear draws them; the constant biases of
+        # consreft/lobireft uniform in [0, 1) as pyreft's; RED the identity;
+        # a steering vector zero.
+        if "weight" in layout:
+            weight, bias = _linear_init(rank, dim, dtype, device)
+            self.weight = weight
+            self.bias = bias if "bias" in layout else None
+        if "projection_weight" in layout:
+            weight, bias = _linear_init(rank, dim, dtype, device)
+            self.projection_weight = weight
+            self.projection_bias = bias if "projection_bias" in layout else None
+        if "bias" in layout and "weight" not in layout and "scale" not in layout:
             self.bias = nn.Parameter(torch.rand(rank, dtype=dtype, device=device))
-        if self.kind == "red":
+        if "scale" in layout:
             self.scale = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
             self.bias = nn.Parameter(torch.zeros(dim, dtype=dtype, device=device))
-        if self.kind == "steer":
+        if "vector" in layout:
             self.vector = nn.Parameter(torch.zeros(dim, dtype=dtype, device=device))
+        for name, extents in layout.items():
+            value = self.rotation.base if name == "rotation" else getattr(self, name, None)
+            expected = tuple(extent[e] for e in extents)
+            if value is None or tuple(value.shape) != expected:
+                raise AssertionError(f"{config.type}: parameter {name} does not follow the core's layout")
         if not config.trainable:
             self.requires_grad_(False)
 
     @property
     def dtype(self) -> torch.dtype:
+        """The parameters' dtype (they move together: see :meth:`parameter_dtype_name`)."""
         return next(self.parameters()).dtype
+
+    def parameter_dtype_name(self) -> str:
+        """The parameters' dtype as a checkpoint names it, checking that they
+        share one (a model moved with ``.to(torch.bfloat16)`` moves them all)."""
+        dtypes = {p.dtype for p in self.parameters()}
+        if len(dtypes) != 1:
+            raise ConfigError(
+                f"{self.config.name}: the parameters have mixed dtypes "
+                f"({', '.join(sorted(str(d).removeprefix('torch.') for d in dtypes))}); "
+                "move the whole intervention with .to(dtype) before saving"
+            )
+        name = str(dtypes.pop()).removeprefix("torch.")
+        if name not in DTYPES:
+            raise ConfigError(
+                f"{self.config.name}: parameters of dtype {name} cannot be saved (checkpoints hold {', '.join(DTYPES)})"
+            )
+        return name
 
     def _project(self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``h Wᵀ + b``, fused into one ``addmm`` for the usual 2-D rows."""
@@ -239,39 +282,57 @@ class Intervention(nn.Module):
             return torch.addmm(h, edit, basis)
         return h + edit @ basis
 
-    def _source(self, h: torch.Tensor) -> torch.Tensor:
+    def _source(self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """act(Wh + b)."""
-        return self.activation(self._project(h, self.weight, self.bias))
+        return self.activation(self._project(h, weight, bias))
+
+    def _parameters_as(self, dtype: torch.dtype) -> dict[str, torch.Tensor | None]:
+        """Every parameter (R computed) in ``dtype``: a no-op cast unless they are half precision."""
+        values: dict[str, torch.Tensor | None] = {}
+        for name in ("weight", "bias", "projection_weight", "projection_bias", "scale", "vector"):
+            value = getattr(self, name, None)
+            values[name] = None if value is None else value.to(dtype)
+        values["rotation"] = None if self.rotation is None else self.rotation().to(dtype)
+        return values
 
     def edit(self, h: torch.Tensor) -> torch.Tensor:
-        """Φ(h) without dropout, for ``h`` already in the parameter dtype."""
+        """Φ(h) without dropout, for ``h`` already in the compute dtype
+        (:attr:`compute_dtype`)."""
         kind = self.kind
+        p = self._parameters_as(h.dtype)
+        r = p["rotation"]
         if kind == "loreft":
-            r = self.rotation()
             if self.config.activation == "identity":
                 # Wh + b − Rh = (W − R)h + b: one projection instead of two.
-                return self._add_back(h, self._project(h, self.weight - r, self.bias), r)
-            return self._add_back(h, self._source(h) - h @ r.T, r)
+                return self._add_back(h, self._project(h, p["weight"] - r, p["bias"]), r)
+            return self._add_back(h, self._source(h, p["weight"], p["bias"]) - h @ r.T, r)
         if kind == "direft":
-            return self._add_back(h, self._source(h), self.rotation())
+            return self._add_back(h, self._source(h, p["weight"], p["bias"]), r)
         if kind == "consreft":
-            r = self.rotation()
-            return self._add_back(h, self.bias - h @ r.T, r)
+            return self._add_back(h, p["bias"] - h @ r.T, r)
         if kind == "lobireft":
-            return h + self.bias @ self.rotation()
+            return h + p["bias"] @ r
         if kind == "noreft":
-            projected = self._project(h, self.projection_weight, self.projection_bias)
-            return self._add_back(h, self._source(h) - projected, self.projection_weight)
+            projected = self._project(h, p["projection_weight"], p["projection_bias"])
+            source = self._source(h, p["weight"], p["bias"])
+            return self._add_back(h, source - projected, p["projection_weight"])
         if kind == "nodireft":
-            return self._add_back(h, self._source(h), self.projection_weight)
+            return self._add_back(h, self._source(h, p["weight"], p["bias"]), p["projection_weight"])
         if kind == "red":
-            return h * self.scale + self.bias
-        return h + self.config.alpha * self.vector
+            return h * p["scale"] + p["bias"]
+        return h + self.config.alpha * p["vector"]
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Φ(hidden) in the parameter dtype, with dropout while training."""
-        output = self.edit(hidden.to(self.dtype))
-        if self.dropout is not None:
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the edit is computed in: the parameters', widened to at
+        least float32."""
+        return torch.promote_types(self.dtype, torch.float32)
+
+    def forward(self, hidden: torch.Tensor, *, dropout: bool = True) -> torch.Tensor:
+        """Φ(hidden) in the compute dtype, with dropout while training (unless
+        ``dropout=False``, as in generation)."""
+        output = self.edit(hidden.to(self.compute_dtype))
+        if dropout and self.dropout is not None:
             output = self.dropout(output)
         return output
 
@@ -285,10 +346,9 @@ class Intervention(nn.Module):
             if self.rotation is not None:
                 tensors["rotation"] = self.rotation()
                 tensors["rotation_base"] = self.rotation.base.detach()
-            for name in ("weight", "bias", "projection_weight", "projection_bias", "scale", "vector"):
-                value = getattr(self, name, None)
-                if value is not None:
-                    tensors[name] = value.detach()
+            for name in self._layout:
+                if name != "rotation":
+                    tensors[name] = getattr(self, name).detach()
         return tensors
 
     @torch.no_grad()
@@ -318,12 +378,8 @@ class Intervention(nn.Module):
                 parameter.copy_(value)
 
     def parameter_names(self) -> set[str]:
-        """The checkpoint names of this intervention's parameters."""
-        names = {"rotation"} if self.rotation is not None else set()
-        for name in ("weight", "bias", "projection_weight", "projection_bias", "scale", "vector"):
-            if getattr(self, name, None) is not None:
-                names.add(name)
-        return names
+        """The checkpoint names of this intervention's parameters (the core's layout)."""
+        return set(self._layout)
 
     def parameter_count(self) -> int:
         """Trainable values as the ReFT paper counts them (R counts r·d)."""

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import checkpoint
+from . import _core, checkpoint
 from .config import InterventionConfig, ReftConfig
 from .errors import ConfigError, IncompatibleModelError, InvalidCheckpointError, LocationError, ShapeError
 from .interventions import Intervention, inference_call
@@ -54,6 +54,7 @@ class _CallState:
     #: model's device, -1 for unused slots; ``None`` for every-token interventions.
     sources: list[torch.Tensor | None]
     #: Generation: the padded prompt length; later tokens are generated ones.
+    #: Generation is inference: dropout is off whatever the training mode.
     prompt_length: int | None = None
     intervene_generated: bool = False
     #: The tokens of the current forward call start at this position...
@@ -168,19 +169,20 @@ class ReftModel(nn.Module):
                 f"{intervention.config.name}: {self._sites[index]} gives states of width "
                 f"{hidden.shape[-1]}, but the intervention edits width {intervention.dim}"
             )
-        if intervention.config.every_token:
-            return intervention(hidden).to(hidden.dtype)
         state = self._state
         assert state is not None
+        dropout = state.prompt_length is None  # never while generating
+        if intervention.config.every_token:
+            return intervention(hidden, dropout=dropout).to(hidden.dtype)
         source = state.sources[index]
         if source is not None:
             flat = self._flat_indices(source, hidden.shape[0], hidden.shape[1])
             if flat is not None:
-                hidden = _edit_rows(hidden, flat, intervention)
+                hidden = _edit_rows(hidden, flat, intervention, dropout)
         if state.intervene_generated and state.prompt_length is not None:
             start = max(state.prompt_length - state.offset, 0)
             if start < hidden.shape[1]:
-                generated = intervention(hidden[:, start:]).to(hidden.dtype)
+                generated = intervention(hidden[:, start:], dropout=False).to(hidden.dtype)
                 hidden = torch.cat([hidden[:, :start], generated], dim=1)
         return hidden
 
@@ -237,24 +239,25 @@ class ReftModel(nn.Module):
             )
             # One tensor object per group, shared by its interventions: the
             # hooks compute each group's indices once per call.
-            groups: dict[tuple[str, bool, int], torch.Tensor] = {}
+            groups: dict[tuple[str, bool, bool, int], torch.Tensor] = {}
             for index in positional:
                 item = config.interventions[index]
-                key = (item.positions, item.share_weights, item.group)
-                if key not in groups:
+                rule = (item.positions, item.share_weights, item.include_last)
+                if (*rule, item.group) not in groups:
                     array = torch.from_numpy(
                         locate(
                             lengths,
                             item.positions,
                             share_weights=item.share_weights,
+                            include_last=item.include_last,
                             padding_side=padding_side,
                             padded_length=length,
                             sequence_lengths=sequence,
                         )
                     ).to(device)
                     for group in range(array.shape[0]):
-                        groups[(item.positions, item.share_weights, group)] = array[group]
-                sources[index] = groups[key]
+                        groups[(*rule, group)] = array[group]
+                sources[index] = groups[(*rule, item.group)]
             return sources
         tensor = (
             torch.from_numpy(locations) if isinstance(locations, np.ndarray) else torch.as_tensor(locations)
@@ -476,6 +479,10 @@ class ReftModel(nn.Module):
             path: The folder.
             metadata: Stored in the config's ``metadata``.
         """
+        # The parameters' dtype as they are now (after a .to(dtype), say), so
+        # that the config and the tensor file always agree.
+        for intervention in self.interventions:
+            intervention.config.dtype = intervention.parameter_dtype_name()
         config = self.reft_config.to_checkpoint(self.base_model_identity())
         if metadata:
             config["metadata"].update(metadata)
@@ -522,27 +529,19 @@ class ReftModel(nn.Module):
         # Converted checkpoints may only know a lower bound on the layer count.
         inferred = bool(config.get("metadata", {}).get("base_model_inferred"))
         hidden_size, num_layers = _dimensions_or_none(model)
-        problems = []
-        if hidden_size is not None and base["hidden_size"] != hidden_size:
-            problems.append(f"hidden size {base['hidden_size']} vs the model's {hidden_size}")
-        if num_layers is not None and (
-            base["num_hidden_layers"] > num_layers if inferred else base["num_hidden_layers"] != num_layers
-        ):
-            problems.append(f"{base['num_hidden_layers']} layers vs the model's {num_layers}")
         model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if problems:
-            raise IncompatibleModelError(
-                f"the checkpoint at {os.fspath(path)} was trained on {base['name_or_path'] or base['model_type']} "
-                f"and does not fit this model: {'; '.join(problems)}"
-            )
-        if model_type and base["model_type"] and model_type != base["model_type"]:
-            message = (
-                f"the checkpoint at {os.fspath(path)} was trained on a {base['model_type']} model, "
-                f"this is a {model_type} model"
-            )
-            if strict:
-                raise IncompatibleModelError(message + " (pass strict=False to load anyway)")
-            warnings.warn(message, stacklevel=2)
+        # The engine's rule, from the same code: sizes must agree, and a
+        # different model type is refused unless strict=False.
+        for warning in _core.check_fits(
+            (base["name_or_path"], base["model_type"], base["hidden_size"], base["num_hidden_layers"]),
+            os.fspath(path),
+            inferred=inferred,
+            hidden_size=hidden_size,
+            num_hidden_layers=num_layers,
+            model_type=str(model_type) if model_type else None,
+            strict=strict,
+        ):
+            warnings.warn(warning, stacklevel=2)
         reft_config = ReftConfig.from_checkpoint(config)
         reft_config.metadata.pop("base_model_inferred", None)  # this model's identity is known now
         # Every parameter is about to be overwritten: skip the random start.
@@ -614,12 +613,14 @@ class _Hook:
         return args, kwargs
 
 
-def _edit_rows(hidden: torch.Tensor, flat: torch.Tensor, intervention: Intervention) -> torch.Tensor:
+def _edit_rows(
+    hidden: torch.Tensor, flat: torch.Tensor, intervention: Intervention, dropout: bool
+) -> torch.Tensor:
     """``hidden`` with the rows at ``flat`` (indices into the flattened batch)
     replaced by their edited values; every other row is left as it was."""
     batch, length, width = hidden.shape
     rows = hidden.reshape(batch * length, width)
-    edited = intervention(rows.index_select(0, flat)).to(hidden.dtype)
+    edited = intervention(rows.index_select(0, flat), dropout=dropout).to(hidden.dtype)
     return rows.index_copy(0, flat, edited).view(batch, length, width)
 
 
@@ -661,22 +662,14 @@ def _dimensions_or_none(model: nn.Module) -> tuple[int | None, int | None]:
 
 
 def _validate_against_model(model: nn.Module, config: ReftConfig) -> None:
-    """Checks layers and ranks against the model with the checkpoint rules."""
+    """Checks layers and ranks against the model, with the core's rule (the
+    one checkpoints are checked with)."""
     hidden_size, num_layers = _dimensions_or_none(model)
-    if hidden_size is None:
-        hidden_size = max(item.embed_dim or 1 for item in config.interventions)
-        num_layers = 1 + max(item.layer for item in config.interventions)
-    identity = {
-        "name_or_path": "",
-        "model_type": "",
-        "hidden_size": hidden_size,
-        "num_hidden_layers": num_layers,
-    }
-    try:
-        checkpoint.normalize_config(config.to_checkpoint(identity))
-    except InvalidCheckpointError as error:
-        message = str(error).replace("invalid checkpoint config: ", "")
-        raise ConfigError(f"the config does not fit this model: {message}") from None
+    for item in config.interventions:
+        width = item.embed_dim or hidden_size
+        # Without a recognised layout only explicit module paths are used.
+        layers = num_layers if num_layers is not None else item.layer + 1
+        _core.check_placement(item.name, item.layer, item.low_rank_dimension, width, layers)
 
 
 def _find_head(model: nn.Module) -> nn.Module:

@@ -18,7 +18,12 @@ use crate::error::{Error, Result};
 use crate::positions::PositionSpec;
 
 /// The checkpoint format this build writes, and the newest it reads.
-pub const FORMAT_VERSION: u64 = 1;
+///
+/// * 1: the first format.
+/// * 2: interventions record `include_last` (whether the last prompt token
+///   may be chosen). Version 1 files lack it and read as `true`, the rule
+///   every version-1 writer used.
+pub const FORMAT_VERSION: u64 = 2;
 
 /// The version of reft_rs, recorded in every checkpoint it writes.
 pub const LIBRARY_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -98,8 +103,84 @@ impl InterventionType {
         )
     }
 
+    /// Whether this type has the non-orthogonal projection W₂ (`noreft`,
+    /// `nodireft`).
+    pub fn has_projection(self) -> bool {
+        matches!(self, InterventionType::NoReft | InterventionType::NoDiReft)
+    }
+
+    /// The position spec an intervention of this type gets when none is
+    /// given: the last prompt token for the low-rank types, every token for
+    /// `red` and `steer`.
+    pub fn default_positions(self) -> &'static str {
+        if self.is_low_rank() {
+            "l1"
+        } else {
+            "all"
+        }
+    }
+
+    /// The parameters of this type with the given bias flags, in checkpoint
+    /// order: `(name, shape)` with each extent the rank r or the width d.
+    ///
+    /// `bias` may be turned off only for the types with a learned source;
+    /// `projection_bias` exists only for `noreft`. The flags are taken as
+    /// given here; [`InterventionConfig::check`] refuses impossible ones.
+    pub fn parameter_layout(
+        self,
+        bias: bool,
+        projection_bias: bool,
+    ) -> Vec<(&'static str, Vec<Extent>)> {
+        use Extent::{Rank, Width};
+        let mut layout = Vec::new();
+        match self {
+            InterventionType::Red => {
+                layout.push(("scale", vec![Width]));
+                layout.push(("bias", vec![Width]));
+            }
+            InterventionType::Steer => layout.push(("vector", vec![Width])),
+            _ => {
+                if self.has_rotation() {
+                    layout.push(("rotation", vec![Rank, Width]));
+                }
+                if self.has_source() {
+                    layout.push(("weight", vec![Rank, Width]));
+                }
+                if bias || !self.has_source() {
+                    layout.push(("bias", vec![Rank]));
+                }
+                if self.has_projection() {
+                    layout.push(("projection_weight", vec![Rank, Width]));
+                }
+                if projection_bias && self == InterventionType::NoReft {
+                    layout.push(("projection_bias", vec![Rank]));
+                }
+            }
+        }
+        layout
+    }
+
     fn known_names() -> String {
         InterventionType::ALL.map(|t| t.name()).join(", ")
+    }
+}
+
+/// One extent of a parameter's shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Extent {
+    /// The rank r (`low_rank_dimension`).
+    Rank,
+    /// The width d of the edited state.
+    Width,
+}
+
+impl Extent {
+    /// `"rank"` or `"width"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Extent::Rank => "rank",
+            Extent::Width => "width",
+        }
     }
 }
 
@@ -138,6 +219,14 @@ pub enum Component {
 }
 
 impl Component {
+    /// Every component, in the order the spec lists them.
+    pub const ALL: [Component; 4] = [
+        Component::BlockOutput,
+        Component::BlockInput,
+        Component::MlpOutput,
+        Component::AttentionOutput,
+    ];
+
     /// The name used in configs.
     pub fn name(self) -> &'static str {
         match self {
@@ -172,6 +261,14 @@ pub enum DType {
 }
 
 impl DType {
+    /// The dtypes intervention parameters may have.
+    pub const PARAMETER: [DType; 4] = [
+        DType::Float32,
+        DType::Float16,
+        DType::Bfloat16,
+        DType::Float64,
+    ];
+
     /// Bytes per element.
     pub fn size(self) -> usize {
         match self {
@@ -338,6 +435,12 @@ pub struct InterventionConfig {
     /// Whether the parameters were trained (false for a fixed steering vector).
     #[serde(default = "default_true")]
     pub trainable: bool,
+    /// Whether the last prompt token may be chosen by the position spec
+    /// (`true`, the ReFT paper's scripts) or is left out (`false`, pyreft's
+    /// library datasets). Training data and inference follow the same rule.
+    /// Absent from format-1 checkpoints, which all used `true`.
+    #[serde(default = "default_true")]
+    pub include_last: bool,
 }
 
 /// A tensor a checkpoint must hold: its key, dtype and shape.
@@ -372,42 +475,24 @@ impl InterventionConfig {
     /// Names: `rotation` (R, `[r, d]`, orthonormal rows), `weight` / `bias`
     /// (W `[r, d]`, b `[r]`), `projection_weight` / `projection_bias` (W₂,
     /// b₂ of the non-orthogonal types), `scale` / `bias` of `red` (`[d]`),
-    /// `vector` of `steer` (`[d]`).
+    /// `vector` of `steer` (`[d]`); see [`InterventionType::parameter_layout`].
     pub fn parameters(&self, hidden_size: usize) -> Result<Vec<ParameterSpec>> {
         let kind = self.intervention_type()?;
         let d = self.dim(hidden_size);
         let r = self.low_rank_dimension.unwrap_or(0);
-        let mut names: Vec<(&str, Vec<usize>)> = Vec::new();
-        match kind {
-            InterventionType::Red => {
-                names.push(("scale", vec![d]));
-                names.push(("bias", vec![d]));
-            }
-            InterventionType::Steer => names.push(("vector", vec![d])),
-            _ => {
-                if kind.has_rotation() {
-                    names.push(("rotation", vec![r, d]));
-                }
-                if kind.has_source() {
-                    names.push(("weight", vec![r, d]));
-                }
-                if self.bias || !kind.has_source() {
-                    names.push(("bias", vec![r]));
-                }
-                if matches!(kind, InterventionType::NoReft | InterventionType::NoDiReft) {
-                    names.push(("projection_weight", vec![r, d]));
-                }
-                if self.projection_bias {
-                    names.push(("projection_bias", vec![r]));
-                }
-            }
-        }
-        Ok(names
+        Ok(kind
+            .parameter_layout(self.bias, self.projection_bias)
             .into_iter()
-            .map(|(parameter, shape)| ParameterSpec {
+            .map(|(parameter, extents)| ParameterSpec {
                 key: format!("{}.{}", self.name, parameter),
                 dtype: self.dtype,
-                shape,
+                shape: extents
+                    .iter()
+                    .map(|e| match e {
+                        Extent::Rank => r,
+                        Extent::Width => d,
+                    })
+                    .collect(),
             })
             .collect())
     }
@@ -421,96 +506,340 @@ impl InterventionConfig {
             .sum())
     }
 
-    fn validate(&self, index: usize, base: &BaseModel) -> std::result::Result<(), ConfigProblem> {
-        let at = |reason: String| {
-            ConfigProblem::Invalid(format!(
-                "interventions[{index}] ({:?}): {reason}",
-                self.name
-            ))
-        };
-        if self.name.is_empty()
-            || !self
-                .name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-        {
-            return Err(ConfigProblem::Invalid(format!(
-                "interventions[{index}]: name {:?} must be non-empty and use only letters, digits, '_' and '-'",
-                self.name
-            )));
-        }
+    /// Checks everything the intervention says on its own, with no model:
+    /// its name, type, position spec and group, rank, activation, dropout,
+    /// dtype and flags. The verdict of every path (building a config in
+    /// Python, saving, loading, the engine) comes from here.
+    ///
+    /// Errors are [`Error::InvalidIntervention`] (or
+    /// [`Error::UnknownInterventionType`]) naming the field.
+    pub fn check(&self) -> Result<()> {
+        self.problems().map_err(ConfigProblem::into_error)
+    }
+
+    fn problems(&self) -> std::result::Result<(), ConfigProblem> {
+        check_name(&self.name).map_err(ConfigProblem::Invalid)?;
         let kind = self
             .intervention_type()
             .map_err(|_| ConfigProblem::UnknownType(self.kind.clone()))?;
-        if self.layer >= base.num_hidden_layers {
-            return Err(at(format!(
-                "layer {} does not exist: the model has {} layers (0..{})",
-                self.layer,
-                base.num_hidden_layers,
-                base.num_hidden_layers.saturating_sub(1)
-            )));
-        }
+        let invalid = |reason: String| Err(ConfigProblem::Invalid(reason));
         if let Some(path) = &self.module_path {
             if path.trim().is_empty() {
-                return Err(at("module_path is empty".into()));
+                return invalid("module_path is empty".into());
             }
         }
-        let spec = self.position_spec().map_err(|e| at(e.to_string()))?;
+        let spec = self
+            .position_spec()
+            .map_err(|e| ConfigProblem::Invalid(e.to_string()))?;
         let groups = spec.group_count(self.share_weights);
         if self.group >= groups {
-            return Err(at(format!(
+            return invalid(format!(
                 "group {} does not exist: positions {:?} with share_weights={} give {groups} group(s)",
                 self.group, self.positions, self.share_weights
-            )));
+            ));
         }
-        let d = self.dim(base.hidden_size);
-        if d == 0 {
-            return Err(at("embed_dim must be at least 1".into()));
+        if !self.include_last && matches!(spec, PositionSpec::All) {
+            return invalid(
+                "include_last=false has no meaning with positions \"all\" (every token is edited)"
+                    .into(),
+            );
+        }
+        if self.embed_dim == Some(0) {
+            return invalid("embed_dim must be at least 1".into());
         }
         match (kind.is_low_rank(), self.low_rank_dimension) {
-            (true, None) => return Err(at(format!("{kind} needs low_rank_dimension"))),
-            (true, Some(r)) if r == 0 || r > d => {
-                return Err(at(format!(
-                    "low_rank_dimension {r} must be between 1 and the hidden size {d}"
-                )))
+            (true, None) | (true, Some(0)) => {
+                return invalid(format!(
+                    "{kind} needs low_rank_dimension, a positive integer"
+                ))
             }
             (false, Some(_)) => {
-                return Err(at(format!(
-                    "{kind} has no low_rank_dimension; leave it null"
-                )))
+                return invalid(format!("{kind} has no low_rank_dimension; leave it null"))
             }
             _ => {}
         }
         if !ACTIVATIONS.contains(&self.activation.as_str()) {
-            return Err(at(format!(
+            return invalid(format!(
                 "unknown activation {:?} (known: {})",
                 self.activation,
                 ACTIVATIONS.join(", ")
-            )));
+            ));
         }
         if !(0.0..1.0).contains(&self.dropout) {
-            return Err(at(format!("dropout {} must be in [0, 1)", self.dropout)));
+            return invalid(format!("dropout {} must be in [0, 1)", self.dropout));
         }
         if !self.dtype.is_float() {
-            return Err(at(format!(
-                "dtype {} is not a floating-point type",
-                self.dtype.name()
-            )));
+            return invalid(format!(
+                "dtype {} is not a floating-point type (known: {})",
+                self.dtype.name(),
+                DType::PARAMETER.map(DType::name).join(", ")
+            ));
         }
         if !self.bias && !kind.has_source() {
-            return Err(at(format!(
+            return invalid(format!(
                 "{kind} always has its bias; bias=false is not possible"
-            )));
+            ));
         }
         if self.projection_bias && kind != InterventionType::NoReft {
-            return Err(at(format!(
+            return invalid(format!(
                 "projection_bias applies to noreft only, not {kind}"
-            )));
+            ));
         }
         if !self.alpha.is_finite() {
-            return Err(at(format!("alpha {} is not finite", self.alpha)));
+            return invalid(format!("alpha {} is not finite", self.alpha));
         }
         Ok(())
+    }
+
+    /// Checks the intervention against a model of `num_hidden_layers` layers
+    /// whose edited states are `width` wide: the layer exists and the rank
+    /// fits. See [`check_placement`].
+    pub fn check_placement(&self, width: usize, num_hidden_layers: usize) -> Result<()> {
+        check_placement(
+            self.layer,
+            self.low_rank_dimension,
+            width,
+            num_hidden_layers,
+        )
+        .map_err(Error::InvalidIntervention)
+    }
+
+    fn validate(&self, index: usize, base: &BaseModel) -> std::result::Result<(), ConfigProblem> {
+        let at = |problem: ConfigProblem| match problem {
+            ConfigProblem::Invalid(reason) => ConfigProblem::Invalid(format!(
+                "interventions[{index}] ({:?}): {reason}",
+                self.name
+            )),
+            other => other,
+        };
+        self.problems().map_err(at)?;
+        check_placement(
+            self.layer,
+            self.low_rank_dimension,
+            self.dim(base.hidden_size),
+            base.num_hidden_layers,
+        )
+        .map_err(|reason| at(ConfigProblem::Invalid(reason)))
+    }
+}
+
+/// The name rule of interventions: non-empty, ASCII letters, digits, `_`
+/// and `-` only (names become tensor keys `{name}.{parameter}` and file-safe
+/// labels).
+pub fn check_name(name: &str) -> std::result::Result<(), String> {
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        return Err(format!(
+            "name {name:?} must be non-empty and use only ASCII letters, digits, '_' and '-'"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks that an intervention at `layer` with rank `rank` fits a model of
+/// `num_hidden_layers` layers whose edited states are `width` wide.
+pub fn check_placement(
+    layer: usize,
+    rank: Option<usize>,
+    width: usize,
+    num_hidden_layers: usize,
+) -> std::result::Result<(), String> {
+    if layer >= num_hidden_layers {
+        return Err(format!(
+            "layer {layer} does not exist: the model has {num_hidden_layers} layers (0..{})",
+            num_hidden_layers.saturating_sub(1)
+        ));
+    }
+    if width == 0 {
+        return Err("the edited states have width 0".into());
+    }
+    if let Some(r) = rank {
+        if r > width {
+            return Err(format!(
+                "low_rank_dimension {r} must be between 1 and the hidden size {width}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checks an intervention as a user writes it, before it has a name or a
+/// position group: a JSON object with the fields of [`InterventionConfig`],
+/// where `name`, `group` and `positions` may be missing or null (and
+/// `type` and `component` default to `loreft` and `block_output`).
+///
+/// Returns the object with every default filled in: `positions` by type
+/// ([`InterventionType::default_positions`]) and in canonical form (a list of
+/// indices becomes `"0,2,-1"`); `name` and `group` stay null when they were.
+/// Errors name the field at fault ([`Error::InvalidIntervention`]).
+pub fn normalize_intervention(value: serde_json::Value) -> Result<serde_json::Value> {
+    let serde_json::Value::Object(mut object) = value else {
+        return Err(Error::InvalidIntervention(
+            "an intervention is a JSON object".into(),
+        ));
+    };
+    let kind: InterventionType = match object.get("type") {
+        None | Some(serde_json::Value::Null) => InterventionType::LoReft,
+        Some(serde_json::Value::String(name)) => name.parse().map_err(|_| {
+            Error::InvalidIntervention(format!(
+                "unknown intervention type {name:?} (known: {})",
+                InterventionType::known_names()
+            ))
+        })?,
+        Some(other) => {
+            return Err(Error::InvalidIntervention(format!(
+                "type must be a string, found {other}"
+            )))
+        }
+    };
+    object.insert("type".into(), kind.name().into());
+    let positions = match object.remove("positions") {
+        None | Some(serde_json::Value::Null) => kind.default_positions().to_string(),
+        Some(serde_json::Value::String(text)) => text,
+        Some(serde_json::Value::Array(items)) => {
+            let mut indices = Vec::with_capacity(items.len());
+            for item in &items {
+                match item.as_i64() {
+                    Some(i) if item.is_i64() || item.is_u64() => indices.push(i),
+                    _ => {
+                        return Err(Error::InvalidIntervention(format!(
+                            "positions: a list of positions holds integers, found {item}"
+                        )))
+                    }
+                }
+            }
+            PositionSpec::Indices(indices).to_string()
+        }
+        Some(other) => {
+            return Err(Error::InvalidIntervention(format!(
+                "positions must be a spec string or a list of integers, found {other}"
+            )))
+        }
+    };
+    let spec: PositionSpec = positions
+        .parse()
+        .map_err(|e: Error| Error::InvalidIntervention(format!("positions: {e}")))?;
+    object.insert("positions".into(), spec.to_string().into());
+    let unnamed = matches!(object.get("name"), None | Some(serde_json::Value::Null));
+    let ungrouped = matches!(object.get("group"), None | Some(serde_json::Value::Null));
+    if matches!(
+        object.get("component"),
+        None | Some(serde_json::Value::Null)
+    ) {
+        object.insert("component".into(), Component::BlockOutput.name().into());
+    }
+    if unnamed {
+        object.insert("name".into(), "unnamed".into());
+    }
+    if ungrouped {
+        object.insert("group".into(), 0.into());
+    }
+    let config: InterventionConfig =
+        serde_path_to_error::deserialize(serde_json::Value::Object(object))
+            .map_err(|e| Error::InvalidIntervention(field_error(&e)))?;
+    config.check()?;
+    let mut out = serde_json::to_value(&config).expect("a config always serialises");
+    if let serde_json::Value::Object(map) = &mut out {
+        if unnamed {
+            map.insert("name".into(), serde_json::Value::Null);
+        }
+        if ungrouped {
+            map.insert("group".into(), serde_json::Value::Null);
+        }
+    }
+    Ok(out)
+}
+
+/// A serde error with the path of the field it concerns
+/// (`interventions[2].layer: invalid type: ...`).
+fn field_error(error: &serde_path_to_error::Error<serde_json::Error>) -> String {
+    let path = error.path().to_string();
+    let inner = error.inner().to_string();
+    // serde_json appends a position that means nothing for a Value.
+    let inner = inner
+        .split(" at line ")
+        .next()
+        .unwrap_or(&inner)
+        .to_string();
+    if path == "." || path.is_empty() {
+        inner
+    } else {
+        format!("{path}: {inner}")
+    }
+}
+
+impl BaseModel {
+    /// Whether interventions trained on this model apply to another one with
+    /// the given hidden size, layer count and `model_type` (each `None` when
+    /// that model does not say).
+    ///
+    /// `inferred`: the layer count is only a lower bound (converted
+    /// checkpoints that did not know their model), so a deeper model fits.
+    /// Hidden size and layer count must always agree; a different
+    /// `model_type` is refused when `strict`, else returned as a warning.
+    /// `source` names the checkpoint in the messages.
+    ///
+    /// Returns the warnings, or [`Error::Incompatible`].
+    pub fn check_fits(
+        &self,
+        source: &str,
+        inferred: bool,
+        hidden_size: Option<usize>,
+        num_hidden_layers: Option<usize>,
+        model_type: Option<&str>,
+        strict: bool,
+    ) -> Result<Vec<String>> {
+        let mut problems = Vec::new();
+        if let Some(hidden) = hidden_size {
+            if hidden != self.hidden_size {
+                problems.push(format!(
+                    "hidden size {} vs the model's {hidden}",
+                    self.hidden_size
+                ));
+            }
+        }
+        if let Some(layers) = num_hidden_layers {
+            let differ = if inferred {
+                self.num_hidden_layers > layers
+            } else {
+                self.num_hidden_layers != layers
+            };
+            if differ {
+                problems.push(format!(
+                    "{} layers vs the model's {layers}",
+                    self.num_hidden_layers
+                ));
+            }
+        }
+        let mut warnings = Vec::new();
+        if let Some(other) = model_type.filter(|t| !t.is_empty()) {
+            if !self.model_type.is_empty() && self.model_type != other {
+                let problem = format!("model type {:?} vs the model's {other:?}", self.model_type);
+                if strict {
+                    problems.push(format!("{problem} (pass strict=False to load anyway)"));
+                } else {
+                    warnings.push(format!(
+                        "the checkpoint at {source} was trained on a {} model, this is a {other} model",
+                        self.model_type
+                    ));
+                }
+            }
+        }
+        if problems.is_empty() {
+            return Ok(warnings);
+        }
+        let name = if self.name_or_path.is_empty() {
+            &self.model_type
+        } else {
+            &self.name_or_path
+        };
+        Err(Error::Incompatible(format!(
+            "the checkpoint at {source} was trained on {name} and does not fit this model: {}",
+            problems.join("; ")
+        )))
     }
 }
 
@@ -554,6 +883,18 @@ enum ConfigProblem {
     UnknownType(String),
 }
 
+impl ConfigProblem {
+    fn into_error(self) -> Error {
+        match self {
+            ConfigProblem::Invalid(reason) => Error::InvalidIntervention(reason),
+            ConfigProblem::UnknownType(name) => Error::InvalidIntervention(format!(
+                "unknown intervention type {name:?} (known: {})",
+                InterventionType::known_names()
+            )),
+        }
+    }
+}
+
 impl ReftConfig {
     /// Parses and checks a config from JSON text.
     ///
@@ -589,7 +930,7 @@ impl ReftConfig {
             None => {}
         }
         let config: ReftConfig =
-            serde_json::from_value(value).map_err(|e| invalid(e.to_string()))?;
+            serde_path_to_error::deserialize(value).map_err(|e| invalid(field_error(&e)))?;
         config.validate_at(path)?;
         Ok(config)
     }
@@ -741,6 +1082,160 @@ mod tests {
             matches!(err, Error::UnknownInterventionType { .. }),
             "{err}"
         );
+    }
+
+    #[test]
+    fn format_1_configs_read_with_the_last_token_included() {
+        let entry = r#"{"name": "a", "type": "loreft", "layer": 1, "component": "block_output", "positions": "l2", "low_rank_dimension": 2}"#;
+        let config = ReftConfig::from_json(&config_json(entry), None).unwrap();
+        assert!(config.interventions[0].include_last);
+        let written = config.to_json();
+        assert!(written.contains("\"include_last\": true"), "{written}");
+        let excluded = entry.replace("\"l2\"", "\"l2\", \"include_last\": false");
+        let config = ReftConfig::from_json(&config_json(&excluded), None).unwrap();
+        assert!(!config.interventions[0].include_last);
+        let every = entry
+            .replace(
+                "\"l2\", \"low_rank_dimension\": 2",
+                "\"all\", \"include_last\": false",
+            )
+            .replace("loreft", "red");
+        let err = ReftConfig::from_json(&config_json(&every), None).unwrap_err();
+        assert!(err.to_string().contains("include_last"), "{err}");
+    }
+
+    #[test]
+    fn field_errors_name_the_field() {
+        let entry = r#"{"name": "a", "type": "loreft", "layer": "1", "component": "block_output", "positions": "l2", "low_rank_dimension": 2}"#;
+        let err = ReftConfig::from_json(&config_json(entry), None).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("interventions[0].layer: invalid type"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn drafts_are_normalized_with_defaults_by_type() {
+        let draft = |text: &str| normalize_intervention(serde_json::from_str(text).unwrap());
+        let out = draft(r#"{"layer": 2, "type": "red"}"#).unwrap();
+        assert_eq!(out["positions"], "all");
+        assert_eq!(out["name"], serde_json::Value::Null);
+        assert_eq!(out["group"], serde_json::Value::Null);
+        assert_eq!(out["dtype"], "float32");
+        let out = draft(r#"{"layer": 2, "low_rank_dimension": 4, "positions": [0, -1]}"#).unwrap();
+        assert_eq!(out["positions"], "0,-1");
+        assert_eq!(out["type"], "loreft");
+        let out = draft(r#"{"layer": 2, "low_rank_dimension": 4, "positions": "f3+l3", "name": "x", "group": 1}"#)
+            .unwrap();
+        assert_eq!(
+            (out["name"].as_str(), out["group"].as_u64()),
+            (Some("x"), Some(1))
+        );
+        let cases = [
+            (
+                r#"{"layer": 2, "type": "megareft"}"#,
+                "unknown intervention type \"megareft\"",
+            ),
+            (r#"{"layer": 2}"#, "needs low_rank_dimension"),
+            (r#"{"layer": -1, "type": "red"}"#, "layer: invalid value"),
+            (
+                r#"{"layer": 2, "type": "red", "name": "caf\u00e9"}"#,
+                "ASCII",
+            ),
+            (
+                r#"{"layer": 2, "type": "red", "dtype": "int64"}"#,
+                "not a floating-point type",
+            ),
+            (
+                r#"{"layer": 2, "type": "red", "positions": [1.5]}"#,
+                "integers",
+            ),
+            (
+                r#"{"layer": 2, "type": "red", "colour": 1}"#,
+                "unknown field `colour`",
+            ),
+            (
+                r#"{"layer": 2, "type": "steer", "bias": false}"#,
+                "always has its bias",
+            ),
+            (
+                r#"{"layer": 2, "low_rank_dimension": 2, "positions": "f1", "group": 1}"#,
+                "group 1",
+            ),
+        ];
+        for (text, needle) in cases {
+            let err = draft(text).unwrap_err();
+            assert!(matches!(err, Error::InvalidIntervention(_)), "{err}");
+            assert!(err.to_string().contains(needle), "{needle}: {err}");
+        }
+    }
+
+    #[test]
+    fn parameter_layouts_follow_the_flags() {
+        use InterventionType::*;
+        let names = |kind: InterventionType, bias, projection_bias| -> Vec<&str> {
+            kind.parameter_layout(bias, projection_bias)
+                .into_iter()
+                .map(|(n, _)| n)
+                .collect()
+        };
+        assert_eq!(names(LoReft, true, false), ["rotation", "weight", "bias"]);
+        assert_eq!(names(LoReft, false, false), ["rotation", "weight"]);
+        assert_eq!(
+            names(NoReft, true, true),
+            ["weight", "bias", "projection_weight", "projection_bias"]
+        );
+        assert_eq!(
+            names(NoDiReft, true, true),
+            ["weight", "bias", "projection_weight"]
+        );
+        assert_eq!(names(ConsReft, false, false), ["rotation", "bias"]);
+        assert_eq!(names(Red, true, false), ["scale", "bias"]);
+        assert_eq!(names(Steer, true, false), ["vector"]);
+    }
+
+    #[test]
+    fn base_models_fit_by_size_and_type() {
+        let base = BaseModel {
+            name_or_path: "tiny".into(),
+            model_type: "llama".into(),
+            hidden_size: 16,
+            num_hidden_layers: 4,
+        };
+        assert!(base
+            .check_fits("x", false, Some(16), Some(4), Some("llama"), true)
+            .unwrap()
+            .is_empty());
+        assert!(base
+            .check_fits("x", false, None, None, None, true)
+            .unwrap()
+            .is_empty());
+        let err = base
+            .check_fits("x", false, Some(8), Some(4), None, true)
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("hidden size 16 vs the model's 8"),
+            "{err}"
+        );
+        assert!(base
+            .check_fits("x", false, Some(16), Some(6), None, true)
+            .is_err());
+        assert!(base
+            .check_fits("x", true, Some(16), Some(6), None, true)
+            .unwrap()
+            .is_empty());
+        assert!(base
+            .check_fits("x", true, Some(16), Some(3), None, true)
+            .is_err());
+        let err = base
+            .check_fits("x", false, Some(16), Some(4), Some("gpt2"), true)
+            .unwrap_err();
+        assert!(matches!(err, Error::Incompatible(_)), "{err}");
+        let warnings = base
+            .check_fits("x", false, Some(16), Some(4), Some("gpt2"), false)
+            .unwrap();
+        assert_eq!(warnings.len(), 1);
     }
 
     #[test]

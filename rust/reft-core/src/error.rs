@@ -72,6 +72,13 @@ pub enum Error {
         reason: String,
     },
 
+    /// An intervention's settings are invalid on their own (an unknown
+    /// type or activation, a bad position spec, a rank of 0, a name with
+    /// characters tensor keys cannot hold, ...), before any checkpoint is
+    /// involved.
+    #[error("{0}")]
+    InvalidIntervention(String),
+
     /// A config names an intervention type this version does not know.
     #[error("unknown intervention type {name:?}{} (known types: {known})", path.as_ref().map(|p| format!(" in {}", p.display())).unwrap_or_default())]
     UnknownInterventionType {
@@ -164,6 +171,8 @@ pub enum ErrorKind {
     NotFound,
     /// An operating-system I/O failure.
     Io,
+    /// Intervention settings that are invalid on their own.
+    Config,
     /// A checkpoint config or tensor set that is invalid (bad field, unknown
     /// type, tensors that disagree with the config), on save or load.
     InvalidCheckpoint,
@@ -198,6 +207,7 @@ impl Error {
             Error::MissingFile { .. } => ErrorKind::NotFound,
             Error::Io { .. } => ErrorKind::Io,
             Error::CorruptCheckpoint { .. } => ErrorKind::CorruptCheckpoint,
+            Error::InvalidIntervention(_) => ErrorKind::Config,
             Error::InvalidConfig { .. }
             | Error::UnknownInterventionType { .. }
             | Error::InvalidTensor { .. } => ErrorKind::InvalidCheckpoint,

@@ -17,6 +17,7 @@ fn class_name(kind: ErrorKind) -> &'static str {
         ErrorKind::Memory => "ReftMemoryError",
         ErrorKind::NotFound => "CheckpointNotFoundError",
         ErrorKind::Io => "CheckpointIOError",
+        ErrorKind::Config => "ConfigError",
         ErrorKind::InvalidCheckpoint => "InvalidCheckpointError",
         ErrorKind::CorruptCheckpoint => "CorruptCheckpointError",
         ErrorKind::UnsupportedFormat => "UnsupportedFormatError",

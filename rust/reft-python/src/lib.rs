@@ -2,6 +2,7 @@
 //! `reft-core`. The public API lives in the `reft_rs` Python package.
 
 mod checkpoint;
+mod config;
 mod engine;
 mod errors;
 mod positions;
@@ -26,6 +27,11 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(spans::gather, m)?)?;
     m.add_function(wrap_pyfunction!(tokenize::pad_rows, m)?)?;
     m.add_function(wrap_pyfunction!(spans::scatter, m)?)?;
+    m.add_function(wrap_pyfunction!(config::schema, m)?)?;
+    m.add_function(wrap_pyfunction!(config::parameter_layout, m)?)?;
+    m.add_function(wrap_pyfunction!(config::normalize_intervention, m)?)?;
+    m.add_function(wrap_pyfunction!(config::check_placement, m)?)?;
+    m.add_function(wrap_pyfunction!(config::check_fits, m)?)?;
     m.add_function(wrap_pyfunction!(checkpoint::normalize_config, m)?)?;
     m.add_function(wrap_pyfunction!(checkpoint::config_parameters, m)?)?;
     m.add_function(wrap_pyfunction!(checkpoint::save_checkpoint, m)?)?;

@@ -172,42 +172,14 @@ impl EditSet {
             .get("base_model_inferred")
             .and_then(|v| v.as_bool())
             .unwrap_or(false);
-        let mut problems = Vec::new();
-        if base.hidden_size != model.hidden_size {
-            problems.push(format!(
-                "hidden size {} vs the model's {}",
-                base.hidden_size, model.hidden_size
-            ));
-        }
-        let layers_differ = if inferred {
-            base.num_hidden_layers > model.num_hidden_layers
-        } else {
-            base.num_hidden_layers != model.num_hidden_layers
-        };
-        if layers_differ {
-            problems.push(format!(
-                "{} layers vs the model's {}",
-                base.num_hidden_layers, model.num_hidden_layers
-            ));
-        }
-        if !base.model_type.is_empty() && base.model_type != model.model_type {
-            problems.push(format!(
-                "model type {:?} vs the model's {:?}",
-                base.model_type, model.model_type
-            ));
-        }
-        if !problems.is_empty() {
-            let name = if base.name_or_path.is_empty() {
-                &base.model_type
-            } else {
-                &base.name_or_path
-            };
-            return Err(Error::Incompatible(format!(
-                "the checkpoint at {} was trained on {name} and does not fit this model: {}",
-                dir.display(),
-                problems.join("; ")
-            )));
-        }
+        base.check_fits(
+            &dir.display().to_string(),
+            inferred,
+            Some(model.hidden_size),
+            Some(model.num_hidden_layers),
+            Some(&model.model_type),
+            true,
+        )?;
         let d = model.hidden_size;
         let mut interventions = Vec::with_capacity(config.interventions.len());
         let mut sites = HashSet::new();
@@ -289,16 +261,21 @@ impl EditSet {
         let mut rows: Vec<Option<Tensor>> = vec![None; self.interventions.len()];
         if let Some(lengths) = prompt_lengths {
             // Positions of the prompt, one locate call per (spec, sharing).
-            let mut cache: HashMap<(String, bool), crate::positions::Locations> = HashMap::new();
+            let mut cache: HashMap<(String, bool, bool), crate::positions::Locations> =
+                HashMap::new();
             for (index, item) in self.interventions.iter().enumerate() {
                 if item.every_token() {
                     continue;
                 }
-                let key = (item.config.positions.clone(), item.config.share_weights);
+                let key = (
+                    item.config.positions.clone(),
+                    item.config.share_weights,
+                    item.config.include_last,
+                );
                 if !cache.contains_key(&key) {
                     let options = LocateOptions {
                         share_weights: item.config.share_weights,
-                        include_last: true,
+                        include_last: item.config.include_last,
                         padding_side: PaddingSide::Left,
                         padded_length: Some(width),
                         parallel: false,
