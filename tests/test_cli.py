@@ -304,3 +304,40 @@ def test_labelled_data_trains_a_classifier_and_eval_reports_its_accuracy(workspa
     assert metrics["accuracy"] == sum(a == label for a, (_, label) in zip(alone, CLASSIFY)) / len(CLASSIFY)
     code, _, err = run(capsys, "generate", *common, "--prompt", "the cat")
     assert code == 2 and "classification checkpoint" in err
+
+
+def test_training_without_the_last_token_is_recorded_and_followed(workspace, capsys):
+    output = workspace / "no-last"
+    code = main(
+        ["train", "--model", str(workspace / "model"), "--data", str(workspace / "train.jsonl")]
+        + ["--output", str(output), "--epochs", "20", "--learning-rate", "3e-2", "--exclude-last", *TRAIN]
+    )
+    assert code == 0
+    config, _ = reft_rs.checkpoint.load(output)
+    assert [i["include_last"] for i in config["interventions"]] == [False] * 6
+    capsys.readouterr()
+    code, out, _ = run(capsys, "inspect", str(output))
+    assert code == 0 and "f3+l3 (last token excluded)" in out
+    common = [
+        "generate",
+        "--checkpoint",
+        str(output),
+        "--model",
+        str(workspace / "model"),
+        "--max-new-tokens",
+        "4",
+    ]
+    prompts = [arg for p in PROMPTS for arg in ("--prompt", p)]
+    code, torch_out, _ = run(capsys, *common, *prompts)
+    assert code == 0
+    code, rust_out, _ = run(capsys, *common, *prompts, "--engine", "rust")
+    assert code == 0 and rust_out == torch_out
+    # the rule is what the engine follows: the same weights read with the other rule differ
+    flipped = workspace / "no-last-flipped"
+    _, tensors = reft_rs.checkpoint.load(output)
+    config["interventions"] = [{**entry, "include_last": True} for entry in config["interventions"]]
+    reft_rs.checkpoint.save(flipped, config, tensors)
+    ids = reft_rs.Engine(workspace / "model").encode("what colour is the sky")
+    kept = reft_rs.Engine(workspace / "model", reft=output).logits(ids)
+    moved = reft_rs.Engine(workspace / "model", reft=flipped).logits(ids)
+    assert abs(kept - moved).max() > 1e-3

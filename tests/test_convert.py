@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import collections
 import json
+import pathlib
+import re
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+import safetensors.torch  # noqa: E402
 
 import reft_rs  # noqa: E402
 from reft_rs import InvalidCheckpointError, ReftModel  # noqa: E402
 from reft_rs.convert import from_pyreft, from_red  # noqa: E402
 
+from . import reference  # noqa: E402
 from .tiny_models import HIDDEN, LAYERS, build, random_ids  # noqa: E402
 
 RANK = 3
@@ -85,35 +93,75 @@ def pyreft_edit(kind, state, holder, h):
     return h + source @ projection
 
 
-def write_pyreft(folder, interventions, *, key_style="underscore"):
-    """A pyreft checkpoint folder: config.json + intkey_*.bin."""
+def pyvene_key(layer, component, counters, key_style):
+    """pyvene's ``_get_representation_key``: 0.1.7 on (``underscore``) or up
+    to 0.1.6 (``dotted``); repeats of a placement are numbered #0, #1, ...
+    in the order of ``representations``."""
+    if key_style == "underscore":
+        proposal = f"layer_{layer}_comp_{component}_unit_pos_nunit_1"
+    else:
+        proposal = f"layer.{layer}.comp.{component}.unit.pos.nunit.1"
+    counters[proposal] = counters.get(proposal, -1) + 1
+    return f"{proposal}#{counters[proposal]}"
+
+
+def write_pyreft(folder, interventions, *, key_style="underscore", seed=0):
+    """A pyreft checkpoint folder as pyreft 0.1.0 (pyvene) saves one:
+    ``config.json`` with positional ``representations`` in the order given,
+    one ``intkey_<key>.bin`` per intervention, ``sorted_keys`` in that order.
+    ``interventions``: ``(kind, layer)`` pairs; each gets its own weights."""
     folder.mkdir(parents=True, exist_ok=True)
     representations, types, keys, states = [], [], [], []
-    counter = collections.Counter()
+    counters = {}
     for index, (kind, layer) in enumerate(interventions):
-        collision = counter[layer]
-        counter[layer] += 1
-        if key_style == "underscore":
-            key = f"layer_{layer}_comp_block_output_unit_pos_nunit_1#{collision}"
-        else:
-            key = f"layer.{layer}.comp.block_output.unit.pos.nunit.1#{collision}"
-        state, holder = pyreft_state(kind, seed=index, half_precision_source=kind == "loreft")
+        key = pyvene_key(layer, "block_output", counters, key_style)
+        state, holder = pyreft_state(kind, seed=seed + index, half_precision_source=kind == "loreft")
         torch.save(state, folder / f"intkey_{key}.bin")
         representations.append(
-            [layer, "block_output", "pos", 1, RANK, None, None, None, None, None, None, None, None]
+            [layer, "block_output", "pos", 1, RANK, None, None, None, None, None, None, None, None, None]
         )
         types.append(f"<class 'pyreft.interventions.{CLASSES[kind]}'>")
         keys.append(key)
         states.append((state, holder))
     config = {
-        "representations": representations,
+        "intervention_constant_sources": [True] * len(keys),
+        "intervention_dimensions": [HIDDEN] * len(keys),
         "intervention_types": types,
-        "sorted_keys": keys,
         "mode": "parallel",
         "model_type": "<class 'transformers.models.llama.modeling_llama.LlamaForCausalLM'>",
+        "representations": representations,
+        "sorted_keys": keys,
+        "transformers_version": "4.45.1",
     }
-    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     return states
+
+
+def pyreft_logits(model, interventions, states, ids, spec, share_weights):
+    """pyreft's result, written plainly: each intervention edits its layer's
+    output at the locations pyreft's get_intervention_locations rule gives
+    it (the i-th list for the i-th representation)."""
+    first, last = reference.parse_first_last(spec)
+    locations = reference.pyreft_locations(
+        ids.shape[1], first, last, share_weights=share_weights, num_interventions=len(interventions)
+    )
+    handles = []
+    for (kind, layer), (state, holder), positions in zip(interventions, states, locations):
+        assert reference.MASKED not in positions  # prompts long enough: pyreft pads onto real tokens
+
+        def hook(module, args, output, state=state, holder=holder, kind=kind, positions=positions):
+            hidden = (output[0] if isinstance(output, tuple) else output).clone()
+            for position in positions:
+                hidden[:, position] = pyreft_edit(kind, state, holder, hidden[:, position]).to(hidden.dtype)
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+        handles.append(model.model.layers[layer].register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            return model(input_ids=ids).logits
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @pytest.mark.parametrize("kind", list(CLASSES))
@@ -134,36 +182,164 @@ def test_each_pyreft_type_converts_to_the_same_function(kind, key_style, tmp_pat
         assert torch.equal(reft_model.interventions[0].weight, state["weight"].float())
 
 
-def test_a_converted_model_gives_pyreft_outputs(tmp_path):
-    # f1+l1 unshared on layers 0 and 2: pyreft's order is prefix, prefix, suffix, suffix
-    interventions = [("loreft", 0), ("loreft", 2), ("loreft", 0), ("loreft", 2)]
+ORDERS = {
+    # pyreft's scripts: layers + layers (prefix interventions of every layer, then suffix ones)
+    "layers+layers": [
+        ("loreft", 0),
+        ("direft", 1),
+        ("noreft", 2),
+        ("consreft", 0),
+        ("nodireft", 1),
+        ("lobireft", 2),
+    ],
+    # any order a user built: the first half still reads the first positions
+    "scrambled": [
+        ("loreft", 2),
+        ("direft", 0),
+        ("noreft", 1),
+        ("consreft", 1),
+        ("nodireft", 2),
+        ("lobireft", 0),
+    ],
+    # both interventions of a layer side by side: layer 0 twice in the prefix half
+    "paired": [
+        ("loreft", 0),
+        ("direft", 0),
+        ("noreft", 2),
+        ("consreft", 2),
+        ("nodireft", 1),
+        ("lobireft", 1),
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pyreft-llama")
+    build("llama", init_range=0.2).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("key_style", ["underscore", "dotted"])
+@pytest.mark.parametrize("order", list(ORDERS))
+def test_a_converted_model_gives_pyreft_outputs(order, key_style, llama_folder, tmp_path):
+    interventions = ORDERS[order]
+    states = write_pyreft(tmp_path / "pyreft", interventions, key_style=key_style)
+    model = transformers.AutoModelForCausalLM.from_pretrained(llama_folder).eval()
+    config = from_pyreft(tmp_path / "pyreft", tmp_path / "ours", base_model=model, positions="f2+l2")
+    # pyreft's rule: halves of the representations list, whatever the layers
+    assert [(i.layer, i.type, i.group) for i in config.interventions] == [
+        (layer, kind, 0 if index < 3 else 1) for index, (kind, layer) in enumerate(interventions)
+    ]
+    saved, _ = reft_rs.checkpoint.load(tmp_path / "ours")
+    recorded = saved["metadata"]["pyreft_keys"]
+    counters = {}
+    assert [entry["key"] for entry in recorded] == [
+        pyvene_key(layer, "block_output", counters, key_style) for _, layer in interventions
+    ]
+    assert [entry["group"] for entry in recorded] == [0, 0, 0, 1, 1, 1]
+    assert [entry["intervention"] for entry in recorded] == [i.name for i in config.interventions]
+    reft_model = ReftModel.from_pretrained(model, tmp_path / "ours")
+    engine = reft_rs.Engine(llama_folder, reft=tmp_path / "ours")
+    for length in (4, 9):
+        ids = random_ids(1, length, seed=length)
+        expected = pyreft_logits(model, interventions, states, ids, "f2+l2", share_weights=False)
+        with torch.no_grad():
+            plain = model(input_ids=ids).logits
+            got = reft_model(input_ids=ids).logits
+        assert (expected - plain).abs().max() > 0.05  # the edits matter
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(engine.logits(ids[0].tolist()), expected[0].numpy(), rtol=0, atol=1e-5)
+
+
+def test_shared_pyreft_weights_edit_both_ends(llama_folder, tmp_path):
+    interventions = [("loreft", 2), ("direft", 0), ("lobireft", 1)]
     states = write_pyreft(tmp_path / "pyreft", interventions)
-    model = build("llama")
-    config = from_pyreft(tmp_path / "pyreft", tmp_path / "ours", base_model=model, positions="f1+l1")
-    assert [(i.layer, i.group) for i in config.interventions] == [(0, 0), (2, 0), (0, 1), (2, 1)]
-    ids = random_ids(2, 7)
-    locations = reft_rs.positions.locate([7, 7], "f1+l1")
-    # pyreft's result, by hand: edit each layer's output at its positions
-    handles = []
-    for (kind, layer), (state, holder), group in zip(interventions, states, [0, 0, 1, 1]):
-
-        def hook(module, args, output, state=state, holder=holder, kind=kind, group=group):
-            hidden = output.clone()
-            for row in range(hidden.shape[0]):
-                for position in locations[group, row]:
-                    if position >= 0:
-                        hidden[row, position] = pyreft_edit(kind, state, holder, hidden[row, position])
-            return hidden
-
-        handles.append(model.model.layers[layer].register_forward_hook(hook))
+    model = transformers.AutoModelForCausalLM.from_pretrained(llama_folder).eval()
+    config = from_pyreft(tmp_path / "pyreft", tmp_path / "ours", base_model=model, positions="f1+l2")
+    assert all(i.share_weights and i.group == 0 for i in config.interventions)  # inferred: no repeats
+    reft_model = ReftModel.from_pretrained(model, tmp_path / "ours")
+    ids = random_ids(1, 8, seed=3)
+    expected = pyreft_logits(model, interventions, states, ids, "f1+l2", share_weights=True)
     with torch.no_grad():
-        expected = model(input_ids=ids).logits
-    for handle in handles:
-        handle.remove()
-    reft_model = ReftModel.from_pretrained(build("llama"), tmp_path / "ours")
+        torch.testing.assert_close(reft_model(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_an_odd_count_cannot_be_split_into_halves(tmp_path):
+    write_pyreft(tmp_path / "pyreft", [("loreft", 0), ("loreft", 0), ("loreft", 1)])
+    with pytest.raises(InvalidCheckpointError, match="3 interventions cannot be split"):
+        from_pyreft(tmp_path / "pyreft", tmp_path / "ours", base_model=build("llama"), positions="f1+l1")
+    assert not (tmp_path / "ours").exists()
+    # shared weights, or a one-sided spec, have no halves to split
+    from_pyreft(
+        tmp_path / "pyreft",
+        tmp_path / "ours",
+        base_model=build("llama"),
+        positions="f1+l1",
+        share_weights=True,
+    )
+    from_pyreft(tmp_path / "pyreft", tmp_path / "one", base_model=build("llama"), positions="l2")
+
+
+FIXTURE = pathlib.Path(__file__).parent / "data" / "pyreft"
+
+
+@pytest.mark.parametrize(("name", "positions"), [("unshared", "f2+l2"), ("shared", "f1+l2")])
+def test_folders_written_by_pyreft_itself_give_its_logits(name, positions, tmp_path):
+    """tests/data/pyreft was written by pyreft 0.1.0 (make_fixture.py there),
+    with its own logits at its own locations."""
+    expected = safetensors.torch.load_file(FIXTURE / "expected.safetensors")
+    model = transformers.AutoModelForCausalLM.from_pretrained(FIXTURE / "model").eval()
+    config = from_pyreft(FIXTURE / name, tmp_path / "ours", base_model=model, positions=positions)
+    if name == "unshared":  # layers 2, 0, 3 | 3, 0, 2 in pyreft's list
+        assert [(i.layer, i.group) for i in config.interventions] == [
+            (2, 0),
+            (0, 0),
+            (3, 0),
+            (3, 1),
+            (0, 1),
+            (2, 1),
+        ]
+        assert [i.type for i in config.interventions] == [
+            "loreft", "direft", "noreft", "consreft", "nodireft", "lobireft"
+        ]  # fmt: skip
+    reft_model = ReftModel.from_pretrained(model, tmp_path / "ours")
+    engine = reft_rs.Engine(FIXTURE / "model", reft=tmp_path / "ours")
+    for prompt in ("short", "long"):
+        ids = expected[f"{prompt}.input_ids"]
+        reference_logits = expected[f"{name}.{prompt}.logits"]
+        assert (reference_logits - expected[f"base.{prompt}.logits"]).abs().max() > 0.1
+        with torch.no_grad():
+            got = reft_model(input_ids=ids).logits[0]
+        torch.testing.assert_close(got, reference_logits, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            engine.logits(ids[0].tolist()), reference_logits.numpy(), rtol=0, atol=1e-5
+        )
+        # and reft_rs's locations are pyreft's
+        ours = reft_rs.positions.locate([ids.shape[1]], positions, share_weights=name == "shared")
+        theirs = expected[f"{name}.{prompt}.locations"].numpy()
+        assert [ours[i.group, 0].tolist() for i in config.interventions] == theirs.tolist()
+
+
+def test_reft_rs_convert_pyreft_on_pyreft_files(tmp_path, capsys):
+    from reft_rs.cli import main
+
+    expected = safetensors.torch.load_file(FIXTURE / "expected.safetensors")
+    status = main(
+        ["convert", "pyreft", str(FIXTURE / "unshared"), str(tmp_path / "ours"), "--model", str(FIXTURE / "model"),
+         "--positions", "f2+l2"]
+    )  # fmt: skip
+    assert status == 0
+    assert "converted 6 interventions" in capsys.readouterr().out
+    model = transformers.AutoModelForCausalLM.from_pretrained(FIXTURE / "model").eval()
+    reft_model = ReftModel.from_pretrained(model, tmp_path / "ours")
     with torch.no_grad():
-        got = reft_model(input_ids=ids, locations=locations).logits
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        got = reft_model(input_ids=expected["long.input_ids"]).logits[0]
+    torch.testing.assert_close(got, expected["unshared.long.logits"], rtol=1e-5, atol=1e-5)
+    assert main(["convert", "pyreft", str(FIXTURE / "unshared"), str(tmp_path / "odd"), "--model",
+                 str(FIXTURE / "model"), "--positions", "f2+l2", "--exclude-last"]) == 0  # fmt: skip
+    config, _ = reft_rs.checkpoint.load(tmp_path / "odd")
+    assert all(entry["include_last"] is False for entry in config["interventions"])
 
 
 def test_pyreft_conversion_without_the_base_model(tmp_path):
@@ -206,6 +382,26 @@ def test_pyreft_conversion_errors(tmp_path):
     (tmp_path / "p" / "config.json").write_text(json.dumps(config))
     with pytest.raises(InvalidCheckpointError, match="VanillaIntervention"):
         from_pyreft(tmp_path / "p", tmp_path / "out", base_model=build("llama"), positions="l1")
+    for change, needle in [
+        ({"representations": [], "intervention_types": []}, "representations list is empty"),
+        ({"representations": [["0", "block_output", "pos", 1]]}, "layer must be a non-negative integer"),
+        ({"representations": [[0, "block_output", "pos", "1"]]}, "max_number_of_units must be an integer"),
+        ({"representations": [[0, "mlp_input", "pos", 1]]}, "component 'mlp_input'"),
+        ({"representations": [[0, "block_output", "h.pos", 1]]}, "unit 'h.pos'"),
+        ({"representations": [[0, "block_output", "pos", 1, 7]]}, "records rank 7"),
+        ({"representations": [[0, "../../outside", "pos", 1]]}, "component"),
+        ({"intervention_types": []}, "1 representations but 0 intervention_types"),
+    ]:
+        write_pyreft(tmp_path / "bad", [("loreft", 0)])
+        config = json.loads((tmp_path / "bad" / "config.json").read_text())
+        config.update(change)
+        (tmp_path / "bad" / "config.json").write_text(json.dumps(config))
+        with pytest.raises(InvalidCheckpointError, match=re.escape(needle)):
+            from_pyreft(tmp_path / "bad", tmp_path / "never", base_model=build("llama"), positions="l1")
+    (tmp_path / "bad" / "config.json").write_text("[1, 2]")
+    with pytest.raises(InvalidCheckpointError, match="not a JSON object"):
+        from_pyreft(tmp_path / "bad", tmp_path / "never", base_model=build("llama"), positions="l1")
+    assert not (tmp_path / "never").exists()
     write_pyreft(tmp_path / "q", [("loreft", 0)])
     [binary] = list((tmp_path / "q").glob("intkey_*.bin"))
     torch.save({"weight": collections.OrderedDict(a=collections.Counter("abc"))}, binary)

@@ -29,7 +29,7 @@ FAMILIES = ["llama", "qwen2", "gpt2"]
 TYPES = ["loreft", "noreft", "direft", "nodireft", "consreft", "lobireft", "red", "steer"]
 COMPONENTS = ["block_output", "block_input", "mlp_output", "attention_output"]
 LOW_RANK = {"loreft", "noreft", "direft", "nodireft", "consreft", "lobireft"}
-TOLERANCE = 1e-3  # max |Δlogits| the issue allows; measured differences are ~1e-6
+TOLERANCE = 1e-4  # max |Δlogits| for float32 parameters; measured differences are ~1e-6
 
 CASES = (
     [(family, kind, "block_output") for family in FAMILIES for kind in TYPES]
@@ -238,7 +238,8 @@ def test_bfloat16_weights_load_as_float32(folders, tmp_path):
     ids = [5, 6, 7, 8, 9]
     with torch.no_grad():
         expected = model.float()(input_ids=torch.tensor([ids])).logits[0].numpy()
-    assert np.abs(reft_rs.Engine(tmp_path / "bf16").logits(ids) - expected).max() <= TOLERANCE
+    # 1e-3: the torch reference itself keeps its rotary frequencies rounded to bfloat16
+    assert np.abs(reft_rs.Engine(tmp_path / "bf16").logits(ids) - expected).max() <= 1e-3
 
 
 def test_errors_are_clear(folders, tmp_path):
@@ -367,3 +368,122 @@ def test_the_interpreter_runs_while_the_engine_computes(folders):
     inside = [t for t in ticks if window["start"] < t < window["end"]]
     assert window["end"] - window["start"] > 0.01
     assert len(inside) > 100  # the main thread kept running Python meanwhile
+
+
+# ---------------------------------------------------------------- every option, both paths
+
+SOURCE = ["loreft", "noreft", "direft", "nodireft"]
+ACTIVATIONS = ["relu", "gelu", "gelu_tanh", "silu", "tanh", "sigmoid"]
+# Half-precision parameters are widened to float32 in both paths and float64
+# ones computed in float64, so every dtype agrees as closely as float32 does
+# (measured: at most 4e-6), well inside one rounding of the parameter dtype.
+
+
+def both_paths_agree(folders, family, config, path, *, on_generated=False, seed=0):
+    """Saves strengthened interventions, then checks the engine against the
+    torch path: prompt logits within TOLERANCE and 12 greedy tokens
+    identical (with ``intervene_on_generated`` as given)."""
+    reft_model = checkpoint_for(folders, family, config, path, seed=seed)
+    engine = reft_rs.Engine(folders[family], reft=path)
+    ids = random_ids(1, 11, seed=seed + 1)
+    with torch.no_grad():
+        expected = reft_model.eval()(input_ids=ids).logits[0].numpy()
+        plain = reft_model.model(input_ids=ids).logits[0].numpy()
+    got = engine.logits(ids[0].tolist())
+    assert np.abs(expected - plain).max() > 0.05  # the interventions matter
+    assert np.abs(got - expected).max() <= TOLERANCE
+    # generation runs with dropout off even in training mode
+    reft_model.train()
+    torch_tokens = reft_model.generate(
+        ids, max_new_tokens=12, do_sample=False, pad_token_id=0, intervene_on_generated=on_generated
+    )[0, 11:].tolist()
+    engine_tokens = engine.generate_ids(
+        [ids[0].tolist()], 12, intervene_on_generated=on_generated, ignore_eos=True
+    )[0]
+    assert engine_tokens == torch_tokens
+    return reft_model, engine
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_every_activation_matches_the_torch_path(folders, family, activation, tmp_path):
+    config = ReftConfig(
+        [
+            intervention(kind, component, layer=layer, activation=activation)
+            for kind, (layer, component) in zip(
+                SOURCE, [(0, "block_output"), (1, "mlp_output"), (2, "attention_output"), (1, "block_input")]
+            )
+        ]
+    )
+    both_paths_agree(folders, family, config, tmp_path / "reft")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_interventions_without_bias_match_the_torch_path(folders, family, tmp_path):
+    config = ReftConfig(
+        [
+            intervention(kind, "block_output", layer=i % 3, bias=False, activation="silu")
+            for i, kind in enumerate(SOURCE)
+        ]
+    )
+    reft_model, _ = both_paths_agree(folders, family, config, tmp_path / "reft")
+    assert all(i.bias is None for i in reft_model.interventions)
+    saved, _ = reft_rs.checkpoint.load(tmp_path / "reft")
+    assert not any(key.endswith(".bias") for key, _, _ in reft_rs.checkpoint.expected_tensors(saved))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float64"])
+def test_parameter_dtypes_match_the_torch_path(folders, family, dtype, tmp_path):
+    config = ReftConfig(
+        [intervention(kind, "block_output", layer=i % 3, dtype=dtype) for i, kind in enumerate(TYPES)]
+    )
+    both_paths_agree(folders, family, config, tmp_path / "reft")
+    saved, tensors = reft_rs.checkpoint.load(tmp_path / "reft", framework="torch")
+    assert {str(t.dtype) for t in tensors.values()} == {f"torch.{dtype}"}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dropout_checkpoints_are_exact_at_inference(folders, family, tmp_path):
+    config = ReftConfig(
+        [
+            intervention(kind, "block_output", layer=i % 3, dropout=0.4)
+            for i, kind in enumerate(["loreft", "red", "nodireft", "steer"])
+        ]
+    )
+    both_paths_agree(folders, family, config, tmp_path / "reft")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_several_interventions_on_one_site_apply_in_order(folders, family, tmp_path):
+    # overlapping positions on one layer and component: the order matters
+    items = [
+        intervention("red", "block_output"),
+        intervention("loreft", "block_output", positions="l3"),
+        intervention("steer", "block_output"),
+        intervention("consreft", "block_output", positions="f2+l2", share_weights=True),
+        intervention("nodireft", "block_output", positions="l2", activation="tanh"),
+    ]
+    reft_model, engine = both_paths_agree(folders, family, ReftConfig(items), tmp_path / "reft")
+    # the same checkpoint with its order reversed gives other logits, in both paths
+    saved, tensors = reft_rs.checkpoint.load(tmp_path / "reft")
+    saved["interventions"] = saved["interventions"][::-1]
+    reft_rs.checkpoint.save(tmp_path / "reversed", saved, tensors)
+    ids = random_ids(1, 11, seed=1)[0].tolist()
+    reversed_engine = reft_rs.Engine(folders[family], reft=tmp_path / "reversed")
+    reversed_torch = ReftModel.from_pretrained(load_model(folders, family), tmp_path / "reversed")
+    with torch.no_grad():
+        torch_reversed = reversed_torch(input_ids=torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(reversed_engine.logits(ids) - torch_reversed).max() <= TOLERANCE
+    assert np.abs(reversed_engine.logits(ids) - engine.logits(ids)).max() > 1e-3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_intervening_on_generated_tokens_with_every_type(folders, family, tmp_path):
+    items = [
+        intervention(kind, "block_output", layer=i % 3, positions="l2")
+        for i, kind in enumerate(TYPES)
+        if kind in LOW_RANK
+    ]
+    items += [intervention("red", "mlp_output", layer=2), intervention("steer", "attention_output", layer=0)]
+    both_paths_agree(folders, family, ReftConfig(items), tmp_path / "reft", on_generated=True)

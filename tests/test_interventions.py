@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import types
 
 import pytest
 
@@ -207,6 +208,24 @@ def test_parameters_default_to_float32_and_keep_their_dtype():
     assert out.dtype == torch.float32  # computed in the parameter dtype; the hook casts back
     half = make("direft", dtype="float16")
     assert all(p.dtype == torch.float16 for p in half.parameters())
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("kind", TYPES)
+def test_half_precision_parameters_are_computed_in_float32(kind, dtype):
+    intervention = make(kind, dtype=dtype).eval()
+    states = torch.randn(5, DIM, dtype=torch.float64)
+    with torch.no_grad():
+        got = intervention(states)
+        # the formulas over the stored half values (R as stored), in float64
+        stored = {name: value.double() for name, value in intervention.checkpoint_tensors().items()}
+        widened = types.SimpleNamespace(
+            kind=kind, config=intervention.config, checkpoint_tensors=lambda: stored
+        )
+        reference = torch.stack([expected(widened, h) for h in states])
+    assert got.dtype == torch.float32
+    # one float32 rounding of each step, not one of the half dtype
+    torch.testing.assert_close(got.double(), reference, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", TYPES)

@@ -15,6 +15,7 @@ import reft_rs  # noqa: E402
 from reft_rs import ReftConfig, ReftDataCollator, ReftModel, get_reft_model, make_dataset  # noqa: E402
 from reft_rs.data import IGNORE_INDEX  # noqa: E402
 
+from . import reference  # noqa: E402
 from .tiny_models import build, tokenizer  # noqa: E402
 
 PROMPTS = ["what colour is the sky", "what colour is the grass", "say hello", "what colour is the sea"]
@@ -240,3 +241,93 @@ def test_classification_losses_by_problem_type(family, problem_type, labels, los
     torch.testing.assert_close(out.loss, loss(out.logits, batch["labels"]))
     out.loss.backward()
     assert reft_model.head is not None and all(p.grad is not None for p in reft_model.head.parameters())
+
+
+def _edited_positions(reft_model, layer, run):
+    """Per row, the token positions whose layer output ``run`` changed with
+    the interventions on, against the base model on the same input."""
+    captured = []
+    handle = reft_model.model.model.layers[layer].register_forward_hook(
+        lambda module, args, output: captured.append(
+            (output[0] if isinstance(output, tuple) else output).detach()
+        )
+    )
+    try:
+        with torch.no_grad():
+            run(reft_model)  # edited (the first call is the prefill when generating)
+            edited = captured[0]
+            captured.clear()
+            run(reft_model.model)  # the same call on the bare model
+            plain = captured[0]
+    finally:
+        handle.remove()
+    changed = (edited - plain).abs().amax(-1) > 1e-6
+    return [torch.nonzero(row).flatten().tolist() for row in changed]
+
+
+@pytest.mark.parametrize("include_last", [True, False])
+def test_the_last_token_rule_of_training_is_kept_by_every_path(include_last, tmp_path):
+    """Trained with either convention, saved and reloaded, the torch path
+    (forward and generate, without locations) and the engine edit the
+    positions the training data used."""
+    tok = tokenizer()
+    folder = tmp_path / "model"
+    build("llama", seed=3, init_range=0.3).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    config = ReftConfig.for_layers([1], low_rank_dimension=2, positions="l2", include_last=include_last)
+    with pytest.raises(reft_rs.ConfigError, match="include_last"):
+        make_dataset(tok, PROMPTS, RESPONSES, config=config, include_last=not include_last)
+    dataset = make_dataset(tok, PROMPTS, RESPONSES, config=config)
+    trained_positions = []
+    for index in range(len(PROMPTS)):
+        n = int(dataset.prompt_lengths[index])
+        [rule] = reference.rows_for_example("l2", n, share_weights=False, include_last=include_last)
+        assert dataset[index]["locations"][0].tolist() == rule
+        trained_positions.append(rule)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    reft_model = get_reft_model(model, config)
+    reft_rs.train(reft_model, dataset, collator=ReftDataCollator(tok.pad_token_id), epochs=2, batch_size=2,
+                  learning_rate=1e-2, progress=False)  # fmt: skip
+    reft_model.save_pretrained(tmp_path / "reft")
+    saved, _ = reft_rs.checkpoint.load(tmp_path / "reft")
+    assert saved["interventions"][0]["include_last"] is include_last
+
+    loaded = ReftModel.from_pretrained(
+        transformers.AutoModelForCausalLM.from_pretrained(folder).eval(), tmp_path / "reft"
+    )
+    assert loaded.reft_config.interventions[0].include_last is include_last
+    # forward over prompt + response with labels: the prompt ends at the first label
+    batch = ReftDataCollator(tok.pad_token_id)([dataset[i] for i in range(len(PROMPTS))])
+    batch.pop("locations")
+    edited = _edited_positions(loaded, 1, lambda m: m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                                      labels=batch["labels"]))  # fmt: skip
+    assert edited == trained_positions
+    # generation from each prompt (left-padded batch): the same positions of each prompt
+    prompts = [
+        dataset[i]["input_ids"][: int(dataset.prompt_lengths[i])].tolist() for i in range(len(PROMPTS))
+    ]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    edited = _edited_positions(
+        loaded, 1, lambda m: m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    )  # fmt: skip
+    assert edited == [
+        [p + width - len(prompt) for p in rule] for rule, prompt in zip(trained_positions, prompts)
+    ]
+    # the engine: the logits of the training positions' edit (explicit locations), not the other rule's
+    engine = reft_rs.Engine(folder, reft=tmp_path / "reft")
+    for prompt, rule in zip(prompts, trained_positions):
+        with torch.no_grad():
+            here = (
+                loaded(input_ids=torch.tensor([prompt]), locations=torch.tensor([[rule]])).logits[0].numpy()
+            )
+            [other] = reference.rows_for_example(
+                "l2", len(prompt), share_weights=False, include_last=not include_last
+            )
+            there = (
+                loaded(input_ids=torch.tensor([prompt]), locations=torch.tensor([[other]])).logits[0].numpy()
+            )
+        got = engine.logits(prompt)
+        assert np.abs(got - here).max() <= 1e-4
+        assert np.abs(got - there).max() > 1e-3

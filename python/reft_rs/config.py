@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -137,8 +138,11 @@ class InterventionConfig:
 
     def __post_init__(self) -> None:
         entry = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for name, value in entry.items():  # JSON, the way into the core, has no NaN or infinity
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{name} must be a finite number, found {value}")
         try:
-            text = json.dumps(entry, default=_json_value, allow_nan=True)
+            text = json.dumps(entry, default=_json_value, allow_nan=False)
         except (TypeError, ValueError) as error:
             raise ConfigError(f"intervention fields must be plain values: {error}") from None
         normalized = json.loads(_core.normalize_intervention(text))

@@ -27,10 +27,12 @@ Which parameters each type has (names, shapes in r and d, which bias flags
 apply) is the Rust core's table (:func:`reft_rs._core.parameter_layout`),
 the one the checkpoint format checks files against.
 
-Parameters stored in half precision (``float16``, ``bfloat16``) are widened
-to float32 for the edit, which is then cast back to the model's dtype: the
-torch path and the engine compute the same thing, and R stays orthonormal
-to float32 rounding. (pyreft computes W in the parameter dtype.)
+The edit is computed in the parameter dtype (float32 by default, whatever
+the model's) and cast back to the model's dtype by the caller. Parameters
+stored in half precision (``float16``, ``bfloat16``) are widened to float32
+for the computation (exactly: every half value is a float32 value), so the
+edit is rounded once, when cast back; the CPU engine computes the same way,
+and the two paths agree to float32 rounding whatever the parameter dtype.
 
 Dropout, when set, applies to the whole output ``Φ(h)`` during training, as
 pyreft does; never during generation.

@@ -530,7 +530,7 @@ impl InterventionConfig {
         }
         let spec = self
             .position_spec()
-            .map_err(|e| ConfigProblem::Invalid(e.to_string()))?;
+            .map_err(|e| ConfigProblem::Invalid(format!("positions: {e}")))?;
         let groups = spec.group_count(self.share_weights);
         if self.group >= groups {
             return invalid(format!(

@@ -1,20 +1,24 @@
 //! Interventions from a reft_rs checkpoint, applied inside the layer loop.
 //!
 //! Every type of SPEC section 1 is written as the change it makes to a
-//! state, `Φ(h) − h`, computed in float32 for the chosen rows and added back
-//! with `index_add`, so rows that are not chosen are never touched. Which
+//! state, `Φ(h) − h`, for the chosen rows, added back with `index_add`, so
+//! rows that are not chosen are never touched. As in the torch path, the
+//! edit is computed in float32, or in float64 for float64 parameters (the
+//! rows are cast to it, `Φ(h)` is computed there and cast back, and the
+//! change is taken against the float32 rows); half-precision parameters
+//! are widened to float32 exactly. Which
 //! rows are chosen comes from [`crate::positions::locate`], the same code the
 //! torch path uses, over each prompt of the left-padded batch.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType as CandleDType, Device, Tensor};
 
 use super::config::ModelConfig;
 use super::model::EditSite;
 use crate::checkpoint::{self, Checkpoint};
-use crate::config::{Component, InterventionConfig, InterventionType, ReftConfig};
+use crate::config::{Component, DType, InterventionConfig, InterventionType, ReftConfig};
 use crate::error::{Error, Result};
 use crate::positions::{locate, LocateOptions, PaddingSide, PositionSpec, MASKED};
 
@@ -60,8 +64,10 @@ impl SourceActivation {
     }
 }
 
-/// One intervention's parameters as float32 tensors.
+/// One intervention's parameters, in the dtype the edit is computed in.
 struct Intervention {
+    /// float32, or float64 for float64 parameters.
+    dtype: CandleDType,
     config: InterventionConfig,
     kind: InterventionType,
     spec: PositionSpec,
@@ -93,8 +99,8 @@ impl Intervention {
         matches!(self.spec, PositionSpec::All)
     }
 
-    /// `Φ(h) − h` for `[rows, d]` states.
-    fn delta(&self, h: &Tensor) -> Result<Tensor> {
+    /// `Φ(h) − h` for `[rows, d]` states in the compute dtype.
+    fn change(&self, h: &Tensor) -> Result<Tensor> {
         let need = |t: &Option<Tensor>| t.clone().expect("checked at load");
         Ok(match self.kind {
             InterventionType::LoReft => {
@@ -141,14 +147,34 @@ impl Intervention {
         })
     }
 
-    /// `Φ(h)` for `[rows, d]` states.
-    fn apply_all(&self, h: &Tensor) -> Result<Tensor> {
+    /// `Φ(h)` for `[rows, d]` states in the compute dtype.
+    fn edited(&self, h: &Tensor) -> Result<Tensor> {
         if self.kind == InterventionType::Red {
             return Ok(h
                 .broadcast_mul(self.scale.as_ref().expect("checked at load"))?
                 .broadcast_add(self.bias.as_ref().expect("checked at load"))?);
         }
-        Ok(h.add(&self.delta(h)?)?)
+        Ok(h.add(&self.change(h)?)?)
+    }
+
+    /// `Φ(h)` for float32 `[rows, d]` states, as float32.
+    fn apply_all(&self, h: &Tensor) -> Result<Tensor> {
+        if self.dtype == CandleDType::F32 {
+            return self.edited(h);
+        }
+        Ok(self
+            .edited(&h.to_dtype(self.dtype)?)?
+            .to_dtype(CandleDType::F32)?)
+    }
+
+    /// `Φ(h) − h` for float32 `[rows, d]` states, as float32: the change
+    /// itself in float32, or for float64 parameters `Φ(h)` computed in
+    /// float64 and rounded (as the torch path rounds it) minus `h`.
+    fn delta(&self, h: &Tensor) -> Result<Tensor> {
+        if self.dtype == CandleDType::F32 {
+            return self.change(h);
+        }
+        Ok(self.apply_all(h)?.sub(h)?)
     }
 }
 
@@ -197,22 +223,33 @@ impl EditSet {
                     item.dim(d)
                 )));
             }
+            let dtype = match item.dtype {
+                DType::Float64 => CandleDType::F64,
+                _ => CandleDType::F32,
+            };
             let tensor = |name: &str| -> Result<Option<Tensor>> {
                 let key = format!("{}.{name}", item.name);
-                match tensors.get(&key) {
-                    None => Ok(None),
-                    Some(t) => {
-                        let values = t.to_f32().ok_or_else(|| Error::CorruptCheckpoint {
-                            path: dir.to_path_buf(),
-                            reason: format!("{key} is not a floating-point tensor"),
-                        })?;
-                        Ok(Some(Tensor::from_vec(
-                            values,
-                            t.shape.as_slice(),
-                            &Device::Cpu,
-                        )?))
-                    }
-                }
+                let Some(t) = tensors.get(&key) else {
+                    return Ok(None);
+                };
+                let corrupt = || Error::CorruptCheckpoint {
+                    path: dir.to_path_buf(),
+                    reason: format!("{key} is not a floating-point tensor"),
+                };
+                let shape = t.shape.as_slice();
+                // float64 values are read as they are; half-precision ones
+                // become float32 exactly.
+                let values = if t.dtype == DType::Float64 {
+                    let values: Vec<f64> = t
+                        .data
+                        .chunks_exact(8)
+                        .map(|c| f64::from_le_bytes(c.try_into().expect("8-byte chunk")))
+                        .collect();
+                    Tensor::from_vec(values, shape, &Device::Cpu)?
+                } else {
+                    Tensor::from_vec(t.to_f32().ok_or_else(corrupt)?, shape, &Device::Cpu)?
+                };
+                Ok(Some(values.to_dtype(dtype)?))
             };
             let kind = item.intervention_type()?;
             let basis = if kind.has_rotation() {
@@ -220,11 +257,13 @@ impl EditSet {
             } else {
                 tensor("projection_weight")?
             };
+            // α v, in the compute dtype as torch computes it.
             let vector = match tensor("vector")? {
-                Some(v) => Some((v * item.alpha)?),
+                Some(v) => Some(v.affine(item.alpha, 0.0)?),
                 None => None,
             };
             interventions.push(Intervention {
+                dtype,
                 config: item.clone(),
                 kind,
                 spec: item.position_spec()?,
