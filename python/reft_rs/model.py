@@ -614,7 +614,7 @@ class _Hook:
 
 
 def _edit_rows(
-    hidden: torch.Tensor, flat: torch.Tensor, intervention: Intervention, dropout: bool
+    hidden: torch.Tensor, flat: torch.Tensor, intervention: Intervention, dropout: bool = True
 ) -> torch.Tensor:
     """``hidden`` with the rows at ``flat`` (indices into the flattened batch)
     replaced by their edited values; every other row is left as it was."""
