@@ -52,7 +52,8 @@ __all__ = [
     "expected_tensors",
 ]
 
-_NUMPY_DTYPES = {"float32", "float16", "float64", "int64", "int32", "uint8", "bool", "bfloat16"}
+# The dtypes a checkpoint tensor may have: the core's table.
+_NUMPY_DTYPES = frozenset(_core.schema()["tensor_dtypes"])
 
 
 def _config_json(config: Mapping[str, Any]) -> str:

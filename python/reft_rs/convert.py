@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from . import _core, checkpoint
-from .config import InterventionConfig, ReftConfig
+from .config import SOURCE_TYPES, InterventionConfig, ReftConfig
 from .errors import CheckpointNotFoundError, ConfigError, InvalidCheckpointError
 
 __all__ = ["from_pyreft", "from_red"]
@@ -409,7 +409,7 @@ def from_pyreft(
             low_rank_dimension=int(rank),
             share_weights=share_weights,
             group=group,
-            activation=activation if kind in ("loreft", "noreft", "direft", "nodireft") else "identity",
+            activation=activation if kind in SOURCE_TYPES else "identity",
             dropout=dropout,
             dtype=str(dtype).removeprefix("torch."),
             projection_bias="projection_bias" in converted,

@@ -269,6 +269,18 @@ impl DType {
         DType::Float64,
     ];
 
+    /// Every dtype a checkpoint tensor may have (extra tensors included).
+    pub const ALL: [DType; 8] = [
+        DType::Float32,
+        DType::Float16,
+        DType::Bfloat16,
+        DType::Float64,
+        DType::Int64,
+        DType::Int32,
+        DType::Uint8,
+        DType::Bool,
+    ];
+
     /// Bytes per element.
     pub fn size(self) -> usize {
         match self {
@@ -332,11 +344,14 @@ impl DType {
 impl FromStr for DType {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        serde_json::from_value(serde_json::Value::String(s.to_string())).map_err(|_| Error::InvalidConfig {
-            path: None,
-            reason: format!(
-                "unknown dtype {s:?} (known: float32, float16, bfloat16, float64, int64, int32, uint8, bool)"
-            ),
+        serde_json::from_value(serde_json::Value::String(s.to_string())).map_err(|_| {
+            Error::InvalidConfig {
+                path: None,
+                reason: format!(
+                    "unknown dtype {s:?} (known: {})",
+                    DType::ALL.map(DType::name).join(", ")
+                ),
+            }
         })
     }
 }

@@ -4,7 +4,7 @@ use std::fs;
 use std::path::Path;
 
 use reft_core::checkpoint::{self, save_with_hook, SaveStep, TensorRef, CONFIG_FILE, TENSORS_FILE};
-use reft_core::config::{DType, InterventionType, ReftConfig};
+use reft_core::config::{DType, InterventionType, ReftConfig, FORMAT_VERSION};
 use reft_core::{Error, ErrorKind};
 
 /// Key, shape, dtype and bytes of a tensor to save.
@@ -259,6 +259,7 @@ fn bad_configs_are_named() {
     let (dir, _) = saved_checkpoint();
     let path = dir.path().join(CONFIG_FILE);
     let good = fs::read_to_string(&path).unwrap();
+    let current = format!("\"format_version\": {FORMAT_VERSION}");
     let cases = [
         (
             "{not json".to_string(),
@@ -272,12 +273,12 @@ fn bad_configs_are_named() {
             "base_modell",
         ),
         (
-            good.replace("\"format_version\": 1", "\"format_version\": 7"),
+            good.replace(&current, "\"format_version\": 7"),
             ErrorKind::UnsupportedFormat,
             "7",
         ),
         (
-            good.replace("\"format_version\": 1,", ""),
+            good.replace(&format!("{current},"), ""),
             ErrorKind::InvalidCheckpoint,
             "format_version",
         ),
@@ -379,4 +380,22 @@ fn float_tensors_convert_to_f32() {
         data: vec![0; 8],
     };
     assert!(tensor.to_f32().is_none());
+}
+
+#[test]
+fn format_1_checkpoints_load_with_the_last_token_included() {
+    let (dir, _) = saved_checkpoint();
+    let path = dir.path().join(CONFIG_FILE);
+    let good = fs::read_to_string(&path).unwrap();
+    let old = good
+        .replace(
+            &format!("\"format_version\": {FORMAT_VERSION}"),
+            "\"format_version\": 1",
+        )
+        .replace(",\n      \"include_last\": true", "");
+    assert!(!old.contains("include_last") && old.contains("\"format_version\": 1"));
+    fs::write(&path, old).unwrap();
+    let loaded = checkpoint::load(dir.path()).unwrap();
+    assert_eq!(loaded.config.format_version, 1);
+    assert!(loaded.config.interventions.iter().all(|i| i.include_last));
 }

@@ -10,7 +10,8 @@ use reft_core::config::{self, BaseModel, Component, DType, InterventionType, ACT
 use crate::errors::IntoPyResult;
 
 /// The schema tables: `types` (name -> properties), `components`,
-/// `activations`, `dtypes` (of parameters) and `format_version`.
+/// `activations`, `dtypes` (of parameters), `tensor_dtypes` (any tensor a
+/// checkpoint holds) and `format_version`.
 #[pyfunction]
 pub fn schema(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     let types = PyDict::new(py);
@@ -33,6 +34,10 @@ pub fn schema(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     out.set_item(
         "dtypes",
         PyList::new(py, DType::PARAMETER.map(DType::name))?,
+    )?;
+    out.set_item(
+        "tensor_dtypes",
+        PyList::new(py, DType::ALL.map(DType::name))?,
     )?;
     out.set_item("format_version", config::FORMAT_VERSION)?;
     Ok(out)

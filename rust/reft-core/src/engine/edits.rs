@@ -390,3 +390,16 @@ impl EditSite for StepEdits<'_> {
         Ok(hidden)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::SourceActivation;
+    use crate::config::ACTIVATIONS;
+
+    #[test]
+    fn every_activation_of_the_schema_runs_in_the_engine() {
+        for name in ACTIVATIONS {
+            assert!(SourceActivation::from_name(name).is_ok(), "{name}");
+        }
+    }
+}
