@@ -265,6 +265,21 @@ def test_shared_pyreft_weights_edit_both_ends(llama_folder, tmp_path):
         torch.testing.assert_close(reft_model(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_representations_not_sorted_keys_give_the_order(tmp_path):
+    interventions = [("loreft", 0), ("direft", 1), ("noreft", 0), ("consreft", 1)]
+    write_pyreft(tmp_path / "pyreft", interventions)
+    config = json.loads((tmp_path / "pyreft" / "config.json").read_text())
+    config["sorted_keys"] = sorted(config["sorted_keys"])  # a custom sort order at training time
+    (tmp_path / "pyreft" / "config.json").write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match="sorted_keys list the interventions in another order"):
+        converted = from_pyreft(
+            tmp_path / "pyreft", tmp_path / "ours", base_model=build("llama"), positions="f1+l1"
+        )
+    assert [(i.type, i.layer, i.group) for i in converted.interventions] == [
+        ("loreft", 0, 0), ("direft", 1, 0), ("noreft", 0, 1), ("consreft", 1, 1)
+    ]  # fmt: skip
+
+
 def test_an_odd_count_cannot_be_split_into_halves(tmp_path):
     write_pyreft(tmp_path / "pyreft", [("loreft", 0), ("loreft", 0), ("loreft", 1)])
     with pytest.raises(InvalidCheckpointError, match="3 interventions cannot be split"):

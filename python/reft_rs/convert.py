@@ -353,6 +353,14 @@ def from_pyreft(
         _pyreft_file(src, keys, f"representations[{index}]")
         for index, keys in enumerate(_pyreft_keys(representations))
     ]
+    order = saved.get("sorted_keys")
+    if isinstance(order, list) and order != [key for key, _ in files]:
+        warnings.warn(
+            f"{config_path}: sorted_keys list the interventions in another order than representations; "
+            "pyreft reads locations in the order of representations when it loads a checkpoint, and so "
+            "does this conversion (a model trained with its own sort order may have used the other)",
+            stacklevel=2,
+        )
     converted_all = [
         _pyreft_tensors(kind, _load_tensors(path), path) for kind, (_, path) in zip(kinds, files)
     ]
