@@ -1,0 +1,174 @@
+"""Generating replies from the command line, with torch or the Rust engine."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from ..errors import DatasetError
+from .common import device_for, load_torch_model, model_path
+
+
+def prompts_from(args: argparse.Namespace) -> list[str] | None:
+    """The prompts of --prompt / --prompts-file, or None (interactive)."""
+    if args.prompt is not None:
+        return list(args.prompt)
+    if args.prompts_file is None:
+        return None
+    path = args.prompts_file
+    if not os.path.isfile(path):
+        raise DatasetError(f"{path}: no such prompts file")
+    if path.endswith((".jsonl", ".json", ".csv")):
+        from ..records import read_records
+
+        return [r.get("prompt", r.get("text")) for r in read_records(path)]
+    with open(path, encoding="utf-8") as handle:
+        return [line.rstrip("\n") for line in handle if line.strip()]
+
+
+def interactive() -> Iterator[str]:
+    print("Type a prompt and press Enter; an empty line or Ctrl-D ends.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return
+        if not line.strip():
+            return
+        yield line
+
+
+class TorchGenerator:
+    """Greedy or sampled generation through transformers with the checkpoint."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        model, self.tokenizer = load_torch_model(
+            model_path(args.model, args.checkpoint), device_for(args.device), args.bf16
+        )
+        if args.checkpoint:
+            from ..model import ReftModel
+
+            model = ReftModel.from_pretrained(model, args.checkpoint)
+        self.model = model
+        self.args = args
+        self.chat = bool(getattr(self.tokenizer, "chat_template", None)) and not args.no_chat_template
+
+    def _text(self, prompt: str) -> str:
+        if self.chat:
+            return self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
+        return prompt
+
+    def _kwargs(self) -> dict[str, Any]:
+        sample = self.args.temperature > 0
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": self.args.max_new_tokens,
+            "do_sample": sample,
+            "pad_token_id": self.tokenizer.pad_token_id,
+        }
+        if sample:
+            kwargs["temperature"] = self.args.temperature
+        return kwargs
+
+    def batch(self, prompts: Sequence[str]) -> list[str]:
+        import torch
+
+        ids = self.tokenizer([self._text(p) for p in prompts], add_special_tokens=not self.chat)["input_ids"]
+        width = max(len(i) for i in ids)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(i)) + i for i in ids])
+        mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
+        device = next(self.model.parameters()).device
+        with torch.no_grad():
+            out = self.model.generate(input_ids.to(device), attention_mask=mask.to(device), **self._kwargs())
+        return [self.tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+
+    def stream(self, prompt: str) -> None:
+        import threading
+
+        import torch
+        import transformers
+
+        ids = self.tokenizer(self._text(prompt), add_special_tokens=not self.chat, return_tensors="pt")
+        device = next(self.model.parameters()).device
+        streamer = transformers.TextIteratorStreamer(
+            self.tokenizer, skip_prompt=True, skip_special_tokens=True
+        )
+
+        def run() -> None:
+            with torch.no_grad():
+                self.model.generate(
+                    ids["input_ids"].to(device),
+                    attention_mask=ids["attention_mask"].to(device),
+                    streamer=streamer,
+                    **self._kwargs(),
+                )
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        for piece in streamer:
+            print(piece, end="", flush=True)
+        thread.join()
+        print()
+
+
+class RustGenerator:
+    """Generation with the Rust CPU engine: no torch involved."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from ..engine import Engine
+
+        self.engine = Engine(
+            model_path(args.model, args.checkpoint, for_engine=True),
+            reft=args.checkpoint,
+            threads=args.threads,
+        )
+        self.args = args
+        self.chat = self.engine.has_chat_template and not args.no_chat_template
+
+    def _options(self) -> dict[str, Any]:
+        return {"max_new_tokens": self.args.max_new_tokens, "temperature": self.args.temperature}
+
+    def batch(self, prompts: Sequence[str]) -> list[str]:
+        if self.chat:
+            texts = [self.engine.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
+            return [
+                r.strip() for r in self.engine.generate(texts, add_special_tokens=False, **self._options())
+            ]
+        return [r.strip() for r in self.engine.generate(list(prompts), **self._options())]
+
+    def stream(self, prompt: str) -> None:
+        if self.chat:
+            text = self.engine.apply_chat_template([{"role": "user", "content": prompt}])
+            ids = self.engine.encode(text, add_special_tokens=False)
+        else:
+            ids = self.engine.encode(prompt)
+        for piece in self.engine.stream(ids, **self._options()):
+            print(piece, end="", flush=True)
+        print()
+
+
+def generator_for(args: argparse.Namespace) -> TorchGenerator | RustGenerator:
+    return RustGenerator(args) if args.engine == "rust" else TorchGenerator(args)
+
+
+def generation_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", help="a reft_rs checkpoint folder (none: the base model alone)")
+    parser.add_argument(
+        "--model", help="model folder or .gguf file (default: the checkpoint's base model, else SmolLM2)"
+    )
+    parser.add_argument(
+        "--engine", choices=["torch", "rust"], default="torch", help="torch (default) or the Rust CPU engine"
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--no-chat-template", action="store_true", help="send prompts as plain text")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu", help="torch engine only")
+    parser.add_argument("--bf16", action="store_true", help="load the model in bfloat16 (torch, GPU)")
+    parser.add_argument("--threads", type=int, default=None, help="Rust engine threads (default: all)")

@@ -1,0 +1,252 @@
+"""``reft-rs train``: train interventions on a dataset file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ..errors import DatasetError
+from .common import (
+    DEFAULT_MODEL,
+    UsageError,
+    add_command,
+    device_for,
+    load_torch_model,
+    model_path,
+    parse_layers,
+    require_torch,
+)
+
+EXAMPLES = """examples:
+  reft-rs train --data train.jsonl --output runs/style
+  reft-rs train --model ./my-llama --data qa.csv --layers 4,8,12 --positions f3+l3 --rank 8
+  reft-rs train --data big.jsonl --stream --max-steps 2000 --output runs/big
+  reft-rs train --data train.jsonl --output runs/style --save-steps 50 --resume
+  reft-rs train --data train.jsonl --device cuda --bf16 --output runs/gpu
+
+The dataset is JSON lines, JSON or CSV with prompt/response fields (the
+model learns the responses) or text/label fields (a classification head
+trains with the interventions; --task generate teaches the model to answer
+each text with its label instead)."""
+
+
+def register(commands: Any) -> None:
+    train = add_command(commands, "train", "train interventions on a dataset", EXAMPLES)
+    train.add_argument("--data", required=True, help="JSONL, JSON or CSV dataset")
+    train.add_argument("--output", required=True, help="folder for the checkpoint(s)")
+    train.add_argument("--model", help=f"model folder or .gguf file (default: {DEFAULT_MODEL})")
+    train.add_argument(
+        "--task",
+        choices=["auto", "generate", "classify"],
+        default="auto",
+        help="generate: learn the responses (prompt/response data; the default for it); classify: a "
+        "sequence classifier over the labels (text/label data; the default for it); generate with "
+        "text/label data learns to answer each text with its label",
+    )
+    train.add_argument("--type", default="loreft", help="intervention type (default loreft)")
+    train.add_argument("--layers", default="3,9,18,24", help="comma-separated layers (default 3,9,18,24)")
+    train.add_argument("--positions", default="f1+l1", help="position spec, e.g. f1+l1, l3, all")
+    train.add_argument("--rank", type=int, default=4, help="low-rank dimension (default 4)")
+    train.add_argument("--share-weights", action="store_true", help="one intervention for prefix and suffix")
+    train.add_argument(
+        "--exclude-last",
+        action="store_true",
+        help="leave the last prompt token out of the positions (pyreft's library datasets); recorded in "
+        "the checkpoint, so generate and eval edit the same positions",
+    )
+    train.add_argument("--component", default="block_output")
+    train.add_argument("--dropout", type=float, default=0.0)
+    train.add_argument("--epochs", type=float, default=3)
+    train.add_argument("--max-steps", type=int, default=None)
+    train.add_argument("--learning-rate", type=float, default=4e-3)
+    train.add_argument("--batch-size", type=int, default=8)
+    train.add_argument("--max-length", type=int, default=None, help="cut examples to this many tokens")
+    train.add_argument("--system-prompt", default=None)
+    train.add_argument("--no-chat-template", action="store_true")
+    train.add_argument("--save-steps", type=int, default=0, help="save a checkpoint every N steps")
+    train.add_argument("--keep-checkpoints", type=int, default=3)
+    train.add_argument("--log-steps", type=int, default=10)
+    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
+    train.add_argument("--stream", action="store_true", help="read the dataset chunk by chunk")
+    train.add_argument("--chunk-size", type=int, default=16384)
+    train.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    train.add_argument("--bf16", action="store_true", help="bfloat16 model on the GPU")
+    train.add_argument("--seed", type=int, default=0)
+    train.set_defaults(run=run)
+
+
+def _training_data(
+    args: argparse.Namespace,
+    records: list[dict[str, Any]],
+    tokenizer: Any,
+    config: Any,
+    labels: list[str] | None,
+) -> Any:
+    from ..data import make_dataset
+
+    if labels is not None:
+        index = {label: i for i, label in enumerate(labels)}
+        return make_dataset(
+            tokenizer,
+            [r["text"] for r in records],
+            labels=[index[str(r["label"])] for r in records],
+            config=config,
+            max_length=args.max_length,
+        )
+    options = {
+        "config": config,
+        "max_length": args.max_length,
+        "system_prompt": args.system_prompt,
+        "chat_template": False if args.no_chat_template else None,
+    }
+    if "response" in records[0]:
+        return make_dataset(
+            tokenizer, [r["prompt"] for r in records], [r["response"] for r in records], **options
+        )
+    # Labelled texts for a causal LM: learn to answer with the label.
+    return make_dataset(
+        tokenizer, [r["text"] for r in records], [str(r["label"]) for r in records], **options
+    )
+
+
+class _StreamedEpochs:
+    """Batches read from the dataset file afresh every epoch."""
+
+    def __init__(self, args: argparse.Namespace, tokenizer: Any, config: Any) -> None:
+        self.args, self.tokenizer, self.config = args, tokenizer, config
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        from ..data import stream_batches
+        from ..records import read_records
+
+        records = (
+            r if "response" in r else {"prompt": r["text"], "response": str(r["label"])}
+            for r in read_records(self.args.data)
+        )
+        yield from stream_batches(
+            self.tokenizer,
+            records,
+            self.args.batch_size,
+            config=self.config,
+            chunk_size=self.args.chunk_size,
+            shuffle=True,
+            seed=self.args.seed,
+            max_length=self.args.max_length,
+            system_prompt=self.args.system_prompt,
+            chat_template=False if self.args.no_chat_template else None,
+        )
+
+
+def run(args: argparse.Namespace) -> int:
+    require_torch()
+    import transformers
+
+    from ..config import ReftConfig
+    from ..model import get_reft_model
+    from ..records import read_records
+
+    if args.resume and args.stream:
+        raise UsageError("--resume needs the Trainer's checkpoints; it does not combine with --stream")
+    device = device_for(args.device)
+    if args.bf16 and device != "cuda":
+        raise UsageError("--bf16 runs on a GPU; use it with --device cuda")
+    # Mistakes in the dataset or the options fail before the model loads.
+    records = list(read_records(args.data)) if not args.stream else [next(iter(read_records(args.data)))]
+    task = args.task
+    if task == "auto":
+        task = "generate" if "response" in records[0] else "classify"
+    labels: list[str] | None = None
+    if task == "classify":
+        if "response" in records[0]:
+            raise UsageError("--task classify needs text/label records, found prompt/response ones")
+        if args.stream:
+            raise UsageError("--stream trains generation; classification datasets are read whole")
+        labels = sorted({str(r["label"]) for r in records})
+        if len(labels) < 2:
+            raise DatasetError(f"{args.data}: classification needs at least 2 labels, found {labels}")
+    config = ReftConfig.for_layers(
+        parse_layers(args.layers),
+        type=args.type,
+        low_rank_dimension=args.rank,
+        positions=args.positions,
+        share_weights=args.share_weights,
+        component=args.component,
+        dropout=args.dropout,
+        trainable_head=labels is not None,
+        include_last=not args.exclude_last,
+    )
+    model, tokenizer = load_torch_model(model_path(args.model), device, args.bf16, labels)
+    transformers.set_seed(args.seed)  # the interventions' initial weights, then the data order
+    reft_model = get_reft_model(model, config)
+    reft_model.print_trainable_parameters()
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    if args.stream:
+        from ..trainer import train
+
+        def save_periodically(step: int, loss: float) -> None:
+            if args.save_steps and step % args.save_steps == 0:
+                reft_model.save_pretrained(output / f"checkpoint-{step}")
+
+        losses = train(
+            reft_model,
+            _StreamedEpochs(args, tokenizer, config),
+            epochs=max(1, round(args.epochs)),
+            learning_rate=args.learning_rate,
+            max_steps=args.max_steps,
+            seed=args.seed,
+            callback=save_periodically,
+        )
+    else:
+        from ..data import ReftDataCollator
+        from ..trainer import ReftTrainer
+
+        dataset = _training_data(args, records, tokenizer, config, labels)
+        print(f"{len(dataset)} training examples from {args.data}")
+        training_args = transformers.TrainingArguments(
+            output_dir=str(output),
+            num_train_epochs=args.epochs,
+            max_steps=args.max_steps or -1,
+            per_device_train_batch_size=args.batch_size,
+            learning_rate=args.learning_rate,
+            lr_scheduler_type="linear",
+            save_strategy="steps" if args.save_steps else "no",
+            save_steps=args.save_steps or 500,
+            save_total_limit=args.keep_checkpoints,
+            logging_steps=max(1, args.log_steps),
+            bf16=args.bf16,
+            use_cpu=device == "cpu",
+            seed=args.seed,
+            report_to=[],
+            remove_unused_columns=False,
+            dataloader_pin_memory=False,
+        )
+        trainer = ReftTrainer(
+            model=reft_model,
+            args=training_args,
+            train_dataset=dataset,
+            data_collator=ReftDataCollator(tokenizer.pad_token_id),
+        )
+        result = trainer.train(resume_from_checkpoint=True if args.resume else None)
+        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        losses = losses or [result.training_loss]
+    seconds = time.perf_counter() - start
+    metadata: dict[str, Any] = {"dataset": os.path.basename(args.data), "task": task}
+    if labels is not None:
+        metadata["labels"] = labels
+    reft_model.save_pretrained(output, metadata=metadata)
+    summary = {
+        "train_seconds": round(seconds, 2),
+        "trainable_parameters": reft_model.trainable_parameter_count(),
+        "final_loss": losses[-1] if losses else None,
+        "losses": losses,
+    }
+    (output / "train_metrics.json").write_text(json.dumps(summary, indent=2))
+    print(f"saved the checkpoint in {output}/ ({seconds:.0f} s, final loss {summary['final_loss']})")
+    return 0
