@@ -49,7 +49,7 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 
 
 def test_train_writes_a_checkpoint_that_learned(workspace):
-    metrics = json.loads((workspace / "run" / "train_metrics.json").read_text())
+    metrics = json.loads((workspace / "run" / "metrics.json").read_text())
     assert metrics["trainable_parameters"] > 0
     assert metrics["losses"][-1] < 0.5 * metrics["losses"][0]
     config, tensors = reft_rs.checkpoint.load(workspace / "run")
@@ -143,7 +143,7 @@ def test_train_streams_a_dataset_in_chunks(workspace):
         + ["--save-steps", "2"]
     )
     assert code == 0
-    metrics = json.loads((output / "train_metrics.json").read_text())
+    metrics = json.loads((output / "metrics.json").read_text())
     assert len(metrics["losses"]) == 4  # 2 epochs of 2 chunks of one batch of 2
     assert (output / "checkpoint-2" / "reft_config.json").is_file()
 

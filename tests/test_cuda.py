@@ -154,7 +154,7 @@ def test_the_command_line_trains_in_bfloat16_on_the_gpu(tmp_path, capsys):
     argv += ["--output", str(tmp_path / "run"), "--layers", "0,1", "--positions", "f1+l1", "--rank", "2"]
     argv += ["--device", "cuda", "--bf16", "--epochs", "60", "--batch-size", "2", "--learning-rate", "3e-2"]
     assert main(argv) == 0
-    metrics = json.loads((tmp_path / "run" / "train_metrics.json").read_text())
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["losses"][-1] < 0.5 * metrics["losses"][0]
     config, tensors = reft_rs.checkpoint.load(tmp_path / "run", framework="torch")
     # float32 interventions on a bfloat16 model

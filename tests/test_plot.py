@@ -1,61 +1,63 @@
-"""The PNG line chart: a valid file whose drawn line follows the values."""
+"""Training curves through matplotlib: a PNG of the drawn data, titled and labelled."""
 
 from __future__ import annotations
 
-import struct
-import zlib
+import numpy as np
+import pytest
 
-from reft_rs.plot import line_chart
+matplotlib = pytest.importorskip("matplotlib")
+
+from matplotlib import image  # noqa: E402
+
+from reft_rs import ConfigError  # noqa: E402
+from reft_rs.plot import training_curves  # noqa: E402
 
 
 def read_png(path):
-    """(width, height, rows of RGB triples, text chunks) of an 8-bit RGB PNG
-    with unfiltered rows, as line_chart writes them."""
-    data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    position, chunks = 8, []
-    while position < len(data):
-        (length,) = struct.unpack(">I", data[position : position + 4])
-        kind = data[position + 4 : position + 8]
-        body = data[position + 8 : position + 8 + length]
-        (crc,) = struct.unpack(">I", data[position + 8 + length : position + 12 + length])
-        assert crc == zlib.crc32(kind + body)
-        chunks.append((kind, body))
-        position += 12 + length
-    width, height, depth, colour = struct.unpack(">IIBB", chunks[0][1][:10])
-    assert (chunks[0][0], depth, colour, chunks[-1][0]) == (b"IHDR", 8, 2, b"IEND")
-    raw = zlib.decompress(b"".join(body for kind, body in chunks if kind == b"IDAT"))
-    stride = 1 + 3 * width
-    rows = []
-    for y in range(height):
-        line = raw[y * stride : (y + 1) * stride]
-        assert line[0] == 0
-        rows.append([tuple(line[1 + 3 * x : 4 + 3 * x]) for x in range(width)])
-    texts = [body for kind, body in chunks if kind == b"tEXt"]
-    return width, height, rows, texts
+    """(width, height) of a PNG file, read back by matplotlib."""
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    pixels = image.imread(path)
+    return pixels.shape[1], pixels.shape[0]
 
 
-def test_the_line_falls_where_the_values_fall(tmp_path):
-    values = [4.0 - 0.1 * i for i in range(31)]
-    values[10] = float("nan")  # skipped; its neighbours are joined
-    line_chart(tmp_path / "loss.png", values, title="loss", width=320, height=200)
-    width, height, rows, texts = read_png(tmp_path / "loss.png")
-    assert (width, height) == (320, 200) and texts == [b"Title\x00loss"]
-    blue = (31, 119, 180)
-    columns = {}
-    for y, row in enumerate(rows):
-        for x, pixel in enumerate(row):
-            if pixel == blue:
-                columns.setdefault(x, []).append(y)
-    xs = sorted(columns)
-    assert xs[0] <= 72 and xs[-1] >= width - 22  # it spans the plot area
-    first, last = min(columns[xs[0]]), max(columns[xs[-1]])
-    assert first < 30 and last > height - 50  # from the top left to the bottom right
-    middle = xs[len(xs) // 2]
-    assert first < min(columns[middle]) < last
+def test_the_loss_curve_and_the_dev_curve_are_drawn(tmp_path):
+    losses = [3.0, 2.0, 1.5, 1.2, 1.1, 1.05]
+    evaluations = [{"step": 2, "score": 0.25}, {"step": 4, "score": 0.75}, {"step": 6, "score": 0.5}]
+    fig = training_curves(
+        tmp_path / "training.png",
+        losses,
+        evaluations=evaluations,
+        metric="exact_match",
+        best_step=4,
+        title="LoReFT on a tiny model",
+    )
+    assert read_png(tmp_path / "training.png") == (800, 480)
+    loss_axis, dev_axis = fig.axes
+    assert loss_axis.get_title() == "LoReFT on a tiny model"
+    assert (loss_axis.get_xlabel(), loss_axis.get_ylabel(), dev_axis.get_ylabel()) == (
+        "optimizer step",
+        "training loss",
+        "dev exact_match",
+    )
+    loss_line = loss_axis.get_lines()[0]
+    assert list(loss_line.get_xdata()) == [1, 2, 3, 4, 5, 6] and list(loss_line.get_ydata()) == losses
+    dev_line = dev_axis.get_lines()[0]
+    assert list(dev_line.get_xdata()) == [2, 4, 6] and list(dev_line.get_ydata()) == [0.25, 0.75, 0.5]
+    assert [t.get_text() for t in loss_axis.get_legend().get_texts()] == [
+        "training loss",
+        "dev exact_match",
+        "selected: step 4",
+    ]
+    pixels = image.imread(tmp_path / "training.png")
+    assert (pixels[..., :3] < 0.9).any()  # something is drawn on the white page
 
 
-def test_flat_and_single_values_still_draw(tmp_path):
-    for values in ([1.0, 1.0, 1.0], [2.5], []):
-        line_chart(tmp_path / "c.png", values)
-        read_png(tmp_path / "c.png")
+def test_a_loss_curve_alone_with_its_own_steps(tmp_path):
+    fig = training_curves(tmp_path / "loss.png", [2.0, 1.0], loss_steps=[10, 20], title="loss")
+    assert len(fig.axes) == 1
+    assert list(fig.axes[0].get_lines()[0].get_xdata()) == [10, 20]
+    with pytest.raises(ConfigError, match="no training loss"):
+        training_curves(tmp_path / "x.png", [])
+    with pytest.raises(ConfigError, match="2 losses but 1 steps"):
+        training_curves(tmp_path / "x.png", [1.0, 2.0], loss_steps=[1])
+    assert np.isfinite(image.imread(tmp_path / "loss.png")).all()

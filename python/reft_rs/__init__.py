@@ -46,7 +46,7 @@ from .errors import (
 from .positions import PositionSpec
 
 if TYPE_CHECKING:
-    from . import convert
+    from . import convert, evaluation, metrics, plot, prefix_cache
     from .data import ReftDataCollator, ReftDataset, make_dataset
     from .model import ReftModel, get_reft_model
     from .trainer import ReftTrainer, train
@@ -63,6 +63,10 @@ _LAZY = {
     "convert": None,
     "interventions": None,
     "pretrained": None,
+    "evaluation": None,
+    "prefix_cache": None,
+    "plot": None,
+    "metrics": None,
 }
 
 
@@ -96,6 +100,10 @@ __all__ = [
     "convert",
     "interventions",
     "pretrained",
+    "evaluation",
+    "prefix_cache",
+    "plot",
+    "metrics",
     "ConfigError",
     "IncompatibleModelError",
     "FORMAT_VERSION",

@@ -39,6 +39,7 @@ from .errors import ConfigError, IncompatibleModelError, InvalidCheckpointError,
 from .interventions import Intervention, inference_call
 from .layout import HookSite, find_layers, model_dimensions, resolve
 from .positions import locate
+from .prefix_cache import PrefixCache, applies, cached_forward
 
 __all__ = ["ReftModel", "get_reft_model"]
 
@@ -317,6 +318,7 @@ class ReftModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         locations: torch.Tensor | np.ndarray | None = None,
+        prefix_cache: bool | PrefixCache | None = None,
         **kwargs: Any,
     ) -> Any:
         """Runs the model with the interventions.
@@ -330,6 +332,14 @@ class ReftModel(nn.Module):
                 When ``None``, the prompt is taken to be the tokens before the
                 first label (or the whole input without labels) and
                 positions are chosen from each intervention's spec.
+            prefix_cache: ``True`` (or a :class:`reft_rs.prefix_cache.PrefixCache`
+                keeping prefixes across calls) runs the columns that no
+                intervention edits, up to each row's last prompt token,
+                through the frozen model without gradients and the rest
+                with them (:mod:`reft_rs.prefix_cache`): the same loss and
+                gradients, for much less work. The output's logits then
+                cover the columns after the cached prefix. Ignored where it
+                does not apply (see :func:`reft_rs.prefix_cache.applies`).
             kwargs: Passed to the wrapped model (``inputs_embeds``, ...).
 
         Returns:
@@ -347,8 +357,26 @@ class ReftModel(nn.Module):
             kwargs["labels"] = labels
         if "num_items_in_batch" in kwargs and not self.accepts_loss_kwargs:
             kwargs.pop("num_items_in_batch")
+        if prefix_cache and input_ids is not None and self.prefix_cache_blocker() is None:
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            store = prefix_cache if isinstance(prefix_cache, PrefixCache) else None
+            extra = {k: v for k, v in kwargs.items() if k != "labels"}
+            out = cached_forward(self, input_ids, attention_mask, labels, sources, store, extra)
+            if out is not None:
+                return out
+        return self._call_model(sources, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    def _call_model(self, sources: list[torch.Tensor | None], **kwargs: Any) -> Any:
+        """The wrapped model called with the interventions active at ``sources``."""
         with self._active(_CallState(sources)):
-            return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            return self.model(**kwargs)
+
+    def prefix_cache_blocker(self) -> str | None:
+        """Why prefix caching cannot run on this model, or ``None`` when it can."""
+        if not hasattr(self, "_prefix_cache_blocker"):
+            self._prefix_cache_blocker = applies(self)
+        return self._prefix_cache_blocker
 
     @torch.no_grad()
     def generate(

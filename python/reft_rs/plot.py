@@ -1,153 +1,99 @@
-"""A line chart written straight to PNG with the standard library (no
-matplotlib): used for the loss curve of training runs.
+"""Training curves as PNG files, drawn by matplotlib (in the ``torch`` extra).
+
+The figures are built on matplotlib's object API with the Agg canvas, so
+no global pyplot state or display is involved and threads may plot at once.
 
 Example::
 
-    reft_rs.plot.line_chart("loss.png", losses, title="training loss")
+    reft_rs.plot.training_curves("training.png", history, metric="exact_match")
 """
 
 from __future__ import annotations
 
-import math
 import os
-import struct
-import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-__all__ = ["line_chart"]
+from .errors import ConfigError, MissingDependencyError
 
-# 3x5 pixel glyphs for the axis labels: digits and a few signs.
-_GLYPHS = {
-    "0": "111101101101111",
-    "1": "010110010010111",
-    "2": "111001111100111",
-    "3": "111001111001111",
-    "4": "101101111001001",
-    "5": "111100111001111",
-    "6": "111100111101111",
-    "7": "111001001001001",
-    "8": "111101111101111",
-    "9": "111101111001111",
-    ".": "000000000000010",
-    "-": "000000111000000",
-    "e": "000111101110011",
-    " ": "000000000000000",
-}
+__all__ = ["figure", "training_curves"]
 
-_BACKGROUND = (255, 255, 255)
-_AXES = (60, 60, 60)
-_GRID = (225, 225, 225)
-_LINE = (31, 119, 180)
+SIZE = (8.0, 4.8)  # inches; 800 x 480 pixels at DPI
+DPI = 100
 
 
-def _label(value: float) -> str:
-    if value == 0:
-        return "0"
-    if 0.01 <= abs(value) < 10000:
-        return f"{value:.3g}"
-    return f"{value:.1e}".replace("+", "")
+def figure() -> Any:
+    """A blank matplotlib ``Figure`` on the Agg canvas."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise MissingDependencyError(
+            "plots need matplotlib: pip install matplotlib (it comes with 'reft-rs[torch]')"
+        ) from None
+    fig = Figure(figsize=SIZE, dpi=DPI)
+    FigureCanvasAgg(fig)
+    return fig
 
 
-class _Canvas:
-    def __init__(self, width: int, height: int) -> None:
-        self.width, self.height = width, height
-        self.pixels = bytearray(bytes(_BACKGROUND) * (width * height))
-
-    def dot(self, x: int, y: int, colour: tuple[int, int, int]) -> None:
-        if 0 <= x < self.width and 0 <= y < self.height:
-            i = 3 * (y * self.width + x)
-            self.pixels[i : i + 3] = bytes(colour)
-
-    def line(self, x0: int, y0: int, x1: int, y1: int, colour: tuple[int, int, int], thick: int = 1) -> None:
-        dx, dy = abs(x1 - x0), -abs(y1 - y0)
-        sx, sy = (1 if x0 < x1 else -1), (1 if y0 < y1 else -1)
-        error = dx + dy
-        while True:
-            for ox in range(thick):
-                for oy in range(thick):
-                    self.dot(x0 + ox, y0 + oy, colour)
-            if x0 == x1 and y0 == y1:
-                return
-            twice = 2 * error
-            if twice >= dy:
-                error += dy
-                x0 += sx
-            if twice <= dx:
-                error += dx
-                y0 += sy
-
-    def text(self, x: int, y: int, text: str, scale: int = 2) -> None:
-        for glyph in text:
-            bits = _GLYPHS.get(glyph, _GLYPHS[" "])
-            for row in range(5):
-                for col in range(3):
-                    if bits[row * 3 + col] == "1":
-                        for ox in range(scale):
-                            for oy in range(scale):
-                                self.dot(x + col * scale + ox, y + row * scale + oy, _AXES)
-            x += 4 * scale
-
-    def png(self) -> bytes:
-        rows = b"".join(
-            b"\x00" + bytes(self.pixels[3 * y * self.width : 3 * (y + 1) * self.width])
-            for y in range(self.height)
-        )
-
-        def chunk(kind: bytes, data: bytes) -> bytes:
-            return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-        header = struct.pack(">IIBBBBB", self.width, self.height, 8, 2, 0, 0, 0)
-        return (
-            b"\x89PNG\r\n\x1a\n"
-            + chunk(b"IHDR", header)
-            + chunk(b"IDAT", zlib.compress(rows, 9))
-            + chunk(b"IEND", b"")
-        )
-
-
-def line_chart(
+def training_curves(
     path: str | os.PathLike[str],
-    values: Sequence[float],
+    losses: Sequence[float],
     *,
-    title: str = "",
-    width: int = 640,
-    height: int = 360,
-) -> None:
-    """Writes ``values`` (one per step) as a line chart PNG at ``path``, with
-    the y range and the step count labelled; ``title`` goes into the file's
-    text metadata. Non-finite values are skipped."""
-    points = [(i, float(v)) for i, v in enumerate(values) if math.isfinite(float(v))]
-    canvas = _Canvas(width, height)
-    left, right, top, bottom = 70, width - 20, 20, height - 40
-    low = min((v for _, v in points), default=0.0)
-    high = max((v for _, v in points), default=1.0)
-    if high - low < 1e-12:
-        low, high = low - 0.5, high + 0.5
-    steps = max(len(values) - 1, 1)
-    for k in range(5):  # horizontal grid lines with their values
-        y = bottom - round(k * (bottom - top) / 4)
-        canvas.line(left, y, right, y, _GRID)
-        canvas.text(4, y - 5, _label(low + k * (high - low) / 4))
-    canvas.line(left, top, left, bottom, _AXES)
-    canvas.line(left, bottom, right, bottom, _AXES)
-    canvas.text(left - 4, bottom + 12, "0")
-    canvas.text(right - 8 * len(str(steps)), bottom + 12, str(steps))
+    loss_steps: Sequence[int] | None = None,
+    evaluations: Sequence[Mapping[str, Any]] = (),
+    metric: str | None = None,
+    best_step: int | None = None,
+    title: str = "training",
+) -> Any:
+    """Draws the training loss and, when there are evaluations, the dev metric.
 
-    def place(i: int, v: float) -> tuple[int, int]:
-        return (
-            left + round(i * (right - left) / steps),
-            bottom - round((v - low) * (bottom - top) / (high - low)),
+    Args:
+        path: The PNG file to write (800 x 480).
+        losses: Training loss values.
+        loss_steps: The optimizer step of each loss (default 1, 2, ...).
+        evaluations: ``{"step", "score"}`` mappings of the dev metric,
+            drawn on their own axis at the right.
+        metric: The dev metric's name, for its axis label.
+        best_step: The selected step, marked with a dashed line.
+        title: The figure's title.
+
+    Returns:
+        The matplotlib ``Figure`` (already written to ``path``).
+    """
+    if not losses:
+        raise ConfigError("there is no training loss to plot")
+    steps = list(loss_steps) if loss_steps is not None else list(range(1, len(losses) + 1))
+    if len(steps) != len(losses):
+        raise ConfigError(f"{len(losses)} losses but {len(steps)} steps")
+    fig = figure()
+    ax = fig.add_subplot()
+    ax.plot(steps, list(losses), color="tab:blue", linewidth=1.5, label="training loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.grid(True, alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    if evaluations:
+        dev = ax.twinx()
+        dev.plot(
+            [e["step"] for e in evaluations],
+            [e["score"] for e in evaluations],
+            color="tab:orange",
+            marker="o",
+            linewidth=1.5,
+            label=f"dev {metric or 'score'}",
         )
-
-    for (i0, v0), (i1, v1) in zip(points, points[1:]):
-        canvas.line(*place(i0, v0), *place(i1, v1), _LINE, thick=2)
-    if len(points) == 1:
-        x, y = place(*points[0])
-        canvas.line(x - 2, y, x + 2, y, _LINE, thick=2)
-    data = canvas.png()
-    if title:  # a tEXt chunk before IEND
-        text = b"Title\x00" + title.encode("latin-1", "replace")
-        chunk = struct.pack(">I", len(text)) + b"tEXt" + text + struct.pack(">I", zlib.crc32(b"tEXt" + text))
-        data = data[:-12] + chunk + data[-12:]
-    with open(path, "wb") as handle:
-        handle.write(data)
+        dev.set_ylabel(f"dev {metric or 'score'}")
+        more_handles, more_labels = dev.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    if best_step is not None:
+        line = ax.axvline(
+            best_step, color="tab:green", linestyle="--", linewidth=1, label=f"selected: step {best_step}"
+        )
+        handles.append(line)
+        labels.append(line.get_label())
+    ax.legend(handles, labels, loc="upper right")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(os.fspath(path), format="png")
+    return fig

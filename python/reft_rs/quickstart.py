@@ -139,9 +139,9 @@ def main(argv: list[str] | None = None) -> int:
 
     output = Path(args.output_dir)
     reft_model.save_pretrained(output / "checkpoint", metadata={"task": "pirate_style"})
-    from reft_rs.plot import line_chart
+    from reft_rs.plot import training_curves
 
-    line_chart(output / "loss.png", losses, title="LoReFT training loss (SmolLM2-135M-Instruct)")
+    training_curves(output / "loss.png", losses, title="LoReFT training loss (SmolLM2-135M-Instruct)")
     print("running the saved checkpoint through the Rust engine...", flush=True)
     engine_replies, engine_seconds = engine_check(output / "checkpoint", prompts, torch.get_num_threads())
     same = sum(a == b for a, b in zip(engine_replies, after))
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         "engine_same_replies": same,
         "torch_generate_seconds": round(torch_seconds, 3),
         "engine_generate_seconds": round(engine_seconds, 3),
-        "losses": losses,
+        "losses": list(losses),
         "held_out": [{"prompt": p, "before": b, "after": a} for p, b, a in zip(prompts, before, after)],
     }
     (output / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -181,8 +181,3 @@ def device_for(name: str) -> str:
     if name == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda, but no CUDA device is available")
     return name
-
-
-def normalize_answer(text: str) -> str:
-    """Case- and space-insensitive form of an answer, for exact match."""
-    return " ".join(text.split()).casefold()

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DatasetError
+from ..metrics import normalize_answer
 from .common import (
     UsageError,
     add_command,
@@ -17,7 +18,6 @@ from .common import (
     device_for,
     load_torch_model,
     model_path,
-    normalize_answer,
 )
 from .generation import generation_options, generator_for
 

@@ -1,0 +1,175 @@
+"""Scoring a :class:`ReftModel` on a development or test set.
+
+The metrics are those of :mod:`reft_rs.metrics`: ``loss`` (the model's own,
+per label token for language modelling and per example for classification),
+``accuracy`` (a classifier's), ``exact_match`` and ``contains`` (greedy
+replies to each prompt against the reference response, as text), or any
+callable ``metric(reft_model) -> float``.
+
+Example::
+
+    score = reft_rs.evaluation.evaluate(reft_model, dev, "exact_match", tokenizer=tokenizer)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from .data import IGNORE_INDEX, ReftDataset
+from .errors import ConfigError
+from .metrics import Metric, greater_is_better, reply_matches
+
+__all__ = ["evaluate", "generate_replies"]
+
+
+def evaluate(
+    reft_model: Any,
+    dataset: ReftDataset,
+    metric: Metric = "loss",
+    *,
+    tokenizer: Any = None,
+    batch_size: int = 8,
+    pad_token_id: int | None = None,
+    max_new_tokens: int | None = None,
+) -> float:
+    """The score of ``reft_model`` on ``dataset`` (dropout off, no gradients).
+
+    Args:
+        reft_model: A :class:`reft_rs.ReftModel`.
+        dataset: A :class:`reft_rs.ReftDataset` made like the training set.
+        metric: A name of :data:`reft_rs.metrics.METRICS` or a callable of the model.
+        tokenizer: Needed by ``exact_match`` and ``contains`` (to read the
+            replies as text) and for its pad token.
+        batch_size: Examples per forward pass or generation batch.
+        pad_token_id: By default the tokenizer's pad token, else 0.
+        max_new_tokens: Generation length; by default each batch's longest
+            reference response plus one token.
+
+    Raises:
+        ConfigError: An unknown metric, or one that does not fit the data
+            (``accuracy`` without class labels, ``exact_match`` without
+            responses or a tokenizer).
+    """
+    if callable(metric):
+        return float(metric(reft_model))
+    greater_is_better(metric)
+    if len(dataset) == 0:
+        raise ConfigError("the evaluation set is empty")
+    if pad_token_id is None:
+        pad = getattr(tokenizer, "pad_token_id", None)
+        pad_token_id = int(pad) if pad is not None else 0
+    was_training = reft_model.training
+    reft_model.eval()
+    try:
+        with torch.no_grad():
+            if metric == "loss":
+                return _loss(reft_model, dataset, batch_size, pad_token_id)
+            if metric == "accuracy":
+                return _accuracy(reft_model, dataset, batch_size, pad_token_id)
+            return _generation_score(
+                reft_model, dataset, metric, tokenizer, batch_size, pad_token_id, max_new_tokens
+            )
+    finally:
+        reft_model.train(was_training)
+
+
+def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _loss(reft_model: Any, dataset: ReftDataset, batch_size: int, pad_token_id: int) -> float:
+    total, count = 0.0, 0
+    for batch in dataset.batches(batch_size, pad_token_id):
+        labels = batch["labels"]
+        if dataset.token_labels:
+            # the model's loss is the mean over the shifted label tokens
+            weight = int((labels[:, 1:] != IGNORE_INDEX).sum())
+        else:
+            weight = int(labels.shape[0])
+        if weight == 0:
+            continue
+        loss = reft_model(**_to(batch, reft_model.device)).loss
+        total += float(loss) * weight
+        count += weight
+    if count == 0:
+        raise ConfigError("the evaluation set has no labelled tokens to compute a loss on")
+    return total / count
+
+
+def _accuracy(reft_model: Any, dataset: ReftDataset, batch_size: int, pad_token_id: int) -> float:
+    if dataset.token_labels or dataset.labels is None:
+        raise ConfigError("accuracy scores a classifier's labels; for replies use exact_match or contains")
+    hits = 0
+    for batch in dataset.batches(batch_size, pad_token_id):
+        labels = batch.pop("labels")
+        logits = reft_model(**_to(batch, reft_model.device)).logits
+        hits += int((logits.argmax(-1).cpu() == labels).sum())
+    return hits / len(dataset)
+
+
+def _generation_score(
+    reft_model: Any,
+    dataset: ReftDataset,
+    metric: str,
+    tokenizer: Any,
+    batch_size: int,
+    pad_token_id: int,
+    max_new_tokens: int | None,
+) -> float:
+    if not dataset.token_labels:
+        raise ConfigError(f"{metric} compares generated replies with responses; this set has class labels")
+    if tokenizer is None:
+        raise ConfigError(f"{metric} reads the replies as text: pass tokenizer=")
+    replies = generate_replies(reft_model, dataset, tokenizer, batch_size, pad_token_id, max_new_tokens)
+    hits = 0
+    for index, reply in enumerate(replies):
+        expected = tokenizer.decode(_response_ids(dataset, index), skip_special_tokens=True)
+        hits += reply_matches(metric, reply, expected)
+    return hits / len(dataset)
+
+
+def _response_ids(dataset: ReftDataset, index: int) -> np.ndarray:
+    start, end = dataset.offsets[index], dataset.offsets[index + 1]
+    return dataset.tokens[start + dataset.prompt_lengths[index] : end]
+
+
+def generate_replies(
+    reft_model: Any,
+    dataset: ReftDataset,
+    tokenizer: Any,
+    batch_size: int = 8,
+    pad_token_id: int = 0,
+    max_new_tokens: int | None = None,
+) -> list[str]:
+    """Greedy replies to each example's prompt (left-padded batches), as text."""
+    replies: list[str] = []
+    device = reft_model.device
+    for first in range(0, len(dataset), batch_size):
+        indices = range(first, min(first + batch_size, len(dataset)))
+        prompts = [
+            dataset.tokens[dataset.offsets[i] : dataset.offsets[i] + dataset.prompt_lengths[i]].astype(
+                np.int64
+            )
+            for i in indices
+        ]
+        if any(len(p) == 0 for p in prompts):
+            raise ConfigError("an example has an empty prompt; nothing to generate from")
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, prompt in enumerate(prompts):
+            ids[row, width - len(prompt) :] = torch.from_numpy(prompt)
+            mask[row, width - len(prompt) :] = 1
+        limit = max_new_tokens or 1 + max(len(_response_ids(dataset, i)) for i in indices)
+        out = reft_model.generate(
+            ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=limit,
+            do_sample=False,
+            pad_token_id=pad_token_id,
+        )
+        replies.extend(tokenizer.decode(row[width:], skip_special_tokens=True) for row in out.cpu())
+    return replies
