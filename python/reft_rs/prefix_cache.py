@@ -200,77 +200,125 @@ def cached_forward(
     store: PrefixCache | None,
     kwargs: dict[str, Any],
 ) -> Any | None:
-    """The model's output for the batch with its prefix read from a KV cache,
-    or ``None`` when there is no prefix to cache (the caller then runs the
-    full pass). The output's logits cover the columns after the prefix."""
+    """The model's output for the batch with each row's prefix read from a KV
+    cache, or ``None`` when there is no prefix to cache (the caller then runs
+    the full pass).
+
+    Each row's first ``k`` real tokens (``k`` from :func:`prefix_bounds`)
+    go to the cache, right-aligned so that every row's remaining tokens start
+    at the first column of the pass with gradients; the output's logits
+    cover those remaining tokens, right-padded."""
+    device = input_ids.device
+    batch, length = input_ids.shape
+    real = attention_mask.bool()
+    counts = real.sum(dim=1)
+    starts = real.long().argmax(dim=1)
+    columns = torch.arange(length, device=device)
+    contiguous = (real == ((columns >= starts[:, None]) & (columns < (starts + counts)[:, None]))).all()
+    if not bool(contiguous) or bool((counts == 0).any()):
+        return None  # padding inside a row: not a layout this reads
     bounds = prefix_bounds(sources, attention_mask, labels)
-    columns = int(bounds.min())
-    if columns < 1:
+    cached = (bounds - starts).clamp(min=0)
+    widest = int(cached.max())
+    if widest < 1:
         return None
+    rest = counts - cached
+    width = int(rest.max())
     model = reft_model.model
     name = _cache_argument(model)
-    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    right_padded = bool(attention_mask[:, 0].all())
+    pad = 0
+
+    def gather_rows(values: torch.Tensor, offsets: torch.Tensor, lengths: torch.Tensor, size: int, fill: int):
+        """``values[b, offsets[b] + j]`` for ``j < lengths[b]``, else ``fill``: ``(batch, size)``."""
+        index = offsets[:, None] + torch.arange(size, device=device)[None, :]
+        keep = torch.arange(size, device=device)[None, :] < lengths[:, None]
+        taken = values.gather(1, index.clamp(max=length - 1))
+        return torch.where(keep, taken, torch.full_like(taken, fill)), keep
+
+    prefix_ids, prefix_keep = gather_rows(input_ids, starts, cached, widest, pad)
     cache = None
-    if store is not None and right_padded:
-        cache = _from_store(reft_model, input_ids, attention_mask, positions, bounds, columns, store, name)
+    if store is not None:
+        cache = _from_store(reft_model, prefix_ids, prefix_keep, cached, widest, store)
     if cache is None:
-        with torch.no_grad():
-            out = model(
-                input_ids=input_ids[:, :columns],
-                attention_mask=attention_mask[:, :columns],
-                position_ids=positions[:, :columns],
-                use_cache=True,
-            )
-        cache = _output_cache(out)
+        layers = _prefix_layers(model, prefix_ids, prefix_keep)
+        if layers is None:
+            return None
+        cache = _dynamic_cache([_right_align(k, v, cached, widest) for k, v in layers])
+    suffix_ids, suffix_keep = gather_rows(input_ids, starts + cached, rest, width, pad)
+    aligned = torch.arange(widest, device=device)[None, :] >= (widest - cached)[:, None]
+    mask = torch.cat([aligned, suffix_keep], dim=1).to(attention_mask.dtype)
+    positions = cached[:, None] + torch.arange(width, device=device)[None, :]
     kwargs = dict(kwargs)
     kwargs.pop("position_ids", None)
     kwargs[name] = cache
     kwargs["use_cache"] = True
-    if labels is not None:  # token labels lose their prefix; a classifier's stay whole
-        kwargs["labels"] = (
-            labels[:, columns:] if labels.dim() == 2 and labels.shape == input_ids.shape else labels
-        )
+    if labels is not None:
+        if labels.dim() == 2 and labels.shape == input_ids.shape:  # token labels follow their tokens
+            kwargs["labels"], _ = gather_rows(labels, starts + cached, rest, width, IGNORE_INDEX)
+        else:  # a classifier's labels stay whole
+            kwargs["labels"] = labels
+    # The hooks see positions relative to the cache: column c of the batch
+    # is column c - start - cached of the pass, after `widest` cached columns.
+    shift = (widest - starts - cached)[:, None]
+    moved = [
+        None if source is None else torch.where(source >= 0, source + shift, source) for source in sources
+    ]
     return reft_model._call_model(
-        sources,
-        input_ids=input_ids[:, columns:],
-        attention_mask=attention_mask,
-        position_ids=positions[:, columns:],
+        moved,
+        input_ids=suffix_ids,
+        attention_mask=mask,
+        position_ids=positions,
         **kwargs,
+    )
+
+
+def _prefix_layers(model: Any, prefix_ids: torch.Tensor, keep: torch.Tensor) -> list | None:
+    """Per layer keys and values of right-padded prefixes, computed without gradients."""
+    positions = torch.arange(prefix_ids.shape[1], device=prefix_ids.device).expand_as(prefix_ids)
+    with torch.no_grad():
+        out = model(input_ids=prefix_ids, attention_mask=keep.long(), position_ids=positions, use_cache=True)
+    cache = _output_cache(out)
+    if not _storable(cache):
+        return None
+    return _layers_of(cache)
+
+
+def _right_align(keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor, width: int):
+    """Each row's first ``lengths[b]`` entries moved to the end of ``width``
+    columns, zeros before them (masked out by the attention mask)."""
+    columns = torch.arange(width, device=keys.device)
+    source = columns[None, :] - (width - lengths)[:, None]
+    keep = source >= 0
+    index = source.clamp(min=0)[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[3])
+    mask = keep[:, None, :, None]
+    return (
+        torch.where(mask, keys.gather(2, index), torch.zeros((), dtype=keys.dtype, device=keys.device)),
+        torch.where(mask, values.gather(2, index), torch.zeros((), dtype=values.dtype, device=values.device)),
     )
 
 
 def _from_store(
     reft_model: Any,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    positions: torch.Tensor,
-    bounds: torch.Tensor,
-    columns: int,
+    prefix_ids: torch.Tensor,
+    keep: torch.Tensor,
+    cached: torch.Tensor,
+    widest: int,
     store: PrefixCache,
-    name: str,
 ) -> Any | None:
     """The batch's prefix cache assembled from stored rows (computing and
-    offering those missing), or ``None`` when a row cannot be served."""
-    ids = input_ids.detach().to("cpu").numpy()
-    lengths = bounds.to("cpu").numpy()
+    offering those missing), or ``None`` when the model's cache cannot be
+    stored (not a plain dynamic cache)."""
+    ids = prefix_ids.detach().to("cpu").numpy()
+    lengths = cached.to("cpu").numpy()
     keys = [np.ascontiguousarray(ids[row, : int(lengths[row])]).tobytes() for row in range(len(ids))]
-    rows = [store.lookup(key) for key in keys]
+    rows: list[tuple[torch.Tensor, ...] | None] = [store.lookup(key) for key in keys]
     missing = [row for row, value in enumerate(rows) if value is None]
     if missing:
         store.misses += len(missing)
-        widest = int(lengths[missing].max())
-        with torch.no_grad():
-            out = reft_model.model(
-                input_ids=input_ids[missing, :widest],
-                attention_mask=attention_mask[missing, :widest],
-                position_ids=positions[missing, :widest],
-                use_cache=True,
-            )
-        cache = _output_cache(out)
-        if not _storable(cache):
+        span = int(lengths[missing].max())
+        layers = _prefix_layers(reft_model.model, prefix_ids[missing, :span], keep[missing, :span])
+        if layers is None:
             return None
-        layers = _layers_of(cache)
         for slot, row in enumerate(missing):
             own = int(lengths[row])
             # one example's own prefix, as a copy (not a view of the batch)
@@ -280,7 +328,16 @@ def _from_store(
     count = len(rows[0]) // 2
     layers = []
     for index in range(count):
-        keys_batch = torch.cat([row[2 * index][:, :, :columns] for row in rows])
-        values_batch = torch.cat([row[2 * index + 1][:, :, :columns] for row in rows])
-        layers.append((keys_batch, values_batch))
+        stacked = []
+        for part in (0, 1):
+            pieces = []
+            for row in rows:
+                tensor = row[2 * index + part]
+                gap = widest - tensor.shape[2]
+                if gap:
+                    zeros = tensor.new_zeros(tensor.shape[0], tensor.shape[1], gap, tensor.shape[3])
+                    tensor = torch.cat([zeros, tensor], dim=2)
+                pieces.append(tensor)
+            stacked.append(torch.cat(pieces))
+        layers.append((stacked[0], stacked[1]))
     return _dynamic_cache(layers)

@@ -3,6 +3,7 @@ interventions from the shell.
 
     reft-rs quickstart                      # the first job: SmolLM2 learns a reply style
     reft-rs train --data train.jsonl --output run/
+    reft-rs sweep --data train.jsonl --eval-data dev.jsonl --output sweep/
     reft-rs generate --checkpoint run/ --prompt "Hello" [--engine rust]
     reft-rs eval --checkpoint run/ --data test.jsonl
     reft-rs inspect run/
@@ -25,12 +26,12 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import ReftError
-from . import convert, evaluate, generate, inspect, quickstart, train
+from . import convert, evaluate, generate, inspect, quickstart, sweep, train
 from .common import PROG, USER_ERRORS, UsageError, read_checkpoint
 
 __all__ = ["build_parser", "main"]
 
-COMMANDS = (quickstart, train, generate, evaluate, inspect, convert)
+COMMANDS = (quickstart, train, sweep, generate, evaluate, inspect, convert)
 
 
 def build_parser() -> argparse.ArgumentParser:
