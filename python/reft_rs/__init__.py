@@ -46,7 +46,7 @@ from .errors import (
 from .positions import PositionSpec
 
 if TYPE_CHECKING:
-    from . import convert, evaluation, metrics, plot, prefix_cache
+    from . import compare, convert, evaluation, metrics, plot, prefix_cache, sweep
     from .data import ReftDataCollator, ReftDataset, make_dataset
     from .model import ReftModel, get_reft_model
     from .trainer import ReftTrainer, train
@@ -67,6 +67,8 @@ _LAZY = {
     "prefix_cache": None,
     "plot": None,
     "metrics": None,
+    "sweep": None,
+    "compare": None,
 }
 
 
@@ -104,6 +106,8 @@ __all__ = [
     "prefix_cache",
     "plot",
     "metrics",
+    "sweep",
+    "compare",
     "ConfigError",
     "IncompatibleModelError",
     "FORMAT_VERSION",

@@ -22,7 +22,7 @@ from .data import IGNORE_INDEX, ReftDataset
 from .errors import ConfigError
 from .metrics import Metric, greater_is_better, reply_matches
 
-__all__ = ["evaluate", "generate_replies"]
+__all__ = ["evaluate", "example_scores", "generate_replies"]
 
 
 def evaluate(
@@ -100,14 +100,75 @@ def _loss(reft_model: Any, dataset: ReftDataset, batch_size: int, pad_token_id: 
 
 
 def _accuracy(reft_model: Any, dataset: ReftDataset, batch_size: int, pad_token_id: int) -> float:
+    return float(_correct(reft_model, dataset, batch_size, pad_token_id).mean())
+
+
+def _correct(reft_model: Any, dataset: ReftDataset, batch_size: int, pad_token_id: int) -> np.ndarray:
     if dataset.token_labels or dataset.labels is None:
         raise ConfigError("accuracy scores a classifier's labels; for replies use exact_match or contains")
-    hits = 0
+    hits = []
     for batch in dataset.batches(batch_size, pad_token_id):
         labels = batch.pop("labels")
         logits = reft_model(**_to(batch, reft_model.device)).logits
-        hits += int((logits.argmax(-1).cpu() == labels).sum())
-    return hits / len(dataset)
+        hits.append((logits.argmax(-1).cpu() == labels).numpy())
+    return np.concatenate(hits).astype(np.float64)
+
+
+def example_scores(
+    reft_model: Any,
+    dataset: ReftDataset,
+    metric: str,
+    *,
+    tokenizer: Any = None,
+    batch_size: int = 8,
+    pad_token_id: int | None = None,
+    max_new_tokens: int | None = None,
+) -> np.ndarray:
+    """Each example's score, in dataset order (for bootstrap intervals):
+    1 or 0 for ``accuracy``, ``exact_match`` and ``contains``; for ``loss``
+    the example's mean loss over its label tokens (cross-entropy, also for a
+    single-label classifier)."""
+    greater_is_better(metric)
+    if pad_token_id is None:
+        pad = getattr(tokenizer, "pad_token_id", None)
+        pad_token_id = int(pad) if pad is not None else 0
+    was_training = reft_model.training
+    reft_model.eval()
+    try:
+        with torch.no_grad():
+            if metric == "accuracy":
+                return _correct(reft_model, dataset, batch_size, pad_token_id)
+            if metric == "loss":
+                return _example_losses(reft_model, dataset, batch_size, pad_token_id)
+            if not dataset.token_labels or tokenizer is None:
+                raise ConfigError(f"{metric} needs responses and a tokenizer")
+            replies = generate_replies(
+                reft_model, dataset, tokenizer, batch_size, pad_token_id, max_new_tokens
+            )
+            expected = [
+                tokenizer.decode(_response_ids(dataset, i), skip_special_tokens=True)
+                for i in range(len(dataset))
+            ]
+            return np.array([float(reply_matches(metric, r, e)) for r, e in zip(replies, expected)])
+    finally:
+        reft_model.train(was_training)
+
+
+def _example_losses(reft_model: Any, dataset: ReftDataset, batch_size: int, pad_token_id: int) -> np.ndarray:
+    losses = []
+    for batch in dataset.batches(batch_size, pad_token_id):
+        labels = batch.pop("labels")
+        logits = reft_model(**_to(batch, reft_model.device)).logits.float().cpu()
+        if dataset.token_labels:
+            shifted, targets = logits[:, :-1], labels[:, 1:]
+            keep = targets != IGNORE_INDEX
+            each = torch.nn.functional.cross_entropy(
+                shifted.reshape(-1, shifted.shape[-1]), targets.clamp(min=0).reshape(-1), reduction="none"
+            ).view_as(targets)
+            losses.append(((each * keep).sum(1) / keep.sum(1).clamp(min=1)).numpy())
+        else:
+            losses.append(torch.nn.functional.cross_entropy(logits, labels, reduction="none").numpy())
+    return np.concatenate(losses).astype(np.float64)
 
 
 def _generation_score(

@@ -33,12 +33,11 @@ import torch
 from .config import LOW_RANK_TYPES, ReftConfig
 from .data import ReftDataCollator, make_dataset
 from .errors import ConfigError, MissingDependencyError
-from .evaluation import evaluate
 from .metrics import Metric, greater_is_better
 from .model import get_reft_model
 from .trainer import train
 
-__all__ = ["SearchSpace", "Task", "run"]
+__all__ = ["Fitted", "ReftMethod", "SearchSpace", "Task", "run", "search"]
 
 Range = tuple[float, float]
 
@@ -252,50 +251,114 @@ class _Head:
     def reset(self) -> None:
         if self.module is not None:
             self.module.load_state_dict(self.state)
+            self.module.requires_grad_(False)
 
 
-def _fit(
-    model: Any,
-    tokenizer: Any,
-    task: Task,
-    params: Mapping[str, Any],
-    *,
-    metric: Metric,
-    batch_size: int,
-    eval_steps: int | None,
-    seed: int,
-    head: _Head,
-    report: Callable[[int, float], None] | None = None,
-) -> tuple[Any, Any]:
-    """Trains one configuration; returns the ReftModel (holding its best
-    step, hooks attached) and the training history."""
-    head.reset()
-    torch.manual_seed(seed)
-    config = build_config(params, task.classify)
-    reft_model = get_reft_model(model, config)
-    try:
-        train_set = task.dataset(tokenizer, task.train, config)
-        dev_set = task.dataset(tokenizer, task.dev, config)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        history = train(
-            reft_model,
-            train_set,
-            collator=ReftDataCollator(pad),
-            epochs=int(params["epochs"]),
-            batch_size=batch_size,
-            learning_rate=float(params["learning_rate"]),
-            seed=seed,
-            progress=False,
-            eval_dataset=dev_set,
-            eval_metric=metric,
-            eval_steps=eval_steps,
-            tokenizer=tokenizer,
-            eval_callback=report,
-        )
-    except BaseException:
+class Fitted:
+    """A trained configuration of some method: its history, its size, how
+    to save it, score it, and give the base model back."""
+
+    def __init__(self, model: Any, history: Any, release: Callable[[], None]) -> None:
+        self.model = model
+        self.history = history
+        self._release = release
+
+    @property
+    def trainable_parameters(self) -> int:
+        return int(self.model.trainable_parameter_count())
+
+    def save(self, path: Path, metadata: Mapping[str, Any]) -> None:
+        self.model.save_pretrained(path, metadata=dict(metadata))
+
+    def close(self) -> None:
+        self._release()
+
+
+class ReftMethod:
+    """Trials of reft_rs interventions (any type, RED included)."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        task: Task,
+        space: SearchSpace,
+        *,
+        metric: Metric,
+        batch_size: int = 8,
+        eval_steps: int | None = None,
+    ) -> None:
+        self.model, self.tokenizer, self.task, self.space = model, tokenizer, task, space
+        self.metric, self.batch_size, self.eval_steps = metric, batch_size, eval_steps
+        self.head = _Head(model)
+        space.validate(getattr(getattr(model, "config", None), "num_hidden_layers", None))
+
+    def suggest(self, trial: Any) -> dict[str, Any]:
+        return self.space.suggest(trial)
+
+    def describe_space(self) -> dict[str, Any]:
+        return self.space.as_dict()
+
+    def fit(
+        self, params: Mapping[str, Any], seed: int, report: Callable[[int, float], None] | None
+    ) -> Fitted:
+        """Trains one configuration, selecting its best step on dev."""
+        self.head.reset()
+        torch.manual_seed(seed)
+        config = build_config(params, self.task.classify)
+        reft_model = get_reft_model(self.model, config)
+        try:
+            train_set = self.task.dataset(self.tokenizer, self.task.train, config)
+            dev_set = self.task.dataset(self.tokenizer, self.task.dev, config)
+            history = train(
+                reft_model,
+                train_set,
+                collator=ReftDataCollator(_pad(self.tokenizer)),
+                epochs=int(params["epochs"]),
+                batch_size=self.batch_size,
+                learning_rate=float(params["learning_rate"]),
+                seed=seed,
+                progress=False,
+                eval_dataset=dev_set,
+                eval_metric=self.metric,
+                eval_steps=self.eval_steps,
+                tokenizer=self.tokenizer,
+                eval_callback=report,
+            )
+        except BaseException:
+            self._release(reft_model)
+            raise
+        return Fitted(reft_model, history, lambda: self._release(reft_model))
+
+    def _release(self, reft_model: Any) -> None:
+        """The base model as it was: hooks off, the head's starting values and frozen state back."""
         reft_model.remove_hooks()
-        raise
-    return reft_model, history
+        self.head.reset()
+
+    def test_scores(self, source: Fitted | Path, records: Sequence[Mapping[str, Any]]) -> Any:
+        """Per-example test scores of a fitted model or a saved checkpoint."""
+        from .evaluation import example_scores
+        from .model import ReftModel
+
+        if isinstance(source, Fitted):
+            reft_model, release = source.model, None
+        else:
+            self.head.reset()
+            reft_model = ReftModel.from_pretrained(self.model, source)
+            release = reft_model.remove_hooks
+        try:
+            dataset = self.task.dataset(self.tokenizer, records, reft_model.reft_config)
+            return example_scores(
+                reft_model, dataset, self.metric, tokenizer=self.tokenizer, batch_size=self.batch_size
+            )
+        finally:
+            if release is not None:
+                release()
+                self.head.reset()
+
+
+def _pad(tokenizer: Any) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
 def run(
@@ -318,7 +381,8 @@ def run(
     log: Callable[[str], None] | None = print,
     plots: bool = True,
 ) -> dict[str, Any]:
-    """Runs (or resumes) a sweep and writes its results into ``output``.
+    """Runs (or resumes) a sweep of reft_rs interventions and writes its
+    results into ``output``.
 
     Args:
         model, tokenizer: The frozen base model (its classification head,
@@ -346,18 +410,66 @@ def run(
         best step, seconds, trainable parameters, state), the best trial and
         the test score.
     """
+    method = ReftMethod(
+        model, tokenizer, task, space, metric=metric, batch_size=batch_size, eval_steps=eval_steps
+    )
+    summary = search(
+        method, output=output, metric=metric, trials=trials, timeout=timeout, seed=seed, study_name=study_name,
+        pruner=pruner, sampler=sampler, log=log, plots=False,
+    )  # fmt: skip
+    output = Path(output)
+    metric_name = summary["metric"]
+    # Selection has ended: only now is the test set read, and scored once.
+    if test is not None:
+        records = list(test())
+        if not records:
+            raise ConfigError("the test set is empty")
+        scores = method.test_scores(output / "best", records)
+        summary["test"] = {"score": float(scores.mean()), "examples": len(records)}
+        if log is not None:
+            log(f"test {metric_name} of the selected configuration: {summary['test']['score']:.4f} "
+                f"({len(records)} examples, read after selection)")  # fmt: skip
+    if plots:
+        summary["plots"] = _plots(
+            _optuna().load_study(study_name=study_name, storage=_storage(output)), output
+        )
+    (output / "sweep.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _storage(output: Path) -> str:
+    return f"sqlite:///{(output / 'study.db').resolve()}"
+
+
+def search(
+    method: Any,
+    *,
+    output: str | os.PathLike[str],
+    metric: Metric,
+    trials: int | None,
+    timeout: float | None = None,
+    seed: int = 0,
+    study_name: str = "reft-rs",
+    pruner: Any = None,
+    sampler: Any = None,
+    log: Callable[[str], None] | None = print,
+    plots: bool = True,
+) -> dict[str, Any]:
+    """The search itself, for any method with ``suggest``, ``fit`` and
+    ``describe_space`` (see :class:`ReftMethod`): trials in a resumable
+    Optuna study in ``output/study.db``, the best trial saved as
+    ``output/best``. Writes ``sweep.json`` and returns its contents (no
+    test score: that is the caller's, after selection)."""
     optuna = _optuna()
     if trials is None and timeout is None:
         raise ConfigError("give the sweep a budget: a number of trials, a timeout, or both")
     if trials is not None and trials < 1:
         raise ConfigError(f"trials must be at least 1, found {trials}")
     higher = greater_is_better(metric)
-    num_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    space.validate(num_layers)
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     study = optuna.create_study(
-        storage=f"sqlite:///{(output / 'study.db').resolve()}",
+        storage=_storage(output),
         study_name=study_name,
         direction="maximize" if higher else "minimize",
         load_if_exists=True,
@@ -367,13 +479,12 @@ def run(
     done = [t for t in study.trials if t.state.is_finished()]
     remaining = None if trials is None else max(0, trials - len(done))
     total = trials if trials is not None else "?"
-    head = _Head(model)
     metric_name = metric if isinstance(metric, str) else getattr(metric, "__name__", "custom")
     started = time.perf_counter()
     durations: list[float] = []
 
     def objective(trial: Any) -> float:
-        params = space.suggest(trial)
+        params = method.suggest(trial)
         begin = time.perf_counter()
 
         def report(step: int, score: float) -> None:
@@ -382,29 +493,32 @@ def run(
                 raise optuna.TrialPruned(f"dev {metric_name} {score:.4f} at step {step}")
 
         trial.set_user_attr("params", params)
-        reft_model, history = _fit(
-            model, tokenizer, task, params, metric=metric, batch_size=batch_size, eval_steps=eval_steps,
-            seed=seed + trial.number, head=head, report=report,
-        )  # fmt: skip
+        fitted = method.fit(params, seed + trial.number, report)
         try:
+            history = fitted.history
             score = float(history.best_score)
+            seconds = time.perf_counter() - begin
             trial.set_user_attr("best_step", history.best_step)
-            trial.set_user_attr("seconds", round(time.perf_counter() - begin, 2))
-            trial.set_user_attr("trainable_parameters", reft_model.trainable_parameter_count())
+            trial.set_user_attr("steps", len(history))
+            trial.set_user_attr("seconds", round(seconds, 2))
+            trial.set_user_attr("seconds_per_step", round(seconds / max(1, len(history)), 4))
+            trial.set_user_attr("trainable_parameters", fitted.trainable_parameters)
             finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
             best = None if not finished else study.best_value
             if best is None or (score > best if higher else score < best):
-                metadata = {
-                    "sweep_trial": trial.number,
-                    "selected_step": history.best_step,
-                    "dev_metric": metric_name,
-                    "dev_score": score,
-                    "params": params,
-                }
-                reft_model.save_pretrained(output / "best", metadata=metadata)
+                fitted.save(
+                    output / "best",
+                    {
+                        "sweep_trial": trial.number,
+                        "selected_step": history.best_step,
+                        "dev_metric": metric_name,
+                        "dev_score": score,
+                        "params": params,
+                    },
+                )
             return score
         finally:
-            reft_model.remove_hooks()
+            fitted.close()
 
     def progress(study: Any, trial: Any) -> None:
         seconds = trial.user_attrs.get("seconds")
@@ -435,16 +549,9 @@ def run(
         study.optimize(objective, n_trials=remaining, timeout=timeout, callbacks=[progress], catch=())
     elif log is not None:
         log(f"the study in {output / 'study.db'} already has {len(done)} trials; nothing to run")
-    summary = _summary(study, optuna, metric_name, space, output)
-    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    if not complete:
+    summary = _summary(study, optuna, metric_name, method.describe_space(), output)
+    if summary["best"] is None:
         raise ConfigError("no trial completed; nothing to select")
-    # Selection has ended: only now is the test set read, and scored once.
-    if test is not None:
-        summary["test"] = _test_once(model, tokenizer, task, test, output / "best", metric, batch_size, head)
-        if log is not None:
-            log(f"test {metric_name} of the selected configuration: {summary['test']['score']:.4f} "
-                f"({summary['test']['examples']} examples, read after selection)")  # fmt: skip
     if plots:
         summary["plots"] = _plots(study, output)
     (output / "sweep.json").write_text(json.dumps(summary, indent=2))
@@ -462,7 +569,7 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
-def _summary(study: Any, optuna: Any, metric: str, space: SearchSpace, output: Path) -> dict[str, Any]:
+def _summary(study: Any, optuna: Any, metric: str, space: Mapping[str, Any], output: Path) -> dict[str, Any]:
     rows = []
     for trial in study.trials:
         rows.append(
@@ -473,7 +580,9 @@ def _summary(study: Any, optuna: Any, metric: str, space: SearchSpace, output: P
                 "dev_score": trial.value,
                 "best_step": trial.user_attrs.get("best_step"),
                 "intermediate": {str(k): v for k, v in sorted(trial.intermediate_values.items())},
+                "steps": trial.user_attrs.get("steps"),
                 "seconds": trial.user_attrs.get("seconds"),
+                "seconds_per_step": trial.user_attrs.get("seconds_per_step"),
                 "trainable_parameters": trial.user_attrs.get("trainable_parameters"),
             }
         )
@@ -491,36 +600,10 @@ def _summary(study: Any, optuna: Any, metric: str, space: SearchSpace, output: P
     return {
         "metric": metric,
         "direction": study.direction.name.lower(),
-        "space": space.as_dict(),
+        "space": dict(space),
         "trials": rows,
         "best": best,
     }
-
-
-def _test_once(
-    model: Any,
-    tokenizer: Any,
-    task: Task,
-    test: Callable[[], Sequence[Mapping[str, Any]]],
-    checkpoint: Path,
-    metric: Metric,
-    batch_size: int,
-    head: _Head,
-) -> dict[str, Any]:
-    from .model import ReftModel
-
-    records = list(test())
-    if not records:
-        raise ConfigError("the test set is empty")
-    head.reset()
-    reft_model = ReftModel.from_pretrained(model, checkpoint)
-    try:
-        dataset = task.dataset(tokenizer, records, reft_model.reft_config)
-        score = evaluate(reft_model, dataset, metric, tokenizer=tokenizer, batch_size=batch_size)
-    finally:
-        reft_model.remove_hooks()
-        head.reset()
-    return {"score": score, "examples": len(records)}
 
 
 def _plots(study: Any, output: Path) -> list[str]:

@@ -4,6 +4,7 @@ interventions from the shell.
     reft-rs quickstart                      # the first job: SmolLM2 learns a reply style
     reft-rs train --data train.jsonl --output run/
     reft-rs sweep --data train.jsonl --eval-data dev.jsonl --output sweep/
+    reft-rs compare --data train.csv --eval-data dev.csv --test-data test.csv --output compare/
     reft-rs generate --checkpoint run/ --prompt "Hello" [--engine rust]
     reft-rs eval --checkpoint run/ --data test.jsonl
     reft-rs inspect run/
@@ -26,12 +27,12 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import ReftError
-from . import convert, evaluate, generate, inspect, quickstart, sweep, train
+from . import compare, convert, evaluate, generate, inspect, quickstart, sweep, train
 from .common import PROG, USER_ERRORS, UsageError, read_checkpoint
 
 __all__ = ["build_parser", "main"]
 
-COMMANDS = (quickstart, train, sweep, generate, evaluate, inspect, convert)
+COMMANDS = (quickstart, train, sweep, compare, generate, evaluate, inspect, convert)
 
 
 def build_parser() -> argparse.ArgumentParser:

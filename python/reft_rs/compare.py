@@ -1,0 +1,475 @@
+"""Comparing methods honestly: one split, the same tuning budget for each,
+selection on dev, the test set read once after every selection, seeds.
+
+Methods: any reft_rs intervention type (``loreft``, ``direft``, ``red``,
+...), ``lora`` (peft's LoRA, an optional dependency) and ``zero-shot`` (the
+frozen model as it is). Each tuned method gets its own Optuna sweep
+(:func:`reft_rs.sweep.search`) with the same budget: a number of trials or
+seconds of searching. When every selection is made, the test records are
+read; each method's selected checkpoint is scored on them (with a 95%
+bootstrap interval over the test examples), and its selected configuration
+is trained again with further seeds (best step chosen on dev each time) to
+show the spread that seeds alone cause.
+
+    report = reft_rs.compare.run(model, tokenizer, task, ["loreft", "red", "lora", "zero-shot"],
+                                 output="compare/", metric="accuracy", trials=10, seeds=3,
+                                 test=lambda: test_records)
+
+``reft-rs compare`` is the command-line face. It writes ``compare.json``,
+``compare.md`` and ``compare.png`` (test score against trainable parameters).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import INTERVENTION_TYPES, LOW_RANK_TYPES
+from .data import ReftDataCollator
+from .errors import ConfigError, MissingDependencyError
+from .evaluation import evaluate, example_scores
+from .metrics import Metric, greater_is_better
+from .sweep import Fitted, ReftMethod, SearchSpace, Task, _Head, _numeric, _pad, search
+from .trainer import train
+
+__all__ = ["BASELINES", "LoraMethod", "bootstrap_interval", "run"]
+
+#: The methods besides the intervention types.
+BASELINES = ("lora", "zero-shot")
+
+
+def bootstrap_interval(
+    scores: Sequence[float], *, resamples: int = 2000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """The percentile bootstrap interval of the mean of per-example scores."""
+    values = np.asarray(scores, dtype=np.float64)
+    if values.size == 0:
+        raise ConfigError("no scores to bootstrap")
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, values.size, size=(resamples, values.size))].mean(axis=1)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+class _Baseline(nn.Module):
+    """A plain model (with or without LoRA) that trains and scores through
+    the same loop and metrics as a ReftModel: locations are dropped, it
+    generates through the model's own ``generate``."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, **batch: Any) -> Any:
+        batch.pop("locations", None)
+        batch.pop("prefix_cache", None)
+        return self.inner(**batch)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self.inner.generate(*args, **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        for parameter in self.inner.parameters():
+            return parameter.device
+        return torch.device("cpu")
+
+    def prefix_cache_blocker(self) -> str:
+        return "not a ReftModel"
+
+    def trainable_parameter_count(self) -> int:
+        return sum(p.numel() for p in self.inner.parameters() if p.requires_grad)
+
+
+class LoraMethod:
+    """Trials of peft's LoRA on the model's default target modules (for
+    Llama-style models ``q_proj`` and ``v_proj``, for GPT-2 ``c_attn``), with
+    ``lora_alpha = 2r``; a classifier's head trains beside it, as with
+    reft_rs."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        task: Task,
+        *,
+        metric: Metric,
+        ranks: Sequence[int] = (4, 8, 16),
+        learning_rate: Any = (5e-5, 5e-3),
+        epochs: Any = (1, 3),
+        dropout: Any = 0.05,
+        batch_size: int = 8,
+        eval_steps: int | None = None,
+    ) -> None:
+        try:
+            import peft
+        except ImportError:
+            raise MissingDependencyError(
+                "the LoRA baseline needs peft: pip install peft (it comes with 'reft-rs[experiments]')"
+            ) from None
+        self.peft = peft
+        self.model, self.tokenizer, self.task = model, tokenizer, task
+        self.metric, self.batch_size, self.eval_steps = metric, batch_size, eval_steps
+        self.ranks, self.learning_rate, self.epochs, self.dropout = (
+            list(ranks),
+            learning_rate,
+            epochs,
+            dropout,
+        )
+        self.head = _Head(model)
+
+    def describe_space(self) -> dict[str, Any]:
+        def plain(value: Any) -> Any:
+            return list(value) if isinstance(value, (list, tuple)) else value
+
+        return {
+            "ranks": self.ranks,
+            "learning_rate": plain(self.learning_rate),
+            "epochs": plain(self.epochs),
+            "dropout": plain(self.dropout),
+        }
+
+    def suggest(self, trial: Any) -> dict[str, Any]:
+        rank = self.ranks[0] if len(self.ranks) == 1 else trial.suggest_categorical("rank", self.ranks)
+        return {
+            "type": "lora",
+            "rank": int(rank),
+            "learning_rate": _numeric(trial, "learning_rate", self.learning_rate, log=True),
+            "epochs": int(_numeric(trial, "epochs", self.epochs, integer=True)),
+            "dropout": _numeric(trial, "dropout", self.dropout),
+        }
+
+    def _wrap(self, params: Mapping[str, Any]) -> tuple[_Baseline, Callable[[], None]]:
+        self.head.reset()
+        config = self.peft.LoraConfig(
+            r=int(params["rank"]),
+            lora_alpha=2 * int(params["rank"]),
+            lora_dropout=float(params.get("dropout", 0.0)),
+            # No SEQ_CLS task type for a classifier: peft would swap the head for a
+            # trained copy on unloading; the head trains as a plain parameter instead.
+            task_type=None if self.task.classify else "CAUSAL_LM",
+        )
+        peft_model = self.peft.get_peft_model(self.model, config)
+        if self.task.classify and self.head.module is not None:
+            self.head.module.requires_grad_(True)  # the head trains with LoRA, as with reft_rs
+
+        def release() -> None:
+            peft_model.unload()  # the LoRA layers out, the base model as it was
+            if self.head.module is not None:
+                self.head.module.requires_grad_(False)
+            self.head.reset()
+
+        return _Baseline(peft_model), release
+
+    def fit(
+        self, params: Mapping[str, Any], seed: int, report: Callable[[int, float], None] | None
+    ) -> Fitted:
+        torch.manual_seed(seed)
+        wrapper, release = self._wrap(params)
+        try:
+            train_set = self.task.dataset(self.tokenizer, self.task.train, None)
+            dev_set = self.task.dataset(self.tokenizer, self.task.dev, None)
+            history = train(
+                wrapper,
+                train_set,
+                collator=ReftDataCollator(_pad(self.tokenizer)),
+                epochs=int(params["epochs"]),
+                batch_size=self.batch_size,
+                learning_rate=float(params["learning_rate"]),
+                seed=seed,
+                progress=False,
+                eval_dataset=dev_set,
+                eval_metric=self.metric,
+                eval_steps=self.eval_steps,
+                tokenizer=self.tokenizer,
+                eval_callback=report,
+            )
+        except BaseException:
+            release()
+            raise
+        return _LoraFitted(wrapper, history, release, self.head)
+
+    def test_scores(self, source: Fitted | Path, records: Sequence[Mapping[str, Any]]) -> np.ndarray:
+        if isinstance(source, Fitted):
+            return self._scores(source.model, records)
+        self.head.reset()
+        peft_model = self.peft.PeftModel.from_pretrained(self.model, source)
+        head_file = Path(source) / "head.safetensors"
+        if head_file.is_file() and self.head.module is not None:
+            from safetensors.torch import load_file
+
+            self.head.module.load_state_dict(load_file(head_file))
+        try:
+            return self._scores(_Baseline(peft_model), records)
+        finally:
+            peft_model.unload()
+            self.head.reset()
+
+    def _scores(self, model: Any, records: Sequence[Mapping[str, Any]]) -> np.ndarray:
+        dataset = self.task.dataset(self.tokenizer, records, None)
+        return example_scores(
+            model, dataset, self.metric, tokenizer=self.tokenizer, batch_size=self.batch_size
+        )
+
+
+class _LoraFitted(Fitted):
+    def __init__(self, model: _Baseline, history: Any, release: Callable[[], None], head: _Head) -> None:
+        super().__init__(model, history, release)
+        self.head = head
+
+    def save(self, path: Path, metadata: Mapping[str, Any]) -> None:
+        self.model.inner.save_pretrained(path)  # peft's adapter files (safetensors)
+        if self.head.module is not None:
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().contiguous() for k, v in self.head.module.state_dict().items()},
+                      str(Path(path) / "head.safetensors"))  # fmt: skip
+        (Path(path) / "selection.json").write_text(json.dumps(dict(metadata), indent=2))
+
+
+def _reft_space(kind: str, num_layers: int, space: SearchSpace | None) -> SearchSpace:
+    """The sweep space of one intervention type: the given space with its
+    types set to ``kind`` (RED and steering vectors edit every token and have
+    no rank)."""
+    base = space or SearchSpace.default(num_layers)
+    if kind in LOW_RANK_TYPES:
+        return type(base)(**{**base.__dict__, "types": [kind]})
+    return type(base)(**{**base.__dict__, "types": [kind], "positions": ["all"], "ranks": [1]})
+
+
+def run(
+    model: Any,
+    tokenizer: Any,
+    task: Task,
+    methods: Sequence[str],
+    *,
+    output: str | os.PathLike[str],
+    metric: Metric = "loss",
+    trials: int | None = 10,
+    seconds: float | None = None,
+    seeds: int = 3,
+    space: SearchSpace | None = None,
+    batch_size: int = 8,
+    eval_steps: int | None = None,
+    seed: int = 0,
+    test: Callable[[], Sequence[Mapping[str, Any]]] | None = None,
+    log: Callable[[str], None] | None = print,
+) -> dict[str, Any]:
+    """Tunes, selects and tests every method; see the module docstring.
+
+    Args:
+        methods: Intervention types, ``lora`` and ``zero-shot``.
+        trials, seconds: Each tuned method's budget (the same for all):
+            trials, or seconds of searching (``trials=None``).
+        seeds: Test runs of each selected configuration: the selected
+            checkpoint and ``seeds - 1`` retrainings with other seeds.
+        space: The intervention search space (default
+            :meth:`SearchSpace.default`); each type gets it with its own
+            type. Its learning rate, epochs and dropout apply to LoRA too
+            unless left at their defaults.
+        test: Called once, after every method's selection.
+
+    Returns:
+        What ``compare.json`` holds: a row per method and the settings.
+    """
+    names = list(dict.fromkeys(methods))
+    known = set(INTERVENTION_TYPES) | set(BASELINES)
+    unknown = [m for m in names if m not in known]
+    if unknown or not names:
+        raise ConfigError(f"unknown methods {unknown}; choose from {', '.join(sorted(known))}")
+    if seeds < 1:
+        raise ConfigError(f"seeds must be at least 1, found {seeds}")
+    if trials is None and seconds is None:
+        raise ConfigError("give every method the same budget: trials or seconds")
+    higher = greater_is_better(metric)
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    num_layers = int(model.config.num_hidden_layers)
+    metric_name = metric if isinstance(metric, str) else "custom"
+    built: dict[str, Any] = {}
+    rows: dict[str, dict[str, Any]] = {}
+    for name in names:
+        if log is not None:
+            log(f"== {name}")
+        if name == "zero-shot":
+            wrapper = _Baseline(model)
+            head = _Head(model)
+            head.reset()
+            dev = task.dataset(tokenizer, task.dev, None)
+            score = evaluate(wrapper, dev, metric, tokenizer=tokenizer, batch_size=batch_size)
+            rows[name] = {"method": name, "trainable_parameters": 0, "dev_score": score, "params": None}
+            if log is not None:
+                log(f"dev {metric_name} {score:.4f} (no tuning)")
+            continue
+        if name == "lora":
+            defaults = SearchSpace()
+            options: dict[str, Any] = {}
+            if space is not None:
+                for field in ("learning_rate", "epochs", "dropout"):
+                    if getattr(space, field) != getattr(defaults, field):
+                        options[field] = getattr(space, field)
+            method = LoraMethod(model, tokenizer, task, metric=metric, batch_size=batch_size,
+                                eval_steps=eval_steps, **options)  # fmt: skip
+        else:
+            method = ReftMethod(model, tokenizer, task, _reft_space(name, num_layers, space), metric=metric,
+                                batch_size=batch_size, eval_steps=eval_steps)  # fmt: skip
+        summary = search(method, output=output / name, metric=metric, trials=trials, timeout=seconds, seed=seed,
+                         log=log, plots=False)  # fmt: skip
+        best = summary["best"]
+        trial = next(t for t in summary["trials"] if t["number"] == best["trial"])
+        built[name] = method
+        rows[name] = {
+            "method": name,
+            "trainable_parameters": trial["trainable_parameters"],
+            "dev_score": best["dev_score"],
+            "params": best["params"],
+            "trials": len(summary["trials"]),
+            "train_seconds": trial["seconds"],
+            "seconds_per_step": trial["seconds_per_step"],
+            "selected_trial": best["trial"],
+        }
+    # Every selection is made: only now is the test set read.
+    records = None
+    if test is not None:
+        records = list(test())
+        if not records:
+            raise ConfigError("the test set is empty")
+        if log is not None:
+            log(f"== test: {len(records)} examples, read after every selection")
+        for name, row in rows.items():
+            row.update(_test(name, built.get(name), model, tokenizer, task, records, metric, row, output, seeds,
+                             seed, batch_size, log))  # fmt: skip
+    report = {
+        "metric": metric_name,
+        "greater_is_better": higher,
+        "budget": {"trials": trials, "seconds": seconds},
+        "seeds": seeds,
+        "train_examples": len(task.train),
+        "dev_examples": len(task.dev),
+        "test_examples": None if records is None else len(records),
+        "rows": list(rows.values()),
+    }
+    (output / "compare.json").write_text(json.dumps(report, indent=2))
+    (output / "compare.md").write_text(markdown(report))
+    if records is not None:
+        plot(report, output / "compare.png")
+    return report
+
+
+def _test(
+    name: str,
+    method: Any,
+    model: Any,
+    tokenizer: Any,
+    task: Task,
+    records: list[Mapping[str, Any]],
+    metric: Metric,
+    row: Mapping[str, Any],
+    output: Path,
+    seeds: int,
+    seed: int,
+    batch_size: int,
+    log: Callable[[str], None] | None,
+) -> dict[str, Any]:
+    if method is None:  # zero-shot: nothing trained, nothing to reseed
+        head = _Head(model)
+        head.reset()
+        dataset = task.dataset(tokenizer, records, None)
+        scores = example_scores(_Baseline(model), dataset, metric, tokenizer=tokenizer, batch_size=batch_size)
+        spread = [float(scores.mean())]
+    else:
+        scores = method.test_scores(output / name / "best", records)
+        spread = [float(scores.mean())]
+        for k in range(1, seeds):
+            begin = time.perf_counter()
+            fitted = method.fit(row["params"], seed + 10_000 * k, None)
+            try:
+                spread.append(float(method.test_scores(fitted, records).mean()))
+            finally:
+                fitted.close()
+            if log is not None:
+                log(
+                    f"{name}: seed {k + 1}/{seeds}: test {spread[-1]:.4f} ({time.perf_counter() - begin:.0f} s)"
+                )
+    low, high = bootstrap_interval(scores, seed=seed)
+    if log is not None:
+        log(f"{name}: test {scores.mean():.4f} [95% {low:.4f}, {high:.4f}]")
+    return {
+        "test_score": float(scores.mean()),
+        "test_interval": [low, high],
+        "seed_scores": spread,
+        "seed_mean": float(np.mean(spread)),
+        "seed_std": float(np.std(spread, ddof=1)) if len(spread) > 1 else 0.0,
+    }
+
+
+def markdown(report: Mapping[str, Any]) -> str:
+    """The comparison as a markdown table."""
+    metric = report["metric"]
+    budget = report["budget"]
+    given = f"{budget['trials']} trials" if budget["trials"] is not None else f"{budget['seconds']:g} s"
+    lines = [
+        f"Metric: {metric} ({'higher' if report['greater_is_better'] else 'lower'} is better); "
+        f"budget per method: {given}; {report['seeds']} seeds for the selected configuration; "
+        f"{report['train_examples']} train / {report['dev_examples']} dev / {report['test_examples']} test examples.",
+        "",
+        f"| method | trainable params | dev {metric} | test {metric} (95% CI) | seeds (mean ± sd) | train s | s/step |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in report["rows"]:
+
+        def number(value: Any, digits: int = 4) -> str:
+            return "-" if value is None else f"{value:.{digits}f}"
+
+        test = "-"
+        if "test_score" in row:
+            low, high = row["test_interval"]
+            test = f"{row['test_score']:.4f} [{low:.4f}, {high:.4f}]"
+        seeds = "-" if "seed_mean" not in row else f"{row['seed_mean']:.4f} ± {row['seed_std']:.4f}"
+        lines.append(
+            f"| {row['method']} | {row['trainable_parameters']:,} | {number(row['dev_score'])} | {test} | {seeds} | "
+            f"{number(row.get('train_seconds'), 1)} | {number(row.get('seconds_per_step'), 3)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: Mapping[str, Any], path: Path) -> Any:
+    """Test score against trainable parameters (log scale), with intervals;
+    the zero-shot score, which trains nothing, as a dashed line."""
+    from .plot import figure
+
+    fig = figure()
+    ax = fig.add_subplot()
+    for row in report["rows"]:
+        if "test_score" not in row:
+            continue
+        low, high = row["test_interval"]
+        if row["trainable_parameters"] == 0:
+            ax.axhline(row["test_score"], color="gray", linestyle="--", linewidth=1, label=f"{row['method']}")
+            continue
+        ax.errorbar(
+            [row["trainable_parameters"]],
+            [row["test_score"]],
+            yerr=[[row["test_score"] - low], [high - row["test_score"]]],
+            fmt="o",
+            capsize=4,
+            label=row["method"],
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (log scale)")
+    ax.set_ylabel(f"test {report['metric']}")
+    ax.set_title(f"test {report['metric']} against trainable parameters (95% bootstrap intervals)")
+    ax.grid(True, alpha=0.3, which="both")
+    ax.legend(loc="best")
+    fig.tight_layout()
+    fig.savefig(os.fspath(path), format="png")
+    return fig
