@@ -209,7 +209,7 @@ def test_input_errors_are_one_line_and_exit_2(workspace, capsys, tmp_path, argv,
 
 
 @pytest.mark.parametrize(
-    "command", ["quickstart", "train", "sweep", "generate", "eval", "inspect", "convert"]
+    "command", ["quickstart", "train", "sweep", "compare", "generate", "eval", "inspect", "convert"]
 )
 def test_every_subcommand_has_help_with_examples(capsys, command):
     with pytest.raises(SystemExit) as exit_info:
