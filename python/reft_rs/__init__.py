@@ -46,7 +46,7 @@ from .errors import (
 from .positions import PositionSpec
 
 if TYPE_CHECKING:
-    from . import compare, convert, evaluation, metrics, plot, prefix_cache, sweep
+    from . import compare, convert, evaluation, metrics, plot, prefix_cache, subspace, sweep
     from .data import ReftDataCollator, ReftDataset, make_dataset
     from .model import ReftModel, get_reft_model
     from .trainer import ReftTrainer, train
@@ -69,6 +69,7 @@ _LAZY = {
     "metrics": None,
     "sweep": None,
     "compare": None,
+    "subspace": None,
 }
 
 
@@ -108,6 +109,7 @@ __all__ = [
     "metrics",
     "sweep",
     "compare",
+    "subspace",
     "ConfigError",
     "IncompatibleModelError",
     "FORMAT_VERSION",

@@ -7,11 +7,28 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .common import add_command, read_checkpoint
+from .common import (
+    UsageError,
+    add_command,
+    device_for,
+    load_torch_model,
+    model_path,
+    read_checkpoint,
+    require_torch,
+)
 
 EXAMPLES = """examples:
   reft-rs inspect reft-quickstart/checkpoint
-  reft-rs inspect runs/style --json"""
+  reft-rs inspect runs/style --json
+  reft-rs inspect runs/style --subspace --data dev.jsonl --plot overlap.png
+  reft-rs inspect runs/style --subspace --compare runs/other-seed
+
+--subspace loads the base model and shows, per intervention, the tokens each
+row of R (or W2) and of W promotes and suppresses through the model's
+unembedding (final norm applied), and with --data the mean edit size
+|Phi(h) - h| and the share of h in the subspace over that dataset;
+principal angles between the interventions (and with --compare, those of
+another checkpoint); --plot draws their overlap as a heatmap."""
 
 
 def register(commands: Any) -> None:
@@ -20,6 +37,17 @@ def register(commands: Any) -> None:
     )
     inspect.add_argument("checkpoint")
     inspect.add_argument("--json", action="store_true")
+    inspect.add_argument(
+        "--subspace", action="store_true", help="look inside the learned subspaces (needs torch)"
+    )
+    inspect.add_argument("--model", help="the base model (default: the checkpoint's)")
+    inspect.add_argument("--data", help="records to measure the edits over (--subspace)")
+    inspect.add_argument(
+        "--max-examples", type=int, default=256, help="examples of --data used (default 256)"
+    )
+    inspect.add_argument("--compare", help="another checkpoint: principal angles between the two")
+    inspect.add_argument("--top-k", type=int, default=8, help="tokens per row (default 8)")
+    inspect.add_argument("--plot", help="write the overlap heatmap to this PNG file")
     inspect.set_defaults(run=run)
 
 
@@ -33,6 +61,11 @@ def _size(path: Path) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.subspace:
+        return _subspace(args)
+    for flag in ("model", "data", "compare", "plot"):
+        if getattr(args, flag) is not None:
+            raise UsageError(f"--{flag} goes with --subspace")
     import numpy as np
 
     folder = Path(args.checkpoint)
@@ -85,3 +118,94 @@ def run(args: argparse.Namespace) -> int:
         print(f"metadata: {json.dumps(metadata)}")
     print("files: " + ", ".join(f"{name} ({size})" for name, size in files.items()))
     return 0
+
+
+def _subspace(args: argparse.Namespace) -> int:
+    require_torch()
+    from .. import subspace
+    from ..model import ReftModel
+
+    config, _ = read_checkpoint(args.checkpoint)
+    labels = (config.get("metadata") or {}).get("labels")
+    model, tokenizer = load_torch_model(
+        model_path(args.model, args.checkpoint), device_for("cpu"), False, labels
+    )
+    reft_model = ReftModel.from_pretrained(model, args.checkpoint)
+    report: dict[str, Any] = {"checkpoint": args.checkpoint}
+    try:
+        report["logit_lens"] = subspace.logit_lens(reft_model, tokenizer, top_k=args.top_k)
+    except Exception as error:  # a model without an output embedding (a classifier)
+        report["logit_lens"] = []
+        report["logit_lens_skipped"] = str(error)
+    if args.data:
+        report["edits"] = subspace.edit_statistics(reft_model, _batches(args, reft_model, tokenizer, config))
+    named = [(i.config.name, subspace.basis(i)) for i in reft_model.interventions]
+    if args.compare:
+        other = ReftModel.from_pretrained(reft_model.remove_hooks(), args.compare)
+        named += [(f"{args.compare}:{i.config.name}", subspace.basis(i)) for i in other.interventions]
+        other.remove_hooks()
+    names, matrix = subspace.overlap_matrix(named)
+    bases = dict(named)
+    report["principal_angles"] = [
+        {"a": a, "b": b, "degrees": subspace.principal_angles(bases[a], bases[b]).round(2).tolist()}
+        for index, a in enumerate(names)
+        for b in names[index + 1 :]
+        if bases[a].shape[-1] == bases[b].shape[-1]
+    ]
+    report["overlap"] = {"names": names, "matrix": matrix.round(4).tolist()}
+    if args.plot:
+        subspace.heatmap(names, matrix, args.plot, title=f"subspace overlap: {Path(args.checkpoint).name}")
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    _print_subspace(report)
+    if args.plot:
+        print(f"wrote the overlap heatmap to {args.plot}")
+    return 0
+
+
+def _batches(args: argparse.Namespace, reft_model: Any, tokenizer: Any, config: dict[str, Any]) -> Any:
+    from ..records import read_records
+    from ..sweep import Task
+
+    records = []
+    for record in read_records(args.data):
+        records.append(record)
+        if len(records) >= args.max_examples:
+            break
+    labels = (config.get("metadata") or {}).get("labels")
+    task = Task(train=records, dev=records, labels=labels)
+    if labels is not None:
+        records = [r for r in records if str(r.get("label")) in labels]
+    dataset = task.dataset(tokenizer, records, reft_model.reft_config)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return list(dataset.batches(8, pad))
+
+
+def _print_subspace(report: dict[str, Any]) -> None:
+    edits = {e["name"]: e for e in report.get("edits", [])}
+    for entry in report["logit_lens"]:
+        print(f"{entry['name']} ({entry['type']})")
+        stats = edits.get(entry["name"])
+        if stats and stats["states"]:
+            share = (
+                ""
+                if stats["subspace_share"] is None
+                else f", {stats['subspace_share']:.1%} of |h|^2 in the subspace"
+            )
+            print(f"  over {stats['states']} edited states: mean |Phi(h) - h| {stats['mean_edit_norm']:.3f} "
+                  f"(mean |h| {stats['mean_state_norm']:.3f}){share}")  # fmt: skip
+        for label in ("basis", "source"):
+            for row, tokens in enumerate(entry.get(label, [])):
+                name = "R/W2" if label == "basis" else "W"
+                promotes = " ".join(repr(t) for t in tokens["promotes"])
+                suppresses = " ".join(repr(t) for t in tokens["suppresses"])
+                print(
+                    f"  {name} row {row}: promotes {promotes}\n  {' ' * len(name)}        suppresses {suppresses}"
+                )
+    if report.get("logit_lens_skipped"):
+        print(f"(no logit lens: {report['logit_lens_skipped']})")
+    if report["principal_angles"]:
+        print("principal angles (degrees):")
+        for pair in report["principal_angles"]:
+            print(f"  {pair['a']} vs {pair['b']}: {', '.join(f'{d:.1f}' for d in pair['degrees'])}")
