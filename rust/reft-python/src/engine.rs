@@ -5,9 +5,12 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use numpy::{IntoPyArray, PyArray2};
+use numpy::{IntoPyArray, PyArray1, PyArray2};
 use pyo3::prelude::*;
-use reft_core::engine::{cut_at_stop, Engine, GenerateOptions, LoadOptions, Sampling, Session};
+use reft_core::engine::{
+    cut_at_stop, Engine, Finish, GenerateOptions, LoadOptions, Request, Sampling, Scheduler,
+    SchedulerOptions, Session,
+};
 use reft_core::Error;
 
 use crate::errors::IntoPyResult;
@@ -81,15 +84,37 @@ impl PyEngine {
         })
     }
 
+    /// Loads the checkpoint at `path` as adapter `name`.
+    fn add_adapter(&self, py: Python<'_>, name: &str, path: PathBuf) -> PyResult<()> {
+        py.detach(|| self.inner.add_adapter(name, &path))
+            .into_py_result()
+    }
+
+    /// Unloads adapter `name`.
+    fn remove_adapter(&self, name: &str) -> PyResult<()> {
+        self.inner.remove_adapter(name).into_py_result()
+    }
+
+    /// `[(name, checkpoint config JSON)]` of the loaded adapters, by name.
+    fn adapters(&self) -> Vec<(String, String)> {
+        self.inner
+            .adapters()
+            .into_iter()
+            .map(|(name, config)| (name, config.to_json()))
+            .collect()
+    }
+
     /// Logits `(len, vocab)` of every position of `token_ids`, float32.
+    #[pyo3(signature = (token_ids, adapter=None))]
     fn logits<'py>(
         &self,
         py: Python<'py>,
         token_ids: Vec<u32>,
+        adapter: Option<String>,
     ) -> PyResult<Bound<'py, PyArray2<f32>>> {
         let vocab = self.inner.config().vocab_size;
         let values = py
-            .detach(|| self.inner.logits(&token_ids))
+            .detach(|| self.inner.logits_with(&token_ids, adapter.as_deref()))
             .into_py_result()?;
         let rows = values.len() / vocab;
         let array = numpy::ndarray::Array2::from_shape_vec((rows, vocab), values)
@@ -97,25 +122,33 @@ impl PyEngine {
         Ok(array.into_pyarray(py))
     }
 
-    /// New token ids for each prompt of token ids.
+    /// New token ids for each prompt of token ids, each with its adapter
+    /// (`adapters` empty: the engine's own checkpoint).
+    #[pyo3(signature = (prompts, options, adapters=Vec::new()))]
     fn generate_ids(
         &self,
         py: Python<'_>,
         prompts: Vec<Vec<u32>>,
         options: OptionArgs,
+        adapters: Vec<Option<String>>,
     ) -> PyResult<Vec<Vec<u32>>> {
         let options = self::options(options);
-        py.detach(|| self.inner.generate(&prompts, &options))
-            .into_py_result()
+        py.detach(|| {
+            self.inner
+                .generate_streaming(&prompts, &adapters, &options, |_, _| {})
+        })
+        .into_py_result()
     }
 
     /// Text continuations of each prompt, cut before any stop string.
+    #[pyo3(signature = (prompts, options, add_special_tokens, adapters=Vec::new()))]
     fn generate_text(
         &self,
         py: Python<'_>,
         prompts: Vec<String>,
         options: OptionArgs,
         add_special_tokens: bool,
+        adapters: Vec<Option<String>>,
     ) -> PyResult<Vec<String>> {
         let options = self::options(options);
         py.detach(|| -> Result<Vec<String>, Error> {
@@ -124,7 +157,9 @@ impl PyEngine {
                 .iter()
                 .map(|p| text.encode(p, add_special_tokens))
                 .collect::<Result<Vec<_>, _>>()?;
-            let out = self.inner.generate(&ids, &options)?;
+            let out = self
+                .inner
+                .generate_streaming(&ids, &adapters, &options, |_, _| {})?;
             out.iter()
                 .map(|tokens| Ok(cut_at_stop(&text.decode(tokens)?, &options.stop).to_string()))
                 .collect()
@@ -133,11 +168,22 @@ impl PyEngine {
     }
 
     /// A stream of one prompt's tokens (see `reft_rs.Engine.stream`).
-    fn stream_ids(&self, prompt: Vec<u32>, options: OptionArgs) -> PyResult<PyStream> {
+    #[pyo3(signature = (prompt, options, adapter=None))]
+    fn stream_ids(
+        &self,
+        prompt: Vec<u32>,
+        options: OptionArgs,
+        adapter: Option<String>,
+    ) -> PyResult<PyStream> {
         let options = self::options(options);
         let stop = options.stop.clone();
-        let session =
-            Session::new(Arc::clone(&self.inner), vec![prompt], options).into_py_result()?;
+        let session = Session::new(
+            Arc::clone(&self.inner),
+            vec![prompt],
+            vec![adapter],
+            options,
+        )
+        .into_py_result()?;
         Ok(PyStream {
             engine: Arc::clone(&self.inner),
             state: Mutex::new(StreamState {
@@ -266,5 +312,115 @@ impl PyStream {
             }
         })
         .into_py_result()
+    }
+}
+
+/// `(id, token, finish, error, logits)` of one request in one step.
+type PyEvent<'py> = (
+    u64,
+    Option<u32>,
+    Option<&'static str>,
+    Option<String>,
+    Option<Bound<'py, PyArray1<f32>>>,
+);
+
+/// Continuous batching over an engine (see `reft_rs.Scheduler`).
+#[pyclass(module = "reft_rs._core", name = "Scheduler", frozen)]
+pub struct PyScheduler {
+    inner: Arc<Scheduler>,
+}
+
+#[pymethods]
+impl PyScheduler {
+    #[new]
+    fn new(
+        engine: &PyEngine,
+        max_batch: usize,
+        kv_cache_bytes: usize,
+        max_prefill_tokens: usize,
+    ) -> PyResult<Self> {
+        let scheduler = Scheduler::new(
+            Arc::clone(&engine.inner),
+            SchedulerOptions {
+                max_batch,
+                kv_cache_bytes,
+                max_prefill_tokens,
+            },
+        )
+        .into_py_result()?;
+        Ok(PyScheduler {
+            inner: Arc::new(scheduler),
+        })
+    }
+
+    /// Queues a request; returns its id.
+    #[pyo3(signature = (prompt, options, adapter=None, return_logits=false))]
+    fn submit(
+        &self,
+        prompt: Vec<u32>,
+        options: OptionArgs,
+        adapter: Option<String>,
+        return_logits: bool,
+    ) -> PyResult<u64> {
+        self.inner
+            .submit(Request {
+                prompt,
+                adapter,
+                options: self::options(options),
+                return_logits,
+            })
+            .into_py_result()
+    }
+
+    /// Ends request `id` at the next step.
+    fn cancel(&self, id: u64) {
+        self.inner.cancel(id)
+    }
+
+    /// One step: the events of every request it touched.
+    fn step<'py>(&self, py: Python<'py>) -> PyResult<Vec<PyEvent<'py>>> {
+        let events = py.detach(|| self.inner.step()).into_py_result()?;
+        Ok(events
+            .into_iter()
+            .map(|event| {
+                let (finish, error) = match event.finish {
+                    Some(Finish::Error(message)) => (Some("error"), Some(message)),
+                    Some(other) => (Some(other.as_str()), None),
+                    None => (None, None),
+                };
+                let logits = event.logits.map(|values| values.into_pyarray(py));
+                (event.id, event.token, finish, error, logits)
+            })
+            .collect())
+    }
+
+    /// Blocks (the interpreter released) until there is work or
+    /// `timeout` seconds have passed; returns whether there is work.
+    fn wait(&self, py: Python<'_>, timeout: f64) -> bool {
+        let timeout = std::time::Duration::from_secs_f64(timeout.clamp(0.0, 3600.0));
+        py.detach(|| self.inner.wait(timeout))
+    }
+
+    #[getter]
+    fn has_work(&self) -> bool {
+        self.inner.has_work()
+    }
+
+    /// `(waiting, running, reserved cache bytes)`.
+    #[getter]
+    fn load(&self) -> (usize, usize, usize) {
+        self.inner.load()
+    }
+
+    /// Bytes of key/value cache a sequence of `tokens` tokens holds.
+    fn kv_bytes(&self, tokens: usize) -> usize {
+        self.inner.kv_bytes(tokens)
+    }
+
+    /// `(max_batch, kv_cache_bytes, max_prefill_tokens)`.
+    #[getter]
+    fn limits(&self) -> (usize, usize, usize) {
+        let o = self.inner.options();
+        (o.max_batch, o.kv_cache_bytes, o.max_prefill_tokens)
     }
 }

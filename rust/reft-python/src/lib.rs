@@ -21,6 +21,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<positions::PyPositionSpec>()?;
     m.add_class::<engine::PyEngine>()?;
     m.add_class::<engine::PyStream>()?;
+    m.add_class::<engine::PyScheduler>()?;
     m.add_class::<tokenize::PyBatchTokenizer>()?;
     m.add_function(wrap_pyfunction!(positions::locate, m)?)?;
     m.add_function(wrap_pyfunction!(positions::locate_char_spans, m)?)?;

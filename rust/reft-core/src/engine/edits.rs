@@ -283,108 +283,130 @@ impl EditSet {
             config,
         })
     }
+}
 
-    /// The edits of one forward call.
-    ///
-    /// `prompt_lengths`: real prompt tokens per row (prefill only);
-    /// `width`: tokens per row in this call; `start`: tokens already cached;
-    /// `prompt_width`: padded prompt length (tokens past it are generated).
-    pub(crate) fn step<'a>(
-        &'a self,
-        prompt_lengths: Option<&[i64]>,
-        width: usize,
-        start: usize,
-        prompt_width: usize,
-        on_generated: bool,
-    ) -> Result<StepEdits<'a>> {
-        let mut rows: Vec<Option<Tensor>> = vec![None; self.interventions.len()];
-        if let Some(lengths) = prompt_lengths {
-            // Positions of the prompt, one locate call per (spec, sharing).
-            let mut cache: HashMap<(String, bool, bool), crate::positions::Locations> =
-                HashMap::new();
-            for (index, item) in self.interventions.iter().enumerate() {
-                if item.every_token() {
+/// One sequence's share of a forward call, as the edits see it.
+#[derive(Clone, Copy)]
+pub(crate) struct Span<'a> {
+    /// The interventions the sequence runs with, if any.
+    pub(crate) set: Option<&'a EditSet>,
+    /// Its first row among the call's tokens.
+    pub(crate) first_row: usize,
+    /// Its number of rows (tokens) in the call.
+    pub(crate) tokens: usize,
+    /// The rows are the whole prompt; else they are generated tokens fed
+    /// back while decoding.
+    pub(crate) prompt: bool,
+    /// Generated tokens are edited too (by the position-based interventions).
+    pub(crate) on_generated: bool,
+}
+
+/// The edits of one forward call over a ragged batch whose sequences may
+/// each run with a different checkpoint: which rows each intervention of
+/// each checkpoint changes.
+pub(crate) struct BatchEdits<'a> {
+    /// Each checkpoint in the call, with the rows of each of its
+    /// interventions (`None`: no rows; `Some(None)`: every row of the call).
+    groups: Vec<(&'a EditSet, Vec<Option<Option<Tensor>>>)>,
+    sites: HashSet<(usize, Component)>,
+}
+
+impl<'a> BatchEdits<'a> {
+    pub(crate) fn new(spans: &[Span<'a>]) -> Result<Self> {
+        let rows = spans
+            .iter()
+            .map(|s| s.first_row + s.tokens)
+            .max()
+            .unwrap_or(0);
+        let mut chosen: Vec<(&'a EditSet, Vec<Vec<u32>>)> = Vec::new();
+        // Positions of a prompt, one locate call per (spec, sharing, length).
+        let mut located: HashMap<(String, bool, bool, usize), crate::positions::Locations> =
+            HashMap::new();
+        for span in spans {
+            let Some(set) = span.set else { continue };
+            let slot = match chosen.iter().position(|(s, _)| std::ptr::eq(*s, set)) {
+                Some(slot) => slot,
+                None => {
+                    chosen.push((set, vec![Vec::new(); set.interventions.len()]));
+                    chosen.len() - 1
+                }
+            };
+            let all = span.first_row as u32..(span.first_row + span.tokens) as u32;
+            for (index, item) in set.interventions.iter().enumerate() {
+                let out = &mut chosen[slot].1[index];
+                if item.every_token() || (!span.prompt && span.on_generated) {
+                    out.extend(all.clone());
+                    continue;
+                }
+                if !span.prompt {
                     continue;
                 }
                 let key = (
                     item.config.positions.clone(),
                     item.config.share_weights,
                     item.config.include_last,
+                    span.tokens,
                 );
-                if !cache.contains_key(&key) {
+                if !located.contains_key(&key) {
                     let options = LocateOptions {
                         share_weights: item.config.share_weights,
                         include_last: item.config.include_last,
                         padding_side: PaddingSide::Left,
-                        padded_length: Some(width),
+                        padded_length: Some(span.tokens),
                         parallel: false,
                     };
-                    cache.insert(key.clone(), locate(lengths, None, &item.spec, &options)?);
+                    let lengths = [span.tokens as i64];
+                    located.insert(key.clone(), locate(&lengths, None, &item.spec, &options)?);
                 }
-                let locations = &cache[&key];
-                let mut flat = Vec::new();
-                for b in 0..lengths.len() {
-                    for &p in locations.row(item.config.group, b) {
-                        if p != MASKED {
-                            flat.push((b * width) as u32 + p as u32);
-                        }
+                for &p in located[&key].row(item.config.group, 0) {
+                    if p != MASKED {
+                        out.push((span.first_row + p as usize) as u32);
                     }
-                }
-                if !flat.is_empty() {
-                    let n = flat.len();
-                    rows[index] = Some(Tensor::from_vec(flat, n, &Device::Cpu)?);
                 }
             }
         }
-        let generated_from =
-            (on_generated && start + width > prompt_width).then(|| start.max(prompt_width) - start);
-        Ok(StepEdits {
-            set: self,
-            rows,
-            generated_from,
-            width,
-        })
+        let mut groups = Vec::with_capacity(chosen.len());
+        let mut sites = HashSet::new();
+        for (set, lists) in chosen {
+            sites.extend(set.sites.iter().copied());
+            let tensors = lists
+                .into_iter()
+                .map(|list| -> Result<Option<Option<Tensor>>> {
+                    let n = list.len();
+                    Ok(if n == 0 {
+                        None
+                    } else if n == rows && list.iter().enumerate().all(|(i, &r)| r as usize == i) {
+                        Some(None)
+                    } else {
+                        Some(Some(Tensor::from_vec(list, n, &Device::Cpu)?))
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            groups.push((set, tensors));
+        }
+        Ok(BatchEdits { groups, sites })
     }
 }
 
-/// The edits of one forward call: which rows each intervention changes.
-pub(crate) struct StepEdits<'a> {
-    set: &'a EditSet,
-    rows: Vec<Option<Tensor>>,
-    /// First local token index that is a generated token, when generated
-    /// tokens are edited too.
-    generated_from: Option<usize>,
-    width: usize,
-}
-
-impl EditSite for StepEdits<'_> {
+impl EditSite for BatchEdits<'_> {
     fn wants(&self, layer: usize, component: Component) -> bool {
-        self.set.sites.contains(&(layer, component))
+        self.sites.contains(&(layer, component))
     }
 
     fn apply(&self, layer: usize, component: Component, mut hidden: Tensor) -> Result<Tensor> {
-        for (index, item) in self.set.interventions.iter().enumerate() {
-            if item.config.layer != layer || item.config.component != component {
-                continue;
-            }
-            if item.every_token() {
-                hidden = item.apply_all(&hidden)?;
-                continue;
-            }
-            if let Some(rows) = &self.rows[index] {
-                let chosen = hidden.index_select(rows, 0)?;
-                hidden = hidden.index_add(rows, &item.delta(&chosen)?, 0)?;
-            }
-            if let Some(from) = self.generated_from {
-                let (n, d) = hidden.dims2()?;
-                let batch = n / self.width;
-                let tail = self.width - from;
-                let shaped = hidden.reshape((batch, self.width, d))?;
-                let kept = shaped.narrow(1, 0, from)?;
-                let edited = item
-                    .apply_all(&shaped.narrow(1, from, tail)?.reshape((batch * tail, d))?)?
-                    .reshape((batch, tail, d))?;
-                hidden = Tensor::cat(&[&kept, &edited], 1)?.reshape((n, d))?;
+        for (set, rows) in &self.groups {
+            for (item, rows) in set.interventions.iter().zip(rows) {
+                if item.config.layer != layer || item.config.component != component {
+                    continue;
+                }
+                match rows {
+                    None => {}
+                    Some(None) => hidden = item.apply_all(&hidden)?,
+                    Some(Some(rows)) => {
+                        let chosen = hidden.index_select(rows, 0)?;
+                        hidden = hidden.index_add(rows, &item.delta(&chosen)?, 0)?;
+                    }
+                }
             }
         }
         Ok(hidden)

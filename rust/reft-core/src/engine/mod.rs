@@ -25,22 +25,24 @@ mod edits;
 mod kernels;
 mod model;
 mod sample;
+mod scheduler;
 mod text;
 mod weights;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use candle_core::quantized::gguf_file;
 
 pub use config::{Family, ModelConfig, RopeStyle};
 pub use sample::Sampling;
+pub use scheduler::{Event, Finish, Request, Scheduler, SchedulerOptions, Session};
 pub use text::Text;
 
 use crate::error::{Error, Result};
-use edits::EditSet;
-use model::{KvCache, NoEdits, Transformer};
+use edits::{BatchEdits, EditSet, Span};
+use model::{SeqCache, Transformer};
 use weights::Source;
 
 /// Settings of one generation call.
@@ -83,16 +85,37 @@ pub struct LoadOptions {
     pub dequantize: bool,
 }
 
-/// A loaded model, its tokenizer and, optionally, interventions.
+/// A loaded model, its tokenizer and, optionally, interventions: the
+/// checkpoint it was loaded with, and any number of named adapters
+/// (checkpoints added and removed while it runs).
 ///
-/// An engine is immutable once loaded: any number of threads may call it at
-/// once, each call with its own KV cache.
+/// Any number of threads may call an engine at once, each call with its own
+/// KV caches.
 pub struct Engine {
     model: Transformer,
     text: Option<Text>,
-    edits: Option<EditSet>,
+    edits: Option<Arc<EditSet>>,
+    adapters: RwLock<HashMap<String, Arc<EditSet>>>,
     pool: Option<rayon::ThreadPool>,
     quantized: bool,
+}
+
+/// Longest adapter name.
+pub const MAX_ADAPTER_NAME: usize = 128;
+
+fn check_adapter_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_ADAPTER_NAME
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-:@+/".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "adapter name {name:?} must be 1 to {MAX_ADAPTER_NAME} characters of letters, digits and . _ - : @ + /"
+        )))
+    }
 }
 
 fn gguf_config(meta: &HashMap<String, gguf_file::Value>, path: &Path) -> Result<ModelConfig> {
@@ -271,13 +294,14 @@ impl Engine {
             None => load()?,
         };
         let edits = match reft {
-            Some(dir) => Some(EditSet::load(dir, &model.config)?),
+            Some(dir) => Some(Arc::new(EditSet::load(dir, &model.config)?)),
             None => None,
         };
         Ok(Engine {
             model,
             text,
             edits,
+            adapters: RwLock::default(),
             pool,
             quantized,
         })
@@ -318,23 +342,104 @@ impl Engine {
         }
     }
 
+    /// Loads the checkpoint at `dir` as adapter `name`, checked against
+    /// the model as at load time. Requests that name it run with it from now on.
+    pub fn add_adapter(&self, name: &str, dir: &Path) -> Result<()> {
+        check_adapter_name(name)?;
+        if self.read_adapters().contains_key(name) {
+            return Err(Error::InvalidArgument(format!(
+                "an adapter named {name:?} is loaded already; remove it first"
+            )));
+        }
+        let set = Arc::new(EditSet::load(dir, &self.model.config)?);
+        let mut adapters = self.adapters.write().unwrap_or_else(|p| p.into_inner());
+        if adapters.contains_key(name) {
+            return Err(Error::InvalidArgument(format!(
+                "an adapter named {name:?} is loaded already; remove it first"
+            )));
+        }
+        adapters.insert(name.to_string(), set);
+        Ok(())
+    }
+
+    /// Unloads adapter `name`; requests already running with it finish with it.
+    pub fn remove_adapter(&self, name: &str) -> Result<()> {
+        let mut adapters = self.adapters.write().unwrap_or_else(|p| p.into_inner());
+        match adapters.remove(name) {
+            Some(_) => Ok(()),
+            None => Err(Error::InvalidArgument(format!(
+                "no adapter named {name:?} is loaded"
+            ))),
+        }
+    }
+
+    /// Names of the loaded adapters and their checkpoint configs, by name.
+    pub fn adapters(&self) -> Vec<(String, crate::config::ReftConfig)> {
+        let mut out: Vec<_> = self
+            .read_adapters()
+            .iter()
+            .map(|(name, set)| (name.clone(), set.config.clone()))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    fn read_adapters(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Arc<EditSet>>> {
+        self.adapters.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The interventions a request runs with: adapter `name`, or with
+    /// `None` the checkpoint the engine was loaded with (if any).
+    fn resolve_adapter(&self, name: Option<&str>) -> Result<Option<Arc<EditSet>>> {
+        match name {
+            None => Ok(self.edits.clone()),
+            Some(name) => self
+                .read_adapters()
+                .get(name)
+                .cloned()
+                .map(Some)
+                .ok_or_else(|| {
+                    let mut known: Vec<String> = self.read_adapters().keys().cloned().collect();
+                    known.sort();
+                    Error::InvalidArgument(format!(
+                        "no adapter named {name:?} is loaded (loaded: {})",
+                        if known.is_empty() {
+                            "none".to_string()
+                        } else {
+                            known.join(", ")
+                        }
+                    ))
+                }),
+        }
+    }
+
     /// Float32 logits `[len, vocab]` (row-major) of every position of one
     /// sequence, with the interventions applied (the whole sequence is the
     /// prompt).
     pub fn logits(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        self.logits_with(ids, None)
+    }
+
+    /// [`Engine::logits`] with adapter `adapter` (see [`Request::adapter`]).
+    pub fn logits_with(&self, ids: &[u32], adapter: Option<&str>) -> Result<Vec<f32>> {
         if ids.is_empty() {
             return Err(Error::InvalidArgument("no token ids given".into()));
         }
+        let set = self.resolve_adapter(adapter)?;
         self.run(|| {
-            let mut cache = KvCache::new(self.model.config.num_hidden_layers, vec![0]);
-            let logits = match &self.edits {
-                Some(set) => {
-                    let lengths = [ids.len() as i64];
-                    let step = set.step(Some(&lengths), ids.len(), 0, ids.len(), false)?;
-                    self.model.forward(ids, &mut cache, &step, true)?
-                }
-                None => self.model.forward(ids, &mut cache, &NoEdits, true)?,
+            let c = &self.model.config;
+            let mut cache = SeqCache::new(c.num_hidden_layers, self.model.kv_width(), ids.len());
+            let span = Span {
+                set: set.as_deref(),
+                first_row: 0,
+                tokens: ids.len(),
+                prompt: true,
+                on_generated: false,
             };
+            let edits = BatchEdits::new(&[span])?;
+            let logits = self
+                .model
+                .forward(ids, &[ids.len()], &mut [&mut cache], &edits, true)?;
             Ok(logits.flatten_all()?.to_vec1::<f32>()?)
         })
     }
@@ -346,18 +451,25 @@ impl Engine {
         prompts: &[Vec<u32>],
         options: &GenerateOptions,
     ) -> Result<Vec<Vec<u32>>> {
-        self.generate_streaming(prompts, options, |_, _| {})
+        self.generate_streaming(prompts, &[], options, |_, _| {})
     }
 
-    /// [`Engine::generate`], calling `on_token(prompt index, token)` for each
-    /// token as soon as it is chosen.
+    /// [`Engine::generate`] with one adapter per prompt (`adapters` empty:
+    /// the engine's own checkpoint for all), calling `on_token(prompt
+    /// index, token)` for each token as soon as it is chosen.
     pub fn generate_streaming(
         self: &Arc<Self>,
         prompts: &[Vec<u32>],
+        adapters: &[Option<String>],
         options: &GenerateOptions,
         mut on_token: impl FnMut(usize, u32),
     ) -> Result<Vec<Vec<u32>>> {
-        let mut session = Session::new(Arc::clone(self), prompts.to_vec(), options.clone())?;
+        let mut session = Session::new(
+            Arc::clone(self),
+            prompts.to_vec(),
+            adapters.to_vec(),
+            options.clone(),
+        )?;
         while let Some(tokens) = session.step()? {
             for (row, token) in tokens.into_iter().enumerate() {
                 if let Some(token) = token {
@@ -365,158 +477,7 @@ impl Engine {
                 }
             }
         }
-        Ok(session.generated)
-    }
-}
-
-/// One generation in progress, advanced a token at a time by [`Session::step`].
-pub struct Session {
-    engine: Arc<Engine>,
-    options: GenerateOptions,
-    cache: KvCache,
-    prompt: Vec<u32>,
-    lengths: Vec<i64>,
-    width: usize,
-    pending: Vec<u32>,
-    done: Vec<bool>,
-    generated: Vec<Vec<u32>>,
-    steps: usize,
-    rng: sample::Rng,
-    eos: Vec<u32>,
-}
-
-impl Session {
-    /// Prepares a left-padded batch of `prompts`.
-    pub fn new(
-        engine: Arc<Engine>,
-        prompts: Vec<Vec<u32>>,
-        options: GenerateOptions,
-    ) -> Result<Self> {
-        options.sampling.validate()?;
-        if prompts.is_empty() {
-            return Err(Error::InvalidArgument("no prompts given".into()));
-        }
-        if let Some(i) = prompts.iter().position(Vec::is_empty) {
-            return Err(Error::InvalidArgument(format!("prompt {i} has no tokens")));
-        }
-        if !options.stop.is_empty() && engine.text.is_none() {
-            return Err(Error::Tokenizer(
-                "stop strings need a tokenizer, and the model has none".into(),
-            ));
-        }
-        let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
-        let mut prompt = Vec::with_capacity(width * prompts.len());
-        let mut pad = Vec::with_capacity(prompts.len());
-        for p in &prompts {
-            pad.push(width - p.len());
-            prompt.extend(std::iter::repeat_n(0, width - p.len()));
-            prompt.extend_from_slice(p);
-        }
-        let layers = engine.model.config.num_hidden_layers;
-        let eos = if options.ignore_eos {
-            Vec::new()
-        } else {
-            engine.eos_token_ids()
-        };
-        Ok(Session {
-            lengths: prompts.iter().map(|p| p.len() as i64).collect(),
-            done: vec![options.max_new_tokens == 0; prompts.len()],
-            generated: vec![Vec::new(); prompts.len()],
-            rng: sample::Rng::new(options.sampling.seed),
-            cache: KvCache::new(layers, pad),
-            engine,
-            options,
-            prompt,
-            width,
-            pending: Vec::new(),
-            steps: 0,
-            eos,
-        })
-    }
-
-    /// Tokens generated so far, per prompt.
-    pub fn generated(&self) -> &[Vec<u32>] {
-        &self.generated
-    }
-
-    /// Whether every prompt has finished.
-    pub fn is_done(&self) -> bool {
-        self.done.iter().all(|&d| d)
-    }
-
-    /// Generates one token for every unfinished prompt: `None` once all
-    /// have finished, else the new token of each prompt (`None` for prompts
-    /// that had already finished or that just hit an end-of-sequence token).
-    pub fn step(&mut self) -> Result<Option<Vec<Option<u32>>>> {
-        if self.is_done() {
-            return Ok(None);
-        }
-        let engine = Arc::clone(&self.engine);
-        let prefill = self.steps == 0;
-        let ids = if prefill {
-            std::mem::take(&mut self.prompt)
-        } else {
-            self.pending.clone()
-        };
-        let width = if prefill { self.width } else { 1 };
-        let logits = {
-            let cache = &mut self.cache;
-            let lengths = &self.lengths;
-            let (prompt_width, on_generated) = (self.width, self.options.intervene_on_generated);
-            engine.run(|| {
-                let start = cache.len;
-                let out = match &engine.edits {
-                    Some(set) => {
-                        let step = set.step(
-                            prefill.then_some(lengths.as_slice()),
-                            width,
-                            start,
-                            prompt_width,
-                            on_generated,
-                        )?;
-                        engine.model.forward(&ids, cache, &step, false)?
-                    }
-                    None => engine.model.forward(&ids, cache, &NoEdits, false)?,
-                };
-                Ok(out.to_vec2::<f32>()?)
-            })?
-        };
-        self.steps += 1;
-        let mut out = Vec::with_capacity(logits.len());
-        self.pending.clear();
-        for (row, values) in logits.iter().enumerate() {
-            if self.done[row] {
-                out.push(None);
-                self.pending.push(0);
-                continue;
-            }
-            let token = sample::choose(values, &self.options.sampling, &mut self.rng);
-            self.pending.push(token);
-            if self.eos.contains(&token) {
-                self.done[row] = true;
-                out.push(None);
-                continue;
-            }
-            self.generated[row].push(token);
-            out.push(Some(token));
-            if !self.options.stop.is_empty() {
-                if let Some(text) = &engine.text {
-                    let decoded = text.decode(&self.generated[row])?;
-                    if self
-                        .options
-                        .stop
-                        .iter()
-                        .any(|s| decoded.contains(s.as_str()))
-                    {
-                        self.done[row] = true;
-                    }
-                }
-            }
-        }
-        if self.steps >= self.options.max_new_tokens {
-            self.done.iter_mut().for_each(|d| *d = true);
-        }
-        Ok(Some(out))
+        Ok(session.into_generated())
     }
 }
 

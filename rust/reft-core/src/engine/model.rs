@@ -2,10 +2,11 @@
 //! tensor operations, with an edit point at every component the
 //! interventions may target.
 //!
-//! States stay two-dimensional, `[batch * tokens, hidden]`, between the
-//! layers, so every projection is one matrix product. Batches are
-//! left-padded: row `b` has `pad[b]` padding tokens before its prompt, which
-//! no real token attends to and whose positions do not count.
+//! States stay two-dimensional, `[tokens, hidden]`, between the layers, so
+//! every projection is one matrix product over all the sequences of a call.
+//! Batches are ragged, with no padding: each sequence brings its own number
+//! of new tokens (a whole prompt, or one token while decoding) and its own
+//! key/value cache, and attention runs per sequence over that cache.
 
 use candle_core::{Device, Tensor, D};
 
@@ -20,18 +21,6 @@ pub(crate) trait EditSite {
     fn wants(&self, layer: usize, component: Component) -> bool;
     /// The edited states.
     fn apply(&self, layer: usize, component: Component, hidden: Tensor) -> Result<Tensor>;
-}
-
-/// No edits at all.
-pub(crate) struct NoEdits;
-
-impl EditSite for NoEdits {
-    fn wants(&self, _: usize, _: Component) -> bool {
-        false
-    }
-    fn apply(&self, _: usize, _: Component, hidden: Tensor) -> Result<Tensor> {
-        Ok(hidden)
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -200,25 +189,31 @@ fn llama_layers(c: &ModelConfig, source: &Source, names: &LayerNames) -> Result<
         .collect()
 }
 
-/// Keys and values of the tokens seen so far, per layer, for one batch.
-pub(crate) struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
-    /// Tokens in the cache (padding included).
+/// Keys and values of one sequence's tokens so far, per layer, token-major:
+/// `[len, kv_heads * head_dim]` float32 values per layer. Sequences of a
+/// batch each keep their own, so they may start, grow and end apart.
+#[derive(Debug, Clone)]
+pub(crate) struct SeqCache {
+    keys: Vec<Vec<f32>>,
+    values: Vec<Vec<f32>>,
+    /// Tokens in the cache.
     pub(crate) len: usize,
-    /// Left padding of each row.
-    pub(crate) pad: Vec<usize>,
 }
 
-impl KvCache {
-    pub(crate) fn new(layers: usize, pad: Vec<usize>) -> Self {
-        KvCache {
-            layers: vec![None; layers],
+impl SeqCache {
+    /// An empty cache with room for `capacity` tokens of a model with
+    /// `layers` layers and `width` key (and value) values per token.
+    pub(crate) fn new(layers: usize, width: usize, capacity: usize) -> Self {
+        let room = || {
+            (0..layers)
+                .map(|_| Vec::with_capacity(width * capacity))
+                .collect()
+        };
+        SeqCache {
+            keys: room(),
+            values: room(),
             len: 0,
-            pad,
         }
-    }
-    pub(crate) fn batch(&self) -> usize {
-        self.pad.len()
     }
 }
 
@@ -230,8 +225,8 @@ pub(crate) struct Transformer {
     layers: Vec<Layer>,
     final_norm: Norm,
     head: Linear,
-    /// `[max_positions, head_dim / 2]` cos and sin tables.
-    rope: Option<(Tensor, Tensor)>,
+    /// `[max_positions, head_dim / 2]` cos and sin tables, row-major.
+    rope: Option<(Vec<f32>, Vec<f32>)>,
     act: Activation,
 }
 
@@ -346,7 +341,7 @@ impl Transformer {
         head: Linear,
     ) -> Result<Self> {
         let rope = match config.family {
-            Family::Llama => Some(rope_tables(&config)?),
+            Family::Llama => Some(rope_tables(&config)),
             Family::Gpt2 => None,
         };
         if head.out_features() != config.vocab_size {
@@ -369,80 +364,68 @@ impl Transformer {
         })
     }
 
-    /// Runs `ids` (`[batch, tokens]`, row-major, left-padded as the cache's
-    /// `pad` says) through the model after the tokens already in `cache`.
+    /// Key (and value) values per token and layer.
+    pub(crate) fn kv_width(&self) -> usize {
+        self.config.num_key_value_heads * self.config.head_dim
+    }
+
+    /// Runs a ragged batch through the model: `ids` holds, one sequence
+    /// after another, `counts[s]` new tokens of sequence `s`, which follow
+    /// the `caches[s].len` tokens already in its cache (and are added to it).
     ///
-    /// Returns the logits `[batch * tokens, vocab]` when `all_logits`, else
-    /// those of each row's last token, `[batch, vocab]`.
+    /// Returns the logits `[sum(counts), vocab]` when `all_logits`, else
+    /// those of each sequence's last new token, `[sequences, vocab]`.
     pub(crate) fn forward(
         &self,
         ids: &[u32],
-        cache: &mut KvCache,
+        counts: &[usize],
+        caches: &mut [&mut SeqCache],
         edits: &dyn EditSite,
         all_logits: bool,
     ) -> Result<Tensor> {
         let c = &self.config;
-        let batch = cache.batch();
-        if batch == 0 || ids.is_empty() || !ids.len().is_multiple_of(batch) {
+        let n: usize = counts.iter().sum();
+        if counts.is_empty()
+            || counts.len() != caches.len()
+            || n != ids.len()
+            || counts.contains(&0)
+        {
             return Err(Error::InvalidArgument(format!(
-                "{} token ids do not form a batch of {batch} rows",
-                ids.len()
+                "{} token ids do not split into {} sequences of {counts:?} tokens",
+                ids.len(),
+                caches.len()
             )));
         }
-        let t = ids.len() / batch;
         if let Some(&bad) = ids.iter().find(|&&id| id as usize >= c.vocab_size) {
             return Err(Error::InvalidArgument(format!(
                 "token id {bad} is outside the vocabulary of {} tokens",
                 c.vocab_size
             )));
         }
-        let start = cache.len;
-        let total = start + t;
-        if total > c.max_position_embeddings {
-            return Err(Error::InvalidArgument(format!(
-                "{total} tokens exceed the model's {} positions",
-                c.max_position_embeddings
-            )));
-        }
-        // Position of each token, counted over the row's real tokens.
-        let mut pos = Vec::with_capacity(batch * t);
-        for &pad in &cache.pad {
-            for i in 0..t {
-                pos.push((start + i).saturating_sub(pad) as u32);
+        // Each token's sequence and position.
+        let mut rows = Vec::with_capacity(n);
+        for (s, (&count, cache)) in counts.iter().zip(caches.iter()).enumerate() {
+            let total = cache.len + count;
+            if total > c.max_position_embeddings {
+                return Err(Error::InvalidArgument(format!(
+                    "{total} tokens exceed the model's {} positions",
+                    c.max_position_embeddings
+                )));
             }
+            rows.extend((cache.len..total).map(|p| (s, p)));
         }
-        let pos = Tensor::from_vec(pos, batch * t, &Device::Cpu)?;
-        let id_tensor = Tensor::from_slice(ids, ids.len(), &Device::Cpu)?;
+        let id_tensor = Tensor::from_slice(ids, n, &Device::Cpu)?;
         let mut h = self.embed.index_select(&id_tensor, 0)?;
         if let Some(table) = &self.positions {
-            h = h.add(&table.index_select(&pos, 0)?)?;
+            let pos: Vec<u32> = rows.iter().map(|&(_, p)| p as u32).collect();
+            h = h.add(&table.index_select(&Tensor::from_vec(pos, n, &Device::Cpu)?, 0)?)?;
         }
-        let rope = match &self.rope {
-            Some((cos, sin)) => {
-                let half = c.head_dim / 2;
-                Some((
-                    cos.index_select(&pos, 0)?.reshape((batch, 1, t, half))?,
-                    sin.index_select(&pos, 0)?.reshape((batch, 1, t, half))?,
-                ))
-            }
-            None => None,
-        };
-        let mask = attention_mask(&cache.pad, start, t)?;
         for (index, layer) in self.layers.iter().enumerate() {
             if edits.wants(index, Component::BlockInput) {
                 h = edits.apply(index, Component::BlockInput, h)?;
             }
             let x = layer.attn_norm.forward(&h)?;
-            let mut a = self.attention(
-                layer,
-                index,
-                &x,
-                batch,
-                t,
-                cache,
-                rope.as_ref(),
-                mask.as_ref(),
-            )?;
+            let mut a = self.attention(layer, index, &x, &rows, caches)?;
             if edits.wants(index, Component::AttentionOutput) {
                 a = edits.apply(index, Component::AttentionOutput, a)?;
             }
@@ -464,109 +447,154 @@ impl Transformer {
                 h = edits.apply(index, Component::BlockOutput, h)?;
             }
         }
-        cache.len = total;
-        let h = if all_logits || t == 1 {
+        for (cache, &count) in caches.iter_mut().zip(counts) {
+            cache.len += count;
+        }
+        let h = if all_logits || n == counts.len() {
             h
         } else {
-            h.reshape((batch, t, c.hidden_size))?
-                .narrow(1, t - 1, 1)?
-                .reshape((batch, c.hidden_size))?
+            let mut last = Vec::with_capacity(counts.len());
+            let mut end = 0u32;
+            for &count in counts {
+                end += count as u32;
+                last.push(end - 1);
+            }
+            let k = last.len();
+            h.index_select(&Tensor::from_vec(last, k, &Device::Cpu)?, 0)?
         };
         let h = self.final_norm.forward(&h)?;
         self.head.forward(&h)
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Causal self-attention of the `[n, hidden]` states `x`, whose rows
+    /// are the `(sequence, position)` tokens of `rows`: their keys and values
+    /// join each sequence's cache, and each token attends to its sequence's
+    /// tokens up to itself.
     fn attention(
         &self,
         layer: &Layer,
         index: usize,
         x: &Tensor,
-        batch: usize,
-        t: usize,
-        cache: &mut KvCache,
-        rope: Option<&(Tensor, Tensor)>,
-        mask: Option<&Tensor>,
+        rows: &[(usize, usize)],
+        caches: &mut [&mut SeqCache],
     ) -> Result<Tensor> {
         let c = &self.config;
         let (heads, kv_heads, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        let split = |y: Tensor, n: usize| -> Result<Tensor> {
-            Ok(y.reshape((batch, t, n, hd))?
-                .transpose(1, 2)?
-                .contiguous()?)
-        };
+        let (q_width, kv_width) = (heads * hd, kv_heads * hd);
+        let n = rows.len();
         let mut parts = layer.qkv.forward(x)?.into_iter();
-        let mut next = || parts.next().expect("three projections");
-        let mut q = split(next(), heads)?;
-        let mut k = split(next(), kv_heads)?;
-        let v = split(next(), kv_heads)?;
-        if let Some((cos, sin)) = rope {
-            q = apply_rope(&q, cos, sin, c.rope_style)?;
-            k = apply_rope(&k, cos, sin, c.rope_style)?;
+        let mut next = || -> Result<Vec<f32>> {
+            Ok(parts
+                .next()
+                .expect("three projections")
+                .flatten_all()?
+                .to_vec1::<f32>()?)
+        };
+        let mut q = next()?;
+        let mut k = next()?;
+        let v = next()?;
+        if let Some((cos, sin)) = &self.rope {
+            let half = hd / 2;
+            for (r, &(_, p)) in rows.iter().enumerate() {
+                let (cos, sin) = (&cos[p * half..][..half], &sin[p * half..][..half]);
+                for head in q[r * q_width..][..q_width].chunks_exact_mut(hd) {
+                    rotate(head, cos, sin, c.rope_style);
+                }
+                for head in k[r * kv_width..][..kv_width].chunks_exact_mut(hd) {
+                    rotate(head, cos, sin, c.rope_style);
+                }
+            }
         }
-        let (k, v) = match cache.layers[index].take() {
-            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-            None => (k, v),
-        };
-        cache.layers[index] = Some((k.clone(), v.clone()));
-        let keys = k.dim(2)?;
+        for (r, &(s, _)) in rows.iter().enumerate() {
+            caches[s].keys[index].extend_from_slice(&k[r * kv_width..][..kv_width]);
+            caches[s].values[index].extend_from_slice(&v[r * kv_width..][..kv_width]);
+        }
+        let caches: Vec<&SeqCache> = caches.iter().map(|c| &**c).collect();
         let group = heads / kv_heads;
-        // Query heads that share a key/value head become extra query rows.
-        let q = q.reshape((batch, kv_heads, group * t, hd))?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?;
-        let scores = match mask {
-            Some(mask) => scores
-                .reshape((batch, kv_heads, group, t, keys))?
-                .broadcast_add(mask)?
-                .reshape((batch, kv_heads, group * t, keys))?,
-            None => scores,
+        let scale = (1.0 / (hd as f64).sqrt()) as f32;
+        let mut out = vec![0f32; n * q_width];
+        let work = |(r, row): (usize, &mut [f32])| {
+            let (s, p) = rows[r];
+            let keys = &caches[s].keys[index];
+            let values = &caches[s].values[index];
+            let mut scores = vec![0f32; p + 1];
+            for head in 0..heads {
+                let g = head / group;
+                let query = &q[r * q_width + head * hd..][..hd];
+                for (j, score) in scores.iter_mut().enumerate() {
+                    *score = dot(query, &keys[j * kv_width + g * hd..][..hd]) * scale;
+                }
+                let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0f32;
+                for score in scores.iter_mut() {
+                    *score = (*score - max).exp();
+                    sum += *score;
+                }
+                let target = &mut row[head * hd..][..hd];
+                for (j, &score) in scores.iter().enumerate() {
+                    let weight = score / sum;
+                    let value = &values[j * kv_width + g * hd..][..hd];
+                    for (t, &v) in target.iter_mut().zip(value) {
+                        *t += weight * v;
+                    }
+                }
+            }
         };
-        let probs = softmax_last(&scores)?;
-        let out = probs.matmul(&v)?; // [batch, kv_heads, group * t, hd]
-        let out = out
-            .reshape((batch, heads, t, hd))?
-            .transpose(1, 2)?
-            .reshape((batch * t, heads * hd))?;
+        // Few tokens, short caches: threads would cost more than they save.
+        let keys_seen: usize = rows.iter().map(|&(_, p)| p + 1).sum();
+        if keys_seen * heads * hd < 1 << 16 {
+            out.chunks_mut(q_width).enumerate().for_each(work);
+        } else {
+            use rayon::prelude::*;
+            out.par_chunks_mut(q_width).enumerate().for_each(work);
+        }
+        let out = Tensor::from_vec(out, (n, q_width), &Device::Cpu)?;
         layer.o.forward(&out)
     }
 }
 
-fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?;
-    let e = x.broadcast_sub(&max)?.exp()?;
-    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+/// `a · b` with eight running sums (which the compiler keeps in vector registers).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut sums = [0f32; 8];
+    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = a8
+        .remainder()
+        .iter()
+        .zip(b8.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in a8.zip(b8) {
+        for i in 0..8 {
+            sums[i] += x[i] * y[i];
+        }
+    }
+    sums.iter().sum::<f32>() + tail
 }
 
-/// `[batch, 1, 1, t, start + t]` additive mask: each token sees its row's
-/// real tokens up to itself. `None` when nothing is masked.
-fn attention_mask(pad: &[usize], start: usize, t: usize) -> Result<Option<Tensor>> {
-    let keys = start + t;
-    if t == 1 && pad.iter().all(|&p| p == 0) {
-        return Ok(None);
-    }
-    let mut data = vec![0f32; pad.len() * t * keys];
-    for (b, &p) in pad.iter().enumerate() {
-        for i in 0..t {
-            let row = &mut data[(b * t + i) * keys..(b * t + i + 1) * keys];
-            let me = start + i;
-            for (j, value) in row.iter_mut().enumerate() {
-                if j < p || j > me {
-                    // Large but finite: a padding query that sees no key still
-                    // gets a uniform (unused) distribution rather than NaN.
-                    *value = -1e30;
-                }
+/// Rotates one head's `[head_dim]` values by the angles whose cosines and
+/// sines are `cos` and `sin` (`[head_dim / 2]`), as transformers pairs them.
+fn rotate(x: &mut [f32], cos: &[f32], sin: &[f32], style: RopeStyle) {
+    let half = x.len() / 2;
+    match style {
+        RopeStyle::Halves => {
+            let (x1, x2) = x.split_at_mut(half);
+            for i in 0..half {
+                let (a, b) = (x1[i], x2[i]);
+                x1[i] = a * cos[i] - b * sin[i];
+                x2[i] = b * cos[i] + a * sin[i];
+            }
+        }
+        RopeStyle::Interleaved => {
+            for (i, pair) in x.chunks_exact_mut(2).enumerate() {
+                let (even, odd) = (pair[0], pair[1]);
+                pair[0] = even * cos[i] - odd * sin[i];
+                pair[1] = odd * cos[i] + even * sin[i];
             }
         }
     }
-    Ok(Some(Tensor::from_vec(
-        data,
-        (pad.len(), 1, 1, t, keys),
-        &Device::Cpu,
-    )?))
 }
 
-fn rope_tables(c: &ModelConfig) -> Result<(Tensor, Tensor)> {
+fn rope_tables(c: &ModelConfig) -> (Vec<f32>, Vec<f32>) {
     let half = c.head_dim / 2;
     // As transformers computes them: float32 inverse frequencies and angles.
     let inv: Vec<f32> = (0..half)
@@ -582,31 +610,5 @@ fn rope_tables(c: &ModelConfig) -> Result<(Tensor, Tensor)> {
             sin.push(angle.sin());
         }
     }
-    Ok((
-        Tensor::from_vec(cos, (n, half), &Device::Cpu)?,
-        Tensor::from_vec(sin, (n, half), &Device::Cpu)?,
-    ))
-}
-
-/// Rotates `[batch, heads, t, head_dim]` by the `[batch, 1, t, head_dim/2]` tables.
-fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor, style: RopeStyle) -> Result<Tensor> {
-    let (b, h, t, hd) = x.dims4()?;
-    let half = hd / 2;
-    Ok(match style {
-        RopeStyle::Halves => {
-            let x1 = x.narrow(3, 0, half)?;
-            let x2 = x.narrow(3, half, half)?;
-            let r1 = (x1.broadcast_mul(cos)? - x2.broadcast_mul(sin)?)?;
-            let r2 = (x2.broadcast_mul(cos)? + x1.broadcast_mul(sin)?)?;
-            Tensor::cat(&[&r1, &r2], 3)?
-        }
-        RopeStyle::Interleaved => {
-            let pairs = x.reshape((b, h, t, half, 2))?;
-            let even = pairs.narrow(4, 0, 1)?.squeeze(4)?;
-            let odd = pairs.narrow(4, 1, 1)?.squeeze(4)?;
-            let r_even = (even.broadcast_mul(cos)? - odd.broadcast_mul(sin)?)?;
-            let r_odd = (odd.broadcast_mul(cos)? + even.broadcast_mul(sin)?)?;
-            Tensor::stack(&[&r_even, &r_odd], 4)?.reshape((b, h, t, hd))?
-        }
-    })
+    (cos, sin)
 }

@@ -1,0 +1,592 @@
+//! Continuous batching: requests join and leave a running batch at token
+//! boundaries, each with its own adapter (or none), options and KV cache.
+//!
+//! [`Scheduler::submit`] and [`Scheduler::cancel`] only touch a small inbox,
+//! so they return at once even while [`Scheduler::step`] computes. Each step
+//! takes the inbox, admits waiting requests in order while the batch has
+//! room (at most `max_batch` sequences, their reserved key/value cache within
+//! `kv_cache_bytes`, at most `max_prefill_tokens` prompt tokens per step),
+//! then runs one forward pass over the prompts of the newcomers and the last
+//! token of every running sequence together, and picks each sequence's next
+//! token. A request's whole cache (prompt plus every token it may generate)
+//! is reserved when it is admitted, so a running sequence never runs out of
+//! memory; a request larger than the whole budget is refused at `submit`.
+//!
+//! Rows of one call are independent: each sequence attends only to its own
+//! cache, its edits come from its own checkpoint and positions, and its
+//! sampling from its own generator seeded by its request, so a sequence gets
+//! the same tokens in any batch as it gets alone.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use super::edits::{BatchEdits, EditSet, Span};
+use super::model::SeqCache;
+use super::{sample, Engine, GenerateOptions};
+use crate::error::{Error, Result};
+
+/// One generation request.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// Prompt token ids (at least one).
+    pub prompt: Vec<u32>,
+    /// Name of a loaded adapter ([`Engine::add_adapter`]); `None` runs with
+    /// the checkpoint the engine was loaded with, if any.
+    pub adapter: Option<String>,
+    /// Length, sampling, stop strings, editing of generated tokens.
+    pub options: GenerateOptions,
+    /// Report the logits each token was chosen from (for checks; costs a
+    /// copy of the vocabulary per token).
+    pub return_logits: bool,
+}
+
+/// Why a sequence ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Finish {
+    /// An end-of-sequence token or a stop string.
+    Stop,
+    /// `max_new_tokens`, or the end of the model's context.
+    Length,
+    /// [`Scheduler::cancel`].
+    Cancelled,
+    /// The forward pass failed (the message says why); the scheduler goes on.
+    Error(String),
+}
+
+impl Finish {
+    /// `"stop"`, `"length"`, `"cancelled"` or `"error"`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Finish::Stop => "stop",
+            Finish::Length => "length",
+            Finish::Cancelled => "cancelled",
+            Finish::Error(_) => "error",
+        }
+    }
+}
+
+/// What happened to one request in one step.
+#[derive(Debug, Clone)]
+pub struct Event {
+    /// The request, as [`Scheduler::submit`] numbered it.
+    pub id: u64,
+    /// The token generated in this step (`None` when the step ended the
+    /// request without one: end of sequence, cancellation, error).
+    pub token: Option<u32>,
+    /// Set on the request's last event.
+    pub finish: Option<Finish>,
+    /// The logits the token was chosen from, when the request asked.
+    pub logits: Option<Vec<f32>>,
+}
+
+/// Limits of a [`Scheduler`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SchedulerOptions {
+    /// Most sequences in one forward pass.
+    pub max_batch: usize,
+    /// Most bytes of key/value cache reserved at once.
+    pub kv_cache_bytes: usize,
+    /// Most prompt tokens prefilled in one step (a longer prompt still runs,
+    /// alone among the newcomers of its step).
+    pub max_prefill_tokens: usize,
+}
+
+impl Default for SchedulerOptions {
+    fn default() -> Self {
+        SchedulerOptions {
+            max_batch: 32,
+            kv_cache_bytes: 2 << 30,
+            max_prefill_tokens: 2048,
+        }
+    }
+}
+
+/// A request checked and waiting for a place in the batch.
+struct Waiting {
+    id: u64,
+    prompt: Vec<u32>,
+    set: Option<Arc<EditSet>>,
+    options: GenerateOptions,
+    return_logits: bool,
+    /// Tokens it may generate (`max_new_tokens`, cut at the context's end).
+    max_new: usize,
+    /// Key/value cache it reserves.
+    bytes: usize,
+}
+
+/// A sequence in the batch.
+struct Running {
+    request: Waiting,
+    cache: SeqCache,
+    rng: sample::Rng,
+    generated: Vec<u32>,
+    /// The token to feed next; `None` before the prompt is prefilled.
+    next: Option<u32>,
+}
+
+#[derive(Default)]
+struct Inbox {
+    new: Vec<Waiting>,
+    cancel: Vec<u64>,
+}
+
+#[derive(Default)]
+struct State {
+    waiting: VecDeque<Waiting>,
+    running: Vec<Running>,
+    reserved: usize,
+}
+
+/// Continuous batching over one [`Engine`] (see the module documentation).
+pub struct Scheduler {
+    engine: Arc<Engine>,
+    options: SchedulerOptions,
+    inbox: Mutex<Inbox>,
+    signal: Condvar,
+    state: Mutex<State>,
+    next_id: AtomicU64,
+    /// Whether sequences are waiting or running (so `wait` need not lock `state`).
+    busy: AtomicBool,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Scheduler {
+    /// A scheduler with nothing to do yet.
+    pub fn new(engine: Arc<Engine>, options: SchedulerOptions) -> Result<Self> {
+        if options.max_batch == 0 || options.max_prefill_tokens == 0 {
+            return Err(Error::InvalidArgument(
+                "max_batch and max_prefill_tokens must be at least 1".into(),
+            ));
+        }
+        if options.kv_cache_bytes == 0 {
+            return Err(Error::InvalidArgument(
+                "kv_cache_bytes must be at least 1".into(),
+            ));
+        }
+        Ok(Scheduler {
+            engine,
+            options,
+            inbox: Mutex::default(),
+            signal: Condvar::new(),
+            state: Mutex::default(),
+            next_id: AtomicU64::new(0),
+            busy: AtomicBool::new(false),
+        })
+    }
+
+    /// The engine it runs on.
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    /// Its limits.
+    pub fn options(&self) -> &SchedulerOptions {
+        &self.options
+    }
+
+    /// Bytes of key/value cache a sequence of `tokens` tokens holds.
+    pub fn kv_bytes(&self, tokens: usize) -> usize {
+        let c = self.engine.config();
+        tokens
+            .saturating_mul(c.num_hidden_layers)
+            .saturating_mul(2 * self.engine.model.kv_width())
+            .saturating_mul(std::mem::size_of::<f32>())
+    }
+
+    /// Checks `request` and queues it; returns its id. Fails at once, with
+    /// nothing queued, for an empty prompt, a token outside the vocabulary,
+    /// a prompt longer than the model's context, bad sampling settings, an
+    /// unknown adapter, or a request whose cache exceeds the whole budget.
+    pub fn submit(&self, request: Request) -> Result<u64> {
+        let Request {
+            prompt,
+            adapter,
+            options,
+            return_logits,
+        } = request;
+        options.sampling.validate()?;
+        let config = self.engine.config();
+        if prompt.is_empty() {
+            return Err(Error::InvalidArgument("the prompt has no tokens".into()));
+        }
+        if let Some(&bad) = prompt.iter().find(|&&id| id as usize >= config.vocab_size) {
+            return Err(Error::InvalidArgument(format!(
+                "token id {bad} is outside the vocabulary of {} tokens",
+                config.vocab_size
+            )));
+        }
+        let context = config.max_position_embeddings;
+        if prompt.len() > context {
+            return Err(Error::InvalidArgument(format!(
+                "the prompt has {} tokens, more than the model's context of {context}",
+                prompt.len()
+            )));
+        }
+        if !options.stop.is_empty() && self.engine.text().is_none() {
+            return Err(Error::Tokenizer(
+                "stop strings need a tokenizer, and the model has none".into(),
+            ));
+        }
+        let set = self.engine.resolve_adapter(adapter.as_deref())?;
+        // The last token is never fed back, so a full context still yields one.
+        let max_new = options.max_new_tokens.min(context + 1 - prompt.len());
+        let bytes = self.kv_bytes(prompt.len() + max_new.saturating_sub(1));
+        if bytes > self.options.kv_cache_bytes {
+            return Err(Error::Allocation(format!(
+                "the request needs {} MiB of key/value cache ({} prompt tokens, up to {max_new} new), more than the whole budget of {} MiB",
+                bytes >> 20,
+                prompt.len(),
+                self.options.kv_cache_bytes >> 20
+            )));
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        lock(&self.inbox).new.push(Waiting {
+            id,
+            prompt,
+            set,
+            options,
+            return_logits,
+            max_new,
+            bytes,
+        });
+        self.signal.notify_all();
+        Ok(id)
+    }
+
+    /// Ends request `id` at the next step (an event with
+    /// [`Finish::Cancelled`] says so) and frees its place; unknown or
+    /// finished ids are ignored.
+    pub fn cancel(&self, id: u64) {
+        lock(&self.inbox).cancel.push(id);
+        self.signal.notify_all();
+    }
+
+    /// Whether anything is submitted, waiting or running.
+    pub fn has_work(&self) -> bool {
+        if self.busy.load(Ordering::Acquire) {
+            return true;
+        }
+        let inbox = lock(&self.inbox);
+        !inbox.new.is_empty() || !inbox.cancel.is_empty()
+    }
+
+    /// Blocks until there is work or `timeout` has passed; returns [`Scheduler::has_work`].
+    pub fn wait(&self, timeout: Duration) -> bool {
+        if self.busy.load(Ordering::Acquire) {
+            return true;
+        }
+        let inbox = lock(&self.inbox);
+        let (inbox, _) = self
+            .signal
+            .wait_timeout_while(inbox, timeout, |i| i.new.is_empty() && i.cancel.is_empty())
+            .unwrap_or_else(|p| p.into_inner());
+        !inbox.new.is_empty() || !inbox.cancel.is_empty() || self.busy.load(Ordering::Acquire)
+    }
+
+    /// `(waiting, running, reserved cache bytes)` as of the last step.
+    pub fn load(&self) -> (usize, usize, usize) {
+        let state = lock(&self.state);
+        (state.waiting.len(), state.running.len(), state.reserved)
+    }
+
+    /// Takes in new requests and cancellations, admits what fits, runs one
+    /// forward pass and returns what happened to each request.
+    pub fn step(&self) -> Result<Vec<Event>> {
+        let mut state = lock(&self.state);
+        let state = &mut *state;
+        let mut events = Vec::new();
+        let (new, cancel) = {
+            let mut inbox = lock(&self.inbox);
+            (
+                std::mem::take(&mut inbox.new),
+                std::mem::take(&mut inbox.cancel),
+            )
+        };
+        state.waiting.extend(new);
+        for id in cancel {
+            let cancelled = |id| Event {
+                id,
+                token: None,
+                finish: Some(Finish::Cancelled),
+                logits: None,
+            };
+            if let Some(i) = state.waiting.iter().position(|w| w.id == id) {
+                state.waiting.remove(i);
+                events.push(cancelled(id));
+            } else if let Some(i) = state.running.iter().position(|r| r.request.id == id) {
+                let gone = state.running.remove(i);
+                state.reserved -= gone.request.bytes;
+                events.push(cancelled(id));
+            }
+        }
+        self.admit(state, &mut events);
+        if !state.running.is_empty() {
+            self.decode(state, &mut events);
+        }
+        self.busy.store(
+            !state.running.is_empty() || !state.waiting.is_empty(),
+            Ordering::Release,
+        );
+        Ok(events)
+    }
+
+    fn admit(&self, state: &mut State, events: &mut Vec<Event>) {
+        let layers = self.engine.config().num_hidden_layers;
+        let width = self.engine.model.kv_width();
+        let mut prefill = 0;
+        while let Some(front) = state.waiting.front() {
+            if front.max_new == 0 {
+                let done = state.waiting.pop_front().expect("a front");
+                events.push(Event {
+                    id: done.id,
+                    token: None,
+                    finish: Some(Finish::Length),
+                    logits: None,
+                });
+                continue;
+            }
+            let fits = state.running.len() < self.options.max_batch
+                && state.reserved + front.bytes <= self.options.kv_cache_bytes
+                && (prefill == 0
+                    || prefill + front.prompt.len() <= self.options.max_prefill_tokens);
+            if !fits {
+                break;
+            }
+            let request = state.waiting.pop_front().expect("a front");
+            prefill += request.prompt.len();
+            state.reserved += request.bytes;
+            let capacity = request.prompt.len() + request.max_new;
+            state.running.push(Running {
+                cache: SeqCache::new(layers, width, capacity),
+                rng: sample::Rng::new(request.options.sampling.seed),
+                generated: Vec::with_capacity(request.max_new),
+                next: None,
+                request,
+            });
+        }
+    }
+
+    fn decode(&self, state: &mut State, events: &mut Vec<Event>) {
+        let engine = &self.engine;
+        let mut ids = Vec::new();
+        let mut counts = Vec::with_capacity(state.running.len());
+        let mut spans = Vec::with_capacity(state.running.len());
+        // The checkpoints, held apart from the sequences whose caches the pass fills.
+        let sets: Vec<Option<Arc<EditSet>>> = state
+            .running
+            .iter()
+            .map(|s| s.request.set.clone())
+            .collect();
+        for (seq, set) in state.running.iter().zip(&sets) {
+            let first_row = ids.len();
+            match seq.next {
+                None => ids.extend_from_slice(&seq.request.prompt),
+                Some(token) => ids.push(token),
+            }
+            counts.push(ids.len() - first_row);
+            spans.push(Span {
+                set: set.as_deref(),
+                first_row,
+                tokens: ids.len() - first_row,
+                prompt: seq.next.is_none(),
+                on_generated: seq.request.options.intervene_on_generated,
+            });
+        }
+        let result = {
+            let mut caches: Vec<&mut SeqCache> =
+                state.running.iter_mut().map(|s| &mut s.cache).collect();
+            engine.run(|| -> Result<Vec<Vec<f32>>> {
+                let edits = BatchEdits::new(&spans)?;
+                let logits = engine
+                    .model
+                    .forward(&ids, &counts, &mut caches, &edits, false)?;
+                Ok(logits.to_vec2::<f32>()?)
+            })
+        };
+        let logits = match result {
+            Ok(logits) => logits,
+            Err(error) => {
+                // Nothing of this pass is usable: end its sequences, keep serving.
+                let message = error.to_string();
+                for seq in state.running.drain(..) {
+                    state.reserved -= seq.request.bytes;
+                    events.push(Event {
+                        id: seq.request.id,
+                        token: None,
+                        finish: Some(Finish::Error(message.clone())),
+                        logits: None,
+                    });
+                }
+                return;
+            }
+        };
+        let eos = if state.running.iter().any(|s| !s.request.options.ignore_eos) {
+            engine.eos_token_ids()
+        } else {
+            Vec::new()
+        };
+        let mut finished = Vec::new();
+        for (index, (seq, values)) in state.running.iter_mut().zip(logits).enumerate() {
+            let options = &seq.request.options;
+            let token = sample::choose(&values, &options.sampling, &mut seq.rng);
+            let values = seq.request.return_logits.then_some(values);
+            if seq.next.is_none() {
+                seq.request.prompt = Vec::new(); // prefilled: the cache holds it
+            }
+            seq.next = Some(token);
+            if !options.ignore_eos && eos.contains(&token) {
+                finished.push(index);
+                events.push(Event {
+                    id: seq.request.id,
+                    token: None,
+                    finish: Some(Finish::Stop),
+                    logits: values,
+                });
+                continue;
+            }
+            seq.generated.push(token);
+            let mut finish = None;
+            if !options.stop.is_empty() {
+                if let Some(text) = engine.text() {
+                    match text.decode(&seq.generated) {
+                        Ok(decoded)
+                            if options.stop.iter().any(|s| decoded.contains(s.as_str())) =>
+                        {
+                            finish = Some(Finish::Stop)
+                        }
+                        Ok(_) => {}
+                        Err(error) => finish = Some(Finish::Error(error.to_string())),
+                    }
+                }
+            }
+            if finish.is_none() && seq.generated.len() >= seq.request.max_new {
+                finish = Some(Finish::Length);
+            }
+            if finish.is_some() {
+                finished.push(index);
+            }
+            events.push(Event {
+                id: seq.request.id,
+                token: Some(token),
+                finish,
+                logits: values,
+            });
+        }
+        for &index in finished.iter().rev() {
+            let gone = state.running.remove(index);
+            state.reserved -= gone.request.bytes;
+        }
+    }
+}
+
+/// Generation of a fixed set of prompts, advanced a token at a time by
+/// [`Session::step`] (what [`Engine::generate`] runs).
+pub struct Session {
+    scheduler: Scheduler,
+    ids: Vec<u64>,
+    generated: Vec<Vec<u32>>,
+    done: Vec<bool>,
+}
+
+impl Session {
+    /// Prepares `prompts`, each with its adapter (`adapters` empty: none).
+    pub fn new(
+        engine: Arc<Engine>,
+        prompts: Vec<Vec<u32>>,
+        adapters: Vec<Option<String>>,
+        options: GenerateOptions,
+    ) -> Result<Self> {
+        if prompts.is_empty() {
+            return Err(Error::InvalidArgument("no prompts given".into()));
+        }
+        if !adapters.is_empty() && adapters.len() != prompts.len() {
+            return Err(Error::InvalidArgument(format!(
+                "{} adapters given for {} prompts",
+                adapters.len(),
+                prompts.len()
+            )));
+        }
+        if let Some(i) = prompts.iter().position(Vec::is_empty) {
+            return Err(Error::InvalidArgument(format!("prompt {i} has no tokens")));
+        }
+        let n = prompts.len();
+        let scheduler = Scheduler::new(
+            engine,
+            SchedulerOptions {
+                max_batch: n,
+                kv_cache_bytes: usize::MAX,
+                max_prefill_tokens: usize::MAX,
+            },
+        )?;
+        let mut adapters = adapters.into_iter();
+        let ids = prompts
+            .into_iter()
+            .enumerate()
+            .map(|(i, prompt)| {
+                scheduler
+                    .submit(Request {
+                        prompt,
+                        adapter: adapters.next().flatten(),
+                        options: options.clone(),
+                        return_logits: false,
+                    })
+                    .map_err(|e| match e {
+                        Error::InvalidArgument(m) if n > 1 => {
+                            Error::InvalidArgument(format!("prompt {i}: {m}"))
+                        }
+                        other => other,
+                    })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Session {
+            scheduler,
+            ids,
+            generated: vec![Vec::new(); n],
+            done: vec![false; n],
+        })
+    }
+
+    /// Tokens generated so far, per prompt.
+    pub fn generated(&self) -> &[Vec<u32>] {
+        &self.generated
+    }
+
+    /// The tokens generated, per prompt.
+    pub fn into_generated(self) -> Vec<Vec<u32>> {
+        self.generated
+    }
+
+    /// Whether every prompt has finished.
+    pub fn is_done(&self) -> bool {
+        self.done.iter().all(|&d| d)
+    }
+
+    /// Generates one token for every unfinished prompt: `None` once all
+    /// have finished, else the new token of each prompt (`None` for prompts
+    /// that had already finished or that just hit an end-of-sequence token).
+    pub fn step(&mut self) -> Result<Option<Vec<Option<u32>>>> {
+        if self.is_done() {
+            return Ok(None);
+        }
+        let mut out = vec![None; self.ids.len()];
+        for event in self.scheduler.step()? {
+            let row = (event.id - self.ids[0]) as usize;
+            if let Some(token) = event.token {
+                self.generated[row].push(token);
+                out[row] = Some(token);
+            }
+            if let Some(finish) = event.finish {
+                self.done[row] = true;
+                if let Finish::Error(message) = finish {
+                    return Err(Error::Backend(message));
+                }
+            }
+        }
+        Ok(Some(out))
+    }
+}
