@@ -8,6 +8,7 @@ Modules:
     checkpoint: the checkpoint format (``reft_config.json`` +
         ``reft_model.safetensors``), written atomically and checked on load.
     Engine: CPU inference in Rust with interventions, without torch.
+    Scheduler: continuous batching of requests with many adapters over one Engine.
 
 Errors derive from :class:`reft_rs.ReftError` (see :mod:`reft_rs.errors`).
 """
@@ -44,6 +45,7 @@ from .errors import (
     UnsupportedModelError,
 )
 from .positions import PositionSpec
+from .scheduler import Scheduler
 
 if TYPE_CHECKING:
     from . import compare, convert, evaluation, metrics, plot, prefix_cache, subspace, sweep
@@ -131,6 +133,7 @@ __all__ = [
     "UnsupportedFormatError",
     "MissingDependencyError",
     "Engine",
+    "Scheduler",
     "ModelLoadError",
     "ModelNotFoundError",
     "UnsupportedModelError",

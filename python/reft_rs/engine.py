@@ -133,6 +133,29 @@ class Engine:
             f"Engine({self.model_path!r}{reft}: {self.model_type}, {self.num_hidden_layers} layers, {kind})"
         )
 
+    # ------------------------------------------------------------------ adapters
+
+    def add_adapter(self, name: str, path: str | os.PathLike[str]) -> None:
+        """Loads the reft_rs checkpoint at ``path`` as adapter ``name``.
+
+        Calls that pass ``adapter=name`` run with it from then on, beside
+        calls with other adapters or none. Refused (``IncompatibleModelError``)
+        for a checkpoint trained on another model, and for a name already
+        loaded (``InvalidArgumentError``).
+        """
+        if not isinstance(name, str):
+            raise InvalidArgumentError(f"adapter name must be a string, found {type(name).__name__}")
+        self._engine.add_adapter(name, os.fspath(path))
+
+    def remove_adapter(self, name: str) -> None:
+        """Unloads adapter ``name``; generations already running with it finish with it."""
+        self._engine.remove_adapter(name)
+
+    @property
+    def adapters(self) -> dict[str, dict[str, Any]]:
+        """The loaded adapters: name to checkpoint config."""
+        return {name: json.loads(config) for name, config in self._engine.adapters()}
+
     # ------------------------------------------------------------------ text
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -149,13 +172,14 @@ class Engine:
 
     # ------------------------------------------------------------------ compute
 
-    def logits(self, token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
+    def logits(self, token_ids: Sequence[int] | np.ndarray, *, adapter: str | None = None) -> np.ndarray:
         """Float32 logits ``(len, vocab)`` of every position of one sequence,
-        interventions applied (the whole sequence counts as the prompt)."""
+        interventions applied (the whole sequence counts as the prompt).
+        ``adapter`` names a loaded adapter (default: the engine's own checkpoint)."""
         ids = _token_ids("token_ids", token_ids)
         if not ids:
             raise InvalidArgumentError("token_ids is empty")
-        return self._engine.logits(ids)
+        return self._engine.logits(ids, _adapter_name(adapter))
 
     def generate(
         self,
@@ -170,11 +194,13 @@ class Engine:
         intervene_on_generated: bool = False,
         ignore_eos: bool = False,
         add_special_tokens: bool = True,
+        adapter: str | Sequence[str | None] | None = None,
     ) -> list[str]:
         """Continues each prompt as is (no chat template; see :meth:`chat`).
 
         Args:
-            prompts: One text or a list; a list is run as one left-padded batch.
+            prompts: One text or a list; a list runs as one batch, each prompt
+                getting the tokens it gets alone.
             max_new_tokens: Most new tokens per prompt.
             temperature: 0 for greedy decoding, else the sampling temperature.
             top_k, top_p: Sampling filters.
@@ -185,6 +211,9 @@ class Engine:
                 position-based interventions.
             ignore_eos: Keep generating past end-of-sequence tokens.
             add_special_tokens: Tokenize prompts as ``tokenizer(prompt)`` does.
+            adapter: A loaded adapter's name for every prompt, or one name
+                (or ``None``) per prompt; ``None`` runs with the checkpoint
+                the engine was loaded with, if any.
 
         Returns:
             The new text of each prompt (a list even for one prompt).
@@ -195,7 +224,7 @@ class Engine:
         options = self._options(
             max_new_tokens, temperature, top_k, top_p, seed, stop, intervene_on_generated, ignore_eos
         )
-        return self._engine.generate_text(texts, options, add_special_tokens)
+        return self._engine.generate_text(texts, options, add_special_tokens, _adapters(adapter, len(texts)))
 
     def generate_ids(
         self,
@@ -209,6 +238,7 @@ class Engine:
         *,
         intervene_on_generated: bool = False,
         ignore_eos: bool = False,
+        adapter: str | Sequence[str | None] | None = None,
     ) -> list[list[int]]:
         """As :meth:`generate`, on token ids: the new ids of each prompt
         (end-of-sequence tokens left out). Works without a tokenizer."""
@@ -216,7 +246,7 @@ class Engine:
         options = self._options(
             max_new_tokens, temperature, top_k, top_p, seed, stop, intervene_on_generated, ignore_eos
         )
-        return self._engine.generate_ids(ids, options)
+        return self._engine.generate_ids(ids, options, _adapters(adapter, len(ids)))
 
     def stream(
         self,
@@ -231,6 +261,7 @@ class Engine:
         intervene_on_generated: bool = False,
         ignore_eos: bool = False,
         tokens: bool = False,
+        adapter: str | None = None,
     ) -> Iterator[str] | Iterator[int]:
         """Generates for one prompt a token at a time.
 
@@ -242,7 +273,7 @@ class Engine:
         options = self._options(
             max_new_tokens, temperature, top_k, top_p, seed, stop, intervene_on_generated, ignore_eos
         )
-        stream = self._engine.stream_ids(ids, options)
+        stream = self._engine.stream_ids(ids, options, _adapter_name(adapter))
         if tokens:
             return (token for token, _ in stream)
         return (piece for _, piece in stream if piece)
@@ -258,6 +289,7 @@ class Engine:
         stop: str | Sequence[str] | None = None,
         *,
         intervene_on_generated: bool = False,
+        adapter: str | None = None,
     ) -> str:
         """The assistant's reply to a conversation, formatted with the
         model's chat template.
@@ -278,6 +310,7 @@ class Engine:
             stop,
             intervene_on_generated=intervene_on_generated,
             add_special_tokens=False,
+            adapter=adapter,
         )[0]
 
     @staticmethod
@@ -312,6 +345,24 @@ class Engine:
             bool(intervene_on_generated),
             bool(ignore_eos),
         )
+
+
+def _adapter_name(adapter: Any) -> str | None:
+    if adapter is None or isinstance(adapter, str):
+        return adapter
+    raise InvalidArgumentError(f"adapter must be a name or None, found {type(adapter).__name__}")
+
+
+def _adapters(adapter: Any, count: int) -> list[str | None]:
+    """One adapter name (or None) per prompt; [] when no prompt names one."""
+    if adapter is None:
+        return []
+    if isinstance(adapter, str):
+        return [adapter] * count
+    names = [_adapter_name(a) for a in adapter]
+    if len(names) != count:
+        raise InvalidArgumentError(f"{len(names)} adapters given for {count} prompts")
+    return names
 
 
 def _messages(messages: Messages | str) -> list[dict[str, Any]]:
