@@ -109,6 +109,11 @@ class Engine:
         return self._engine.model_info[4]
 
     @property
+    def context_length(self) -> int:
+        """Positions the model has: the longest prompt plus reply."""
+        return self._engine.context_length
+
+    @property
     def eos_token_ids(self) -> list[int]:
         return self._engine.eos_token_ids
 

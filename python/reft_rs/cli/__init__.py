@@ -7,6 +7,7 @@ interventions from the shell.
     reft-rs compare --data train.csv --eval-data dev.csv --test-data test.csv --output compare/
     reft-rs generate --checkpoint run/ --prompt "Hello" [--engine rust]
     reft-rs eval --checkpoint run/ --data test.jsonl
+    reft-rs serve --model smollm2 --adapter style=run/checkpoint   # OpenAI-compatible API
     reft-rs inspect run/
     reft-rs convert pyreft pyreft_folder/ converted/
 
@@ -27,12 +28,12 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import ReftError
-from . import compare, convert, evaluate, generate, inspect, quickstart, sweep, train
+from . import compare, convert, evaluate, generate, inspect, quickstart, serve, sweep, train
 from .common import PROG, USER_ERRORS, UsageError, read_checkpoint
 
 __all__ = ["build_parser", "main"]
 
-COMMANDS = (quickstart, train, sweep, compare, generate, evaluate, inspect, convert)
+COMMANDS = (quickstart, train, sweep, compare, generate, evaluate, serve, inspect, convert)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -236,6 +236,12 @@ impl PyEngine {
         )
     }
 
+    /// Positions the model has (its context length).
+    #[getter]
+    fn context_length(&self) -> usize {
+        self.inner.config().max_position_embeddings
+    }
+
     #[getter]
     fn has_tokenizer(&self) -> bool {
         self.inner.text().is_some()

@@ -1,0 +1,126 @@
+"""``reft-rs serve``: an OpenAI-compatible server on the Rust engine, with
+any number of adapters over one base model."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+from ..errors import MissingDependencyError
+from .common import DEFAULT_MODEL, UsageError, add_command, model_path
+
+EXAMPLES = """examples:
+  reft-rs serve --model smollm2 --adapter style=runs/style/checkpoint
+  reft-rs serve --model model/ --adapter-dir runs/ --api-key "$KEY" --port 8080
+
+  curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{"model": "style", "messages": [{"role": "user", "content": "Hello"}]}'
+
+The request's "model" picks an adapter by name, or the base model by its
+name (GET /v1/models lists them). With --adapter-dir, POST /v1/adapters
+{"name": ..., "path": ...} loads a checkpoint from inside that folder and
+DELETE /v1/adapters/NAME unloads one."""
+
+
+def register(commands: Any) -> None:
+    serve = add_command(
+        commands, "serve", "serve a model and its adapters over an OpenAI-compatible API", EXAMPLES
+    )
+    serve.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"model folder or .gguf file (default: {DEFAULT_MODEL})"
+    )
+    serve.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=CHECKPOINT",
+        help="serve a reft_rs checkpoint under NAME (repeatable)",
+    )
+    serve.add_argument("--adapter-dir", help="folder that POST /v1/adapters may load checkpoints from")
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)"
+    )
+    serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    serve.add_argument(
+        "--api-key",
+        default=os.environ.get("REFT_RS_API_KEY"),
+        help="require 'Authorization: Bearer KEY' (default: $REFT_RS_API_KEY; none: open)",
+    )
+    serve.add_argument(
+        "--model-name", help="the base model's name in the API (default: the model file's name)"
+    )
+    serve.add_argument(
+        "--max-batch", type=int, default=32, help="most sequences per forward pass (default: 32)"
+    )
+    serve.add_argument(
+        "--kv-cache-mib", type=int, default=2048, help="key/value cache budget in MiB (default: 2048)"
+    )
+    serve.add_argument(
+        "--max-tokens",
+        type=int,
+        default=256,
+        help="reply length of chat requests that name none (default: 256)",
+    )
+    serve.add_argument("--threads", type=int, help="engine threads (default: one per core)")
+    serve.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
+    serve.set_defaults(run=run)
+
+
+def parse_adapters(values: list[str]) -> list[tuple[str, Path]]:
+    out = []
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise UsageError(f"--adapter wants NAME=CHECKPOINT, found {value!r}")
+        out.append((name, Path(path)))
+    names = [name for name, _ in out]
+    if len(set(names)) != len(names):
+        raise UsageError(f"--adapter names repeat: {names}")
+    return out
+
+
+def served_name(path: Path) -> str:
+    return path.stem if path.is_file() else path.name
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from ..serve import create_app
+    except ImportError as error:
+        raise MissingDependencyError(
+            f"reft-rs serve needs uvicorn and Starlette ({error.name} is missing): pip install 'reft-rs[serve]'"
+        ) from None
+    from ..engine import Engine
+
+    for name in ("max_batch", "kv_cache_mib", "max_tokens", "port"):
+        if getattr(args, name) < (0 if name == "port" else 1):
+            raise UsageError(f"--{name.replace('_', '-')} must be at least {0 if name == 'port' else 1}")
+    adapters = parse_adapters(args.adapter)
+    if args.adapter_dir is not None and not Path(args.adapter_dir).is_dir():
+        raise UsageError(f"--adapter-dir {args.adapter_dir} is not a folder")
+    path = model_path(args.model, for_engine=True)
+    engine = Engine(path, threads=args.threads)
+    model_name = args.model_name or served_name(path)
+    for name, checkpoint in adapters:
+        if name == model_name:
+            raise UsageError(f"the adapter name {name!r} is the base model's; pick another")
+        engine.add_adapter(name, checkpoint)
+    app = create_app(
+        engine,
+        model_name=model_name,
+        adapter_dir=args.adapter_dir,
+        api_key=args.api_key,
+        max_batch=args.max_batch,
+        kv_cache_mib=args.kv_cache_mib,
+        default_max_tokens=args.max_tokens,
+    )
+    names = ", ".join([model_name] + [name for name, _ in adapters])
+    print(f"reft-rs serve: {names} on http://{args.host}:{args.port}/v1", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
