@@ -421,3 +421,34 @@ def test_the_command_serves_and_refuses_bad_arguments(setup, tmp_path):
             timeout=60,
         )
         assert done.returncode == 2 and message in done.stderr, done.stderr
+
+
+def test_the_server_runs_without_torch(setup):
+    import subprocess
+    import sys
+
+    code = f"""
+import json, sys, threading, time, urllib.request
+sys.modules["torch"] = None          # any `import torch` now fails
+sys.modules["transformers"] = None
+import uvicorn
+import reft_rs
+from reft_rs.serve import create_app
+engine = reft_rs.Engine({str(setup.model)!r})
+engine.add_adapter("steer", {str(setup.adapters / "steer")!r})
+served = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=0, log_level="warning"))
+threading.Thread(target=served.run, daemon=True).start()
+deadline = time.monotonic() + 30
+while not served.started and time.monotonic() < deadline:
+    time.sleep(0.02)
+port = served.servers[0].sockets[0].getsockname()[1]
+body = json.dumps({{"model": "steer", "prompt": "the cat", "max_tokens": 4, "temperature": 0}}).encode()
+request = urllib.request.Request(f"http://127.0.0.1:{{port}}/v1/completions", body, {{"Content-Type": "application/json"}})
+reply = json.load(urllib.request.urlopen(request, timeout=30))
+print(reply["usage"]["completion_tokens"] >= 0, reply["choices"][0]["text"] == engine.generate("the cat", 4, adapter="steer")[0])
+assert "torch" not in [m for m in sys.modules if sys.modules[m] is not None]
+served.should_exit = True
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "True True"
