@@ -44,8 +44,9 @@ TEXT = (
 
 
 def prompts_for(encode, batch: int) -> list[list[int]]:
+    """``batch`` distinct 32-token windows of the text (repeated as needed)."""
     ids = encode(TEXT)
-    assert len(ids) >= PROMPT + batch * 3
+    ids = ids * (1 + (PROMPT + 3 * batch) // len(ids))
     return [ids[3 * i : 3 * i + PROMPT] for i in range(batch)]
 
 

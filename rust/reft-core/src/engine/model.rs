@@ -513,40 +513,38 @@ impl Transformer {
         let group = heads / kv_heads;
         let scale = (1.0 / (hd as f64).sqrt()) as f32;
         let mut out = vec![0f32; n * q_width];
-        let work = |(r, row): (usize, &mut [f32])| {
+        // One unit of work per (token, head): its `[head_dim]` slice of `out`.
+        let work = |(unit, target): (usize, &mut [f32])| {
+            let (r, head) = (unit / heads, unit % heads);
             let (s, p) = rows[r];
             let keys = &caches[s].keys[index];
             let values = &caches[s].values[index];
-            let mut scores = vec![0f32; p + 1];
-            for head in 0..heads {
-                let g = head / group;
-                let query = &q[r * q_width + head * hd..][..hd];
-                for (j, score) in scores.iter_mut().enumerate() {
-                    *score = dot(query, &keys[j * kv_width + g * hd..][..hd]) * scale;
-                }
-                let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0f32;
-                for score in scores.iter_mut() {
-                    *score = (*score - max).exp();
-                    sum += *score;
-                }
-                let target = &mut row[head * hd..][..hd];
-                for (j, &score) in scores.iter().enumerate() {
-                    let weight = score / sum;
-                    let value = &values[j * kv_width + g * hd..][..hd];
-                    for (t, &v) in target.iter_mut().zip(value) {
-                        *t += weight * v;
-                    }
+            let g = head / group;
+            let query = &q[r * q_width + head * hd..][..hd];
+            let mut scores: Vec<f32> = (0..=p)
+                .map(|j| dot(query, &keys[j * kv_width + g * hd..][..hd]) * scale)
+                .collect();
+            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for score in scores.iter_mut() {
+                *score = (*score - max).exp();
+                sum += *score;
+            }
+            for (j, &score) in scores.iter().enumerate() {
+                let weight = score / sum;
+                let value = &values[j * kv_width + g * hd..][..hd];
+                for (t, &v) in target.iter_mut().zip(value) {
+                    *t += weight * v;
                 }
             }
         };
         // Few tokens, short caches: threads would cost more than they save.
         let keys_seen: usize = rows.iter().map(|&(_, p)| p + 1).sum();
-        if keys_seen * heads * hd < 1 << 16 {
-            out.chunks_mut(q_width).enumerate().for_each(work);
+        if keys_seen * heads * hd < 1 << 14 {
+            out.chunks_mut(hd).enumerate().for_each(work);
         } else {
             use rayon::prelude::*;
-            out.par_chunks_mut(q_width).enumerate().for_each(work);
+            out.par_chunks_mut(hd).enumerate().for_each(work);
         }
         let out = Tensor::from_vec(out, (n, q_width), &Device::Cpu)?;
         layer.o.forward(&out)
