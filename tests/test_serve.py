@@ -202,6 +202,32 @@ def test_streams_join_to_the_whole_reply(server, setup):
     assert finishes == [chat.choices[0].finish_reason]
 
 
+def test_a_stream_of_several_prompts_names_each_choice(server, setup):
+    api = client(server)
+    chunks = list(
+        api.completions.create(
+            model="steer",
+            prompt=PROMPTS,
+            max_tokens=7,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    want = reference(setup, "steer").generate(PROMPTS, 7)
+    got = [
+        "".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == i) for i in range(3)
+    ]
+    assert got == want
+    finishes = sorted(c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason)
+    assert finishes == [0, 1, 2]
+    ids = [server.engine.encode(p) for p in PROMPTS]
+    assert chunks[-1].usage.prompt_tokens == sum(map(len, ids))
+    assert chunks[-1].usage.completion_tokens == sum(
+        len(t) for t in reft_rs.Engine(setup.model, reft=setup.adapters / "steer").generate_ids(ids, 7)
+    )
+
+
 def test_the_stream_ends_with_done(server):
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
     body = {"model": "tiny", "prompt": PROMPTS[2], "max_tokens": 4, "temperature": 0, "stream": True}

@@ -232,8 +232,6 @@ class _Server:
         adapter = self.adapter_for(body)
         sampling = parse_sampling(body, default_max_tokens=16, chat=False)
         prompts = [self.encode(p, True) for p in parse_prompts(body)]
-        if sampling.stream and len(prompts) > 1:
-            raise bad("stream takes one prompt per request", "prompt")
         return await self.respond(request, body["model"], prompts, sampling, adapter, chat=False)
 
     async def chat(self, request: Request) -> Response:
@@ -274,8 +272,7 @@ class _Server:
         reply_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         gone = asyncio.ensure_future(_disconnected(request))
         if sampling.stream:
-            (request_id, queue), ids = submitted[0], prompts[0]
-            stream = self.stream(request_id, queue, gone, ids, sampling, model, reply_id, created, chat)
+            stream = self.stream(submitted, gone, prompts, sampling, model, reply_id, created, chat)
             return StreamingResponse(
                 stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
             )
@@ -328,24 +325,27 @@ class _Server:
 
     async def stream(
         self,
-        request_id: int,
-        queue: asyncio.Queue[Event],
+        submitted: list[tuple[int, asyncio.Queue[Event]]],
         gone: asyncio.Future[None],
-        prompt: list[int],
+        prompts: list[list[int]],
         sampling: Sampling,
         model: str,
         reply_id: str,
         created: int,
         chat: bool,
     ) -> AsyncIterator[str]:
+        """Chunk events of every prompt's reply as its tokens come (each
+        chunk names its choice by ``index``), then the usage, then ``[DONE]``."""
         kind = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(piece: str | None, finish: str | None, usage: dict[str, int] | None = None) -> str:
+        def chunk(
+            index: int, piece: str | None, finish: str | None, usage: dict[str, int] | None = None
+        ) -> str:
             if chat:
                 delta: dict[str, Any] = {} if piece is None else {"content": piece}
-                choices = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+                choices = [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}]
             else:
-                choices = [{"index": 0, "text": piece or "", "logprobs": None, "finish_reason": finish}]
+                choices = [{"index": index, "text": piece or "", "logprobs": None, "finish_reason": finish}]
             payload: dict[str, Any] = {
                 "id": reply_id,
                 "object": kind,
@@ -357,21 +357,41 @@ class _Server:
                 payload["usage"] = usage
             return f"data: {json.dumps(payload)}\n\n"
 
-        text = _Text(self.engine, sampling.stop)
+        merged: asyncio.Queue[tuple[int, Event | BaseException | None]] = asyncio.Queue()
+
+        async def pump(index: int, request_id: int, queue: asyncio.Queue[Event]) -> None:
+            try:
+                async for event in self.events(request_id, queue, gone):
+                    merged.put_nowait((index, event))
+                merged.put_nowait((index, None))
+            except (ApiError, ConnectionAbortedError) as error:
+                merged.put_nowait((index, error))
+
+        texts = [_Text(self.engine, sampling.stop) for _ in submitted]
+        pumps = [asyncio.ensure_future(pump(i, rid, q)) for i, (rid, q) in enumerate(submitted)]
         try:
             if chat:
-                first = json.loads(chunk("", None)[6:])
-                first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
-                yield f"data: {json.dumps(first)}\n\n"
-            async for event in self.events(request_id, queue, gone):
-                final = event.finish is not None
-                piece = text.add(event.token, final)
+                for index in range(len(submitted)):
+                    first = json.loads(chunk(index, "", None)[6:])
+                    first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
+                    yield f"data: {json.dumps(first)}\n\n"
+            running = len(submitted)
+            while running:
+                index, item = await merged.get()
+                if item is None:
+                    running -= 1
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                final = item.finish is not None
+                piece = texts[index].add(item.token, final)
                 if piece:
-                    yield chunk(piece, None)
+                    yield chunk(index, piece, None)
                 if final:
-                    yield chunk(None if chat else "", "stop" if event.finish == "stop" else "length")
+                    yield chunk(index, None if chat else "", "stop" if item.finish == "stop" else "length")
             if sampling.include_usage:
-                yield chunk(None, None, _usage(len(prompt), len(text.tokens)))
+                completion = sum(len(t.tokens) for t in texts)
+                yield chunk(0, None, None, _usage(sum(map(len, prompts)), completion))
             yield "data: [DONE]\n\n"
         except ApiError as error:
             yield f"data: {json.dumps(error.body())}\n\n"
@@ -379,7 +399,10 @@ class _Server:
             return
         finally:
             gone.cancel()
-            self.worker.cancel(request_id)
+            for task in pumps:
+                task.cancel()
+            for request_id, _ in submitted:
+                self.worker.cancel(request_id)
 
     async def list_adapters(self, request: Request) -> Response:
         return JSONResponse(
