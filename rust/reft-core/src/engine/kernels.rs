@@ -451,10 +451,10 @@ mod tests {
         }
     }
 
-    #[test]
-    fn quantized_rows_match_their_expansion() {
-        let (m, k, n) = (2, 64, 33);
-        let x = values(m * k, 3);
+    /// `n` rows of `k` weights as GGUF `Q4_1` and `Q8_0` blocks, laid out
+    /// as ggml lays them (f16 scale, f16 minimum for `Q4_1`, low nibbles
+    /// for the first 16 weights), with the float values each block stands for.
+    fn quantized(n: usize, k: usize) -> (Vec<u8>, Vec<f32>, Vec<u8>, Vec<f32>) {
         let mut q4 = Vec::new();
         let mut q8 = Vec::new();
         let (mut w4, mut w8) = (Vec::new(), Vec::new());
@@ -477,6 +477,22 @@ mod tests {
                 w8.push(d * q as f32);
             }
         }
+        (q4, w4, q8, w8)
+    }
+
+    #[test]
+    fn blocks_expand_to_the_values_they_stand_for() {
+        let (n, k) = (5, 96);
+        let (q4, w4, q8, w8) = quantized(n, k);
+        assert_eq!(dequantize(Rows::Q4_1(&q4), n, k), w4);
+        assert_eq!(dequantize(Rows::Q8_0(&q8), n, k), w8);
+    }
+
+    #[test]
+    fn quantized_rows_match_their_expansion() {
+        let (m, k, n) = (2, 64, 33);
+        let x = values(m * k, 3);
+        let (q4, w4, q8, w8) = quantized(n, k);
         let got4 = matmul_rows(Rows::Q4_1(&q4), &x, m, k, n);
         let got8 = matmul_rows(Rows::Q8_0(&q8), &x, m, k, n);
         for (got, w) in [(got4, w4), (got8, w8)] {

@@ -22,6 +22,7 @@
 
 mod config;
 mod edits;
+mod gemm;
 mod kernels;
 mod model;
 mod sample;

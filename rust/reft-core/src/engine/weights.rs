@@ -10,7 +10,8 @@ use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Module, Tensor};
 
-use super::kernels;
+use super::gemm;
+use super::kernels::{self, Rows};
 use crate::error::{Error, Result};
 
 /// GGUF block layouts with kernels of our own.
@@ -43,8 +44,8 @@ pub(crate) enum Linear {
 }
 
 /// Up to this many rows, float32 products use the streaming kernel (each
-/// weight read once); above it, candle's blocked matrix product, which
-/// measured faster from 8 rows on (decode at batch 16: 1.7x).
+/// weight read once, a row at a time across the rows of `x`); above it, the
+/// tiles of [`gemm::matmul`].
 const FEW_ROWS_F32: usize = 8;
 /// The same bound for GGUF blocks, whose expansion to float32 costs more:
 /// up to it, one pass of the streaming kernel; above it, a pass per group of
@@ -53,7 +54,9 @@ const FEW_ROWS_F32: usize = 8;
 const FEW_ROWS_BLOCKS: usize = 16;
 
 /// Rows past which GGUF blocks are expanded for candle's product (decode
-/// at batch 32 measured 1.3x faster in groups than expanded).
+/// at batch 32 measured 1.3x faster in groups than expanded; on the
+/// expanded copy candle's product measured 1.3x faster than
+/// [`gemm::matmul`] in a 32-token prefill of 4 to 64 prompts).
 const BLOCKS_DEQUANTIZE_ROWS: usize = 48;
 
 fn rows_of(x: &Tensor) -> Result<(usize, usize, Vec<f32>)> {
@@ -65,7 +68,7 @@ impl Linear {
     /// `x` is `[n, in]`; the result is `[n, out]`.
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (out, bias) = match self {
-            Linear::Dense { weight, bias } if x.dim(0)? <= FEW_ROWS_F32 => {
+            Linear::Dense { weight, bias } => {
                 let (m, k, xs) = rows_of(x)?;
                 let n = weight.dim(0)?;
                 let (storage, layout) = weight.storage_and_layout();
@@ -73,13 +76,21 @@ impl Linear {
                     candle_core::Storage::Cpu(cpu) => {
                         let all = cpu.as_slice::<f32>()?;
                         let w = &all[layout.start_offset()..layout.start_offset() + n * k];
-                        kernels::matmul_rows(kernels::Rows::F32(w), &xs, m, k, n)
+                        if m <= FEW_ROWS_F32 {
+                            let y = kernels::matmul_rows(Rows::F32(w), &xs, m, k, n);
+                            let y = Tensor::from_vec(y, (m, n), &Device::Cpu)?;
+                            return Ok(match bias {
+                                Some(b) => y.broadcast_add(b)?,
+                                None => y,
+                            });
+                        }
+                        let b = bias.as_ref().map(|b| b.to_vec1::<f32>()).transpose()?;
+                        gemm::matmul(w, &xs, m, k, n, b.as_deref())
                     }
                     _ => return Err(Error::Backend("weights must live on the CPU".into())),
                 };
-                (Tensor::from_vec(y, (m, n), &Device::Cpu)?, bias)
+                return Ok(Tensor::from_vec(y, (m, n), &Device::Cpu)?);
             }
-            Linear::Dense { weight, bias } => (x.matmul(&weight.t()?)?, bias),
             Linear::Blocks {
                 kind,
                 data,
@@ -87,8 +98,8 @@ impl Linear {
                 bias,
             } => {
                 let rows = match kind {
-                    BlockKind::Q4_1 => kernels::Rows::Q4_1(data),
-                    BlockKind::Q8_0 => kernels::Rows::Q8_0(data),
+                    BlockKind::Q4_1 => Rows::Q4_1(data),
+                    BlockKind::Q8_0 => Rows::Q8_0(data),
                 };
                 let (m, k) = x.dims2()?;
                 if m > BLOCKS_DEQUANTIZE_ROWS {
