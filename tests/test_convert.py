@@ -496,3 +496,67 @@ def test_red_errors(tmp_path):
     with pytest.raises(reft_rs.CheckpointNotFoundError):
         from_red(tmp_path / "nothing.pth", tmp_path / "ours", base_model=build("llama"))
     assert not (tmp_path / "ours").exists()
+
+
+def _tensor_mutations(state):
+    """Each tensor of a saved state replaced by wrongly shaped, typed or
+    missing values, one at a time: what a damaged or hand-edited file holds."""
+    for name, value in state.items():
+        for label, replacement in [
+            ("scalar", torch.tensor(1.0)),
+            ("empty", torch.zeros(0)),
+            ("one axis", torch.zeros(value.numel() or 3)),
+            ("three axes", torch.zeros(2, *value.shape)),
+            ("transposed", value.T if value.dim() == 2 else value[None]),
+            ("wider", torch.zeros(*value.shape[:-1], value.shape[-1] + 1) if value.dim() else value),
+            ("integers", value.to(torch.int64)),
+            ("booleans", value > 0),
+            ("complex", value.to(torch.complex64)),
+        ]:
+            yield f"{name} {label}", {**state, name: replacement}
+        yield f"{name} missing", {k: v for k, v in state.items() if k != name}
+
+
+@pytest.mark.parametrize("kind", list(CLASSES))
+def test_damaged_pyreft_tensors_give_invalid_checkpoint_errors(kind, tmp_path):
+    """Whatever shape, type or gap a tensor file has, the importer either
+    converts it (a replacement that is still a valid intervention) or
+    raises InvalidCheckpointError naming the file; nothing else escapes and
+    no checkpoint is left behind on failure."""
+    folder = tmp_path / "p"
+    write_pyreft(folder, [(kind, 0)])
+    [binary] = list(folder.glob("intkey_*.bin"))
+    state = torch.load(binary, weights_only=True)
+    failures = 0
+    for index, (label, mutated) in enumerate(_tensor_mutations(state)):
+        torch.save(mutated, binary)
+        out = tmp_path / f"out{index}"
+        try:
+            from_pyreft(folder, out, base_model=build("llama"), positions="l1")
+        except InvalidCheckpointError as error:
+            failures += 1
+            assert binary.name in str(error) or "intkey_" in str(error), (label, error)
+            assert not out.exists(), label
+        else:
+            # A conversion that succeeds must load and run.
+            model = ReftModel.from_pretrained(build("llama"), out)
+            with torch.no_grad():
+                assert torch.isfinite(model(input_ids=random_ids(1, 6)).logits).all(), label
+    assert failures > 0
+
+
+def test_damaged_red_tensors_give_invalid_checkpoint_errors(tmp_path):
+    state = red_state(layers=(0,))
+    for index, (label, mutated) in enumerate(_tensor_mutations(state)):
+        path = tmp_path / f"delta{index}.pth"
+        torch.save(mutated, path)
+        out = tmp_path / f"out{index}"
+        try:
+            from_red(path, out, base_model=build("llama"))
+        except InvalidCheckpointError as error:
+            assert path.name in str(error), (label, error)
+            assert not out.exists(), label
+        else:
+            model = ReftModel.from_pretrained(build("llama"), out)
+            with torch.no_grad():
+                assert torch.isfinite(model(input_ids=random_ids(1, 6)).logits).all(), label

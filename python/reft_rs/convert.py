@@ -133,7 +133,41 @@ def _pyreft_rotation(state: Mapping[str, torch.Tensor], where: str) -> torch.Ten
     base = state.get("rotate_layer.parametrizations.weight.0.base")
     if original is None or base is None:
         raise InvalidCheckpointError(f"{where} has no rotation (rotate_layer) tensors", where)
+    for name, value in (("original", original), ("0.base", base)):
+        _check_matrix(value, f"rotate_layer.parametrizations.weight.{name}", where)
+    hidden, rank = original.shape
+    if hidden < rank or base.shape != (hidden, hidden):
+        raise InvalidCheckpointError(
+            f"{where}: the rotation's parametrization tensors have shapes {list(original.shape)} and "
+            f"{list(base.shape)}; torch's orthogonal parametrization saves [hidden, rank] and "
+            "[hidden, hidden]",
+            where,
+        )
     return _orthogonal_weight(original, base).T
+
+
+def _check_matrix(value: torch.Tensor, name: str, where: str, axes: int = 2) -> None:
+    """A real floating tensor with ``axes`` axes, none of them empty."""
+    if not value.is_floating_point():
+        raise InvalidCheckpointError(
+            f"{where}: {name} holds {value.dtype}, not floating-point numbers", where
+        )
+    if value.dim() != axes or 0 in value.shape:
+        expected = "[rank, hidden]" if axes == 2 else "[rank]"
+        raise InvalidCheckpointError(
+            f"{where}: {name} has shape {list(value.shape)}; the intervention needs {expected}", where
+        )
+
+
+def _check_pyreft_shapes(tensors: Mapping[str, torch.Tensor], where: str) -> None:
+    """The converted tensors of one intervention agree on its rank and width."""
+    for name, value in tensors.items():
+        _check_matrix(value, name, where, axes=1 if name in ("bias", "projection_bias") else 2)
+    ranks = {name: value.shape[0] for name, value in tensors.items()}
+    widths = {name: value.shape[1] for name, value in tensors.items() if value.dim() == 2}
+    if len(set(ranks.values())) != 1 or len(set(widths.values())) != 1:
+        shapes = ", ".join(f"{name} {list(value.shape)}" for name, value in tensors.items())
+        raise InvalidCheckpointError(f"{where}: the tensors disagree on rank or width ({shapes})", where)
 
 
 def _pyreft_tensors(kind: str, state: Mapping[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
@@ -159,6 +193,13 @@ def _pyreft_tensors(kind: str, state: Mapping[str, torch.Tensor], where: str) ->
     }
     if kind == "noreft" and "proj_layer.bias" in state:
         tensors["projection_bias"] = state["proj_layer.bias"]
+    return tensors
+
+
+def _pyreft_checked(kind: str, state: Mapping[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    """The reft_rs tensors of one pyreft intervention, their shapes checked."""
+    tensors = _pyreft_tensors(kind, state, where)
+    _check_pyreft_shapes(tensors, where)
     return tensors
 
 
@@ -362,7 +403,7 @@ def from_pyreft(
             stacklevel=2,
         )
     converted_all = [
-        _pyreft_tensors(kind, _load_tensors(path), path) for kind, (_, path) in zip(kinds, files)
+        _pyreft_checked(kind, _load_tensors(path), path) for kind, (_, path) in zip(kinds, files)
     ]
     width_seen = converted_all[0].get("rotation", converted_all[0].get("weight")).shape[1]
     class_path = re.search(r"transformers\.models\.(\w+)\.", str(saved.get("model_type", "")))
@@ -463,7 +504,22 @@ def from_red(
         match = re.fullmatch(r"(?:base_model\.)?(.+)\.delta_vector\.(activation_\w+)", key)
         if match is None:
             raise InvalidCheckpointError(f"{path}: unexpected tensor {key!r} (not a RED delta vector)", path)
+        if (
+            not value.is_floating_point()
+            or value.dim() == 0
+            or value.shape[-1] == 0
+            or any(size != 1 for size in value.shape[:-1])
+        ):
+            raise InvalidCheckpointError(
+                f"{path}: {key} has shape {list(value.shape)} and dtype {value.dtype}; RED saves a "
+                "floating-point [1, hidden] vector",
+                path,
+            )
         modules.setdefault(match.group(1), {})[match.group(2)] = value
+    for module_path, parts in modules.items():
+        if len({value.shape[-1] for value in parts.values()}) != 1:
+            shapes = ", ".join(f"{name} {list(value.shape)}" for name, value in parts.items())
+            raise InvalidCheckpointError(f"{path}: {module_path}'s vectors differ in width ({shapes})", path)
     if not modules:
         raise InvalidCheckpointError(f"{path} holds no RED delta vectors", path)
     layer_of = {}
