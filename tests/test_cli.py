@@ -343,3 +343,19 @@ def test_training_without_the_last_token_is_recorded_and_followed(workspace, cap
     kept = reft_rs.Engine(workspace / "model", reft=output).logits(ids)
     moved = reft_rs.Engine(workspace / "model", reft=flipped).logits(ids)
     assert abs(kept - moved).max() > 1e-3
+
+
+def test_an_unexpected_error_is_one_line_and_exit_1(monkeypatch, capsys):
+    import reft_rs.cli.inspect
+
+    def run(args):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(reft_rs.cli.inspect, "run", run)
+    monkeypatch.delenv("REFT_RS_TRACEBACK", raising=False)
+    assert main(["inspect", "anything"]) == 1
+    err = capsys.readouterr().err
+    assert err == "reft-rs inspect: error: RuntimeError: CUDA out of memory\n"
+    monkeypatch.setenv("REFT_RS_TRACEBACK", "1")
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        main(["inspect", "anything"])

@@ -97,3 +97,53 @@ def test_py_typed_ships():
     package = os.path.dirname(reft_rs.__file__)
     assert os.path.exists(os.path.join(package, "py.typed"))
     assert os.path.exists(os.path.join(package, "_core.pyi"))
+
+
+def test_a_panic_in_the_extension_is_an_engine_error_and_the_interpreter_lives_on():
+    from reft_rs import _core
+
+    with pytest.raises(errors.EngineError, match="internal error in reft_rs.*the message"):
+        _core._panic_for_tests("the message")
+    # The extension stays usable after the panic.
+    assert reft_rs.PositionSpec("f1+l1").group_count(True) == 1
+
+
+def test_every_released_call_of_the_bindings_catches_panics():
+    """Each call that releases the interpreter goes through the guard that
+    turns panics into EngineError (the one exception waits on a condition)."""
+    folder = os.path.join(os.path.dirname(__file__), "..", "rust", "reft-python", "src")
+    unguarded = []
+    for name in sorted(os.listdir(folder)):
+        with open(os.path.join(folder, name), encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if ".detach(" in line and "self.inner.wait(" not in line and name != "errors.rs":
+                    unguarded.append(f"{name}:{number}: {line.strip()}")
+    assert unguarded == []
+
+
+@pytest.mark.parametrize("preset", [{}, {"CANDLE_NUM_THREADS": "3", "RAYON_NUM_THREADS": "2"}])
+def test_the_thread_variables_are_set_at_import_and_the_users_kept(preset):
+    env = {k: v for k, v in os.environ.items() if k not in ("CANDLE_NUM_THREADS", "RAYON_NUM_THREADS")}
+    code = "import os, reft_rs; print(os.environ['CANDLE_NUM_THREADS'], os.environ['RAYON_NUM_THREADS'])"
+    out = subprocess.run(
+        [sys.executable, "-c", code], env={**env, **preset}, capture_output=True, text=True, check=True
+    )
+    expected = preset or {"CANDLE_NUM_THREADS": "1", "RAYON_NUM_THREADS": str(len(os.sched_getaffinity(0)))}
+    assert out.stdout.split() == [expected["CANDLE_NUM_THREADS"], expected["RAYON_NUM_THREADS"]]
+
+
+def test_the_rust_engine_never_changes_the_environment():
+    """``set_var`` is unsafe while other threads read the environment; the
+    core crate calls it only in the function documented for ``main``."""
+    root = os.path.join(os.path.dirname(__file__), "..", "rust")
+    calls = []
+    for folder, _, names in os.walk(root):
+        for name in names:
+            if name.endswith(".rs"):
+                with open(os.path.join(folder, name), encoding="utf-8") as handle:
+                    text = handle.read()
+                calls += [(name, text.count("set_var("))] if "set_var(" in text else []
+    assert calls == [("mod.rs", 2)]
+    with open(os.path.join(root, "reft-core", "src", "engine", "mod.rs"), encoding="utf-8") as handle:
+        text = handle.read()
+    assert "configure_threads_env()" not in text.split("pub fn configure_threads_env()")[1]

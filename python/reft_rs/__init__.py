@@ -17,7 +17,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from . import checkpoint, positions, spans
+from . import (
+    _environment,  # noqa: F401  (first: sets the variables the extension reads)
+    checkpoint,
+    positions,
+    spans,
+)
 from ._core import FORMAT_VERSION, MASKED, __version__
 from .config import InterventionConfig, ReftConfig
 from .engine import Engine

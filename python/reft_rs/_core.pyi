@@ -16,6 +16,7 @@ __all__ = [
     "MASKED",
     "CONFIG_FILE",
     "TENSORS_FILE",
+    "_panic_for_tests",
     "PositionSpec",
     "Engine",
     "Scheduler",
@@ -116,6 +117,7 @@ def save_checkpoint(
 def load_checkpoint(
     path: str | PathLike[str],
 ) -> tuple[str, list[tuple[str, str, list[int], bytearray]], bool]: ...
+def _panic_for_tests(message: str) -> None: ...
 
 #: (max_new_tokens, temperature, top_k, top_p, seed, stop, intervene_on_generated, ignore_eos)
 _GenerateArgs = tuple[int, float, int | None, float | None, int | None, list[str] | None, bool, bool]

@@ -13,8 +13,9 @@ interventions from the shell.
 
 Every subcommand has ``--help``. Mistakes in the input (a missing file, a
 malformed dataset line, an unknown layer, a bad position spec) end the
-command with one line on stderr and exit status 2; other failures with exit
-status 1.
+command with one line on stderr and exit status 2; other failures, those
+from torch or a fault of reft_rs included, with one line and exit status 1
+(``REFT_RS_TRACEBACK=1`` prints the traceback instead).
 
 One module per subcommand (``register`` adds its parser, ``run`` runs it);
 ``common`` and ``generation`` hold what they share.
@@ -75,6 +76,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         # The reader went away (`reft-rs inspect ... | head`): stop quietly.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except Exception as error:
+        # Not raised on purpose (a fault in torch, a bug): still one line,
+        # with the type; REFT_RS_TRACEBACK=1 shows the whole traceback.
+        if os.environ.get("REFT_RS_TRACEBACK"):
+            raise
+        print(f"{PROG} {args.command}: error: {type(error).__name__}: {error}", file=sys.stderr)
         return 1
 
 

@@ -67,8 +67,7 @@ pub fn save_checkpoint(
             },
         ));
     }
-    py.detach(|| checkpoint::save(&path, &config, &refs))
-        .into_py_result()
+    crate::errors::detach(py, || checkpoint::save(&path, &config, &refs)).into_py_result()
 }
 
 /// One loaded tensor: `(key, dtype name, shape, bytes)`.
@@ -80,7 +79,7 @@ pub fn load_checkpoint(
     py: Python<'_>,
     path: PathBuf,
 ) -> PyResult<(String, Vec<LoadedTensor<'_>>, bool)> {
-    let loaded = py.detach(|| checkpoint::load(&path)).into_py_result()?;
+    let loaded = crate::errors::detach(py, || checkpoint::load(&path)).into_py_result()?;
     let tensors = loaded
         .tensors
         .into_iter()

@@ -76,9 +76,10 @@ impl PyEngine {
             threads,
             dequantize,
         };
-        let engine = py
-            .detach(|| Engine::load_with(&model_path, reft.as_deref(), &options))
-            .into_py_result()?;
+        let engine = crate::errors::detach(py, || {
+            Engine::load_with(&model_path, reft.as_deref(), &options)
+        })
+        .into_py_result()?;
         Ok(PyEngine {
             inner: Arc::new(engine),
         })
@@ -86,8 +87,7 @@ impl PyEngine {
 
     /// Loads the checkpoint at `path` as adapter `name`.
     fn add_adapter(&self, py: Python<'_>, name: &str, path: PathBuf) -> PyResult<()> {
-        py.detach(|| self.inner.add_adapter(name, &path))
-            .into_py_result()
+        crate::errors::detach(py, || self.inner.add_adapter(name, &path)).into_py_result()
     }
 
     /// Unloads adapter `name`.
@@ -113,9 +113,10 @@ impl PyEngine {
         adapter: Option<String>,
     ) -> PyResult<Bound<'py, PyArray2<f32>>> {
         let vocab = self.inner.config().vocab_size;
-        let values = py
-            .detach(|| self.inner.logits_with(&token_ids, adapter.as_deref()))
-            .into_py_result()?;
+        let values = crate::errors::detach(py, || {
+            self.inner.logits_with(&token_ids, adapter.as_deref())
+        })
+        .into_py_result()?;
         let rows = values.len() / vocab;
         let array = numpy::ndarray::Array2::from_shape_vec((rows, vocab), values)
             .map_err(|e| pyo3::exceptions::PyRuntimeError::new_err(e.to_string()))?;
@@ -133,7 +134,7 @@ impl PyEngine {
         adapters: Vec<Option<String>>,
     ) -> PyResult<Vec<Vec<u32>>> {
         let options = self::options(options);
-        py.detach(|| {
+        crate::errors::detach(py, || {
             self.inner
                 .generate_streaming(&prompts, &adapters, &options, |_, _| {})
         })
@@ -151,7 +152,7 @@ impl PyEngine {
         adapters: Vec<Option<String>>,
     ) -> PyResult<Vec<String>> {
         let options = self::options(options);
-        py.detach(|| -> Result<Vec<String>, Error> {
+        crate::errors::detach(py, || -> Result<Vec<String>, Error> {
             let text = self.text()?;
             let ids = prompts
                 .iter()
@@ -198,14 +199,12 @@ impl PyEngine {
     /// Token ids of `text`.
     #[pyo3(signature = (text, add_special_tokens=true))]
     fn encode(&self, py: Python<'_>, text: &str, add_special_tokens: bool) -> PyResult<Vec<u32>> {
-        py.detach(|| self.text()?.encode(text, add_special_tokens))
-            .into_py_result()
+        crate::errors::detach(py, || self.text()?.encode(text, add_special_tokens)).into_py_result()
     }
 
     /// Text of `token_ids`, special tokens left out.
     fn decode(&self, py: Python<'_>, token_ids: Vec<u32>) -> PyResult<String> {
-        py.detach(|| self.text()?.decode(&token_ids))
-            .into_py_result()
+        crate::errors::detach(py, || self.text()?.decode(&token_ids)).into_py_result()
     }
 
     /// `messages` (JSON text of a list of role/content objects) rendered
@@ -288,7 +287,7 @@ impl PyStream {
     /// The next `(token_id, new_text)`; `new_text` is empty while a
     /// character is still incomplete, or when the model has no tokenizer.
     fn __next__(&self, py: Python<'_>) -> PyResult<Option<(u32, String)>> {
-        py.detach(|| -> Result<Option<(u32, String)>, Error> {
+        crate::errors::detach(py, || -> Result<Option<(u32, String)>, Error> {
             let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
             loop {
                 if state.finished {
@@ -385,7 +384,7 @@ impl PyScheduler {
 
     /// One step: the events of every request it touched.
     fn step<'py>(&self, py: Python<'py>) -> PyResult<Vec<PyEvent<'py>>> {
-        let events = py.detach(|| self.inner.step()).into_py_result()?;
+        let events = crate::errors::detach(py, || self.inner.step()).into_py_result()?;
         Ok(events
             .into_iter()
             .map(|event| {

@@ -59,3 +59,45 @@ impl<T> IntoPyResult<T> for reft_core::Result<T> {
         self.map_err(to_py_err)
     }
 }
+
+/// The message of a panic's payload.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".to_string())
+}
+
+/// Runs `work` with the interpreter released, as `py.detach` does, and
+/// turns a panic inside it into an `EngineError` (a bug of reft_rs, reported
+/// as an error of the call rather than a `PanicException`).
+pub fn detach<T, F>(py: Python<'_>, work: F) -> T
+where
+    T: Send + From<Panicked>,
+    F: Send + FnOnce() -> T,
+{
+    py.detach(|| {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(work))
+            .unwrap_or_else(|payload| T::from(Panicked(panic_message(payload.as_ref()))))
+    })
+}
+
+/// A panic caught by [`detach`], with its message.
+pub struct Panicked(String);
+
+impl<T> From<Panicked> for reft_core::Result<T> {
+    fn from(panic: Panicked) -> Self {
+        Err(reft_core::Error::Backend(format!(
+            "internal error in reft_rs (please report it): {}",
+            panic.0
+        )))
+    }
+}
+
+/// Panics inside the extension with `message`, through [`detach`]: lets
+/// the tests check that a panic reaches Python as an `EngineError`.
+#[pyfunction]
+pub fn _panic_for_tests(py: Python<'_>, message: String) -> PyResult<()> {
+    detach(py, || -> reft_core::Result<()> { panic!("{message}") }).into_py_result()
+}

@@ -37,5 +37,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(checkpoint::config_parameters, m)?)?;
     m.add_function(wrap_pyfunction!(checkpoint::save_checkpoint, m)?)?;
     m.add_function(wrap_pyfunction!(checkpoint::load_checkpoint, m)?)?;
+    m.add_function(wrap_pyfunction!(errors::_panic_for_tests, m)?)?;
     Ok(())
 }

@@ -168,9 +168,9 @@ pub fn locate<'py>(
         .as_ref()
         .map(|s| s.as_slice())
         .transpose()?;
-    let locations = py
-        .detach(|| positions::locate(lengths, sequence, &spec, &options))
-        .into_py_result()?;
+    let locations =
+        crate::errors::detach(py, || positions::locate(lengths, sequence, &spec, &options))
+            .into_py_result()?;
     Ok(into_numpy(py, locations))
 }
 
@@ -198,19 +198,18 @@ pub fn locate_char_spans<'py>(
         .as_ref()
         .map(|s| s.as_slice())
         .transpose()?;
-    let locations = py
-        .detach(|| {
-            positions::locate_char_spans(
-                offsets,
-                counts,
-                spans,
-                groups,
-                max_positions,
-                sequence,
-                &options,
-            )
-        })
-        .into_py_result()?;
+    let locations = crate::errors::detach(py, || {
+        positions::locate_char_spans(
+            offsets,
+            counts,
+            spans,
+            groups,
+            max_positions,
+            sequence,
+            &options,
+        )
+    })
+    .into_py_result()?;
     Ok(into_numpy(py, locations))
 }
 

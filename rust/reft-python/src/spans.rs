@@ -43,8 +43,7 @@ fn gather_typed<'py, T: Element + Copy + Default + Send + Sync>(
     let shape = hidden_shape(hidden.shape());
     let view = locations_view(locations)?;
     let states = hidden.as_slice()?;
-    let out = py
-        .detach(|| spans::gather(states, shape, view, parallel))
+    let out = crate::errors::detach(py, || spans::gather(states, shape, view, parallel))
         .into_py_result()?;
     let dims = (view.groups, view.batch, view.width, shape.hidden);
     let array =
@@ -90,7 +89,7 @@ fn scatter_typed<'py, T: Element + Copy + Send + Sync>(
     }
     let source = values.as_slice()?;
     let states = hidden.as_slice_mut()?;
-    py.detach(|| spans::scatter(states, shape, view, source, parallel))
+    crate::errors::detach(py, || spans::scatter(states, shape, view, source, parallel))
         .into_py_result()
 }
 

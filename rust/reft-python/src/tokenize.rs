@@ -31,18 +31,16 @@ impl PyBatchTokenizer {
     /// From the JSON text of a `tokenizer.json`.
     #[staticmethod]
     fn from_json(py: Python<'_>, json: &str) -> PyResult<Self> {
-        let inner = py
-            .detach(|| BatchTokenizer::from_json(json))
-            .into_py_result()?;
+        let inner =
+            crate::errors::detach(py, || BatchTokenizer::from_json(json)).into_py_result()?;
         Ok(PyBatchTokenizer { inner })
     }
 
     /// From a `tokenizer.json` file or a folder holding one.
     #[staticmethod]
     fn from_file(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
-        let inner = py
-            .detach(|| BatchTokenizer::from_file(&path))
-            .into_py_result()?;
+        let inner =
+            crate::errors::detach(py, || BatchTokenizer::from_file(&path)).into_py_result()?;
         Ok(PyBatchTokenizer { inner })
     }
 
@@ -60,9 +58,9 @@ impl PyBatchTokenizer {
         texts: Vec<String>,
         add_special_tokens: bool,
     ) -> PyResult<Flat<'py>> {
-        let (tokens, offsets) = py
-            .detach(|| self.inner.encode_batch(&texts, add_special_tokens))
-            .into_py_result()?;
+        let (tokens, offsets) =
+            crate::errors::detach(py, || self.inner.encode_batch(&texts, add_special_tokens))
+                .into_py_result()?;
         Ok((as_i32(tokens).into_pyarray(py), offsets.into_pyarray(py)))
     }
 
@@ -90,12 +88,11 @@ impl PyBatchTokenizer {
             response_after: affixes.3,
             prompt_special_tokens,
         };
-        let encoded = py
-            .detach(|| {
-                self.inner
-                    .encode_pairs(&prompts, responses.as_deref(), &format, max_length)
-            })
-            .into_py_result()?;
+        let encoded = crate::errors::detach(py, || {
+            self.inner
+                .encode_pairs(&prompts, responses.as_deref(), &format, max_length)
+        })
+        .into_py_result()?;
         Ok((
             as_i32(encoded.tokens).into_pyarray(py),
             encoded.offsets.into_pyarray(py),

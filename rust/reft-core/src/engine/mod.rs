@@ -185,26 +185,25 @@ fn gguf_config(meta: &HashMap<String, gguf_file::Value>, path: &Path) -> Result<
 }
 
 /// candle runs element-wise operations on a spinning thread pool of its
-/// own beside rayon's; on a few cores the two fight (a prefill took 40% longer).
-/// Unless the user chose otherwise, element-wise work stays on the calling
-/// thread and the matrix products use rayon. Must run before candle's first
-/// operation, which creates its pool. Also pins `RAYON_NUM_THREADS` to the
-/// size of rayon's global pool (which this call creates if needed).
-fn limit_candle_pool() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-            std::env::set_var("CANDLE_NUM_THREADS", "1");
-        }
-        // candle sizes each matrix product's split from this variable, and
-        // without it reads the CPU topology from /proc on every product.
-        if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-            std::env::set_var(
-                "RAYON_NUM_THREADS",
-                rayon::current_num_threads().to_string(),
-            );
-        }
-    });
+/// own beside rayon's; on a few cores the two fight (a prefill took 40%
+/// longer). This keeps element-wise work on the calling thread
+/// (`CANDLE_NUM_THREADS=1`) and pins `RAYON_NUM_THREADS` to the size of
+/// rayon's global pool (candle sizes each matrix product's split from it,
+/// and without it reads the CPU topology from /proc on every product),
+/// unless the user set them.
+///
+/// It changes the process environment, which is safe only while no other
+/// thread may read it: call it at the start of `main`, before any threads
+/// start. [`Engine::load`] does not call it; the Python package sets the
+/// same variables when it is imported.
+pub fn configure_threads_env() {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    }
 }
 
 fn is_gguf(path: &Path) -> bool {
@@ -238,7 +237,6 @@ impl Engine {
         reft: Option<&Path>,
         options: &LoadOptions,
     ) -> Result<Self> {
-        limit_candle_pool();
         let threads = options.threads;
         let pool = match threads {
             Some(0) => return Err(Error::InvalidArgument("threads must be at least 1".into())),
