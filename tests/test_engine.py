@@ -232,6 +232,30 @@ def test_sharded_weights_load(folders, tmp_path):
     assert np.array_equal(reft_rs.Engine(tmp_path / "sharded").logits(ids), whole)
 
 
+def test_shards_named_outside_the_model_folder_are_refused(folders, tmp_path):
+    """An index written by transformers, then edited to name shard files
+    outside the folder: by a path, `..`, an absolute path or a link."""
+    model = load_model(folders, "llama")
+    folder = tmp_path / "sharded"
+    model.save_pretrained(folder, max_shard_size="20KB")
+    index_path = folder / "model.safetensors.index.json"
+    original = json.loads(index_path.read_text())
+    first_tensor, first_shard = next(iter(original["weight_map"].items()))
+    outside = tmp_path / "outside.safetensors"
+    outside.write_bytes((folder / first_shard).read_bytes())
+    (folder / "link.safetensors").symlink_to(outside)
+    (folder / "sub").mkdir()
+    (folder / "sub" / first_shard).write_bytes((folder / first_shard).read_bytes())
+    for shard in ["../outside.safetensors", str(outside), "sub/" + first_shard, "link.safetensors", 7]:
+        index = json.loads(json.dumps(original))
+        index["weight_map"][first_tensor] = shard
+        index_path.write_text(json.dumps(index))
+        with pytest.raises(reft_rs.ModelLoadError, match="not a file in the model folder|not a file name"):
+            reft_rs.Engine(folder)
+    index_path.write_text(json.dumps(original))
+    assert reft_rs.Engine(folder).logits([5, 6]).shape[0] == 2
+
+
 def test_bfloat16_weights_load_as_float32(folders, tmp_path):
     model = load_model(folders, "qwen2").to(torch.bfloat16)
     model.save_pretrained(tmp_path / "bf16")

@@ -279,6 +279,37 @@ fn load_error(path: &Path, reason: impl Into<String>) -> Error {
     }
 }
 
+/// The file of a shard named in the index: a plain file name in the
+/// model folder itself (no separators, `..` or absolute paths, and no
+/// link leading out of the folder).
+fn shard_path(folder: &Path, index: &Path, shard: &str) -> Result<PathBuf> {
+    use std::path::Component;
+    let mut components = Path::new(shard).components();
+    let plain = matches!(
+        (components.next(), components.next()),
+        (Some(Component::Normal(_)), None)
+    ) && !shard.contains(['/', '\\']);
+    let outside = || {
+        load_error(
+            index,
+            format!(
+                "the shard {shard:?} is not a file in the model folder {}",
+                folder.display()
+            ),
+        )
+    };
+    if !plain {
+        return Err(outside());
+    }
+    let path = folder.join(shard);
+    if let (Ok(real), Ok(root)) = (path.canonicalize(), folder.canonicalize()) {
+        if real.parent() != Some(root.as_path()) {
+            return Err(outside());
+        }
+    }
+    Ok(path)
+}
+
 impl Source {
     /// Opens `model.safetensors` or the shards named by
     /// `model.safetensors.index.json` in `folder`.
@@ -295,8 +326,17 @@ impl Source {
                 .get("weight_map")
                 .and_then(|m| m.as_object())
                 .ok_or_else(|| load_error(&index, "has no \"weight_map\""))?;
-            let shards: BTreeSet<&str> = map.values().filter_map(|v| v.as_str()).collect();
-            shards.into_iter().map(|s| folder.join(s)).collect()
+            let mut shards = BTreeSet::new();
+            for (tensor, shard) in map {
+                let shard = shard.as_str().ok_or_else(|| {
+                    load_error(
+                        &index,
+                        format!("the shard of {tensor:?} is not a file name"),
+                    )
+                })?;
+                shards.insert(shard_path(folder, &index, shard)?);
+            }
+            shards.into_iter().collect()
         } else {
             return Err(Error::ModelNotFound {
                 path: folder.join("model.safetensors"),
