@@ -1,27 +1,124 @@
-//! `y = x Wᵀ + b` in float32 for any number of rows of `x`, with `W` stored
-//! `[n, k]` as the model files store it: no packing of `W` per call, no
-//! second copy of the weights.
+//! `y = x Wᵀ + b` in float32 for any number of rows of `x`.
 //!
-//! Both operands are read along `k`, so the product is a grid of dot
-//! products, computed in tiles of 3 weight rows by 3 rows of `x` (9 vector
-//! accumulators, 6 loads per 9 fused multiply-adds). The weight rows of a
-//! tile stay in the L1 cache while every block of `x` rows passes over
-//! them; blocks of `x` rows are sized to stay in L2. Threads split the
-//! weight rows.
+//! The weights are static, so they are repacked once, when the model
+//! loads, into panels of [`PANEL`] output columns: panel `p` holds, for
+//! each input index `t`, the 16 weights `W[16p..16p + 16, t]` side by side
+//! (zero past the last column). A product is then a sum of outer products:
+//! for each `t`, a few rows' `x[i, t]` broadcast times one 16-wide line of a
+//! panel, kept in vector registers (6 rows by 16 columns: 12 accumulators,
+//! 8 loads per 12 fused multiply-adds). The packed copy replaces the row
+//! layout, so the engine holds one copy of each matrix.
 //!
-//! Every output value is summed in the same order whatever the tile it
-//! falls in and whatever the number of rows, so a row's result does not
-//! depend on the other rows of the batch: a sequence decoded alone and in a
-//! batch gets bit-identical products.
+//! Blocking: rows of `x` are taken in blocks that stay in L2 while the
+//! panels pass over them, one panel at a time; each panel is cut into
+//! steps of [`DEPTH`] along `t`, so a step's slice stays in L1 while every
+//! 6 rows of the block pass over it. Fewer than 6 rows take several panels
+//! per tile in one pass. Threads split the panels.
+//!
+//! Every output value is the fused multiply-add chain over `t = 0, 1, ...`
+//! in order, from zero, whatever the tile it falls in and whatever the
+//! number of rows, and the bias is added after: a row's result does not
+//! depend on the other rows of the batch, so a sequence decoded alone and in
+//! a batch gets bit-identical products.
 
 use rayon::prelude::*;
 
-/// Weight rows per tile.
-const TILE_W: usize = 3;
-/// Rows of `x` per tile.
-const TILE_X: usize = 3;
-/// Bytes of `x` rows kept in L2 while a thread's weight rows pass.
-const X_BLOCK_BYTES: usize = 256 * 1024;
+/// Output columns per panel.
+pub(crate) const PANEL: usize = 16;
+/// Steps along `t` per pass (a panel slice of 16 KiB).
+const DEPTH: usize = 256;
+/// Bytes of `x` rows kept in L2 while the panels pass.
+const ROWS_BYTES: usize = 512 * 1024;
+
+/// Rows of `x` per L2 block, a multiple of the 6-row tile.
+fn block_rows(k: usize) -> usize {
+    (ROWS_BYTES / (4 * k.max(1))).max(6) / 6 * 6
+}
+
+/// One line of a panel, aligned to a cache line.
+#[derive(Debug, Clone, Copy, Default)]
+#[repr(C, align(64))]
+struct Line([f32; PANEL]);
+
+/// A weight matrix `[n, k]` in panels (see the module notes).
+#[derive(Debug, Clone)]
+pub(crate) struct Packed {
+    n: usize,
+    k: usize,
+    /// `panels * k` lines, panel after panel.
+    lines: Vec<Line>,
+}
+
+impl Packed {
+    /// Packs `w`, `n` rows of `k` values.
+    pub(crate) fn new(w: &[f32], n: usize, k: usize) -> Packed {
+        assert_eq!(w.len(), n * k, "a weight matrix of {n} rows of {k}");
+        let panels = n.div_ceil(PANEL);
+        let mut lines = vec![Line::default(); panels * k];
+        lines
+            .par_chunks_mut(k.max(1))
+            .enumerate()
+            .for_each(|(p, panel)| {
+                for c in 0..PANEL.min(n - p * PANEL) {
+                    let row = &w[(p * PANEL + c) * k..][..k];
+                    for (line, &v) in panel.iter_mut().zip(row) {
+                        line.0[c] = v;
+                    }
+                }
+            });
+        Packed { n, k, lines }
+    }
+
+    pub(crate) fn rows(&self) -> usize {
+        self.n
+    }
+
+    pub(crate) fn cols(&self) -> usize {
+        self.k
+    }
+
+    /// Row `j` of the matrix (`k` values), e.g. a token's embedding when the
+    /// head shares the embedding matrix.
+    pub(crate) fn row(&self, j: usize) -> Vec<f32> {
+        let (p, c) = (j / PANEL, j % PANEL);
+        self.lines[p * self.k..(p + 1) * self.k]
+            .iter()
+            .map(|line| line.0[c])
+            .collect()
+    }
+
+    /// The matrices one above the other (`[n1 + n2 + ..., k]`).
+    pub(crate) fn stack(parts: &[&Packed]) -> Packed {
+        let k = parts.first().map_or(0, |p| p.k);
+        assert!(parts.iter().all(|p| p.k == k), "matrices of {k} columns");
+        let n = parts.iter().map(|p| p.n).sum();
+        if parts.iter().all(|p| p.n % PANEL == 0) {
+            // Whole panels: they follow one another unchanged.
+            let lines = parts.iter().flat_map(|p| p.lines.iter().copied()).collect();
+            return Packed { n, k, lines };
+        }
+        let rows: Vec<f32> = parts.iter().flat_map(|p| p.unpack()).collect();
+        Packed::new(&rows, n, k)
+    }
+
+    /// The matrix in rows again, `[n, k]`.
+    pub(crate) fn unpack(&self) -> Vec<f32> {
+        let mut w = Vec::with_capacity(self.n * self.k);
+        for j in 0..self.n {
+            w.extend(self.row(j));
+        }
+        w
+    }
+
+    fn panels(&self) -> usize {
+        self.n.div_ceil(PANEL)
+    }
+
+    /// The start of panel `p` at step `t`.
+    fn at(&self, p: usize, t: usize) -> *const f32 {
+        self.lines[p * self.k + t..].as_ptr().cast()
+    }
+}
 
 /// A raw pointer to the output, written by several threads at disjoint
 /// columns.
@@ -31,110 +128,169 @@ struct Out(*mut f32);
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
-/// `y = x Wᵀ + b`: `x` is `[m, k]`, `W` has `n` rows of `k`, `b` has `n`
-/// values; returns `[m, n]`.
-///
-pub(crate) fn matmul(
-    w: &[f32],
-    x: &[f32],
-    m: usize,
-    k: usize,
-    n: usize,
-    bias: Option<&[f32]>,
-) -> Vec<f32> {
-    debug_assert_eq!(x.len(), m * k);
-    debug_assert_eq!(w.len(), n * k);
+/// `y = x Wᵀ + b`: `x` is `[m, k]`, `b` has `n` values; returns `[m, n]`.
+pub(crate) fn matmul(w: &Packed, x: &[f32], m: usize, bias: Option<&[f32]>) -> Vec<f32> {
+    let (n, k) = (w.n, w.k);
+    assert_eq!(x.len(), m * k, "{m} rows of {k} inputs");
+    if let Some(b) = bias {
+        assert_eq!(b.len(), n, "a bias of {n} values");
+    }
     let mut y = vec![0f32; m * n];
     if m == 0 || n == 0 {
         return y;
     }
+    let panels = w.panels();
     let threads = rayon::current_num_threads().max(1);
-    // Tasks of whole tiles: enough per task to amortise scheduling, enough
-    // tasks to balance the threads.
-    let tiles = n.div_ceil(TILE_W);
-    let per_task = tiles.div_ceil(threads * 4).clamp(4, 64) * TILE_W;
+    // Two tasks per thread balance the threads; whole panels per task.
+    let per_task = panels.div_ceil(threads * 2).max(1);
+    let tasks = panels.div_ceil(per_task);
     let out = Out(y.as_mut_ptr());
-    let tasks = n.div_ceil(per_task);
+    let vector = has_fma();
     (0..tasks).into_par_iter().for_each(|t| {
         let first = t * per_task;
-        let last = (first + per_task).min(n);
-        // SAFETY: the task writes the columns first..last of `y` only, and
-        // `y` outlives the parallel loop.
-        unsafe { task(w, x, m, k, n, first, last, bias, out) };
+        let last = (first + per_task).min(panels);
+        // SAFETY: the task writes the columns of panels first..last of `y`
+        // only, and `y` outlives the parallel loop.
+        unsafe { task(w, x, m, first, last, bias, out, vector) };
     });
     y
 }
 
-/// Rows of `x` per L2 block, a multiple of the tile.
-fn x_block(k: usize) -> usize {
-    let rows = (X_BLOCK_BYTES / (4 * k.max(1))).max(TILE_X);
-    rows / TILE_X * TILE_X
+fn has_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }
 
-/// The columns `first..last` of `y`, all rows.
+/// The columns of panels `first..last` of `y`, all rows.
 ///
 /// # Safety
-/// `out` points to `m * n` floats; no other thread writes these columns.
+/// `out` points to `m * n` floats; no other thread writes these columns;
+/// `vector` only where the CPU has AVX2 and FMA.
 #[allow(clippy::too_many_arguments)]
 unsafe fn task(
-    w: &[f32],
+    w: &Packed,
     x: &[f32],
     m: usize,
-    k: usize,
-    n: usize,
     first: usize,
     last: usize,
     bias: Option<&[f32]>,
     out: Out,
+    vector: bool,
 ) {
     #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            return avx2::task(w, x, m, k, n, first, last, bias, out);
-        }
+    if vector {
+        return avx2::task(w, x, m, first, last, bias, out);
     }
-    portable::task(w, x, m, k, n, first, last, bias, out)
+    let _ = vector;
+    portable::task(w, x, m, first, last, bias, out)
 }
 
-/// The loops of a task, shared by both builds; `tile` is the build's kernel.
+/// Panels per tile when a block has `r` rows: enough accumulators (up to
+/// 12) to keep the multiply-add units busy.
+const fn panels_for(r: usize) -> usize {
+    match r {
+        1 => 4,
+        2 => 3,
+        3 => 2,
+        _ => 1,
+    }
+}
+
+/// The loops of a task, shared by both builds; `$tile` is the build's
+/// kernel: `$tile::<R, P>(a, lda, b, stride, depth, c, ldc, first)` adds
+/// `R` rows of `a` (row stride `lda`) times `P` panels (`b`, panels
+/// `stride` floats apart) over `depth` steps into the `R x 16P` tile `c`
+/// (row stride `ldc`), which starts from zero when `first`.
 macro_rules! task_body {
-    ($w:ident, $x:ident, $m:ident, $k:ident, $n:ident, $first:ident, $last:ident,
-     $bias:ident, $out:ident, $tile:ident) => {{
-        let block = x_block($k);
-        let mut start = 0;
-        while start < $m {
-            let end = (start + block).min($m);
-            let mut j = $first;
-            while j < $last {
-                let count = TILE_W.min($last - j);
-                let rows = &$w[j * $k..(j + count) * $k];
-                let mut i = start;
-                while i < end {
-                    let xs = &$x[i * $k..];
-                    let take = TILE_X.min(end - i);
-                    let mut sums = [[0f32; TILE_X]; TILE_W];
-                    match (count, take) {
-                        (3, 3) => $tile::<3, 3>(rows, xs, $k, &mut sums),
-                        (3, 2) => $tile::<3, 2>(rows, xs, $k, &mut sums),
-                        (3, 1) => $tile::<3, 1>(rows, xs, $k, &mut sums),
-                        (2, 3) => $tile::<2, 3>(rows, xs, $k, &mut sums),
-                        (2, 2) => $tile::<2, 2>(rows, xs, $k, &mut sums),
-                        (2, 1) => $tile::<2, 1>(rows, xs, $k, &mut sums),
-                        (1, 3) => $tile::<1, 3>(rows, xs, $k, &mut sums),
-                        (1, 2) => $tile::<1, 2>(rows, xs, $k, &mut sums),
-                        _ => $tile::<1, 1>(rows, xs, $k, &mut sums),
-                    }
-                    for (r, column) in sums.iter().enumerate().take(count) {
-                        let b = $bias.map_or(0.0, |b| b[j + r]);
-                        for (c, &v) in column.iter().enumerate().take(take) {
-                            *$out.0.add((i + c) * $n + j + r) = v + b;
+    ($w:ident, $x:ident, $m:ident, $first:ident, $last:ident, $bias:ident, $out:ident,
+     $tile:ident) => {{
+        let (n, k) = ($w.n, $w.k);
+        let stride = k * PANEL;
+        // One tile of `r` rows from row `i` and `count` panels from panel
+        // `p`, at steps `t..t + depth`.
+        let tile = |i: usize, r: usize, p: usize, count: usize, t: usize, depth: usize| {
+            let a = $x.as_ptr().add(i * k + t);
+            let b = $w.at(p, t);
+            let start = t == 0;
+            let columns = (n - p * PANEL).min(count * PANEL);
+            let run = |c: *mut f32, ldc: usize| match (r, count) {
+                (6, 1) => $tile::<6, 1>(a, k, b, stride, depth, c, ldc, start),
+                (5, 1) => $tile::<5, 1>(a, k, b, stride, depth, c, ldc, start),
+                (4, 1) => $tile::<4, 1>(a, k, b, stride, depth, c, ldc, start),
+                (3, 2) => $tile::<3, 2>(a, k, b, stride, depth, c, ldc, start),
+                (3, 1) => $tile::<3, 1>(a, k, b, stride, depth, c, ldc, start),
+                (2, 3) => $tile::<2, 3>(a, k, b, stride, depth, c, ldc, start),
+                (2, 2) => $tile::<2, 2>(a, k, b, stride, depth, c, ldc, start),
+                (2, 1) => $tile::<2, 1>(a, k, b, stride, depth, c, ldc, start),
+                (1, 4) => $tile::<1, 4>(a, k, b, stride, depth, c, ldc, start),
+                (1, 3) => $tile::<1, 3>(a, k, b, stride, depth, c, ldc, start),
+                (1, 2) => $tile::<1, 2>(a, k, b, stride, depth, c, ldc, start),
+                _ => $tile::<1, 1>(a, k, b, stride, depth, c, ldc, start),
+            };
+            if columns == count * PANEL {
+                run($out.0.add(i * n + p * PANEL), n);
+            } else {
+                // The last panel sticks out past `n`: work on a copy.
+                let ldc = count * PANEL;
+                let mut spare = [0f32; 6 * PANEL];
+                if !start {
+                    for row in 0..r {
+                        for col in 0..columns {
+                            spare[row * ldc + col] = *$out.0.add((i + row) * n + p * PANEL + col);
                         }
                     }
-                    i += take;
                 }
-                j += count;
+                run(spare.as_mut_ptr(), ldc);
+                for row in 0..r {
+                    for col in 0..columns {
+                        *$out.0.add((i + row) * n + p * PANEL + col) = spare[row * ldc + col];
+                    }
+                }
             }
-            start = end;
+        };
+        if $m < 6 {
+            // A few rows: several panels per tile, each panel read once
+            // from end to end.
+            let mut p = $first;
+            while p < $last {
+                let count = panels_for($m).min($last - p);
+                tile(0, $m, p, count, 0, k);
+                p += count;
+            }
+        } else {
+            let rows = block_rows(k);
+            let mut block = 0;
+            while block < $m {
+                let end = (block + rows).min($m);
+                for p in $first..$last {
+                    let mut t = 0;
+                    while t < k {
+                        let depth = DEPTH.min(k - t);
+                        let mut i = block;
+                        while i < end {
+                            let r = 6.min(end - i);
+                            tile(i, r, p, 1, t, depth);
+                            i += r;
+                        }
+                        t += depth;
+                    }
+                }
+                block = end;
+            }
+        }
+        if let Some(b) = $bias {
+            let (from, to) = ($first * PANEL, ($last * PANEL).min(n));
+            for i in 0..$m {
+                for j in from..to {
+                    *$out.0.add(i * n + j) += b[j];
+                }
+            }
         }
     }};
 }
@@ -144,120 +300,110 @@ mod avx2 {
     use super::*;
     use std::arch::x86_64::*;
 
+    /// See [`task_body`].
     #[inline(always)]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let lo = _mm256_castps256_ps128(v);
-        let hi = _mm256_extractf128_ps(v, 1);
-        let s = _mm_add_ps(lo, hi);
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-        _mm_cvtss_f32(s)
-    }
-
-    /// `sums[r][c] = W[r] · x[c]` for `R` weight rows and `C` rows of `x`.
-    #[inline(always)]
-    #[allow(clippy::needless_range_loop)]
-    unsafe fn tile<const R: usize, const C: usize>(
-        w: &[f32],
-        x: &[f32],
-        k: usize,
-        sums: &mut [[f32; TILE_X]; TILE_W],
+    #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+    unsafe fn tile<const R: usize, const P: usize>(
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        stride: usize,
+        depth: usize,
+        c: *mut f32,
+        ldc: usize,
+        start: bool,
     ) {
-        debug_assert!(w.len() >= R * k && x.len() >= C * k);
-        let (wp, xp) = (w.as_ptr(), x.as_ptr());
-        let mut acc = [[_mm256_setzero_ps(); C]; R];
-        let whole = k / 8 * 8;
-        let mut t = 0;
-        while t < whole {
-            let mut wv = [_mm256_setzero_ps(); R];
-            for (r, v) in wv.iter_mut().enumerate() {
-                *v = _mm256_loadu_ps(wp.add(r * k + t));
-            }
-            for c in 0..C {
-                let xv = _mm256_loadu_ps(xp.add(c * k + t));
-                for r in 0..R {
-                    acc[r][c] = _mm256_fmadd_ps(wv[r], xv, acc[r][c]);
+        let mut acc = [[[_mm256_setzero_ps(); 2]; P]; R];
+        if !start {
+            for r in 0..R {
+                for q in 0..P {
+                    acc[r][q][0] = _mm256_loadu_ps(c.add(r * ldc + q * PANEL));
+                    acc[r][q][1] = _mm256_loadu_ps(c.add(r * ldc + q * PANEL + 8));
                 }
             }
-            t += 8;
+        }
+        for t in 0..depth {
+            let mut line = [[_mm256_setzero_ps(); 2]; P];
+            for q in 0..P {
+                let at = b.add(q * stride + t * PANEL);
+                line[q][0] = _mm256_load_ps(at);
+                line[q][1] = _mm256_load_ps(at.add(8));
+            }
+            for r in 0..R {
+                let v = _mm256_broadcast_ss(&*a.add(r * lda + t));
+                for q in 0..P {
+                    acc[r][q][0] = _mm256_fmadd_ps(v, line[q][0], acc[r][q][0]);
+                    acc[r][q][1] = _mm256_fmadd_ps(v, line[q][1], acc[r][q][1]);
+                }
+            }
         }
         for r in 0..R {
-            for c in 0..C {
-                let mut s = hsum(acc[r][c]);
-                for u in whole..k {
-                    s = (*wp.add(r * k + u)).mul_add(*xp.add(c * k + u), s);
-                }
-                sums[r][c] = s;
+            for q in 0..P {
+                _mm256_storeu_ps(c.add(r * ldc + q * PANEL), acc[r][q][0]);
+                _mm256_storeu_ps(c.add(r * ldc + q * PANEL + 8), acc[r][q][1]);
             }
         }
     }
 
+    /// # Safety
+    /// As [`super::task`], on a CPU with AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn task(
-        w: &[f32],
+        w: &Packed,
         x: &[f32],
         m: usize,
-        k: usize,
-        n: usize,
         first: usize,
         last: usize,
         bias: Option<&[f32]>,
         out: Out,
     ) {
-        task_body!(w, x, m, k, n, first, last, bias, out, tile)
+        task_body!(w, x, m, first, last, bias, out, tile)
     }
 }
 
 mod portable {
     use super::*;
 
-    /// The same sums in the same order as the vector build: 8 lanes along
-    /// `k`, then the lanes added pairwise, then the tail.
+    /// The same chains as the vector build: one fused multiply-add per step
+    /// for each value, in step order.
     #[inline(always)]
-    #[allow(clippy::needless_range_loop)]
-    fn tile<const R: usize, const C: usize>(
-        w: &[f32],
-        x: &[f32],
-        k: usize,
-        sums: &mut [[f32; TILE_X]; TILE_W],
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile<const R: usize, const P: usize>(
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        stride: usize,
+        depth: usize,
+        c: *mut f32,
+        ldc: usize,
+        start: bool,
     ) {
-        let whole = k / 8 * 8;
         for r in 0..R {
-            for c in 0..C {
-                let (wr, xc) = (&w[r * k..r * k + k], &x[c * k..c * k + k]);
-                let mut lanes = [0f32; 8];
-                for t in (0..whole).step_by(8) {
-                    for l in 0..8 {
-                        lanes[l] = wr[t + l].mul_add(xc[t + l], lanes[l]);
+            for q in 0..P {
+                for col in 0..PANEL {
+                    let dst = c.add(r * ldc + q * PANEL + col);
+                    let mut s = if start { 0.0 } else { *dst };
+                    for t in 0..depth {
+                        s = (*a.add(r * lda + t)).mul_add(*b.add(q * stride + t * PANEL + col), s);
                     }
+                    *dst = s;
                 }
-                let quad: [f32; 4] = std::array::from_fn(|l| lanes[l] + lanes[l + 4]);
-                let (a, b) = (quad[0] + quad[2], quad[1] + quad[3]);
-                let mut s = a + b;
-                for u in whole..k {
-                    s = wr[u].mul_add(xc[u], s);
-                }
-                sums[r][c] = s;
             }
         }
     }
 
     /// # Safety
     /// As [`super::task`].
-    #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn task(
-        w: &[f32],
+        w: &Packed,
         x: &[f32],
         m: usize,
-        k: usize,
-        n: usize,
         first: usize,
         last: usize,
         bias: Option<&[f32]>,
         out: Out,
     ) {
-        task_body!(w, x, m, k, n, first, last, bias, out, tile)
+        task_body!(w, x, m, first, last, bias, out, tile)
     }
 }
 
@@ -286,19 +432,25 @@ mod tests {
 
     #[test]
     fn products_match_the_plain_sum_at_every_shape() {
-        // Remainders of both tiles, k with and without a tail, blocks of x
-        // rows split (k = 4096 gives 15-row blocks).
+        // Every row remainder of the 6-row tile, panels cut short, several
+        // steps along k (k > 256) with a short last step, several L2 blocks
+        // of rows (60 rows a block at k = 2000), a single row and a single
+        // column.
         for (m, k, n) in [
             (1, 8, 1),
             (2, 13, 5),
+            (3, 300, 40),
             (4, 64, 7),
+            (5, 33, 70),
             (7, 576, 300),
             (31, 40, 100),
-            (40, 4096, 11),
+            (40, 1000, 17),
             (100, 96, 64),
+            (250, 520, 33),
+            (130, 2000, 20),
         ] {
             let (w, x, b) = (values(n * k, 1), values(m * k, 2), values(n, 3));
-            let got = matmul(&w, &x, m, k, n, Some(&b));
+            let got = matmul(&Packed::new(&w, n, k), &x, m, Some(&b));
             let expected = plain(&w, &x, m, k, n, &b);
             for (a, e) in got.iter().zip(&expected) {
                 assert!(
@@ -311,27 +463,61 @@ mod tests {
 
     #[test]
     fn a_row_gets_the_same_bits_alone_and_in_any_batch() {
-        let (k, n) = (200, 37);
-        let w = values(n * k, 5);
-        let x = values(50 * k, 6);
-        let whole = matmul(&w, &x, 50, k, n, None);
-        for i in [0, 1, 2, 3, 4, 26, 49] {
-            let alone = matmul(&w, &x[i * k..(i + 1) * k], 1, k, n, None);
+        // k = 3000: blocks of 42 rows, 12 steps along k.
+        let (k, n) = (3000, 37);
+        let w = Packed::new(&values(n * k, 5), n, k);
+        let x = values(100 * k, 6);
+        let whole = matmul(&w, &x, 100, None);
+        for i in [0, 1, 2, 3, 4, 5, 6, 26, 41, 42, 49, 83, 84, 99] {
+            let alone = matmul(&w, &x[i * k..(i + 1) * k], 1, None);
             assert_eq!(alone, whole[i * n..(i + 1) * n], "row {i}");
         }
-        // Two rows taken together, at an offset that shifts the tiles.
-        let pair = matmul(&w, &x[4 * k..6 * k], 2, k, n, None);
-        assert_eq!(pair, whole[4 * n..6 * n]);
+        // Few rows together (several panels per tile), at an offset that
+        // shifts the tiles.
+        for (from, count) in [(4, 2), (7, 3), (10, 5), (3, 8)] {
+            let some = matmul(&w, &x[from * k..(from + count) * k], count, None);
+            assert_eq!(
+                some,
+                whole[from * n..(from + count) * n],
+                "{count} rows from {from}"
+            );
+        }
     }
 
     #[test]
     fn the_portable_build_sums_as_the_vector_build() {
-        let (m, k, n) = (5, 77, 8);
-        let (w, x) = (values(n * k, 7), values(m * k, 8));
-        let fast = matmul(&w, &x, m, k, n, None);
-        let mut slow = vec![0f32; m * n];
-        // SAFETY: one task writes every column of `slow`.
-        unsafe { portable::task(&w, &x, m, k, n, 0, n, None, Out(slow.as_mut_ptr())) };
-        assert_eq!(fast, slow);
+        for (m, k, n) in [(5, 77, 8), (13, 300, 40)] {
+            let (w, x) = (values(n * k, 7), values(m * k, 8));
+            let w = Packed::new(&w, n, k);
+            let fast = matmul(&w, &x, m, None);
+            let mut slow = vec![0f32; m * n];
+            // SAFETY: one task writes every column of `slow`.
+            unsafe { portable::task(&w, &x, m, 0, w.panels(), None, Out(slow.as_mut_ptr())) };
+            assert_eq!(fast, slow, "{m}x{k}x{n}");
+        }
+    }
+
+    #[test]
+    fn packing_keeps_every_weight() {
+        let (n, k) = (37, 11);
+        let w = values(n * k, 9);
+        let packed = Packed::new(&w, n, k);
+        assert_eq!((packed.rows(), packed.cols()), (n, k));
+        assert_eq!(packed.unpack(), w);
+        assert_eq!(packed.row(20), w[20 * k..21 * k]);
+        // Three panels, the last one padded.
+        assert_eq!(packed.lines.len(), 3 * k);
+        // Stacked, with and without whole panels.
+        let (a, b) = (values(32 * k, 10), values(5 * k, 11));
+        let (pa, pb) = (Packed::new(&a, 32, k), Packed::new(&b, 5, k));
+        for parts in [vec![&pa, &pa], vec![&pa, &pb, &packed], vec![&pb, &pa]] {
+            let expected: Vec<f32> = parts.iter().flat_map(|p| p.unpack()).collect();
+            let stacked = Packed::stack(&parts);
+            assert_eq!(
+                stacked.rows(),
+                parts.iter().map(|p| p.rows()).sum::<usize>()
+            );
+            assert_eq!(stacked.unpack(), expected);
+        }
     }
 }

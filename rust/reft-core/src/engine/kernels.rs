@@ -21,33 +21,11 @@ pub(crate) const BLOCK: usize = 32;
 /// A weight matrix in one of the layouts the kernels read.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Rows<'a> {
-    F32(&'a [f32]),
     Q4_1(&'a [u8]),
     Q8_0(&'a [u8]),
 }
 
 use crate::checkpoint::f16_to_f32 as f16;
-
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let chunks = a.len() / 16;
-    for c in 0..chunks {
-        let (x, y) = (&a[c * 16..c * 16 + 16], &b[c * 16..c * 16 + 16]);
-        for i in 0..16 {
-            acc[i] = x[i].mul_add(y[i], acc[i]);
-        }
-    }
-    let mut total = 0.0;
-    for i in chunks * 16..a.len() {
-        total += a[i] * b[i];
-    }
-    let mut pairs = [0f32; 8];
-    for i in 0..8 {
-        pairs[i] = acc[i] + acc[i + 8];
-    }
-    total + pairs.iter().sum::<f32>()
-}
 
 /// One `Q4_1` row dotted with `x` (`k` values), plus nothing else.
 #[inline(always)]
@@ -107,12 +85,6 @@ fn rows_body(
     for (r, out_row) in out.chunks_exact_mut(m).enumerate() {
         let n = first + r;
         match w {
-            Rows::F32(data) => {
-                let row = &data[n * k..n * k + k];
-                for (i, o) in out_row.iter_mut().enumerate() {
-                    *o = dot(row, &x[i * k..i * k + k]);
-                }
-            }
             Rows::Q4_1(data) => {
                 let row = &data[n * blocks * Q4_1_BYTES..(n + 1) * blocks * Q4_1_BYTES];
                 for (i, o) in out_row.iter_mut().enumerate() {
@@ -333,7 +305,6 @@ pub(crate) fn matmul_rows(w: Rows<'_>, x: &[f32], m: usize, k: usize, n: usize) 
         let quantized = match w {
             Rows::Q4_1(data) => Some((data, true)),
             Rows::Q8_0(data) => Some((data, false)),
-            Rows::F32(_) => None,
         };
         if let Some((data, q4)) = quantized {
             if std::is_x86_feature_detected!("avx2")
@@ -366,7 +337,6 @@ pub(crate) fn dequantize(w: Rows<'_>, n: usize, k: usize) -> Vec<f32> {
     out.par_chunks_mut(k)
         .enumerate()
         .for_each(|(r, row)| match w {
-            Rows::F32(data) => row.copy_from_slice(&data[r * k..(r + 1) * k]),
             Rows::Q4_1(data) => {
                 for b in 0..blocks {
                     let block = &data[(r * blocks + b) * Q4_1_BYTES..][..Q4_1_BYTES];
@@ -438,17 +408,6 @@ mod tests {
         }
         let rounded = (mant + 0x1000) >> 13;
         sign | (((exp as u16) << 10) + rounded as u16)
-    }
-
-    #[test]
-    fn float32_rows_match_the_plain_product() {
-        for (m, k, n) in [(1, 64, 70), (3, 40, 9), (4, 576, 300)] {
-            let (w, x) = (values(n * k, 1), values(m * k, 2));
-            let got = matmul_rows(Rows::F32(&w), &x, m, k, n);
-            for (a, b) in got.iter().zip(naive(&w, &x, m, k, n)) {
-                assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
-            }
-        }
     }
 
     /// `n` rows of `k` weights as GGUF `Q4_1` and `Q8_0` blocks, laid out

@@ -220,7 +220,9 @@ impl SeqCache {
 /// A loaded model.
 pub(crate) struct Transformer {
     pub(crate) config: ModelConfig,
-    embed: Tensor,
+    /// The token embeddings; `None` when they are the rows of the output
+    /// layer's matrix (tied), which is then the one copy held.
+    embed: Option<Tensor>,
     positions: Option<Tensor>,
     layers: Vec<Layer>,
     final_norm: Norm,
@@ -239,13 +241,11 @@ impl Transformer {
             Family::Llama => {
                 let layers = llama_layers(c, source, &HF_NAMES)?;
                 let embed = source.tensor("model.embed_tokens.weight", &[c.vocab_size, d])?;
-                let head = if source.contains("lm_head.weight") && !c.tie_word_embeddings {
-                    source.linear("lm_head", c.vocab_size, d, false)?
+                let (embed, head) = if source.contains("lm_head.weight") && !c.tie_word_embeddings {
+                    let head = source.linear("lm_head", c.vocab_size, d, false)?;
+                    (Some(embed), head)
                 } else {
-                    Linear::Dense {
-                        weight: embed.clone(),
-                        bias: None,
-                    }
+                    (None, Linear::dense(&embed, None)?)
                 };
                 Self::assemble(
                     config.clone(),
@@ -292,13 +292,10 @@ impl Transformer {
                     &format!("{prefix}wpe.weight"),
                     &[c.max_position_embeddings, d],
                 )?;
-                let head = Linear::Dense {
-                    weight: embed.clone(),
-                    bias: None,
-                };
+                let head = Linear::dense(&embed, None)?;
                 Self::assemble(
                     config.clone(),
-                    embed,
+                    None,
                     Some(positions),
                     layers,
                     ln(format!("{prefix}ln_f"))?,
@@ -321,7 +318,7 @@ impl Transformer {
         };
         Self::assemble(
             config.clone(),
-            embed,
+            Some(embed),
             None,
             layers,
             Norm::Rms {
@@ -334,7 +331,7 @@ impl Transformer {
 
     fn assemble(
         config: ModelConfig,
-        embed: Tensor,
+        embed: Option<Tensor>,
         positions: Option<Tensor>,
         layers: Vec<Layer>,
         final_norm: Norm,
@@ -414,8 +411,20 @@ impl Transformer {
             }
             rows.extend((cache.len..total).map(|p| (s, p)));
         }
-        let id_tensor = Tensor::from_slice(ids, n, &Device::Cpu)?;
-        let mut h = self.embed.index_select(&id_tensor, 0)?;
+        let mut h = match (&self.embed, &self.head) {
+            (Some(table), _) => {
+                table.index_select(&Tensor::from_slice(ids, n, &Device::Cpu)?, 0)?
+            }
+            (None, Linear::Dense { weight, .. }) => {
+                let rows: Vec<f32> = ids.iter().flat_map(|&id| weight.row(id as usize)).collect();
+                Tensor::from_vec(rows, (n, c.hidden_size), &Device::Cpu)?
+            }
+            (None, _) => {
+                return Err(Error::Backend(
+                    "tied embeddings need a float32 output layer".into(),
+                ))
+            }
+        };
         if let Some(table) = &self.positions {
             let pos: Vec<u32> = rows.iter().map(|&(_, p)| p as u32).collect();
             h = h.add(&table.index_select(&Tensor::from_vec(pos, n, &Device::Cpu)?, 0)?)?;

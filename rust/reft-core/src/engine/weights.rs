@@ -24,9 +24,9 @@ pub(crate) enum BlockKind {
 /// A weight matrix `[out, in]` and optional bias, applied as `x Wᵀ + b`.
 #[derive(Debug, Clone)]
 pub(crate) enum Linear {
-    /// float32, stored `[out, in]`.
+    /// float32, packed for [`gemm::matmul`].
     Dense {
-        weight: Tensor,
+        weight: Arc<gemm::Packed>,
         bias: Option<Tensor>,
     },
     /// GGUF `Q4_1` or `Q8_0` blocks, row after row.
@@ -43,14 +43,9 @@ pub(crate) enum Linear {
     },
 }
 
-/// Up to this many rows, float32 products use the streaming kernel (each
-/// weight read once, a row at a time across the rows of `x`); above it, the
-/// tiles of [`gemm::matmul`].
-const FEW_ROWS_F32: usize = 8;
-/// The same bound for GGUF blocks, whose expansion to float32 costs more:
-/// up to it, one pass of the streaming kernel; above it, a pass per group of
-/// this many rows, up to `BLOCKS_DEQUANTIZE_ROWS` rows, past which the
-/// blocks are expanded to float32 for candle's product.
+/// Rows of `x` per pass of the streaming kernel over GGUF blocks: up to
+/// `BLOCKS_DEQUANTIZE_ROWS` rows, a pass per group of this many rows; past
+/// it, the blocks are expanded to float32 for candle's product.
 const FEW_ROWS_BLOCKS: usize = 16;
 
 /// Rows past which GGUF blocks are expanded for candle's product (decode
@@ -65,31 +60,38 @@ fn rows_of(x: &Tensor) -> Result<(usize, usize, Vec<f32>)> {
 }
 
 impl Linear {
+    /// A float32 matrix `[out, in]`, packed.
+    pub(crate) fn dense(weight: &Tensor, bias: Option<Tensor>) -> Result<Linear> {
+        let (n, k) = weight.dims2()?;
+        let weight = weight.to_dtype(DType::F32)?.contiguous()?;
+        let (storage, layout) = weight.storage_and_layout();
+        let packed = match &*storage {
+            candle_core::Storage::Cpu(cpu) => {
+                let all = cpu.as_slice::<f32>()?;
+                gemm::Packed::new(&all[layout.start_offset()..][..n * k], n, k)
+            }
+            _ => return Err(Error::Backend("weights must live on the CPU".into())),
+        };
+        Ok(Linear::Dense {
+            weight: Arc::new(packed),
+            bias,
+        })
+    }
+
     /// `x` is `[n, in]`; the result is `[n, out]`.
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (out, bias) = match self {
             Linear::Dense { weight, bias } => {
                 let (m, k, xs) = rows_of(x)?;
-                let n = weight.dim(0)?;
-                let (storage, layout) = weight.storage_and_layout();
-                let y = match &*storage {
-                    candle_core::Storage::Cpu(cpu) => {
-                        let all = cpu.as_slice::<f32>()?;
-                        let w = &all[layout.start_offset()..layout.start_offset() + n * k];
-                        if m <= FEW_ROWS_F32 {
-                            let y = kernels::matmul_rows(Rows::F32(w), &xs, m, k, n);
-                            let y = Tensor::from_vec(y, (m, n), &Device::Cpu)?;
-                            return Ok(match bias {
-                                Some(b) => y.broadcast_add(b)?,
-                                None => y,
-                            });
-                        }
-                        let b = bias.as_ref().map(|b| b.to_vec1::<f32>()).transpose()?;
-                        gemm::matmul(w, &xs, m, k, n, b.as_deref())
-                    }
-                    _ => return Err(Error::Backend("weights must live on the CPU".into())),
-                };
-                return Ok(Tensor::from_vec(y, (m, n), &Device::Cpu)?);
+                if k != weight.cols() {
+                    return Err(Error::Backend(format!(
+                        "a product of {k} inputs with a matrix of {}",
+                        weight.cols()
+                    )));
+                }
+                let b = bias.as_ref().map(|b| b.to_vec1::<f32>()).transpose()?;
+                let y = gemm::matmul(weight, &xs, m, b.as_deref());
+                return Ok(Tensor::from_vec(y, (m, weight.rows()), &Device::Cpu)?);
             }
             Linear::Blocks {
                 kind,
@@ -128,7 +130,7 @@ impl Linear {
 
     pub(crate) fn out_features(&self) -> usize {
         match self {
-            Linear::Dense { weight, .. } => weight.dim(0).unwrap_or(0),
+            Linear::Dense { weight, .. } => weight.rows(),
             Linear::Blocks { out, .. } => *out,
             Linear::Quantized { weight, .. } => match weight {
                 QMatMul::QTensor(q) => q.shape().dims()[0],
@@ -175,15 +177,15 @@ fn concat(parts: &[Linear]) -> Result<Option<Linear>> {
         Ok(Some(Tensor::cat(&filled, 0)?))
     };
     if parts.iter().all(|p| matches!(p, Linear::Dense { .. })) {
-        let weights: Vec<&Tensor> = parts
+        let weights: Vec<&gemm::Packed> = parts
             .iter()
-            .map(|p| match p {
-                Linear::Dense { weight, .. } => weight,
-                _ => unreachable!(),
+            .filter_map(|p| match p {
+                Linear::Dense { weight, .. } => Some(&**weight),
+                _ => None,
             })
             .collect();
         return Ok(Some(Linear::Dense {
-            weight: Tensor::cat(&weights, 0)?,
+            weight: Arc::new(gemm::Packed::stack(&weights)),
             bias: biases()?,
         }));
     }
@@ -507,10 +509,7 @@ impl Source {
                 });
             }
             if *dequantize {
-                return Ok(Linear::Dense {
-                    weight: q.dequantize(&Device::Cpu)?,
-                    bias,
-                });
+                return Linear::dense(&q.dequantize(&Device::Cpu)?, bias);
             }
             return Ok(Linear::Quantized {
                 weight: QMatMul::from_arc(Arc::new(q))?,
@@ -522,6 +521,6 @@ impl Source {
         } else {
             self.tensor(&weight_name, &[out, inp])?
         };
-        Ok(Linear::Dense { weight, bias })
+        Linear::dense(&weight, bias)
     }
 }
