@@ -53,15 +53,21 @@ impl Packed {
     /// Packs `w`, `n` rows of `k` values.
     pub(crate) fn new(w: &[f32], n: usize, k: usize) -> Packed {
         assert_eq!(w.len(), n * k, "a weight matrix of {n} rows of {k}");
+        Packed::from_rows(n, k, |j, row| row.copy_from_slice(&w[j * k..][..k]))
+    }
+
+    /// Packs `n` rows of `k` values, `fill(j, row)` writing row `j`.
+    pub(crate) fn from_rows(n: usize, k: usize, fill: impl Fn(usize, &mut [f32]) + Sync) -> Packed {
         let panels = n.div_ceil(PANEL);
         let mut lines = vec![Line::default(); panels * k];
         lines
             .par_chunks_mut(k.max(1))
             .enumerate()
             .for_each(|(p, panel)| {
+                let mut row = vec![0f32; k];
                 for c in 0..PANEL.min(n - p * PANEL) {
-                    let row = &w[(p * PANEL + c) * k..][..k];
-                    for (line, &v) in panel.iter_mut().zip(row) {
+                    fill(p * PANEL + c, &mut row);
+                    for (line, &v) in panel.iter_mut().zip(&row) {
                         line.0[c] = v;
                     }
                 }

@@ -333,32 +333,37 @@ pub(crate) fn matmul_rows(w: Rows<'_>, x: &[f32], m: usize, k: usize, n: usize) 
 /// The float32 values of `n` rows of `k` weights.
 pub(crate) fn dequantize(w: Rows<'_>, n: usize, k: usize) -> Vec<f32> {
     let mut out = vec![0f32; n * k];
-    let blocks = k / BLOCK;
     out.par_chunks_mut(k)
         .enumerate()
-        .for_each(|(r, row)| match w {
-            Rows::Q4_1(data) => {
-                for b in 0..blocks {
-                    let block = &data[(r * blocks + b) * Q4_1_BYTES..][..Q4_1_BYTES];
-                    let d = f16(u16::from_le_bytes([block[0], block[1]]));
-                    let m = f16(u16::from_le_bytes([block[2], block[3]]));
-                    for j in 0..16 {
-                        row[b * BLOCK + j] = d * (block[4 + j] & 0x0f) as f32 + m;
-                        row[b * BLOCK + j + 16] = d * (block[4 + j] >> 4) as f32 + m;
-                    }
-                }
-            }
-            Rows::Q8_0(data) => {
-                for b in 0..blocks {
-                    let block = &data[(r * blocks + b) * Q8_0_BYTES..][..Q8_0_BYTES];
-                    let d = f16(u16::from_le_bytes([block[0], block[1]]));
-                    for j in 0..BLOCK {
-                        row[b * BLOCK + j] = d * block[2 + j] as i8 as f32;
-                    }
-                }
-            }
-        });
+        .for_each(|(r, row)| dequantize_row(w, r, row));
     out
+}
+
+/// The float32 values of row `r` (`row.len()` weights).
+fn dequantize_row(w: Rows<'_>, r: usize, row: &mut [f32]) {
+    let blocks = row.len() / BLOCK;
+    match w {
+        Rows::Q4_1(data) => {
+            for b in 0..blocks {
+                let block = &data[(r * blocks + b) * Q4_1_BYTES..][..Q4_1_BYTES];
+                let d = f16(u16::from_le_bytes([block[0], block[1]]));
+                let m = f16(u16::from_le_bytes([block[2], block[3]]));
+                for j in 0..16 {
+                    row[b * BLOCK + j] = d * (block[4 + j] & 0x0f) as f32 + m;
+                    row[b * BLOCK + j + 16] = d * (block[4 + j] >> 4) as f32 + m;
+                }
+            }
+        }
+        Rows::Q8_0(data) => {
+            for b in 0..blocks {
+                let block = &data[(r * blocks + b) * Q8_0_BYTES..][..Q8_0_BYTES];
+                let d = f16(u16::from_le_bytes([block[0], block[1]]));
+                for j in 0..BLOCK {
+                    row[b * BLOCK + j] = d * block[2 + j] as i8 as f32;
+                }
+            }
+        }
+    }
 }
 
 /// `[n][m]` to `[m][n]`.

@@ -8,10 +8,10 @@
 //! of new tokens (a whole prompt, or one token while decoding) and its own
 //! key/value cache, and attention runs per sequence over that cache.
 
-use candle_core::{Device, Tensor, D};
+use candle_core::{Device, Tensor};
 
 use super::config::{Family, ModelConfig, RopeStyle};
-use super::weights::{Fused, Linear, Source};
+use super::weights::{with_rows, Fused, Linear, Source};
 use crate::config::Component;
 use crate::error::{Error, Result};
 
@@ -37,23 +37,38 @@ enum Norm {
 }
 
 impl Norm {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(match self {
-            Norm::Rms { weight, eps } => {
-                let variance = x.sqr()?.mean_keepdim(D::Minus1)?;
-                x.broadcast_mul(&(variance + *eps)?.sqrt()?.recip()?)?
-                    .broadcast_mul(weight)?
+    /// The normalised rows of `x`, row after row.
+    fn apply(&self, x: &Tensor) -> Result<Vec<f32>> {
+        let (weight, bias, eps) = match self {
+            Norm::Rms { weight, eps } => (weight, None, *eps),
+            Norm::Layer { weight, bias, eps } => (weight, Some(bias.to_vec1::<f32>()?), *eps),
+        };
+        let weight = weight.to_vec1::<f32>()?;
+        with_rows(x, |xs, _| {
+            let k = weight.len();
+            let mut out = vec![0f32; xs.len()];
+            for (row, y) in xs.chunks_exact(k).zip(out.chunks_exact_mut(k)) {
+                let mean = match bias {
+                    Some(_) => row.iter().sum::<f32>() / k as f32,
+                    None => 0.0,
+                };
+                let variance = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / k as f32;
+                let inv = ((variance as f64 + eps) as f32).sqrt().recip();
+                for ((y, &v), &w) in y.iter_mut().zip(row).zip(&weight) {
+                    *y = (v - mean) * inv * w;
+                }
+                if let Some(b) = &bias {
+                    for (y, &c) in y.iter_mut().zip(b) {
+                        *y += c;
+                    }
+                }
             }
-            Norm::Layer { weight, bias, eps } => {
-                let mean = x.mean_keepdim(D::Minus1)?;
-                let centred = x.broadcast_sub(&mean)?;
-                let variance = centred.sqr()?.mean_keepdim(D::Minus1)?;
-                centred
-                    .broadcast_mul(&(variance + *eps)?.sqrt()?.recip()?)?
-                    .broadcast_mul(weight)?
-                    .broadcast_add(bias)?
-            }
+            Ok(out)
         })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(Tensor::from_vec(self.apply(x)?, x.dims2()?, &Device::Cpu)?)
     }
 }
 
@@ -74,6 +89,30 @@ impl Activation {
             _ => Activation::GeluTanh, // gelu_new, gelu_pytorch_tanh
         }
     }
+    /// `act(gate) * up` for rows holding `[gate | up]` side by side, each
+    /// `width` values.
+    fn gated(self, gate_up: &[f32], width: usize) -> Result<Vec<f32>> {
+        let rows = gate_up.len() / (2 * width).max(1);
+        if let Activation::Silu | Activation::Relu = self {
+            let mut out = Vec::with_capacity(rows * width);
+            for row in gate_up.chunks_exact(2 * width) {
+                let (gate, up) = row.split_at(width);
+                out.extend(gate.iter().zip(up).map(|(&g, &u)| {
+                    let a = match self {
+                        Activation::Silu => g / (1.0 + (-g).exp()),
+                        _ => g.max(0.0),
+                    };
+                    a * u
+                }));
+            }
+            return Ok(out);
+        }
+        let both = Tensor::from_slice(gate_up, (rows, 2 * width), &Device::Cpu)?;
+        let gate = self.apply(&both.narrow(1, 0, width)?.contiguous()?)?;
+        let up = both.narrow(1, width, width)?;
+        Ok(gate.mul(&up)?.flatten_all()?.to_vec1::<f32>()?)
+    }
+
     fn apply(self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
             Activation::Silu => x.silu()?,
@@ -433,20 +472,24 @@ impl Transformer {
             if edits.wants(index, Component::BlockInput) {
                 h = edits.apply(index, Component::BlockInput, h)?;
             }
-            let x = layer.attn_norm.forward(&h)?;
+            let x = layer.attn_norm.apply(&h)?;
             let mut a = self.attention(layer, index, &x, &rows, caches)?;
             if edits.wants(index, Component::AttentionOutput) {
                 a = edits.apply(index, Component::AttentionOutput, a)?;
             }
             h = h.add(&a)?;
-            let x = layer.mlp_norm.forward(&h)?;
+            let x = layer.mlp_norm.apply(&h)?;
             let mut m = match &layer.mlp {
                 Mlp::Gated { gate_up, down } => {
-                    let parts = gate_up.forward(&x)?;
-                    let g = self.act.apply(&parts[0])?;
-                    down.forward(&g.mul(&parts[1])?)?
+                    let inter = self.config.intermediate_size;
+                    let g = self.act.gated(&gate_up.apply(&x, n)?, inter)?;
+                    Tensor::from_vec(down.apply(&g, n)?, (n, h.dim(1)?), &Device::Cpu)?
                 }
-                Mlp::Plain { fc, proj } => proj.forward(&self.act.apply(&fc.forward(&x)?)?)?,
+                Mlp::Plain { fc, proj } => {
+                    let f =
+                        Tensor::from_vec(fc.apply(&x, n)?, (n, fc.out_features()), &Device::Cpu)?;
+                    proj.forward(&self.act.apply(&f)?)?
+                }
             };
             if edits.wants(index, Component::MlpOutput) {
                 m = edits.apply(index, Component::MlpOutput, m)?;
@@ -483,7 +526,7 @@ impl Transformer {
         &self,
         layer: &Layer,
         index: usize,
-        x: &Tensor,
+        x: &[f32],
         rows: &[(usize, usize)],
         caches: &mut [&mut SeqCache],
     ) -> Result<Tensor> {
@@ -491,33 +534,24 @@ impl Transformer {
         let (heads, kv_heads, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let (q_width, kv_width) = (heads * hd, kv_heads * hd);
         let n = rows.len();
-        let mut parts = layer.qkv.forward(x)?.into_iter();
-        let mut next = || -> Result<Vec<f32>> {
-            Ok(parts
-                .next()
-                .expect("three projections")
-                .flatten_all()?
-                .to_vec1::<f32>()?)
-        };
-        let mut q = next()?;
-        let mut k = next()?;
-        let v = next()?;
+        // Each row: its query, key and value side by side.
+        let width = q_width + 2 * kv_width;
+        let mut qkv = layer.qkv.apply(x, n)?;
         if let Some((cos, sin)) = &self.rope {
             let half = hd / 2;
-            for (r, &(_, p)) in rows.iter().enumerate() {
+            for (row, &(_, p)) in qkv.chunks_exact_mut(width).zip(rows) {
                 let (cos, sin) = (&cos[p * half..][..half], &sin[p * half..][..half]);
-                for head in q[r * q_width..][..q_width].chunks_exact_mut(hd) {
-                    rotate(head, cos, sin, c.rope_style);
-                }
-                for head in k[r * kv_width..][..kv_width].chunks_exact_mut(hd) {
+                for head in row[..q_width + kv_width].chunks_exact_mut(hd) {
                     rotate(head, cos, sin, c.rope_style);
                 }
             }
         }
-        for (r, &(s, _)) in rows.iter().enumerate() {
-            caches[s].keys[index].extend_from_slice(&k[r * kv_width..][..kv_width]);
-            caches[s].values[index].extend_from_slice(&v[r * kv_width..][..kv_width]);
+        for (row, &(s, _)) in qkv.chunks_exact(width).zip(rows) {
+            let (k, v) = row[q_width..].split_at(kv_width);
+            caches[s].keys[index].extend_from_slice(k);
+            caches[s].values[index].extend_from_slice(v);
         }
+        let q = &qkv;
         let caches: Vec<&SeqCache> = caches.iter().map(|c| &**c).collect();
         let group = heads / kv_heads;
         let scale = (1.0 / (hd as f64).sqrt()) as f32;
@@ -529,7 +563,7 @@ impl Transformer {
             let keys = &caches[s].keys[index];
             let values = &caches[s].values[index];
             let g = head / group;
-            let query = &q[r * q_width + head * hd..][..hd];
+            let query = &q[r * width + head * hd..][..hd];
             let mut scores: Vec<f32> = (0..=p)
                 .map(|j| dot(query, &keys[j * kv_width + g * hd..][..hd]) * scale)
                 .collect();

@@ -54,9 +54,35 @@ const FEW_ROWS_BLOCKS: usize = 16;
 /// [`gemm::matmul`] in a 32-token prefill of 4 to 64 prompts).
 const BLOCKS_DEQUANTIZE_ROWS: usize = 48;
 
-fn rows_of(x: &Tensor) -> Result<(usize, usize, Vec<f32>)> {
+/// `f` on the float32 values of the `[m, k]` tensor `x`, row after row,
+/// without a copy where `x` is already laid out so.
+pub(crate) fn with_rows<R>(x: &Tensor, f: impl FnOnce(&[f32], usize) -> Result<R>) -> Result<R> {
     let (m, k) = x.dims2()?;
-    Ok((m, k, x.flatten_all()?.to_vec1::<f32>()?))
+    let x = if x.dtype() == DType::F32 {
+        x.contiguous()?
+    } else {
+        x.to_dtype(DType::F32)?.contiguous()?
+    };
+    let (storage, layout) = x.storage_and_layout();
+    match &*storage {
+        candle_core::Storage::Cpu(cpu) => {
+            let all = cpu.as_slice::<f32>()?;
+            f(&all[layout.start_offset()..][..m * k], m)
+        }
+        _ => Err(Error::Backend("states must live on the CPU".into())),
+    }
+}
+
+fn add_bias(y: &mut [f32], bias: &Option<Tensor>) -> Result<()> {
+    if let Some(b) = bias {
+        let b = b.to_vec1::<f32>()?;
+        for row in y.chunks_exact_mut(b.len()) {
+            for (v, &c) in row.iter_mut().zip(&b) {
+                *v += c;
+            }
+        }
+    }
+    Ok(())
 }
 
 impl Linear {
@@ -80,18 +106,24 @@ impl Linear {
 
     /// `x` is `[n, in]`; the result is `[n, out]`.
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (out, bias) = match self {
+        let y = with_rows(x, |xs, m| self.apply(xs, m))?;
+        let m = x.dim(0)?;
+        Ok(Tensor::from_vec(y, (m, self.out_features()), &Device::Cpu)?)
+    }
+
+    /// The product of `m` rows of `xs`, row after row.
+    pub(crate) fn apply(&self, xs: &[f32], m: usize) -> Result<Vec<f32>> {
+        let k = xs.len().checked_div(m).unwrap_or(0);
+        match self {
             Linear::Dense { weight, bias } => {
-                let (m, k, xs) = rows_of(x)?;
-                if k != weight.cols() {
+                if m > 0 && k != weight.cols() {
                     return Err(Error::Backend(format!(
                         "a product of {k} inputs with a matrix of {}",
                         weight.cols()
                     )));
                 }
                 let b = bias.as_ref().map(|b| b.to_vec1::<f32>()).transpose()?;
-                let y = gemm::matmul(weight, &xs, m, b.as_deref());
-                return Ok(Tensor::from_vec(y, (m, weight.rows()), &Device::Cpu)?);
+                Ok(gemm::matmul(weight, xs, m, b.as_deref()))
             }
             Linear::Blocks {
                 kind,
@@ -103,29 +135,33 @@ impl Linear {
                     BlockKind::Q4_1 => Rows::Q4_1(data),
                     BlockKind::Q8_0 => Rows::Q8_0(data),
                 };
-                let (m, k) = x.dims2()?;
-                if m > BLOCKS_DEQUANTIZE_ROWS {
-                    // Many rows (a prefill): expanding the blocks once and
-                    // using the blocked float product beats re-reading them per row.
+                let mut y = if m > BLOCKS_DEQUANTIZE_ROWS {
+                    // Many rows (a prefill): expanding the blocks once for
+                    // the float product beats re-reading them per row.
+                    // (candle's product on the expanded rows measured faster
+                    // here than packing them for `gemm::matmul` at each call).
                     let w = kernels::dequantize(rows, *out, k);
                     let w = Tensor::from_vec(w, (*out, k), &Device::Cpu)?;
-                    (x.matmul(&w.t()?)?, bias)
+                    let x = Tensor::from_slice(xs, (m, k), &Device::Cpu)?;
+                    x.matmul(&w.t()?)?.flatten_all()?.to_vec1::<f32>()?
                 } else {
                     // Groups of at most FEW_ROWS_BLOCKS rows, one pass over the blocks each.
-                    let (m, k, xs) = rows_of(x)?;
                     let mut y = Vec::with_capacity(m * *out);
-                    for group in xs.chunks(FEW_ROWS_BLOCKS * k) {
+                    for group in xs.chunks(FEW_ROWS_BLOCKS * k.max(1)) {
                         y.extend(kernels::matmul_rows(rows, group, group.len() / k, k, *out));
                     }
-                    (Tensor::from_vec(y, (m, *out), &Device::Cpu)?, bias)
-                }
+                    y
+                };
+                add_bias(&mut y, bias)?;
+                Ok(y)
             }
-            Linear::Quantized { weight, bias } => (weight.forward(x)?, bias),
-        };
-        Ok(match bias {
-            Some(b) => out.broadcast_add(b)?,
-            None => out,
-        })
+            Linear::Quantized { weight, bias } => {
+                let x = Tensor::from_slice(xs, (m, k), &Device::Cpu)?;
+                let mut y = weight.forward(&x)?.flatten_all()?.to_vec1::<f32>()?;
+                add_bias(&mut y, bias)?;
+                Ok(y)
+            }
+        }
     }
 
     pub(crate) fn out_features(&self) -> usize {
@@ -240,21 +276,24 @@ impl Fused {
         }
     }
 
-    /// Each part's output, `[n, size]`.
-    pub(crate) fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
-        match &self.whole {
-            Some(whole) => {
-                let y = whole.forward(x)?;
-                let mut offset = 0;
-                let mut out = Vec::with_capacity(self.sizes.len());
-                for &size in &self.sizes {
-                    out.push(y.narrow(1, offset, size)?.contiguous()?);
-                    offset += size;
-                }
-                Ok(out)
-            }
-            None => self.parts.iter().map(|p| p.forward(x)).collect(),
+    /// All the parts' outputs side by side, `[n, Σ sizes]`, row after row.
+    pub(crate) fn apply(&self, xs: &[f32], m: usize) -> Result<Vec<f32>> {
+        if let Some(whole) = &self.whole {
+            return whole.apply(xs, m);
         }
+        let outs = self
+            .parts
+            .iter()
+            .map(|p| p.apply(xs, m))
+            .collect::<Result<Vec<_>>>()?;
+        let width: usize = self.sizes.iter().sum();
+        let mut y = Vec::with_capacity(m * width);
+        for i in 0..m {
+            for (out, &size) in outs.iter().zip(&self.sizes) {
+                y.extend_from_slice(&out[i * size..][..size]);
+            }
+        }
+        Ok(y)
     }
 }
 
