@@ -186,14 +186,19 @@ mod avx2 {
         (_mm_cvtss_f32(both), _mm_cvtss_f32(_mm_movehdup_ps(both)))
     }
 
-    /// One block of `Q4_1` nibbles times 32 activation bytes, as 8 int32 sums.
+    /// The nibbles of a `Q4_1` block as 32 bytes (low nibbles first).
     #[inline(always)]
-    unsafe fn q4_block(block: *const u8, qx: *const i8) -> __m256 {
+    unsafe fn q4_nibbles(block: *const u8) -> __m256i {
         let mask = _mm_set1_epi8(0x0f);
         let raw = _mm_loadu_si128(block.add(4) as *const __m128i);
         let lo = _mm_and_si128(raw, mask);
         let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
-        let qw = _mm256_set_m128i(hi, lo);
+        _mm256_set_m128i(hi, lo)
+    }
+
+    /// 32 weight nibbles times 32 activation bytes, as 8 float sums.
+    #[inline(always)]
+    unsafe fn q4_sums(qw: __m256i, qx: *const i8) -> __m256 {
         let qx = _mm256_loadu_si256(qx as *const __m256i);
         _mm256_cvtepi32_ps(_mm256_madd_epi16(
             _mm256_maddubs_epi16(qw, qx),
@@ -201,39 +206,56 @@ mod avx2 {
         ))
     }
 
-    /// Σ over blocks of `Q4_1` weights times 8-bit activations.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot_q4_1(row: &[u8], x: &Q8Rows, first_block: usize) -> f32 {
-        let blocks = row.len() / Q4_1_BYTES;
-        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let (mut mins0, mut mins1) = (0f32, 0f32);
+    /// Σ over blocks of `Q4_1` weights times 8-bit activations, for the `C`
+    /// activation rows from `first_row` (`blocks` blocks each): each block
+    /// decoded once for all of them. Every row's sums are those of a tile
+    /// of one row (even and odd blocks apart, in order), so a row gets the
+    /// same bits in any tile.
+    #[inline(always)]
+    #[allow(clippy::needless_range_loop)]
+    unsafe fn dot_q4_1<const C: usize>(
+        row: &[u8],
+        x: &Q8Rows,
+        first_row: usize,
+        blocks: usize,
+    ) -> [f32; C] {
+        let mut acc = [[_mm256_setzero_ps(); 2]; C];
+        let mut mins = [[0f32; 2]; C];
         let base = row.as_ptr();
-        let qx = x.q.as_ptr().add(first_block * BLOCK);
-        let (xd, xs) = (x.d.as_ptr().add(first_block), x.s.as_ptr().add(first_block));
+        let first = first_row * blocks;
+        let qx = x.q.as_ptr().add(first * BLOCK);
+        let (xd, xs) = (x.d.as_ptr().add(first), x.s.as_ptr().add(first));
+        // One block into the accumulators `LANE` (even blocks 0, odd 1),
+        // a constant index so that they stay in registers.
+        macro_rules! block {
+            ($b:expr, $lane:literal) => {{
+                let b = $b;
+                let p = base.add(b * Q4_1_BYTES);
+                let (d, m) = halves(p);
+                let qw = q4_nibbles(p);
+                for c in 0..C {
+                    let at = c * blocks + b;
+                    let sums = q4_sums(qw, qx.add(at * BLOCK));
+                    acc[c][$lane] =
+                        _mm256_fmadd_ps(sums, _mm256_set1_ps(d * *xd.add(at)), acc[c][$lane]);
+                    mins[c][$lane] += m * *xs.add(at);
+                }
+            }};
+        }
         let mut b = 0;
         while b + 2 <= blocks {
-            let (p0, p1) = (base.add(b * Q4_1_BYTES), base.add((b + 1) * Q4_1_BYTES));
-            let (d0, m0) = halves(p0);
-            let (d1, m1) = halves(p1);
-            let s0 = q4_block(p0, qx.add(b * BLOCK));
-            let s1 = q4_block(p1, qx.add((b + 1) * BLOCK));
-            acc0 = _mm256_fmadd_ps(s0, _mm256_set1_ps(d0 * *xd.add(b)), acc0);
-            acc1 = _mm256_fmadd_ps(s1, _mm256_set1_ps(d1 * *xd.add(b + 1)), acc1);
-            mins0 += m0 * *xs.add(b);
-            mins1 += m1 * *xs.add(b + 1);
+            block!(b, 0);
+            block!(b + 1, 1);
             b += 2;
         }
         if b < blocks {
-            let p = base.add(b * Q4_1_BYTES);
-            let (d, m) = halves(p);
-            acc0 = _mm256_fmadd_ps(
-                q4_block(p, qx.add(b * BLOCK)),
-                _mm256_set1_ps(d * *xd.add(b)),
-                acc0,
-            );
-            mins0 += m * *xs.add(b);
+            block!(b, 0);
         }
-        hsum(_mm256_add_ps(acc0, acc1)) + mins0 + mins1
+        let mut out = [0f32; C];
+        for c in 0..C {
+            out[c] = hsum(_mm256_add_ps(acc[c][0], acc[c][1])) + mins[c][0] + mins[c][1];
+        }
+        out
     }
 
     /// Σ over blocks of `Q8_0` weights times 8-bit activations.
@@ -275,12 +297,24 @@ mod avx2 {
         let width = blocks * if q4 { Q4_1_BYTES } else { Q8_0_BYTES };
         for (r, out_row) in out.chunks_exact_mut(m).enumerate() {
             let row = &data[(first + r) * width..(first + r + 1) * width];
-            for (i, o) in out_row.iter_mut().enumerate() {
-                *o = if q4 {
-                    dot_q4_1(row, x, i * blocks)
-                } else {
-                    dot_q8_0(row, x, i * blocks)
-                };
+            if q4 {
+                // Activation rows 4 at a time, then the rest.
+                let mut i = 0;
+                while i < m {
+                    let count = (m - i).min(4);
+                    let target = &mut out_row[i..i + count];
+                    match count {
+                        4 => target.copy_from_slice(&dot_q4_1::<4>(row, x, i, blocks)),
+                        3 => target.copy_from_slice(&dot_q4_1::<3>(row, x, i, blocks)),
+                        2 => target.copy_from_slice(&dot_q4_1::<2>(row, x, i, blocks)),
+                        _ => target.copy_from_slice(&dot_q4_1::<1>(row, x, i, blocks)),
+                    }
+                    i += count;
+                }
+            } else {
+                for (i, o) in out_row.iter_mut().enumerate() {
+                    *o = dot_q8_0(row, x, i * blocks);
+                }
             }
         }
     }
@@ -454,7 +488,9 @@ mod tests {
 
     #[test]
     fn quantized_rows_match_their_expansion() {
-        let (m, k, n) = (2, 64, 33);
+        // 7 rows: a tile of 4 activation rows and one of 3; 3 blocks a row
+        // (an odd block last).
+        let (m, k, n) = (7, 96, 33);
         let x = values(m * k, 3);
         let (q4, w4, q8, w8) = quantized(n, k);
         let got4 = matmul_rows(Rows::Q4_1(&q4), &x, m, k, n);
@@ -478,6 +514,24 @@ mod tests {
                         "{a} vs {b} (bound {bound})"
                     );
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn a_quantized_row_gets_the_same_bits_alone_and_in_any_batch() {
+        let (k, n) = (160, 19);
+        let x = values(11 * k, 4);
+        let (q4, _, q8, _) = quantized(n, k);
+        for w in [Rows::Q4_1(&q4), Rows::Q8_0(&q8)] {
+            let whole = matmul_rows(w, &x, 11, k, n);
+            for (from, count) in [(0, 1), (3, 1), (10, 1), (1, 2), (5, 3), (2, 5), (4, 7)] {
+                let some = matmul_rows(w, &x[from * k..(from + count) * k], count, k, n);
+                assert_eq!(
+                    some,
+                    whole[from * n..(from + count) * n],
+                    "{count} rows from {from}"
+                );
             }
         }
     }

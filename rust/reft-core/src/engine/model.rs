@@ -279,12 +279,14 @@ impl Transformer {
         match c.family {
             Family::Llama => {
                 let layers = llama_layers(c, source, &HF_NAMES)?;
-                let embed = source.tensor("model.embed_tokens.weight", &[c.vocab_size, d])?;
                 let (embed, head) = if source.contains("lm_head.weight") && !c.tie_word_embeddings {
                     let head = source.linear("lm_head", c.vocab_size, d, false)?;
+                    let embed = source.tensor("model.embed_tokens.weight", &[c.vocab_size, d])?;
                     (Some(embed), head)
                 } else {
-                    (None, Linear::dense(&embed, None)?)
+                    // Tied: the packed head is the one copy.
+                    let head = source.linear("model.embed_tokens", c.vocab_size, d, false)?;
+                    (None, head)
                 };
                 Self::assemble(
                     config.clone(),
@@ -326,12 +328,12 @@ impl Transformer {
                         },
                     });
                 }
-                let embed = source.tensor(&format!("{prefix}wte.weight"), &[c.vocab_size, d])?;
                 let positions = source.tensor(
                     &format!("{prefix}wpe.weight"),
                     &[c.max_position_embeddings, d],
                 )?;
-                let head = Linear::dense(&embed, None)?;
+                // Tied: the packed head is the one copy of the embeddings.
+                let head = source.linear(&format!("{prefix}wte"), c.vocab_size, d, false)?;
                 Self::assemble(
                     config.clone(),
                     None,

@@ -46,12 +46,12 @@ pub(crate) enum Linear {
 /// Rows of `x` per pass of the streaming kernel over GGUF blocks: up to
 /// `BLOCKS_DEQUANTIZE_ROWS` rows, a pass per group of this many rows; past
 /// it, the blocks are expanded to float32 for candle's product.
-const FEW_ROWS_BLOCKS: usize = 16;
+const FEW_ROWS_BLOCKS: usize = 32;
 
 /// Rows past which GGUF blocks are expanded for candle's product (decode
-/// at batch 32 measured 1.3x faster in groups than expanded; on the
-/// expanded copy candle's product measured 1.3x faster than
-/// [`gemm::matmul`] in a 32-token prefill of 4 to 64 prompts).
+/// at batch 32 measured 1.3x faster in groups than expanded; at batch 64,
+/// candle's product on the expanded rows measured 1.2x faster than packing
+/// them for [`gemm::matmul`] at each call).
 const BLOCKS_DEQUANTIZE_ROWS: usize = 48;
 
 /// `f` on the float32 values of the `[m, k]` tensor `x`, row after row,
@@ -136,10 +136,8 @@ impl Linear {
                     BlockKind::Q8_0 => Rows::Q8_0(data),
                 };
                 let mut y = if m > BLOCKS_DEQUANTIZE_ROWS {
-                    // Many rows (a prefill): expanding the blocks once for
-                    // the float product beats re-reading them per row.
-                    // (candle's product on the expanded rows measured faster
-                    // here than packing them for `gemm::matmul` at each call).
+                    // Many rows: expanding the blocks once for the float
+                    // product beats re-reading them per row.
                     let w = kernels::dequantize(rows, *out, k);
                     let w = Tensor::from_vec(w, (*out, k), &Device::Cpu)?;
                     let x = Tensor::from_slice(xs, (m, k), &Device::Cpu)?;
@@ -558,8 +556,59 @@ impl Source {
         let weight = if transposed {
             self.tensor(&weight_name, &[inp, out])?.t()?.contiguous()?
         } else {
+            if let Some(packed) = self.packed_f32(&weight_name, out, inp)? {
+                return Ok(Linear::Dense {
+                    weight: Arc::new(packed),
+                    bias,
+                });
+            }
             self.tensor(&weight_name, &[out, inp])?
         };
         Linear::dense(&weight, bias)
+    }
+
+    /// A float32 matrix `[n, k]` of a safetensors file packed straight from
+    /// the mapped bytes (no float copy on the way); `None` for other dtypes
+    /// and files, which take [`Source::tensor`].
+    fn packed_f32(&self, name: &str, n: usize, k: usize) -> Result<Option<gemm::Packed>> {
+        let Source::Safetensors { files, path, names } = self else {
+            return Ok(None);
+        };
+        if !names.contains(name) {
+            return Ok(None);
+        }
+        let view = files
+            .get(name)
+            .map_err(|e| load_error(path, format!("tensor {name}: {e}")))?;
+        if view.dtype() != safetensors::Dtype::F32 {
+            return Ok(None);
+        }
+        if view.shape() != [n, k] {
+            return Err(load_error(
+                path,
+                format!(
+                    "tensor {name} has shape {:?}, expected {:?}",
+                    view.shape(),
+                    [n, k]
+                ),
+            ));
+        }
+        let bytes = view.data();
+        if bytes.len() != n * k * 4 {
+            return Err(load_error(
+                path,
+                format!(
+                    "tensor {name} holds {} bytes, not {}",
+                    bytes.len(),
+                    n * k * 4
+                ),
+            ));
+        }
+        Ok(Some(gemm::Packed::from_rows(n, k, |j, row| {
+            let src = &bytes[j * k * 4..(j + 1) * k * 4];
+            for (v, b) in row.iter_mut().zip(src.chunks_exact(4)) {
+                *v = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+        })))
     }
 }
