@@ -9,6 +9,7 @@ the same checkpoint is the reference.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -194,6 +195,36 @@ def test_tokenizer_chat_template_and_streaming_follow_transformers(folders, tmp_
     assert "".join(engine.stream(text, 10, stop=word, ignore_eos=True)) == cut
 
 
+def test_hostile_chat_templates_stop_with_a_tokenizer_error(folders, tmp_path):
+    """A chat_template.jinja that loops, recurses or builds strings without
+    end gives TokenizerError within the render budget; a long real
+    conversation through the real template still renders as transformers
+    renders it."""
+    folder = tmp_path / "templated"
+    shutil.copytree(folders["llama"], folder)
+    hf = transformers.AutoTokenizer.from_pretrained(folder)
+    conversation = [
+        {"role": "user" if i % 2 == 0 else "assistant", "content": f"message {i} the cat sat"} for i in range(2000)
+    ]
+    engine = reft_rs.Engine(folder)
+    assert engine.apply_chat_template(conversation) == hf.apply_chat_template(
+        conversation, tokenize=False, add_generation_prompt=True
+    )
+    hostile = {
+        "loops": "{% for a in range(100000) %}{% for b in range(100000) %}x{% endfor %}{% endfor %}",
+        "grows": "{% set s = namespace(v='x') %}{% for i in range(60) %}{% set s.v = s.v ~ s.v %}{% endfor %}{{ s.v }}",
+        "multiplies": "{% for i in range(1000) %}{{ 'x' * 100000000 }}{% endfor %}",
+        "recurses": "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+    }
+    for name, template in hostile.items():
+        (folder / "chat_template.jinja").write_text(template)
+        engine = reft_rs.Engine(folder)
+        started = time.monotonic()
+        with pytest.raises(reft_rs.TokenizerError, match="chat template"):
+            engine.apply_chat_template([{"role": "user", "content": "hi"}])
+        assert time.monotonic() - started < 20, name
+
+
 def test_generation_stops_at_end_of_sequence(folders, tmp_path):
     engine = reft_rs.Engine(folders["llama"])
     prompt = random_ids(1, 5)[0].tolist()
@@ -253,6 +284,38 @@ def test_shards_named_outside_the_model_folder_are_refused(folders, tmp_path):
         with pytest.raises(reft_rs.ModelLoadError, match="not a file in the model folder|not a file name"):
             reft_rs.Engine(folder)
     index_path.write_text(json.dumps(original))
+    assert reft_rs.Engine(folder).logits([5, 6]).shape[0] == 2
+
+
+def test_hostile_config_values_are_refused_before_anything_is_allocated(folders, tmp_path):
+    """A saved model whose config.json (or generation_config.json) was
+    edited to sizes no model has, or to values that are not numbers: each
+    gives ModelLoadError naming the field, at once (a context of 10^9
+    positions would otherwise build gigabytes of rotary tables)."""
+    folder = tmp_path / "edited"
+    shutil.copytree(folders["llama"], folder)
+    config_path = folder / "config.json"
+    original = json.loads(config_path.read_text())
+    for change, named in [
+        ({"max_position_embeddings": 10**9}, "context length"),
+        ({"num_hidden_layers": 10**6}, "layer count"),
+        ({"hidden_size": 2**40}, "hidden size"),
+        ({"vocab_size": -5}, "vocab_size is -5"),
+        ({"head_dim": 4097}, "head size"),
+        ({"rope_theta": float("nan")}, "rope_theta"),
+        ({"rms_norm_eps": -1e-6}, "epsilon"),
+        ({"eos_token_id": 2**40}, "eos_token_id"),
+    ]:
+        # NaN is not JSON, but Python's json writes it and serde refuses it.
+        config_path.write_text(json.dumps({**original, **change}))
+        with pytest.raises(reft_rs.ModelLoadError, match=named if "nan" not in str(change) else "JSON|rope_theta"):
+            reft_rs.Engine(folder)
+    config_path.write_text(json.dumps(original))
+    generation = folder / "generation_config.json"
+    generation.write_text(json.dumps({"eos_token_id": [2, -1]}))
+    with pytest.raises(reft_rs.ModelLoadError, match="generation_config.json.*eos_token_id|eos_token_id.*-1"):
+        reft_rs.Engine(folder)
+    generation.unlink()
     assert reft_rs.Engine(folder).logits([5, 6]).shape[0] == 2
 
 

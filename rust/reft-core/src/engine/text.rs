@@ -84,7 +84,13 @@ impl Text {
         };
         let bos_token = token_text(tokenizer_config.get("bos_token")).unwrap_or_default();
         let eos_token = token_text(tokenizer_config.get("eos_token")).unwrap_or_default();
-        let mut eos_ids = super::config::token_ids(generation.get("eos_token_id"));
+        let mut eos_ids =
+            super::config::token_ids(generation.get("eos_token_id")).map_err(|e| {
+                Error::ModelLoad {
+                    path: folder.join("generation_config.json"),
+                    reason: format!("eos_token_id: {e}"),
+                }
+            })?;
         if eos_ids.is_empty() {
             eos_ids = config_eos.to_vec();
         }
@@ -190,18 +196,54 @@ impl Text {
             }
             Some(Ok(env)) => env,
         };
-        let rendered = env
-            .get_template("chat")
+        let mut out = Capped(Vec::new());
+        env.get_template("chat")
             .and_then(|t| {
-                t.render(minijinja::context! {
-                    messages => minijinja::Value::from(minijinja::value::Serde(messages)),
-                    add_generation_prompt => add_generation_prompt,
-                    bos_token => self.bos_token.clone(),
-                    eos_token => self.eos_token.clone(),
-                })
+                t.render_captured_to(
+                    minijinja::context! {
+                        messages => minijinja::Value::from(minijinja::value::Serde(messages)),
+                        add_generation_prompt => add_generation_prompt,
+                        bos_token => self.bos_token.clone(),
+                        eos_token => self.eos_token.clone(),
+                    },
+                    &mut out,
+                )
             })
-            .map_err(|e| Error::Tokenizer(format!("the chat template failed: {e}")))?;
-        Ok(rendered)
+            .map_err(|e| match e.kind() {
+                minijinja::ErrorKind::OutOfFuel => Error::Tokenizer(format!(
+                    "the chat template ran past its budget of {CHAT_FUEL} steps \
+                     (a template that loops or builds strings without end?)"
+                )),
+                minijinja::ErrorKind::WriteFailure => Error::Tokenizer(format!(
+                    "the chat template wrote more than the {CHAT_BYTES} bytes a prompt may have"
+                )),
+                _ => Error::Tokenizer(format!("the chat template failed: {e}")),
+            })?;
+        String::from_utf8(out.0)
+            .map_err(|_| Error::Tokenizer("the chat template wrote invalid UTF-8".into()))
+    }
+}
+
+/// Instructions (and about 64 bytes of values each) one chat render may
+/// use: a real template spends a few hundred per message.
+pub(crate) const CHAT_FUEL: u64 = 5_000_000;
+/// Bytes a rendered chat may hold.
+pub(crate) const CHAT_BYTES: usize = 16 << 20;
+
+/// A buffer that refuses to grow past [`CHAT_BYTES`].
+struct Capped(Vec<u8>);
+
+impl std::io::Write for Capped {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        if self.0.len() + bytes.len() > CHAT_BYTES {
+            return Err(std::io::Error::other("the rendered chat is too long"));
+        }
+        self.0.extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -209,6 +251,10 @@ impl Text {
 /// trimmed, Python string methods, `raise_exception`).
 fn compile_chat(template: String) -> std::result::Result<minijinja::Environment<'static>, String> {
     let mut env = minijinja::Environment::new();
+    // A template comes from a file of unknown origin: it may loop or build
+    // strings without end. Fuel bounds the instructions and the memory of
+    // one render; the cap bounds what it returns.
+    env.set_fuel(Some(CHAT_FUEL));
     env.set_syntax(
         minijinja::syntax::SyntaxConfig::builder()
             .trim_blocks(true)
