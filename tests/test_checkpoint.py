@@ -280,6 +280,59 @@ def test_garbage_tensor_file_is_corrupt(saved):
         checkpoint.load(saved)
 
 
+def _safetensors_file(header: dict, data: bytes) -> bytes:
+    """A file laid out as the safetensors format specifies: the header's
+    length as 8 little-endian bytes, the JSON header, then the bytes."""
+    text = json.dumps(header).encode()
+    return len(text).to_bytes(8, "little") + text + data
+
+
+def test_hostile_tensor_headers_are_refused_before_the_tensors_are_read(saved):
+    """Headers that claim more than any checkpoint holds, or tensors the
+    config does not describe, are refused from the header alone; a file
+    with bytes past the tensors is incomplete too."""
+    path = saved / checkpoint.TENSORS_FILE
+    original = path.read_bytes()
+    length = int.from_bytes(original[:8], "little")
+    header = json.loads(original[8 : 8 + length])
+    cases = [
+        # A header length of 2^40 bytes, and nothing after it.
+        ((1 << 40).to_bytes(8, "little") + b"{}", "header claims"),
+        # 5 GiB of one tensor, none of it present.
+        (
+            _safetensors_file(
+                {"w": {"dtype": "F32", "shape": [1250 * 1000 * 1000], "data_offsets": [0, 5 * 10**9]}}, b""
+            ),
+            "more than the",
+        ),
+        # The real header with a tensor the config does not have, its bytes present.
+        (
+            _safetensors_file(
+                {
+                    **header,
+                    "intruder": {
+                        "dtype": "F32",
+                        "shape": [2],
+                        "data_offsets": [len(original) - 8 - length, len(original) - length],
+                    },
+                },
+                original[8 + length :] + b"\0" * 8,
+            ),
+            "intruder",
+        ),
+        # Bytes past the last tensor.
+        (original + b"\0" * 16, "not a complete safetensors file"),
+    ]
+    for data, named in cases:
+        path.write_bytes(data)
+        with pytest.raises(CorruptCheckpointError, match=named) as info:
+            checkpoint.load(saved)
+        assert info.value.path == str(path)
+    path.write_bytes(original)
+    config, tensors = checkpoint.load(saved)[:2]
+    assert config is not None and tensors
+
+
 def _edit_config(folder, edit):
     path = folder / checkpoint.CONFIG_FILE
     config = json.loads(path.read_text())

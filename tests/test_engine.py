@@ -204,7 +204,8 @@ def test_hostile_chat_templates_stop_with_a_tokenizer_error(folders, tmp_path):
     shutil.copytree(folders["llama"], folder)
     hf = transformers.AutoTokenizer.from_pretrained(folder)
     conversation = [
-        {"role": "user" if i % 2 == 0 else "assistant", "content": f"message {i} the cat sat"} for i in range(2000)
+        {"role": "user" if i % 2 == 0 else "assistant", "content": f"message {i} the cat sat"}
+        for i in range(2000)
     ]
     engine = reft_rs.Engine(folder)
     assert engine.apply_chat_template(conversation) == hf.apply_chat_template(
@@ -308,7 +309,9 @@ def test_hostile_config_values_are_refused_before_anything_is_allocated(folders,
     ]:
         # NaN is not JSON, but Python's json writes it and serde refuses it.
         config_path.write_text(json.dumps({**original, **change}))
-        with pytest.raises(reft_rs.ModelLoadError, match=named if "nan" not in str(change) else "JSON|rope_theta"):
+        with pytest.raises(
+            reft_rs.ModelLoadError, match=named if "nan" not in str(change) else "JSON|rope_theta"
+        ):
             reft_rs.Engine(folder)
     config_path.write_text(json.dumps(original))
     generation = folder / "generation_config.json"

@@ -19,7 +19,7 @@
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
-use std::io::Write;
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -381,39 +381,112 @@ pub fn save_with_hook(
     result
 }
 
-/// Reads a safetensors file, turning every problem into an error naming it.
-fn read_tensor_file(path: &Path) -> Result<(Option<String>, BTreeMap<String, Tensor>)> {
-    let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
-    let corrupt = |reason: String| Error::CorruptCheckpoint {
-        path: path.to_path_buf(),
-        reason,
-    };
-    let (_, metadata) = safetensors::SafeTensors::read_metadata(&bytes)
-        .map_err(|e| corrupt(format!("not a complete safetensors file ({e:?})")))?;
-    let save_id = metadata
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get(SAVE_ID_KEY).cloned());
-    let file = safetensors::SafeTensors::deserialize(&bytes)
-        .map_err(|e| corrupt(format!("not a complete safetensors file ({e:?})")))?;
-    let mut tensors = BTreeMap::new();
-    for (name, view) in file.tensors() {
-        let dtype = DType::from_safetensors(view.dtype()).ok_or_else(|| {
-            corrupt(format!(
-                "tensor {name:?} has dtype {:?}, which checkpoints do not use",
-                view.dtype()
-            ))
-        })?;
-        tensors.insert(
-            name,
-            Tensor {
-                dtype,
-                shape: view.shape().to_vec(),
-                data: view.data().to_vec(),
-            },
-        );
+/// Bytes a checkpoint's safetensors header may hold (a header lists a few
+/// dozen tensors; safetensors itself allows 100 MB).
+const MAX_HEADER_BYTES: u64 = 16 << 20;
+/// Bytes of tensors a checkpoint may hold: a rank-64 LoReFT at every layer
+/// of a 70B model is about 340 MB.
+pub const MAX_TENSOR_BYTES: u64 = 4 << 30;
+
+/// The header of a safetensors file, read and validated (by the
+/// safetensors crate) without reading the tensors.
+struct Header {
+    file: File,
+    /// Where the tensor bytes start.
+    data_start: u64,
+    metadata: safetensors::tensor::Metadata,
+    save_id: Option<String>,
+}
+
+impl Header {
+    fn read(path: &Path) -> Result<Header> {
+        let corrupt = |reason: String| Error::CorruptCheckpoint {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let length = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        let incomplete = || corrupt("not a complete safetensors file".into());
+        let mut prefix = [0u8; 8];
+        file.read_exact(&mut prefix).map_err(|_| incomplete())?;
+        let header_len = u64::from_le_bytes(prefix);
+        if header_len > MAX_HEADER_BYTES {
+            return Err(corrupt(format!(
+                "its header claims {header_len} bytes, more than the {MAX_HEADER_BYTES} a checkpoint's may have"
+            )));
+        }
+        if 8 + header_len > length {
+            return Err(incomplete());
+        }
+        let mut header = vec![0u8; header_len as usize];
+        file.read_exact(&mut header).map_err(|_| incomplete())?;
+        let metadata: safetensors::tensor::Metadata = serde_json::from_slice(&header)
+            .map_err(|e| corrupt(format!("not a readable safetensors header ({e})")))?;
+        // The crate checked that the tensors lie end to end from 0; they
+        // must end where the file does.
+        let data_len = metadata
+            .tensors()
+            .values()
+            .map(|info| info.data_offsets.1 as u64)
+            .max()
+            .unwrap_or(0);
+        if data_len > MAX_TENSOR_BYTES {
+            return Err(corrupt(format!(
+                "it holds {data_len} bytes of tensors, more than the {MAX_TENSOR_BYTES} a checkpoint may have"
+            )));
+        }
+        if 8 + header_len + data_len != length {
+            return Err(corrupt(format!(
+                "not a complete safetensors file ({} bytes where the header describes {})",
+                length,
+                8 + header_len + data_len
+            )));
+        }
+        let save_id = metadata
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get(SAVE_ID_KEY).cloned());
+        Ok(Header {
+            file,
+            data_start: 8 + header_len,
+            metadata,
+            save_id,
+        })
     }
-    Ok((save_id, tensors))
+
+    /// Each tensor's dtype and shape, by name.
+    fn shapes(&self, path: &Path) -> Result<Vec<(String, DType, Vec<usize>)>> {
+        let mut out = Vec::new();
+        for (name, info) in self.metadata.tensors() {
+            let dtype =
+                DType::from_safetensors(info.dtype).ok_or_else(|| Error::CorruptCheckpoint {
+                    path: path.to_path_buf(),
+                    reason: format!(
+                        "tensor {name:?} has dtype {:?}, which checkpoints do not use",
+                        info.dtype
+                    ),
+                })?;
+            out.push((name, dtype, info.shape.clone()));
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
+    /// The tensors, each read once from the file into its own buffer.
+    fn tensors(mut self, path: &Path) -> Result<BTreeMap<String, Tensor>> {
+        let mut tensors = BTreeMap::new();
+        for (name, dtype, shape) in self.shapes(path)? {
+            let info = self.metadata.info(&name).expect("named by the header");
+            let (start, end) = info.data_offsets;
+            let mut data = vec![0u8; end - start];
+            self.file
+                .seek(SeekFrom::Start(self.data_start + start as u64))
+                .and_then(|_| self.file.read_exact(&mut data))
+                .map_err(|e| Error::io(path, e))?;
+            tensors.insert(name, Tensor { dtype, shape, data });
+        }
+        Ok(tensors)
+    }
 }
 
 /// Loads and checks the checkpoint in folder `dir`.
@@ -444,19 +517,19 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
     let config = ReftConfig::from_json(&text, Some(&config_path))?;
 
     let tensors_path = dir.join(TENSORS_FILE);
-    let (save_id, mut tensors) = read_tensor_file(&tensors_path)?;
+    let mut header = Header::read(&tensors_path)?;
     let mut source = tensors_path;
     let mut recovered = false;
-    if config.save_id.is_some() && save_id != config.save_id {
+    if config.save_id.is_some() && header.save_id != config.save_id {
         let previous = dir.join(PREVIOUS_TENSORS_FILE);
         let matching = previous
             .exists()
-            .then(|| read_tensor_file(&previous).ok())
+            .then(|| Header::read(&previous).ok())
             .flatten()
-            .filter(|(id, _)| *id == config.save_id);
+            .filter(|h| h.save_id == config.save_id);
         match matching {
-            Some((_, previous_tensors)) => {
-                tensors = previous_tensors;
+            Some(previous_header) => {
+                header = previous_header;
                 source = previous;
                 recovered = true;
             }
@@ -465,23 +538,26 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
                     path: source,
                     reason: format!(
                         "it comes from a different save than {CONFIG_FILE} (save_id {:?} vs {:?}); a save was interrupted and the matching tensors are gone",
-                        save_id.unwrap_or_default(),
+                        header.save_id.unwrap_or_default(),
                         config.save_id.clone().unwrap_or_default()
                     ),
                 })
             }
         }
     }
+    // Names, dtypes and shapes against the config before any tensor is read.
+    let shapes = header.shapes(&source)?;
     check_tensors(
         &config,
-        tensors
+        shapes
             .iter()
-            .map(|(k, t)| (k.as_str(), t.dtype, t.shape.as_slice())),
+            .map(|(k, dtype, shape)| (k.as_str(), *dtype, shape.as_slice())),
         &|reason| Error::CorruptCheckpoint {
             path: source.clone(),
             reason,
         },
     )?;
+    let tensors = header.tensors(&source)?;
     Ok(Checkpoint {
         config,
         tensors,
