@@ -43,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import threading
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -81,15 +82,22 @@ def orthonormalize(matrix: torch.Tensor) -> torch.Tensor:
     return (q * signs.unsqueeze(-2)).transpose(-2, -1).to(matrix.dtype)
 
 
-# The ReftModel call in progress (a fresh number per call), or None. Inference
-# caches R for the length of one call: parameters cannot change inside it,
-# while between calls an optimizer may have changed them without a trace
-# (fused optimizers do not bump tensors' version counters).
-_current_call: int | None = None
+class _CallContext(threading.local):
+    """The ReftModel call in progress on this thread; each thread has its
+    own, so models may run from several threads at once."""
+
+    # A fresh number per call, or None. Inference caches R for the length of
+    # one call: parameters cannot change inside it, while between calls an
+    # optimizer may have changed them without a trace (fused optimizers do
+    # not bump tensors' version counters).
+    current_call: int | None = None
+    # R of every rotation of the model in the call, by id(module), computed
+    # up front in one batched QR (and one batched backward).
+    precomputed: dict[int, torch.Tensor] = {}  # noqa: RUF012 - replaced, never mutated
+
+
+_context = _CallContext()
 _calls = itertools.count()
-# R of every rotation of the model in the call in progress, by id(module),
-# computed up front in one batched QR (and one batched backward).
-_precomputed: dict[int, torch.Tensor] = {}
 
 
 def _orthonormalize_all(modules: Sequence[OrthonormalRows]) -> dict[int, torch.Tensor]:
@@ -111,14 +119,13 @@ def _orthonormalize_all(modules: Sequence[OrthonormalRows]) -> dict[int, torch.T
 def inference_call(rotations: Sequence[OrthonormalRows] = ()) -> Iterator[None]:
     """Marks one model call: every R is computed once, at its start, for all
     of ``rotations`` together (one batched QR)."""
-    global _current_call, _precomputed
-    previous = (_current_call, _precomputed)
-    _current_call = next(_calls)
-    _precomputed = _orthonormalize_all(rotations) if rotations else {}
+    previous = (_context.current_call, _context.precomputed)
+    _context.current_call = next(_calls)
+    _context.precomputed = _orthonormalize_all(rotations) if rotations else {}
     try:
         yield
     finally:
-        _current_call, _precomputed = previous
+        _context.current_call, _context.precomputed = previous
 
 
 class OrthonormalRows(nn.Module):
@@ -150,17 +157,19 @@ class OrthonormalRows(nn.Module):
         self._cached_call: int | None = None
 
     def forward(self) -> torch.Tensor:
-        precomputed = _precomputed.get(id(self))
+        precomputed = _context.precomputed.get(id(self))
         if precomputed is not None:
             return precomputed
         if torch.is_grad_enabled() and self.base.requires_grad:
             return orthonormalize(self.base)
-        if _current_call is None:
+        call = _context.current_call
+        if call is None:
             return orthonormalize(self.base.detach())
-        if self._cached_call != _current_call or self._cached is None:
-            self._cached = orthonormalize(self.base.detach())
-            self._cached_call = _current_call
-        return self._cached
+        cached, cached_call = self._cached, self._cached_call  # one read: other threads may set them
+        if cached_call != call or cached is None:
+            cached = orthonormalize(self.base.detach())
+            self._cached, self._cached_call = cached, call
+        return cached
 
     @torch.no_grad()
     def set(self, rotation: torch.Tensor, base: torch.Tensor | None = None) -> None:

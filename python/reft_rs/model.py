@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import inspect
 import os
+import threading
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -127,7 +128,10 @@ class ReftModel(nn.Module):
         if config.trainable_head:
             self.head = _find_head(model)
             self.head.requires_grad_(True)
-        self._state: _CallState | None = None
+        # The call in progress on each thread, by thread id: one model may be
+        # called from several threads at once (a dict, not a threading.local,
+        # so that a deep copy of the model works).
+        self._call_states: dict[int, _CallState] = {}
         # (module, hook id) pairs. The hooks are objects that refer back to this
         # model, so a deep copy of the ReftModel carries working hooks of its own.
         self._hook_ids: list[tuple[nn.Module, int]] = []
@@ -204,17 +208,23 @@ class ReftModel(nn.Module):
                 state.indices[key] = chosen if chosen.numel() else None
         return state.indices[key]
 
+    @property
+    def _state(self) -> _CallState | None:
+        """This thread's call in progress."""
+        return self._call_states.get(threading.get_ident())
+
     @contextlib.contextmanager
     def _active(self, state: _CallState) -> Iterator[None]:
-        if self._state is not None:
+        thread = threading.get_ident()
+        if thread in self._call_states:
             raise RuntimeError("a ReftModel cannot be called from inside one of its own calls")
-        self._state = state
+        self._call_states[thread] = state
         try:
             rotations = [i.rotation for i in self.interventions if i.rotation is not None]
             with inference_call(rotations):
                 yield
         finally:
-            self._state = None
+            del self._call_states[thread]
 
     # ------------------------------------------------------------------ locations
 

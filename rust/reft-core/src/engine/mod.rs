@@ -32,7 +32,7 @@ mod weights;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use candle_core::quantized::gguf_file;
 
@@ -98,7 +98,44 @@ pub struct Engine {
     edits: Option<Arc<EditSet>>,
     adapters: RwLock<HashMap<String, Arc<EditSet>>>,
     pool: Option<rayon::ThreadPool>,
+    /// The threads asked for, to rebuild the pool in a forked process.
+    threads: Option<usize>,
+    /// The process that built `pool`.
+    created_by: u32,
+    /// A pool of this process when it was forked from the one that built
+    /// `pool` or used rayon's global pool: the parent's pools have no
+    /// threads here (work handed to them would wait forever).
+    forked_pool: Mutex<Option<(u32, Arc<rayon::ThreadPool>)>>,
     quantized: bool,
+}
+
+/// A thread pool of `threads` threads (rayon's default count for `None`).
+fn build_pool(threads: Option<usize>) -> Result<rayon::ThreadPool> {
+    let mut builder = rayon::ThreadPoolBuilder::new();
+    if let Some(n) = threads {
+        builder = builder.num_threads(n);
+    }
+    builder
+        .build()
+        .map_err(|e| Error::Backend(format!("cannot start a thread pool: {e}")))
+}
+
+/// The pool that stands in for rayon's global pool in a process forked
+/// after its parent used that pool: one per process, shared by its engines.
+fn process_pool(threads: Option<usize>) -> Result<Arc<rayon::ThreadPool>> {
+    static POOL: Mutex<Option<(u32, Arc<rayon::ThreadPool>)>> = Mutex::new(None);
+    let pid = std::process::id();
+    let mut slot = POOL.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((owner, pool)) = &*slot {
+        if *owner == pid {
+            return Ok(pool.clone());
+        }
+    }
+    let pool = Arc::new(build_pool(threads)?);
+    if let Some(stale) = slot.replace((pid, pool.clone())) {
+        std::mem::forget(stale);
+    }
+    Ok(pool)
 }
 
 /// Longest adapter name.
@@ -240,12 +277,7 @@ impl Engine {
         let threads = options.threads;
         let pool = match threads {
             Some(0) => return Err(Error::InvalidArgument("threads must be at least 1".into())),
-            Some(n) => Some(
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(n)
-                    .build()
-                    .map_err(|e| Error::Backend(format!("cannot start {n} threads: {e}")))?,
-            ),
+            Some(n) => Some(build_pool(Some(n))?),
             None => None,
         };
         let load = || -> Result<(Transformer, Option<Text>, bool)> {
@@ -290,7 +322,9 @@ impl Engine {
         };
         let (model, text, quantized) = match &pool {
             Some(pool) => pool.install(load)?,
-            None => load()?,
+            None if crate::parallel::parallelism_available() => load()?,
+            // A child forked after its parent used rayon: a pool of its own.
+            None => process_pool(None)?.install(load)?,
         };
         let edits = match reft {
             Some(dir) => Some(Arc::new(EditSet::load(dir, &model.config)?)),
@@ -302,15 +336,42 @@ impl Engine {
             edits,
             adapters: RwLock::default(),
             pool,
+            threads,
+            created_by: std::process::id(),
+            forked_pool: Mutex::new(None),
             quantized,
         })
     }
 
+    /// Runs `work` on the engine's threads: its own pool, rayon's global
+    /// pool, or, in a process forked from the one that used those, a pool
+    /// built for this process on first use.
     fn run<T: Send>(&self, work: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+        let pid = std::process::id();
         match &self.pool {
-            Some(pool) => pool.install(work),
-            None => work(),
+            Some(pool) if pid == self.created_by => return pool.install(work),
+            None if crate::parallel::parallelism_available() => return work(),
+            _ => {}
         }
+        let pool = {
+            let mut slot = self.forked_pool.lock().unwrap_or_else(|p| p.into_inner());
+            match &*slot {
+                Some((owner, pool)) if *owner == pid => pool.clone(),
+                _ => {
+                    let pool = match self.threads {
+                        Some(n) => Arc::new(build_pool(Some(n))?),
+                        None => process_pool(None)?,
+                    };
+                    // A pool inherited from another process is left alone:
+                    // its threads are not here to be stopped.
+                    if let Some(stale) = slot.replace((pid, pool.clone())) {
+                        std::mem::forget(stale);
+                    }
+                    pool
+                }
+            }
+        };
+        pool.install(work)
     }
 
     /// The model's architecture settings.
