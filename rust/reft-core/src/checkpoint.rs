@@ -472,10 +472,15 @@ impl Header {
         Ok(out)
     }
 
-    /// The tensors, each read once from the file into its own buffer.
-    fn tensors(mut self, path: &Path) -> Result<BTreeMap<String, Tensor>> {
+    /// The tensors `shapes` lists (from [`Header::shapes`]), each read once
+    /// from the file into its own buffer.
+    fn tensors(
+        mut self,
+        path: &Path,
+        shapes: Vec<(String, DType, Vec<usize>)>,
+    ) -> Result<BTreeMap<String, Tensor>> {
         let mut tensors = BTreeMap::new();
-        for (name, dtype, shape) in self.shapes(path)? {
+        for (name, dtype, shape) in shapes {
             let info = self.metadata.info(&name).expect("named by the header");
             let (start, end) = info.data_offsets;
             let mut data = vec![0u8; end - start];
@@ -557,7 +562,7 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
             reason,
         },
     )?;
-    let tensors = header.tensors(&source)?;
+    let tensors = header.tensors(&source, shapes)?;
     Ok(Checkpoint {
         config,
         tensors,

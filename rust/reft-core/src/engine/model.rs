@@ -26,12 +26,12 @@ pub(crate) trait EditSite {
 #[derive(Debug, Clone)]
 enum Norm {
     Rms {
-        weight: Tensor,
+        weight: Vec<f32>,
         eps: f64,
     },
     Layer {
-        weight: Tensor,
-        bias: Tensor,
+        weight: Vec<f32>,
+        bias: Vec<f32>,
         eps: f64,
     },
 }
@@ -41,9 +41,8 @@ impl Norm {
     fn apply(&self, x: &Tensor) -> Result<Vec<f32>> {
         let (weight, bias, eps) = match self {
             Norm::Rms { weight, eps } => (weight, None, *eps),
-            Norm::Layer { weight, bias, eps } => (weight, Some(bias.to_vec1::<f32>()?), *eps),
+            Norm::Layer { weight, bias, eps } => (weight, Some(bias), *eps),
         };
-        let weight = weight.to_vec1::<f32>()?;
         with_rows(x, |xs, _| {
             let k = weight.len();
             let mut out = vec![0f32; xs.len()];
@@ -54,10 +53,10 @@ impl Norm {
                 };
                 let variance = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / k as f32;
                 let inv = ((variance as f64 + eps) as f32).sqrt().recip();
-                for ((y, &v), &w) in y.iter_mut().zip(row).zip(&weight) {
+                for ((y, &v), &w) in y.iter_mut().zip(row).zip(weight) {
                     *y = (v - mean) * inv * w;
                 }
-                if let Some(b) = &bias {
+                if let Some(b) = bias {
                     for (y, &c) in y.iter_mut().zip(b) {
                         *y += c;
                     }
@@ -200,7 +199,7 @@ fn llama_layers(c: &ModelConfig, source: &Source, names: &LayerNames) -> Result<
             let p = format!("{}.{i}", names.prefix);
             let norm = |suffix: &str| -> Result<Norm> {
                 Ok(Norm::Rms {
-                    weight: source.tensor(&format!("{p}.{suffix}"), &[d])?,
+                    weight: source.vector(&format!("{p}.{suffix}"), d)?,
                     eps: c.norm_eps,
                 })
             };
@@ -294,7 +293,7 @@ impl Transformer {
                     None,
                     layers,
                     Norm::Rms {
-                        weight: source.tensor("model.norm.weight", &[d])?,
+                        weight: source.vector("model.norm.weight", d)?,
                         eps: c.norm_eps,
                     },
                     head,
@@ -308,8 +307,8 @@ impl Transformer {
                 };
                 let ln = |name: String| -> Result<Norm> {
                     Ok(Norm::Layer {
-                        weight: source.tensor(&format!("{name}.weight"), &[d])?,
-                        bias: source.tensor(&format!("{name}.bias"), &[d])?,
+                        weight: source.vector(&format!("{name}.weight"), d)?,
+                        bias: source.vector(&format!("{name}.bias"), d)?,
                         eps: c.norm_eps,
                     })
                 };
@@ -363,7 +362,7 @@ impl Transformer {
             None,
             layers,
             Norm::Rms {
-                weight: source.tensor("output_norm.weight", &[d])?,
+                weight: source.vector("output_norm.weight", d)?,
                 eps: c.norm_eps,
             },
             head,

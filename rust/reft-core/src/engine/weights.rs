@@ -27,19 +27,19 @@ pub(crate) enum Linear {
     /// float32, packed for [`gemm::matmul`].
     Dense {
         weight: Arc<gemm::Packed>,
-        bias: Option<Tensor>,
+        bias: Option<Vec<f32>>,
     },
     /// GGUF `Q4_1` or `Q8_0` blocks, row after row.
     Blocks {
         kind: BlockKind,
         data: Vec<u8>,
         out: usize,
-        bias: Option<Tensor>,
+        bias: Option<Vec<f32>>,
     },
     /// Another GGUF block-quantized layout, through candle's kernels.
     Quantized {
         weight: QMatMul,
-        bias: Option<Tensor>,
+        bias: Option<Vec<f32>>,
     },
 }
 
@@ -73,21 +73,19 @@ pub(crate) fn with_rows<R>(x: &Tensor, f: impl FnOnce(&[f32], usize) -> Result<R
     }
 }
 
-fn add_bias(y: &mut [f32], bias: &Option<Tensor>) -> Result<()> {
+fn add_bias(y: &mut [f32], bias: &Option<Vec<f32>>) {
     if let Some(b) = bias {
-        let b = b.to_vec1::<f32>()?;
         for row in y.chunks_exact_mut(b.len()) {
-            for (v, &c) in row.iter_mut().zip(&b) {
+            for (v, &c) in row.iter_mut().zip(b) {
                 *v += c;
             }
         }
     }
-    Ok(())
 }
 
 impl Linear {
     /// A float32 matrix `[out, in]`, packed.
-    pub(crate) fn dense(weight: &Tensor, bias: Option<Tensor>) -> Result<Linear> {
+    pub(crate) fn dense(weight: &Tensor, bias: Option<Vec<f32>>) -> Result<Linear> {
         let (n, k) = weight.dims2()?;
         let weight = weight.to_dtype(DType::F32)?.contiguous()?;
         let (storage, layout) = weight.storage_and_layout();
@@ -122,8 +120,7 @@ impl Linear {
                         weight.cols()
                     )));
                 }
-                let b = bias.as_ref().map(|b| b.to_vec1::<f32>()).transpose()?;
-                Ok(gemm::matmul(weight, xs, m, b.as_deref()))
+                Ok(gemm::matmul(weight, xs, m, bias.as_deref()))
             }
             Linear::Blocks {
                 kind,
@@ -150,13 +147,13 @@ impl Linear {
                     }
                     y
                 };
-                add_bias(&mut y, bias)?;
+                add_bias(&mut y, bias);
                 Ok(y)
             }
             Linear::Quantized { weight, bias } => {
                 let x = Tensor::from_slice(xs, (m, k), &Device::Cpu)?;
                 let mut y = weight.forward(&x)?.flatten_all()?.to_vec1::<f32>()?;
-                add_bias(&mut y, bias)?;
+                add_bias(&mut y, bias);
                 Ok(y)
             }
         }
@@ -184,8 +181,8 @@ pub(crate) struct Fused {
 }
 
 fn concat(parts: &[Linear]) -> Result<Option<Linear>> {
-    let biases = || -> Result<Option<Tensor>> {
-        let have: Vec<Option<&Tensor>> = parts
+    let biases = || -> Option<Vec<f32>> {
+        let have: Vec<Option<&Vec<f32>>> = parts
             .iter()
             .map(|p| match p {
                 Linear::Dense { bias, .. }
@@ -194,21 +191,16 @@ fn concat(parts: &[Linear]) -> Result<Option<Linear>> {
             })
             .collect();
         if have.iter().all(Option::is_none) {
-            return Ok(None);
+            return None;
         }
-        let filled = parts
-            .iter()
-            .zip(have)
-            .map(|(p, b)| match b {
-                Some(b) => Ok(b.clone()),
-                None => Ok(Tensor::zeros(
-                    p.out_features(),
-                    candle_core::DType::F32,
-                    &Device::Cpu,
-                )?),
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Some(Tensor::cat(&filled, 0)?))
+        let mut all = Vec::new();
+        for (p, b) in parts.iter().zip(have) {
+            match b {
+                Some(b) => all.extend_from_slice(b),
+                None => all.resize(all.len() + p.out_features(), 0.0),
+            }
+        }
+        Some(all)
     };
     if parts.iter().all(|p| matches!(p, Linear::Dense { .. })) {
         let weights: Vec<&gemm::Packed> = parts
@@ -220,7 +212,7 @@ fn concat(parts: &[Linear]) -> Result<Option<Linear>> {
             .collect();
         return Ok(Some(Linear::Dense {
             weight: Arc::new(gemm::Packed::stack(&weights)),
-            bias: biases()?,
+            bias: biases(),
         }));
     }
     let kinds: Vec<Option<BlockKind>> = parts
@@ -241,7 +233,7 @@ fn concat(parts: &[Linear]) -> Result<Option<Linear>> {
             kind: kinds[0].expect("checked"),
             data,
             out: parts.iter().map(Linear::out_features).sum(),
-            bias: biases()?,
+            bias: biases(),
         }));
     }
     Ok(None)
@@ -456,6 +448,14 @@ impl Source {
     }
 
     /// A tensor as float32, checked against the expected shape.
+    /// A float32 vector of `len` values (a norm's weight, a bias).
+    pub(crate) fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
+        Ok(self
+            .tensor(name, &[len])?
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?)
+    }
+
     pub(crate) fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let tensor = match self {
             Source::Safetensors { files, path, names } => {
@@ -504,7 +504,7 @@ impl Source {
         let weight_name = format!("{prefix}.weight");
         let bias_name = format!("{prefix}.bias");
         let bias = if self.contains(&bias_name) {
-            Some(self.tensor(&bias_name, &[out])?)
+            Some(self.vector(&bias_name, out)?)
         } else {
             None
         };
