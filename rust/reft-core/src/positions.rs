@@ -667,26 +667,31 @@ pub fn locate_char_spans(
             "char spans need at least one span per example".into(),
         ));
     }
-    if char_spans.len() != examples * groups {
+    if examples.checked_mul(groups) != Some(char_spans.len()) {
         return Err(Error::PositionInput(format!(
-            "expected {groups} char span(s) for each of {examples} examples ({} spans), found {}",
-            examples * groups,
+            "expected {groups} char span(s) for each of {examples} examples, found {} spans",
             char_spans.len()
         )));
     }
     let extents = validate_extents(token_counts, sequence_lengths, options)?;
     let mut starts = Vec::with_capacity(examples + 1);
     starts.push(0usize);
+    let mismatch = || {
+        Error::PositionInput(format!(
+            "token_counts add up to {} tokens but {} token offsets were given",
+            token_counts.iter().map(|&c| c as i128).sum::<i128>(),
+            token_offsets.len()
+        ))
+    };
     for &count in token_counts {
-        let next = starts[starts.len() - 1] + count as usize;
+        // Counts are checked non-negative above; their sum may still overflow.
+        let next = starts[starts.len() - 1]
+            .checked_add(count as usize)
+            .ok_or_else(mismatch)?;
         starts.push(next);
     }
     if starts[examples] != token_offsets.len() {
-        return Err(Error::PositionInput(format!(
-            "token_counts add up to {} tokens but {} token offsets were given",
-            starts[examples],
-            token_offsets.len()
-        )));
+        return Err(mismatch());
     }
     for (index, span) in char_spans.iter().enumerate() {
         let ok = (span[0] == -1 && span[1] == -1) || (0 <= span[0] && span[0] <= span[1]);

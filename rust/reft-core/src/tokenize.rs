@@ -100,6 +100,22 @@ fn tokenizer_error(what: &str, e: impl std::fmt::Display) -> Error {
     Error::Tokenizer(format!("{what}: {e}"))
 }
 
+/// `work` with a panic inside the `tokenizers` crate (it panics on some
+/// damaged `tokenizer.json` files, e.g. an unknown decoder) turned into a
+/// [`Error::Tokenizer`] saying what was being done.
+pub(crate) fn guarded<T>(what: &str, work: impl FnOnce() -> T) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).map_err(|panic| {
+        let message = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        Error::Tokenizer(format!(
+            "the tokenizer failed while {what} (the file is damaged or of a kind the tokenizers library cannot read): {message}"
+        ))
+    })
+}
+
 /// GPT-2's map from bytes to printable characters.
 fn byte_chars() -> [char; 256] {
     let mut chars = ['\0'; 256];
@@ -179,8 +195,13 @@ fn special_affixes(tokenizer: &Tokenizer, config: &Value) -> Option<(Vec<u32>, V
     }
     let mut found: Option<(Vec<u32>, Vec<u32>)> = None;
     for probe in ["a", "b c 1", "x"] {
-        let with = tokenizer.encode(probe, true).ok()?.get_ids().to_vec();
-        let without = tokenizer.encode(probe, false).ok()?.get_ids().to_vec();
+        let encode = |special| {
+            guarded("probing the post-processor", || {
+                tokenizer.encode(probe, special)
+            })
+        };
+        let with = encode(true).ok()?.ok()?.get_ids().to_vec();
+        let without = encode(false).ok()?.ok()?.get_ids().to_vec();
         let start = (0..=with.len().checked_sub(without.len())?)
             .find(|&s| with[s..s + without.len()] == without[..])?;
         let affixes = (
@@ -344,8 +365,7 @@ impl BatchTokenizer {
     pub fn from_json(json: &str) -> Result<Self> {
         let config: Value =
             serde_json::from_str(json).map_err(|e| tokenizer_error("not a tokenizer.json", e))?;
-        let mut tokenizer: Tokenizer = json
-            .parse()
+        let mut tokenizer: Tokenizer = guarded("reading tokenizer.json", || json.parse())?
             .map_err(|e| tokenizer_error("cannot read the tokenizer", e))?;
         tokenizer.with_padding(None);
         tokenizer
@@ -387,9 +407,7 @@ impl BatchTokenizer {
         let fast = match &self.fast {
             Some(fast) if text.is_ascii() && (!special || fast.special.is_some()) => fast,
             _ => {
-                let encoding = self
-                    .tokenizer
-                    .encode(text, special)
+                let encoding = guarded("encoding text", || self.tokenizer.encode(text, special))?
                     .map_err(|e| tokenizer_error("cannot encode text", e))?;
                 out.extend_from_slice(encoding.get_ids());
                 return Ok(());
@@ -408,11 +426,10 @@ impl BatchTokenizer {
             }
             mapped.clear();
             mapped.extend(piece.iter().map(|&b| fast.byte_chars[b as usize]));
-            let tokens = self
-                .tokenizer
-                .get_model()
-                .tokenize(&mapped)
-                .map_err(|e| tokenizer_error("cannot encode text", e))?;
+            let tokens = guarded("encoding text", || {
+                self.tokenizer.get_model().tokenize(&mapped)
+            })?
+            .map_err(|e| tokenizer_error("cannot encode text", e))?;
             let ids: Box<[u32]> = tokens.iter().map(|t| t.id).collect();
             out.extend_from_slice(&ids);
             cache.insert(piece.into(), ids);

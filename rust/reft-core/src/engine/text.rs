@@ -9,6 +9,7 @@ use serde_json::Value;
 use tokenizers::Tokenizer;
 
 use crate::error::{Error, Result};
+use crate::tokenize::guarded;
 
 /// A tokenizer, the special tokens and the chat template of one model.
 pub struct Text {
@@ -59,8 +60,10 @@ impl Text {
         if !file.is_file() {
             return Ok(None);
         }
-        let tokenizer = Tokenizer::from_file(&file)
-            .map_err(|e| Error::Tokenizer(format!("cannot read {}: {e}", file.display())))?;
+        let tokenizer = guarded(&format!("reading {}", file.display()), || {
+            Tokenizer::from_file(&file)
+        })?
+        .map_err(|e| Error::Tokenizer(format!("cannot read {}: {e}", file.display())))?;
         let read_json = |name: &str| -> Result<Option<Value>> {
             let path = folder.join(name);
             if !path.is_file() {
@@ -111,8 +114,10 @@ impl Text {
         if !content.metadata.contains_key("tokenizer.ggml.tokens") {
             return Ok(None);
         }
-        let mut tokenizer = Tokenizer::from_gguf(content)
-            .map_err(|e| Error::Tokenizer(format!("cannot build the GGUF tokenizer: {e}")))?;
+        let mut tokenizer = guarded("building the GGUF tokenizer", || {
+            Tokenizer::from_gguf(content)
+        })?
+        .map_err(|e| Error::Tokenizer(format!("cannot build the GGUF tokenizer: {e}")))?;
         let meta = |key: &str| content.metadata.get(key);
         let pre = meta("tokenizer.ggml.pre")
             .and_then(|v| v.to_string().ok())
@@ -161,16 +166,14 @@ impl Text {
     /// Token ids of `text`; `special` adds the tokens the tokenizer's
     /// post-processor adds (as `tokenizer(text)` does in transformers).
     pub fn encode(&self, text: &str, special: bool) -> Result<Vec<u32>> {
-        self.tokenizer
-            .encode(text, special)
+        guarded("encoding text", || self.tokenizer.encode(text, special))?
             .map(|e| e.get_ids().to_vec())
             .map_err(|e| Error::Tokenizer(format!("cannot encode text: {e}")))
     }
 
     /// Text of `ids`, special tokens left out.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.tokenizer
-            .decode(ids, true)
+        guarded("decoding tokens", || self.tokenizer.decode(ids, true))?
             .map_err(|e| Error::Tokenizer(format!("cannot decode tokens: {e}")))
     }
 

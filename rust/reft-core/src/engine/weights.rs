@@ -287,6 +287,51 @@ impl Fused {
     }
 }
 
+/// Each tensor of a GGUF header must have a size that can be computed
+/// without overflow, whole blocks, and bytes that lie inside the file:
+/// candle multiplies the dimensions unchecked.
+fn check_gguf_tensors(
+    content: &gguf_file::Content,
+    file_size: u64,
+) -> std::result::Result<(), String> {
+    for (name, info) in &content.tensor_infos {
+        let elements = info
+            .shape
+            .dims()
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .ok_or_else(|| {
+                format!(
+                    "tensor {name} has dimensions {:?}, too many elements",
+                    info.shape.dims()
+                )
+            })?;
+        let block = info.ggml_dtype.block_size();
+        if !elements.is_multiple_of(block) {
+            return Err(format!(
+                "tensor {name} has {elements} elements, not whole blocks of {block}"
+            ));
+        }
+        let bytes = (elements / block)
+            .checked_mul(info.ggml_dtype.type_size())
+            .ok_or_else(|| format!("tensor {name} is too large"))?;
+        let end = content
+            .tensor_data_offset
+            .checked_add(info.offset)
+            .and_then(|start| start.checked_add(bytes as u64));
+        match end {
+            Some(end) if end <= file_size => {}
+            _ => {
+                return Err(format!(
+                    "tensor {name} ({bytes} bytes at offset {}) lies past the end of the file ({file_size} bytes)",
+                    info.offset
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Tensors by name from safetensors files or a GGUF file.
 pub(crate) enum Source {
     Safetensors {
@@ -398,8 +443,15 @@ impl Source {
             },
             _ => Error::io(path, e),
         })?;
-        let content = gguf_file::Content::read(&mut file)
-            .map_err(|e| load_error(path, format!("not a readable GGUF file: {e}")))?;
+        // candle's reader divides by `general.alignment` unchecked; a file
+        // that sets it to 0 would panic there.
+        let content = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            gguf_file::Content::read(&mut file)
+        }))
+        .map_err(|_| load_error(path, "not a readable GGUF file: its header is damaged"))?
+        .map_err(|e| load_error(path, format!("not a readable GGUF file: {e}")))?;
+        let size = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        check_gguf_tensors(&content, size).map_err(|reason| load_error(path, reason))?;
         Ok(Source::Gguf {
             content,
             file: std::sync::Mutex::new(file),
@@ -436,6 +488,13 @@ impl Source {
                 path,
                 ..
             } => {
+                // candle views an empty tensor's bytes through a dangling
+                // pointer, which is undefined behaviour; no weight is empty.
+                if let Some(info) = content.tensor_infos.get(name) {
+                    if info.shape.elem_count() == 0 {
+                        return Err(load_error(path, format!("tensor {name} has no elements")));
+                    }
+                }
                 let mut file = file.lock().unwrap_or_else(|p| p.into_inner());
                 content
                     .tensor(&mut *file, name, &Device::Cpu)
@@ -447,7 +506,6 @@ impl Source {
         }
     }
 
-    /// A tensor as float32, checked against the expected shape.
     /// A float32 vector of `len` values (a norm's weight, a bias).
     pub(crate) fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>> {
         Ok(self
@@ -456,6 +514,7 @@ impl Source {
             .to_vec1::<f32>()?)
     }
 
+    /// A tensor as float32, checked against the expected shape.
     pub(crate) fn tensor(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let tensor = match self {
             Source::Safetensors { files, path, names } => {
@@ -545,7 +604,10 @@ impl Source {
                     bias,
                 });
             }
-            if *dequantize {
+            // candle's kernels for the other block types assume an even
+            // number of blocks per row (they assert it in debug builds).
+            let even_blocks = inp.is_multiple_of(2 * q.dtype().block_size());
+            if *dequantize || !even_blocks {
                 return Linear::dense(&q.dequantize(&Device::Cpu)?, bias);
             }
             return Ok(Linear::Quantized {
