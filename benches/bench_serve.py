@@ -81,7 +81,10 @@ def start_server(
 ) -> subprocess.Popen:
     import openai
 
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    # The log goes to a file: llama.cpp writes more while loading than a
+    # pipe holds, and an unread pipe would stop it there.
+    log = tempfile.TemporaryFile(mode="w+")
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, text=True, env=env)
     api = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
     deadline = time.monotonic() + timeout
     while True:
@@ -90,7 +93,8 @@ def start_server(
             return process
         except openai.APIConnectionError:
             if process.poll() is not None:
-                raise SystemExit(f"the server failed: {process.stderr.read()[-2000:]}") from None
+                log.seek(0)
+                raise SystemExit(f"the server failed: {log.read()[-2000:]}") from None
             if time.monotonic() > deadline:
                 process.kill()
                 raise SystemExit("the server did not start") from None
@@ -238,6 +242,8 @@ def main() -> None:
                     "llama_cpp.server",
                     "--model",
                     paths[kind],
+                    "--host",
+                    "127.0.0.1",
                     "--port",
                     str(port),
                 ]
