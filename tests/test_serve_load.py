@@ -156,7 +156,7 @@ def cancelled_stream(rng: random.Random, port: int) -> None:
             received += chunk
 
 
-def test_hundreds_of_mixed_requests_with_bad_ones_cancellations_and_stalls(server, setup):
+def test_hundreds_of_mixed_requests_with_bad_ones_cancellations_and_stalls(server, setup):  # noqa: F811
     rng = random.Random(0)
     api = openai.OpenAI(base_url=server.url, api_key=KEY, max_retries=0, timeout=120)
     references = {model: reference(setup, None if model == "tiny" else model) for model in MODELS}
