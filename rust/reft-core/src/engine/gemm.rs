@@ -162,7 +162,7 @@ pub(crate) fn matmul(w: &Packed, x: &[f32], m: usize, bias: Option<&[f32]>) -> V
     y
 }
 
-fn has_fma() -> bool {
+pub(crate) fn has_fma() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")

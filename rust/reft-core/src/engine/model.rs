@@ -558,29 +558,20 @@ impl Transformer {
         let scale = (1.0 / (hd as f64).sqrt()) as f32;
         let mut out = vec![0f32; n * q_width];
         // One unit of work per (token, head): its `[head_dim]` slice of `out`.
+        let vector = super::gemm::has_fma();
         let work = |(unit, target): (usize, &mut [f32])| {
             let (r, head) = (unit / heads, unit % heads);
             let (s, p) = rows[r];
-            let keys = &caches[s].keys[index];
-            let values = &caches[s].values[index];
             let g = head / group;
-            let query = &q[r * width + head * hd..][..hd];
-            let mut scores: Vec<f32> = (0..=p)
-                .map(|j| dot(query, &keys[j * kv_width + g * hd..][..hd]) * scale)
-                .collect();
-            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for score in scores.iter_mut() {
-                *score = (*score - max).exp();
-                sum += *score;
-            }
-            for (j, &score) in scores.iter().enumerate() {
-                let weight = score / sum;
-                let value = &values[j * kv_width + g * hd..][..hd];
-                for (t, &v) in target.iter_mut().zip(value) {
-                    *t += weight * v;
-                }
-            }
+            let unit = Attend {
+                query: &q[r * width + head * hd..][..hd],
+                keys: &caches[s].keys[index][g * hd..],
+                values: &caches[s].values[index][g * hd..],
+                stride: kv_width,
+                len: p + 1,
+                scale,
+            };
+            unit.run(target, vector);
         };
         // Few tokens, short caches: threads would cost more than they save.
         let keys_seen: usize = rows.iter().map(|&(_, p)| p + 1).sum();
@@ -592,6 +583,94 @@ impl Transformer {
         }
         let out = Tensor::from_vec(out, (n, q_width), &Device::Cpu)?;
         layer.o.forward(&out)
+    }
+}
+
+/// One query of one head against a sequence's keys and values.
+struct Attend<'a> {
+    query: &'a [f32],
+    /// Key `j` of the head starts at `keys[j * stride]` (values likewise).
+    keys: &'a [f32],
+    values: &'a [f32],
+    stride: usize,
+    /// Keys attended to.
+    len: usize,
+    scale: f32,
+}
+
+impl Attend<'_> {
+    /// Adds the attention-weighted values into `target` (`[head_dim]`).
+    /// The vector build gives the same bits as the plain one: the same
+    /// operations in the same order, eight lanes at a time.
+    fn run(&self, target: &mut [f32], vector: bool) {
+        #[cfg(target_arch = "x86_64")]
+        if vector {
+            // SAFETY: `vector` only where the CPU has AVX2 and FMA.
+            return unsafe { self.run_avx2(target) };
+        }
+        let _ = vector;
+        self.body(target)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn run_avx2(&self, target: &mut [f32]) {
+        use std::arch::x86_64::*;
+        let hd = self.query.len();
+        if hd % 8 != 0 || target.len() != hd {
+            return self.body(target);
+        }
+        let q = self.query.as_ptr();
+        let mut scores = vec![0f32; self.len];
+        let mut max = f32::NEG_INFINITY;
+        for j in 0..self.len {
+            let key = self.keys[j * self.stride..][..hd].as_ptr();
+            // Eight lane sums, each as `dot` keeps it (multiply, then add).
+            let mut acc = _mm256_setzero_ps();
+            for c in (0..hd).step_by(8) {
+                let product = _mm256_mul_ps(_mm256_loadu_ps(q.add(c)), _mm256_loadu_ps(key.add(c)));
+                acc = _mm256_add_ps(acc, product);
+            }
+            let mut lanes = [0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+            let score = lanes.iter().sum::<f32>() * self.scale;
+            scores[j] = score;
+            max = max.max(score);
+        }
+        let mut sum = 0f32;
+        for score in scores.iter_mut() {
+            *score = (*score - max).exp();
+            sum += *score;
+        }
+        let t = target.as_mut_ptr();
+        for (j, &score) in scores.iter().enumerate() {
+            let weight = _mm256_set1_ps(score / sum);
+            let value = self.values[j * self.stride..][..hd].as_ptr();
+            for c in (0..hd).step_by(8) {
+                let product = _mm256_mul_ps(weight, _mm256_loadu_ps(value.add(c)));
+                _mm256_storeu_ps(t.add(c), _mm256_add_ps(_mm256_loadu_ps(t.add(c)), product));
+            }
+        }
+    }
+
+    fn body(&self, target: &mut [f32]) {
+        let hd = self.query.len();
+        let mut scores: Vec<f32> = (0..self.len)
+            .map(|j| dot(self.query, &self.keys[j * self.stride..][..hd]) * self.scale)
+            .collect();
+        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0f32;
+        for score in scores.iter_mut() {
+            *score = (*score - max).exp();
+            sum += *score;
+        }
+        for (j, &score) in scores.iter().enumerate() {
+            let weight = score / sum;
+            let value = &self.values[j * self.stride..][..hd];
+            for (t, &v) in target.iter_mut().zip(value) {
+                *t += weight * v;
+            }
+        }
     }
 }
 
@@ -653,4 +732,87 @@ fn rope_tables(c: &ModelConfig) -> (Vec<f32>, Vec<f32>) {
         }
     }
     (cos, sin)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(count: usize, seed: u32) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+        (0..count)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 17;
+                state ^= state << 5;
+                (state % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Attention written out in f64: softmax of the scaled scores, then the
+    /// weighted sum of the values.
+    fn plain(
+        q: &[f32],
+        keys: &[f32],
+        values: &[f32],
+        stride: usize,
+        len: usize,
+        scale: f32,
+    ) -> Vec<f64> {
+        let hd = q.len();
+        let scores: Vec<f64> = (0..len)
+            .map(|j| {
+                (0..hd)
+                    .map(|i| q[i] as f64 * keys[j * stride + i] as f64)
+                    .sum::<f64>()
+                    * scale as f64
+            })
+            .collect();
+        let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let total: f64 = scores.iter().map(|s| (s - max).exp()).sum();
+        (0..hd)
+            .map(|i| {
+                (0..len)
+                    .map(|j| (scores[j] - max).exp() / total * values[j * stride + i] as f64)
+                    .sum()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn attention_of_one_query_matches_the_plain_formula_in_both_builds() {
+        for (hd, len, stride) in [
+            (64, 1, 192),
+            (64, 37, 192),
+            (8, 5, 24),
+            (12, 9, 36),
+            (64, 300, 64),
+        ] {
+            let query = values(hd, 1);
+            let keys = values(len * stride, 2);
+            let vals = values(len * stride, 3);
+            let unit = Attend {
+                query: &query,
+                keys: &keys,
+                values: &vals,
+                stride,
+                len,
+                scale: 1.0 / (hd as f32).sqrt(),
+            };
+            let mut plain_build = vec![0f32; hd];
+            unit.run(&mut plain_build, false);
+            let mut vector_build = vec![0f32; hd];
+            unit.run(&mut vector_build, crate::engine::gemm::has_fma());
+            assert_eq!(
+                plain_build.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                vector_build.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "head_dim {hd}, {len} keys"
+            );
+            let reference = plain(&query, &keys, &vals, stride, len, unit.scale);
+            for (got, want) in plain_build.iter().zip(&reference) {
+                assert!((*got as f64 - want).abs() < 1e-5, "{got} against {want}");
+            }
+        }
+    }
 }
