@@ -141,24 +141,35 @@ pub(crate) fn matmul(w: &Packed, x: &[f32], m: usize, bias: Option<&[f32]>) -> V
     if let Some(b) = bias {
         assert_eq!(b.len(), n, "a bias of {n} values");
     }
-    let mut y = vec![0f32; m * n];
-    if m == 0 || n == 0 {
+    if m == 0 || n == 0 || k == 0 {
+        // No steps: each value is its bias.
+        let mut y = vec![0f32; m * n];
+        if let Some(b) = bias {
+            for row in y.chunks_exact_mut(n) {
+                row.copy_from_slice(b);
+            }
+        }
         return y;
     }
+    // Not zeroed: the first step of every tile stores its values without
+    // reading them, and the tasks cover every column.
+    let mut y: Vec<f32> = Vec::with_capacity(m * n);
     let panels = w.panels();
     let threads = rayon::current_num_threads().max(1);
     // Two tasks per thread balance the threads; whole panels per task.
     let per_task = panels.div_ceil(threads * 2).max(1);
     let tasks = panels.div_ceil(per_task);
     let out = Out(y.as_mut_ptr());
-    let vector = has_fma();
+    let build = Build::detect();
     (0..tasks).into_par_iter().for_each(|t| {
         let first = t * per_task;
         let last = (first + per_task).min(panels);
         // SAFETY: the task writes the columns of panels first..last of `y`
         // only, and `y` outlives the parallel loop.
-        unsafe { task(w, x, m, first, last, bias, out, vector) };
+        unsafe { task(w, x, m, first, last, bias, out, build) };
     });
+    // SAFETY: the tasks above wrote all `m * n` values.
+    unsafe { y.set_len(m * n) };
     y
 }
 
@@ -173,11 +184,35 @@ pub(crate) fn has_fma() -> bool {
     }
 }
 
+/// The kernels a CPU can run. All three give the same bits: each output is
+/// the same chain of fused multiply-adds, only more lanes at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Build {
+    Portable,
+    Avx2,
+    Avx512,
+}
+
+impl Build {
+    fn detect() -> Build {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if has_fma() && std::is_x86_feature_detected!("avx512f") {
+                return Build::Avx512;
+            }
+            if has_fma() {
+                return Build::Avx2;
+            }
+        }
+        Build::Portable
+    }
+}
+
 /// The columns of panels `first..last` of `y`, all rows.
 ///
 /// # Safety
 /// `out` points to `m * n` floats; no other thread writes these columns;
-/// `vector` only where the CPU has AVX2 and FMA.
+/// `build` is one the CPU can run ([`Build::detect`] or below it).
 #[allow(clippy::too_many_arguments)]
 unsafe fn task(
     w: &Packed,
@@ -187,26 +222,45 @@ unsafe fn task(
     last: usize,
     bias: Option<&[f32]>,
     out: Out,
-    vector: bool,
+    build: Build,
 ) {
-    #[cfg(target_arch = "x86_64")]
-    if vector {
-        return avx2::task(w, x, m, first, last, bias, out);
+    match build {
+        #[cfg(target_arch = "x86_64")]
+        Build::Avx512 => avx512::task(w, x, m, first, last, bias, out),
+        #[cfg(target_arch = "x86_64")]
+        Build::Avx2 => avx2::task(w, x, m, first, last, bias, out),
+        _ => portable::task(w, x, m, first, last, bias, out),
     }
-    let _ = vector;
-    portable::task(w, x, m, first, last, bias, out)
 }
 
-/// Panels per tile when a block has `r` rows: enough accumulators (up to
-/// 12) to keep the multiply-add units busy.
-const fn panels_for(r: usize) -> usize {
-    match r {
-        1 => 4,
-        2 => 3,
-        3 => 2,
-        _ => 1,
+/// The tiles a build takes: panels per tile beside 6 rows, and beside
+/// fewer rows (enough accumulators, up to 12, to keep the multiply-add
+/// units busy, within the vector registers of the build).
+#[derive(Clone, Copy)]
+struct Shape {
+    /// Panels per 6-row tile.
+    wide: usize,
+    /// Panels per tile of 1, 2, 3, 4 and 5 rows.
+    few: [usize; 5],
+}
+
+impl Shape {
+    fn panels_for(self, r: usize) -> usize {
+        self.few[r.clamp(1, 5) - 1]
     }
 }
+
+/// 16 ymm registers: a panel line takes two.
+const YMM: Shape = Shape {
+    wide: 1,
+    few: [4, 3, 2, 1, 1],
+};
+/// 32 zmm registers: a panel line takes one.
+#[cfg(target_arch = "x86_64")]
+const ZMM: Shape = Shape {
+    wide: 2,
+    few: [8, 4, 4, 3, 2],
+};
 
 /// The loops of a task, shared by both builds; `$tile` is the build's
 /// kernel: `$tile::<R, P>(a, lda, b, stride, depth, c, ldc, first)` adds
@@ -215,7 +269,7 @@ const fn panels_for(r: usize) -> usize {
 /// (row stride `ldc`), which starts from zero when `first`.
 macro_rules! task_body {
     ($w:ident, $x:ident, $m:ident, $first:ident, $last:ident, $bias:ident, $out:ident,
-     $tile:ident) => {{
+     $tile:ident, $shape:ident) => {{
         let (n, k) = ($w.n, $w.k);
         let stride = k * PANEL;
         // One tile of `r` rows from row `i` and `count` panels from panel
@@ -225,26 +279,44 @@ macro_rules! task_body {
             let b = $w.at(p, t);
             let start = t == 0;
             let columns = (n - p * PANEL).min(count * PANEL);
+            // Every (rows, panels) that `$shape` can ask for.
             let run = |c: *mut f32, ldc: usize| match (r, count) {
+                (6, 2) => $tile::<6, 2>(a, k, b, stride, depth, c, ldc, start),
                 (6, 1) => $tile::<6, 1>(a, k, b, stride, depth, c, ldc, start),
+                (5, 2) => $tile::<5, 2>(a, k, b, stride, depth, c, ldc, start),
                 (5, 1) => $tile::<5, 1>(a, k, b, stride, depth, c, ldc, start),
+                (4, 3) => $tile::<4, 3>(a, k, b, stride, depth, c, ldc, start),
+                (4, 2) => $tile::<4, 2>(a, k, b, stride, depth, c, ldc, start),
                 (4, 1) => $tile::<4, 1>(a, k, b, stride, depth, c, ldc, start),
+                (3, 4) => $tile::<3, 4>(a, k, b, stride, depth, c, ldc, start),
+                (3, 3) => $tile::<3, 3>(a, k, b, stride, depth, c, ldc, start),
                 (3, 2) => $tile::<3, 2>(a, k, b, stride, depth, c, ldc, start),
                 (3, 1) => $tile::<3, 1>(a, k, b, stride, depth, c, ldc, start),
+                (2, 4) => $tile::<2, 4>(a, k, b, stride, depth, c, ldc, start),
                 (2, 3) => $tile::<2, 3>(a, k, b, stride, depth, c, ldc, start),
                 (2, 2) => $tile::<2, 2>(a, k, b, stride, depth, c, ldc, start),
                 (2, 1) => $tile::<2, 1>(a, k, b, stride, depth, c, ldc, start),
+                (1, 8) => $tile::<1, 8>(a, k, b, stride, depth, c, ldc, start),
+                (1, 7) => $tile::<1, 7>(a, k, b, stride, depth, c, ldc, start),
+                (1, 6) => $tile::<1, 6>(a, k, b, stride, depth, c, ldc, start),
+                (1, 5) => $tile::<1, 5>(a, k, b, stride, depth, c, ldc, start),
                 (1, 4) => $tile::<1, 4>(a, k, b, stride, depth, c, ldc, start),
                 (1, 3) => $tile::<1, 3>(a, k, b, stride, depth, c, ldc, start),
                 (1, 2) => $tile::<1, 2>(a, k, b, stride, depth, c, ldc, start),
-                _ => $tile::<1, 1>(a, k, b, stride, depth, c, ldc, start),
+                (1, 1) => $tile::<1, 1>(a, k, b, stride, depth, c, ldc, start),
+                _ => unreachable!("no {r}-row tile of {count} panels"),
             };
             if columns == count * PANEL {
                 run($out.0.add(i * n + p * PANEL), n);
             } else {
                 // The last panel sticks out past `n`: work on a copy.
                 let ldc = count * PANEL;
-                let mut spare = [0f32; 6 * PANEL];
+                // At most 12 panel lines of accumulators in any tile.
+                let mut spare = [0f32; 12 * PANEL];
+                assert!(
+                    r * ldc <= spare.len(),
+                    "a tile of {r} rows and {count} panels"
+                );
                 if !start {
                     for row in 0..r {
                         for col in 0..columns {
@@ -265,7 +337,7 @@ macro_rules! task_body {
             // from end to end.
             let mut p = $first;
             while p < $last {
-                let count = panels_for($m).min($last - p);
+                let count = $shape.panels_for($m).min($last - p);
                 tile(0, $m, p, count, 0, k);
                 p += count;
             }
@@ -274,14 +346,15 @@ macro_rules! task_body {
             let mut block = 0;
             while block < $m {
                 let end = (block + rows).min($m);
-                for p in $first..$last {
+                for p in ($first..$last).step_by($shape.wide) {
+                    let count = $shape.wide.min($last - p);
                     let mut t = 0;
                     while t < k {
                         let depth = DEPTH.min(k - t);
                         let mut i = block;
                         while i < end {
                             let r = 6.min(end - i);
-                            tile(i, r, p, 1, t, depth);
+                            tile(i, r, p, count, t, depth);
                             i += r;
                         }
                         t += depth;
@@ -363,7 +436,68 @@ mod avx2 {
         bias: Option<&[f32]>,
         out: Out,
     ) {
-        task_body!(w, x, m, first, last, bias, out, tile)
+        task_body!(w, x, m, first, last, bias, out, tile, YMM)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    /// See [`task_body`]; a panel line is one register.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+    unsafe fn tile<const R: usize, const P: usize>(
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        stride: usize,
+        depth: usize,
+        c: *mut f32,
+        ldc: usize,
+        start: bool,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); P]; R];
+        if !start {
+            for r in 0..R {
+                for q in 0..P {
+                    acc[r][q] = _mm512_loadu_ps(c.add(r * ldc + q * PANEL));
+                }
+            }
+        }
+        for t in 0..depth {
+            let mut line = [_mm512_setzero_ps(); P];
+            for q in 0..P {
+                line[q] = _mm512_load_ps(b.add(q * stride + t * PANEL));
+            }
+            for r in 0..R {
+                let v = _mm512_set1_ps(*a.add(r * lda + t));
+                for q in 0..P {
+                    acc[r][q] = _mm512_fmadd_ps(v, line[q], acc[r][q]);
+                }
+            }
+        }
+        for r in 0..R {
+            for q in 0..P {
+                _mm512_storeu_ps(c.add(r * ldc + q * PANEL), acc[r][q]);
+            }
+        }
+    }
+
+    /// # Safety
+    /// As [`super::task`], on a CPU with AVX-512F.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub(super) unsafe fn task(
+        w: &Packed,
+        x: &[f32],
+        m: usize,
+        first: usize,
+        last: usize,
+        bias: Option<&[f32]>,
+        out: Out,
+    ) {
+        task_body!(w, x, m, first, last, bias, out, tile, ZMM)
     }
 }
 
@@ -409,7 +543,7 @@ mod portable {
         bias: Option<&[f32]>,
         out: Out,
     ) {
-        task_body!(w, x, m, first, last, bias, out, tile)
+        task_body!(w, x, m, first, last, bias, out, tile, YMM)
     }
 }
 
@@ -444,6 +578,7 @@ mod tests {
         // column.
         for (m, k, n) in [
             (1, 8, 1),
+            (3, 0, 5),
             (2, 13, 5),
             (3, 300, 40),
             (4, 64, 7),
@@ -490,16 +625,47 @@ mod tests {
         }
     }
 
+    /// The product by one build, all panels in one task.
+    fn product(build: Build, w: &Packed, x: &[f32], m: usize) -> Vec<f32> {
+        let mut y = vec![0f32; m * w.rows()];
+        // SAFETY: one task writes every column of `y`; `build` is one the
+        // CPU runs (the caller checks).
+        unsafe { task(w, x, m, 0, w.panels(), None, Out(y.as_mut_ptr()), build) };
+        y
+    }
+
     #[test]
-    fn the_portable_build_sums_as_the_vector_build() {
-        for (m, k, n) in [(5, 77, 8), (13, 300, 40)] {
+    fn every_build_sums_the_same_bits() {
+        let best = Build::detect();
+        let builds: Vec<Build> = [Build::Portable, Build::Avx2, Build::Avx512]
+            .into_iter()
+            .filter(|&b| {
+                b == Build::Portable || b == Build::Avx2 && best != Build::Portable || b == best
+            })
+            .collect();
+        // Every row count below the 6-row tile and around it, panels cut
+        // short and left over from the wide tiles (n = 8, 40, 70, 150).
+        for (m, k, n) in [
+            (1, 77, 150),
+            (2, 300, 70),
+            (3, 64, 150),
+            (4, 33, 40),
+            (5, 77, 8),
+            (6, 40, 70),
+            (13, 300, 40),
+            (50, 520, 150),
+        ] {
             let (w, x) = (values(n * k, 7), values(m * k, 8));
             let w = Packed::new(&w, n, k);
-            let fast = matmul(&w, &x, m, None);
-            let mut slow = vec![0f32; m * n];
-            // SAFETY: one task writes every column of `slow`.
-            unsafe { portable::task(&w, &x, m, 0, w.panels(), None, Out(slow.as_mut_ptr())) };
-            assert_eq!(fast, slow, "{m}x{k}x{n}");
+            let reference = product(Build::Portable, &w, &x, m);
+            for &build in &builds {
+                assert_eq!(
+                    product(build, &w, &x, m),
+                    reference,
+                    "{build:?} {m}x{k}x{n}"
+                );
+            }
+            assert_eq!(matmul(&w, &x, m, None), reference, "{m}x{k}x{n}");
         }
     }
 

@@ -23,6 +23,10 @@ pub(crate) trait EditSite {
     fn apply(&self, layer: usize, component: Component, hidden: Tensor) -> Result<Tensor>;
 }
 
+/// Values past which row-wise work (norms, activations) is split over the
+/// threads; each row is computed the same way either way.
+const PARALLEL_VALUES: usize = 1 << 15;
+
 #[derive(Debug, Clone)]
 enum Norm {
     Rms {
@@ -46,7 +50,7 @@ impl Norm {
         with_rows(x, |xs, _| {
             let k = weight.len();
             let mut out = vec![0f32; xs.len()];
-            for (row, y) in xs.chunks_exact(k).zip(out.chunks_exact_mut(k)) {
+            let norm = |(row, y): (&[f32], &mut [f32])| {
                 let mean = match bias {
                     Some(_) => row.iter().sum::<f32>() / k as f32,
                     None => 0.0,
@@ -61,6 +65,16 @@ impl Norm {
                         *y += c;
                     }
                 }
+            };
+            if xs.len() >= PARALLEL_VALUES {
+                use rayon::prelude::*;
+                xs.par_chunks_exact(k)
+                    .zip(out.par_chunks_exact_mut(k))
+                    .for_each(norm);
+            } else {
+                xs.chunks_exact(k)
+                    .zip(out.chunks_exact_mut(k))
+                    .for_each(norm);
             }
             Ok(out)
         })
@@ -93,16 +107,28 @@ impl Activation {
     fn gated(self, gate_up: &[f32], width: usize) -> Result<Vec<f32>> {
         let rows = gate_up.len() / (2 * width).max(1);
         if let Activation::Silu | Activation::Relu = self {
-            let mut out = Vec::with_capacity(rows * width);
-            for row in gate_up.chunks_exact(2 * width) {
+            let mut out = vec![0f32; rows * width];
+            let row = |(row, out): (&[f32], &mut [f32])| {
                 let (gate, up) = row.split_at(width);
-                out.extend(gate.iter().zip(up).map(|(&g, &u)| {
+                for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
                     let a = match self {
                         Activation::Silu => g / (1.0 + (-g).exp()),
                         _ => g.max(0.0),
                     };
-                    a * u
-                }));
+                    *o = a * u;
+                }
+            };
+            if out.len() >= PARALLEL_VALUES {
+                use rayon::prelude::*;
+                gate_up
+                    .par_chunks_exact(2 * width)
+                    .zip(out.par_chunks_exact_mut(width))
+                    .for_each(row);
+            } else {
+                gate_up
+                    .chunks_exact(2 * width)
+                    .zip(out.chunks_exact_mut(width))
+                    .for_each(row);
             }
             return Ok(out);
         }
@@ -617,13 +643,13 @@ impl Attend<'_> {
     unsafe fn run_avx2(&self, target: &mut [f32]) {
         use std::arch::x86_64::*;
         let hd = self.query.len();
-        if hd % 8 != 0 || target.len() != hd {
+        if !hd.is_multiple_of(8) || target.len() != hd {
             return self.body(target);
         }
         let q = self.query.as_ptr();
         let mut scores = vec![0f32; self.len];
         let mut max = f32::NEG_INFINITY;
-        for j in 0..self.len {
+        for (j, slot) in scores.iter_mut().enumerate() {
             let key = self.keys[j * self.stride..][..hd].as_ptr();
             // Eight lane sums, each as `dot` keeps it (multiply, then add).
             let mut acc = _mm256_setzero_ps();
@@ -634,7 +660,7 @@ impl Attend<'_> {
             let mut lanes = [0f32; 8];
             _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
             let score = lanes.iter().sum::<f32>() * self.scale;
-            scores[j] = score;
+            *slot = score;
             max = max.max(score);
         }
         let mut sum = 0f32;
