@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import _core, checkpoint
+from . import _core, checkpoint, merge, recompute
 from .config import InterventionConfig, ReftConfig
 from .errors import ConfigError, IncompatibleModelError, InvalidCheckpointError, LocationError, ShapeError
 from .interventions import Intervention, inference_call
@@ -108,59 +108,251 @@ class ReftModel(nn.Module):
             config entry, in order.
     """
 
-    def __init__(self, model: nn.Module, config: ReftConfig, *, initialize: bool = True) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        config: ReftConfig,
+        *,
+        initialize: bool = True,
+        adapter_name: str = "default",
+    ) -> None:
         super().__init__()
         self.model = model
-        self.reft_config = config
-        hidden_size, _ = _dimensions_or_none(model)
-        for item in config.interventions:
-            if item.embed_dim is None and hidden_size is None:
-                raise ConfigError(f"{item.name}: the model has no hidden_size; set embed_dim")
-        _validate_against_model(model, config)
         for parameter in model.parameters():
             parameter.requires_grad_(False)
-        device = _device_of(model)
-        self.interventions = nn.ModuleList(
-            Intervention(item, item.embed_dim or hidden_size, device, initialize=initialize)
-            for item in config.interventions
-        )
+        #: Every adapter's interventions, by name; one is active at a time.
+        self.adapters = nn.ModuleDict()
+        self._configs: dict[str, ReftConfig] = {}
+        self._adapter_sites: dict[str, dict[int, str]] = {}
+        self._adapter_hooks: dict[str, list[tuple[nn.Module, int]]] = {}
+        self._trainable: dict[str, bool] = {}
+        self._active_name = adapter_name
+        self._disabled = False
+        # Activation checkpointing is on (see reft_rs.recompute).
+        self._recomputing = False
         self.head: nn.Module | None = None
-        if config.trainable_head:
-            self.head = _find_head(model)
-            self.head.requires_grad_(True)
         # The call in progress on each thread, by thread id: one model may be
         # called from several threads at once (a dict, not a threading.local,
         # so that a deep copy of the model works).
         self._call_states: dict[int, _CallState] = {}
-        # (module, hook id) pairs. The hooks are objects that refer back to this
-        # model, so a deep copy of the ReftModel carries working hooks of its own.
+        # (module, hook id) pairs of the hook on the whole model. The hooks are
+        # objects that refer back to this model, so a deep copy of the
+        # ReftModel carries working hooks of its own.
         self._hook_ids: list[tuple[nn.Module, int]] = []
-        self._register_hooks()
+        self._add(adapter_name, config, initialize=initialize)
+        handle = self.model.register_forward_pre_hook(_Hook(self, "call", [], None), with_kwargs=True)
+        self._hook_ids.append((self.model, handle.id))
+        self._set_trainable()
         parameters = inspect.signature(model.forward).parameters
         self._accepts_position_ids = "position_ids" in parameters
         self._takes_any_keyword = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters.values())
 
+    # ------------------------------------------------------------------ adapters
+
+    @property
+    def interventions(self) -> nn.ModuleList:
+        """The active adapter's interventions, one per config entry, in order."""
+        return self.adapters[self._active_name]
+
+    @property
+    def reft_config(self) -> ReftConfig:
+        """The active adapter's :class:`ReftConfig`."""
+        return self._configs[self._active_name]
+
+    @property
+    def active_adapter(self) -> str:
+        """The name of the adapter that edits the model's calls."""
+        return self._active_name
+
+    @property
+    def adapter_names(self) -> list[str]:
+        """Every adapter's name, in the order they were added."""
+        return list(self._configs)
+
+    @property
+    def _sites(self) -> dict[int, str]:
+        return self._adapter_sites[self._active_name]
+
+    def _add(self, name: str, config: ReftConfig, *, initialize: bool) -> None:
+        """Builds and hooks an adapter (not made active)."""
+        if not isinstance(name, str) or not name or "." in name:
+            raise ConfigError(f"an adapter name must be a non-empty string without '.', found {name!r}")
+        if name in self._configs:
+            raise ConfigError(f"an adapter named {name!r} already exists; delete_adapter it first")
+        model = self.model
+        hidden_size, _ = _dimensions_or_none(model)
+        for item in config.interventions:
+            if item.embed_dim is None and hidden_size is None:
+                raise ConfigError(f"{item.name}: the model has no hidden_size; set embed_dim")
+        if self._configs and (config.trainable_head or self.head is not None):
+            raise ConfigError(
+                f"adapter {name!r}: an adapter that trains the model's classification head cannot sit "
+                "beside another adapter (they would share one head); load it on its own model"
+            )
+        _validate_against_model(model, config)
+        device = _device_of(model)
+        self.adapters[name] = nn.ModuleList(
+            Intervention(item, item.embed_dim or hidden_size, device, initialize=initialize)
+            for item in config.interventions
+        )
+        self._configs[name] = config
+        self._trainable[name] = True
+        if config.trainable_head:
+            self.head = _find_head(model)
+        self._register_hooks(name)
+
+    def add_adapter(
+        self, adapter_name: str, config: ReftConfig | InterventionConfig | Sequence[InterventionConfig]
+    ) -> None:
+        """Adds a fresh, trainable adapter; :meth:`set_adapter` makes it the active one.
+
+        Raises:
+            ConfigError: The name is taken or invalid, or the config does not
+                fit the model.
+        """
+        self._add(adapter_name, _as_config(config), initialize=True)
+        self._set_trainable()
+
+    def load_adapter(
+        self,
+        path: str | os.PathLike[str],
+        adapter_name: str,
+        *,
+        is_trainable: bool = False,
+        strict: bool = True,
+    ) -> None:
+        """Loads a saved checkpoint as another adapter of this model (not made
+        active; see :meth:`set_adapter`). Its parameters are frozen unless
+        ``is_trainable``.
+
+        Raises:
+            IncompatibleModelError: The checkpoint does not fit the model.
+            CheckpointError: The checkpoint is missing or damaged.
+            ConfigError: The name is taken or invalid.
+        """
+        reft_config, tensors = _read_checkpoint(self.model, path, strict)
+        self._add(adapter_name, reft_config, initialize=False)
+        try:
+            self.load_tensors(tensors, adapter_name=adapter_name)
+        except Exception:
+            self._drop(adapter_name)
+            raise
+        self._trainable[adapter_name] = is_trainable
+        self._set_trainable()
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Makes ``adapter_name`` the adapter that edits the model's calls (and
+        the one that trains: the others are frozen)."""
+        self._require(adapter_name)
+        self._active_name = adapter_name
+        self.__dict__.pop("_prefix_cache_blocker", None)
+        self._set_trainable()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Removes an adapter, its hooks and its parameters. Deleting the
+        active adapter makes the first remaining one active."""
+        self._require(adapter_name)
+        if len(self._configs) == 1:
+            raise ConfigError(
+                f"{adapter_name!r} is the only adapter; remove_hooks() gives the model back instead"
+            )
+        self._drop(adapter_name)
+        if adapter_name == self._active_name:
+            self.set_adapter(next(iter(self._configs)))
+
+    def _drop(self, name: str) -> None:
+        _remove(self._adapter_hooks.pop(name, []))
+        del self.adapters[name]
+        for table in (self._configs, self._adapter_sites, self._trainable):
+            table.pop(name, None)
+
+    def _require(self, name: str) -> None:
+        if name not in self._configs:
+            raise ConfigError(f"no adapter named {name!r}; the adapters are {self.adapter_names}")
+
+    def _set_trainable(self) -> None:
+        """Only the active adapter trains, and only if it was made trainable."""
+        for name, interventions in self.adapters.items():
+            train = name == self._active_name and self._trainable[name]
+            for intervention in interventions:
+                intervention.requires_grad_(train and intervention.config.trainable)
+        if self.head is not None:
+            self.head.requires_grad_(self._trainable[self._active_name])
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Inside the block the model gives the base model's exact outputs
+        (the hooks stay registered and do nothing); the edits come back after it.
+
+        Example::
+
+            with reft_model.disable_adapter():
+                base_logits = reft_model(input_ids).logits
+        """
+        previous = self._disabled
+        self._disabled = True
+        try:
+            yield
+        finally:
+            self._disabled = previous
+
+    # ------------------------------------------------------------------ activation checkpointing
+
+    def gradient_checkpointing_enable(
+        self, gradient_checkpointing_kwargs: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
+        """Turns on the wrapped model's gradient (activation) checkpointing so
+        that the edits are replayed exactly when layers are recomputed
+        (what ``TrainingArguments(gradient_checkpointing=True)`` calls)."""
+        recompute.enable(self, gradient_checkpointing_kwargs, kwargs)
+
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
+        """The newer name of :meth:`gradient_checkpointing_enable` (transformers 5.x)."""
+        recompute.enable(self, activation_checkpointing_kwargs, kwargs)
+
+    def gradient_checkpointing_disable(self) -> None:
+        recompute.disable(self)
+
+    def activation_checkpointing_disable(self) -> None:
+        recompute.disable(self)
+
+    # ------------------------------------------------------------------ attributes
+
+    def __getattr__(self, name: str) -> Any:
+        """Parameters, buffers and modules, then, as peft does, the wrapped
+        model's own attributes (``reft_model.generation_config``, ...)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model" or (name.startswith("__") and name.endswith("__")):
+                raise
+            model = super().__getattr__("model")
+            return getattr(model, name)
+
     # ------------------------------------------------------------------ hooks
 
-    def _register_hooks(self) -> None:
+    def _register_hooks(self, name: str) -> None:
         sites: dict[tuple[int, bool], tuple[HookSite, list[int]]] = {}
         layers = None
-        for index, item in enumerate(self.reft_config.interventions):
+        for index, item in enumerate(self._configs[name].interventions):
             if item.module_path is None and layers is None:
                 layers = find_layers(self.model)
             site = resolve(self.model, item, layers)
             key = (id(site.module), site.edits_input)
             sites.setdefault(key, (site, []))[1].append(index)
+        handles = self._adapter_hooks.setdefault(name, [])
         for site, indices in sites.values():
-            hook = _Hook(self, "input" if site.edits_input else "output", indices)
+            hook = _Hook(self, "input" if site.edits_input else "output", indices, name)
             if site.edits_input:
                 handle = site.module.register_forward_pre_hook(hook, with_kwargs=True)
             else:
                 handle = site.module.register_forward_hook(hook)
-            self._hook_ids.append((site.module, handle.id))
-        handle = self.model.register_forward_pre_hook(_Hook(self, "call", []), with_kwargs=True)
-        self._hook_ids.append((self.model, handle.id))
-        self._sites = {index: site.path for site, indices in sites.values() for index in indices}
+            handles.append((site.module, handle.id))
+        self._adapter_sites[name] = {
+            index: site.path for site, indices in sites.values() for index in indices
+        }
 
     def _edit(self, indices: list[int], hidden: torch.Tensor) -> torch.Tensor:
         for index in indices:
@@ -221,6 +413,10 @@ class ReftModel(nn.Module):
         self._call_states[thread] = state
         try:
             rotations = [i.rotation for i in self.interventions if i.rotation is not None]
+            if self._recomputing and torch.is_grad_enabled():
+                # Each hook computes its R, so that a recomputed layer runs
+                # exactly the operations it ran the first time.
+                rotations = []
             with inference_call(rotations):
                 yield
         finally:
@@ -464,17 +660,39 @@ class ReftModel(nn.Module):
 
         Only reft_rs's own hooks are removed; hooks others registered stay.
         """
-        for module, hook_id in self._hook_ids:
-            for registry in (
-                module._forward_hooks,
-                module._forward_hooks_with_kwargs,
-                module._forward_hooks_always_called,
-                module._forward_pre_hooks,
-                module._forward_pre_hooks_with_kwargs,
-            ):
-                registry.pop(hook_id, None)
-        self._hook_ids.clear()
+        for handles in self._adapter_hooks.values():
+            _remove(handles)
+        _remove(self._hook_ids)
         return self.model
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """``(trainable, all)`` parameter counts, as peft's method returns them:
+        the values an optimizer would train (the active adapter's, unless
+        it was loaded frozen) and every value of the model and its adapters."""
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.model.parameters()) + sum(
+            p.numel() for p in self.adapters.parameters()
+        )
+        return trainable, total
+
+    def get_adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+        """One adapter's tensors alone (the active one by default), under the
+        names its checkpoint file uses, on the CPU."""
+        return self.checkpoint_tensors(adapter_name)
+
+    def merge_and_unload(self) -> nn.Module:
+        """Folds the active adapter into the weights and returns the plain model.
+
+        Only edits that are an affine map of a projection's output fold
+        exactly: ``red`` and ``steer`` on every token at ``mlp_output`` or
+        ``attention_output`` become the output projection's new weight and
+        bias. Any other intervention is refused with the reason (it edits
+        chosen positions, or states that no single weight produces).
+
+        Raises:
+            ConfigError: An intervention that cannot be folded; nothing is changed.
+        """
+        return merge.merge_and_unload(self)
 
     def base_model_identity(self) -> dict[str, Any]:
         """What a checkpoint records about the model."""
@@ -489,12 +707,16 @@ class ReftModel(nn.Module):
             "num_hidden_layers": num_layers,
         }
 
-    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
-        """Every saved tensor by checkpoint key, on the CPU."""
+    def checkpoint_tensors(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+        """Every saved tensor of an adapter (the active one by default) by
+        checkpoint key, on the CPU."""
+        name = self._active_name if adapter_name is None else adapter_name
+        self._require(name)
+        interventions = self.adapters[name]
         tensors: dict[str, torch.Tensor] = {}
-        rotations = [i.rotation for i in self.interventions if i.rotation is not None]
+        rotations = [i.rotation for i in interventions if i.rotation is not None]
         with torch.no_grad(), inference_call(rotations):  # every R in one batched QR
-            for intervention in self.interventions:
+            for intervention in interventions:
                 for name, value in intervention.checkpoint_tensors().items():
                     tensors[f"{intervention.config.name}.{name}"] = value.detach().to("cpu")
         if self.head is not None:
@@ -503,9 +725,12 @@ class ReftModel(nn.Module):
         return tensors
 
     def save_pretrained(
-        self, path: str | os.PathLike[str], metadata: Mapping[str, Any] | None = None
+        self,
+        path: str | os.PathLike[str],
+        metadata: Mapping[str, Any] | None = None,
+        adapter_names: str | Sequence[str] | None = None,
     ) -> None:
-        """Saves the interventions (and a trainable head) as a reft_rs checkpoint.
+        """Saves an adapter's interventions (and a trainable head) as a reft_rs checkpoint.
 
         The folder gets ``reft_config.json`` and ``reft_model.safetensors``,
         written atomically; see :mod:`reft_rs.checkpoint`. Besides each R the
@@ -516,27 +741,44 @@ class ReftModel(nn.Module):
         Args:
             path: The folder.
             metadata: Stored in the config's ``metadata``.
+            adapter_names: Which adapters: by default the active one, saved in
+                ``path``. Named adapters are saved as peft lays them out:
+                ``default`` in ``path``, any other in ``path/<name>``.
         """
+        if adapter_names is None:
+            self._save_one(self._active_name, path, metadata)
+            return
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in names:
+            self._require(name)
+        for name in names:
+            target = path if name == "default" else os.path.join(os.fspath(path), name)
+            self._save_one(name, target, metadata)
+
+    def _save_one(self, name: str, path: str | os.PathLike[str], metadata: Mapping[str, Any] | None) -> None:
         # The parameters' dtype as they are now (after a .to(dtype), say), so
         # that the config and the tensor file always agree.
-        for intervention in self.interventions:
+        for intervention in self.adapters[name]:
             intervention.config.dtype = intervention.parameter_dtype_name()
-        config = self.reft_config.to_checkpoint(self.base_model_identity())
+        config = self._configs[name].to_checkpoint(self.base_model_identity())
         if metadata:
             config["metadata"].update(metadata)
-        tensors = self.checkpoint_tensors()
+        tensors = self.checkpoint_tensors(name)
         config["extra_tensors"] = [
             key for key in tensors if key.startswith("head.") or key.endswith(".rotation_base")
         ]
         checkpoint.save(path, config, tensors)
 
-    def load_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Sets the interventions (and head) from checkpoint tensors."""
+    def load_tensors(self, tensors: Mapping[str, torch.Tensor], adapter_name: str | None = None) -> None:
+        """Sets an adapter's interventions (the active one's by default, and
+        the head) from checkpoint tensors."""
+        adapter = self._active_name if adapter_name is None else adapter_name
+        self._require(adapter)
         by_intervention: dict[str, dict[str, torch.Tensor]] = {}
         for key, value in tensors.items():
             owner, _, name = key.partition(".")
             by_intervention.setdefault(owner, {})[name] = value
-        for intervention in self.interventions:
+        for intervention in self.adapters[adapter]:
             intervention.load_checkpoint_tensors(by_intervention.pop(intervention.config.name, {}))
         head = by_intervention.pop("head", None)
         if head is not None:
@@ -548,13 +790,22 @@ class ReftModel(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, model: nn.Module, path: str | os.PathLike[str], *, strict: bool = True
+        cls,
+        model: nn.Module,
+        path: str | os.PathLike[str],
+        *,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        strict: bool = True,
     ) -> ReftModel:
         """Attaches a saved checkpoint's interventions to ``model``.
 
         Args:
             model: The base model the checkpoint was trained on.
             path: The checkpoint folder.
+            adapter_name: The adapter's name on the model.
+            is_trainable: Leave the loaded parameters trainable (as peft,
+                they are frozen by default).
             strict: Refuse a different ``model_type`` (hidden size and layer
                 count must always match); ``False`` only warns.
 
@@ -562,30 +813,60 @@ class ReftModel(nn.Module):
             IncompatibleModelError: The checkpoint does not fit the model.
             CheckpointError: The checkpoint is missing or damaged.
         """
-        config, tensors = checkpoint.load(path, framework="torch")
-        base = config["base_model"]
-        # Converted checkpoints may only know a lower bound on the layer count.
-        inferred = bool(config.get("metadata", {}).get("base_model_inferred"))
-        hidden_size, num_layers = _dimensions_or_none(model)
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        # The engine's rule, from the same code: sizes must agree, and a
-        # different model type is refused unless strict=False.
-        for warning in _core.check_fits(
-            (base["name_or_path"], base["model_type"], base["hidden_size"], base["num_hidden_layers"]),
-            os.fspath(path),
-            inferred=inferred,
-            hidden_size=hidden_size,
-            num_hidden_layers=num_layers,
-            model_type=str(model_type) if model_type else None,
-            strict=strict,
-        ):
-            warnings.warn(warning, stacklevel=2)
-        reft_config = ReftConfig.from_checkpoint(config)
-        reft_config.metadata.pop("base_model_inferred", None)  # this model's identity is known now
+        reft_config, tensors = _read_checkpoint(model, path, strict)
         # Every parameter is about to be overwritten: skip the random start.
-        reft_model = cls(model, reft_config, initialize=False)
+        reft_model = cls(model, reft_config, initialize=False, adapter_name=adapter_name)
         reft_model.load_tensors(tensors)
+        reft_model._trainable[adapter_name] = is_trainable
+        reft_model._set_trainable()
         return reft_model
+
+
+def _read_checkpoint(
+    model: nn.Module, path: str | os.PathLike[str], strict: bool
+) -> tuple[ReftConfig, dict[str, torch.Tensor]]:
+    """A checkpoint's config and tensors, checked against ``model``."""
+    config, tensors = checkpoint.load(path, framework="torch")
+    base = config["base_model"]
+    # Converted checkpoints may only know a lower bound on the layer count.
+    inferred = bool(config.get("metadata", {}).get("base_model_inferred"))
+    hidden_size, num_layers = _dimensions_or_none(model)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    # The engine's rule, from the same code: sizes must agree, and a
+    # different model type is refused unless strict=False.
+    for warning in _core.check_fits(
+        (base["name_or_path"], base["model_type"], base["hidden_size"], base["num_hidden_layers"]),
+        os.fspath(path),
+        inferred=inferred,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        model_type=str(model_type) if model_type else None,
+        strict=strict,
+    ):
+        warnings.warn(warning, stacklevel=3)
+    reft_config = ReftConfig.from_checkpoint(config)
+    reft_config.metadata.pop("base_model_inferred", None)  # this model's identity is known now
+    return reft_config, tensors
+
+
+def _as_config(config: ReftConfig | InterventionConfig | Sequence[InterventionConfig]) -> ReftConfig:
+    if isinstance(config, ReftConfig):
+        return config
+    return ReftConfig(list(config) if isinstance(config, Sequence) else [config])
+
+
+def _remove(handles: list[tuple[nn.Module, int]]) -> None:
+    """Removes hooks by id from every registry of their modules."""
+    for module, hook_id in handles:
+        for registry in (
+            module._forward_hooks,
+            module._forward_hooks_with_kwargs,
+            module._forward_hooks_always_called,
+            module._forward_pre_hooks,
+            module._forward_pre_hooks_with_kwargs,
+        ):
+            registry.pop(hook_id, None)
+    handles.clear()
 
 
 def get_reft_model(
@@ -613,9 +894,7 @@ def get_reft_model(
         reft_model = reft_rs.get_reft_model(model, reft_rs.ReftConfig.for_layers([4, 8]))
         reft_model.print_trainable_parameters()
     """
-    if not isinstance(config, ReftConfig):
-        config = ReftConfig(list(config) if isinstance(config, Sequence) else [config])
-    return ReftModel(model, config)
+    return ReftModel(model, _as_config(config))
 
 
 # ---------------------------------------------------------------------- helpers
@@ -624,12 +903,13 @@ def get_reft_model(
 class _Hook:
     """A hook of a ReftModel: ``call`` (a pre-hook on the whole model) notes
     where each forward call's tokens start; ``output`` and ``input`` edit a
-    module's output or input."""
+    module's output or input for one adapter, while it is the active one."""
 
-    def __init__(self, owner: ReftModel, kind: str, indices: list[int]) -> None:
+    def __init__(self, owner: ReftModel, kind: str, indices: list[int], adapter: str | None) -> None:
         self.owner = owner
         self.kind = kind
         self.indices = indices
+        self.adapter = adapter
 
     def __call__(self, module: nn.Module, args: tuple, *rest: Any) -> Any:
         owner = self.owner
@@ -639,6 +919,8 @@ class _Hook:
         if self.kind == "call":
             state.offset = _cache_length(rest[0])
             state.indices.clear()
+            return None
+        if owner._disabled or self.adapter != owner._active_name:
             return None
         if self.kind == "output":
             output = rest[0]
