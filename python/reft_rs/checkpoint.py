@@ -40,7 +40,7 @@ import numpy as np
 
 from . import _core
 from ._core import CONFIG_FILE, FORMAT_VERSION, TENSORS_FILE
-from .errors import InvalidCheckpointError, MissingDependencyError
+from .errors import ConfigError, InvalidCheckpointError, MissingDependencyError
 
 __all__ = [
     "CONFIG_FILE",
@@ -50,6 +50,7 @@ __all__ = [
     "load",
     "normalize_config",
     "expected_tensors",
+    "base_identity",
 ]
 
 # The dtypes a checkpoint tensor may have: the core's table.
@@ -208,3 +209,42 @@ def load(
         for key, dtype, shape, data in raw:
             tensors[key] = np.frombuffer(data, dtype=_numpy_dtype(dtype)).reshape(shape)
     return json.loads(config_json), tensors
+
+
+def base_identity(
+    base_model: Any, *, hidden_size: int, layers: int, model_type: str = ""
+) -> tuple[dict[str, Any], bool]:
+    """The base-model identity of a converted checkpoint, and whether it was
+    inferred from the source files rather than given.
+
+    From a model, its config or a dict when given; otherwise the width of the
+    tensors, the source's model type if it names one, and ``layers`` (one past
+    the highest layer used) as the least number of layers the model has.
+    """
+    if base_model is None:
+        identity = {
+            "name_or_path": "",
+            "model_type": model_type,
+            "hidden_size": hidden_size,
+            "num_hidden_layers": layers,
+        }
+        return identity, True
+    if isinstance(base_model, Mapping):
+        missing = {"hidden_size", "num_hidden_layers"} - set(base_model)
+        if missing:
+            raise ConfigError(f"base_model lacks {sorted(missing)}")
+        identity = {
+            "name_or_path": str(base_model.get("name_or_path", "")),
+            "model_type": str(base_model.get("model_type", "")),
+            "hidden_size": int(base_model["hidden_size"]),
+            "num_hidden_layers": int(base_model["num_hidden_layers"]),
+        }
+        return identity, False
+    config = getattr(base_model, "config", base_model)
+    identity = {
+        "name_or_path": str(getattr(config, "_name_or_path", "") or ""),
+        "model_type": str(getattr(config, "model_type", "") or ""),
+        "hidden_size": int(config.hidden_size),
+        "num_hidden_layers": int(config.num_hidden_layers),
+    }
+    return identity, False

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from . import _core, checkpoint
+from .checkpoint import base_identity as _identity
 from .config import SOURCE_TYPES, InterventionConfig, ReftConfig
 from .errors import CheckpointNotFoundError, ConfigError, InvalidCheckpointError
 
@@ -46,45 +47,6 @@ _PYREFT_TYPES = {
     "LobireftIntervention": "lobireft",
 }
 _PYREFT_FIELDS = ("layer", "component", "unit", "max_number_of_units", "low_rank_dimension")
-
-
-def _identity(
-    base_model: Any, *, hidden_size: int, layers: int, model_type: str = ""
-) -> tuple[dict[str, Any], bool]:
-    """The base-model identity of a converted checkpoint, and whether it was
-    inferred from the source files rather than given.
-
-    From a model, its config or a dict when given; otherwise the width of the
-    tensors, the source's model type if it names one, and ``layers`` (one past
-    the highest layer used) as the least number of layers the model has.
-    """
-    if base_model is None:
-        identity = {
-            "name_or_path": "",
-            "model_type": model_type,
-            "hidden_size": hidden_size,
-            "num_hidden_layers": layers,
-        }
-        return identity, True
-    if isinstance(base_model, Mapping):
-        missing = {"hidden_size", "num_hidden_layers"} - set(base_model)
-        if missing:
-            raise ConfigError(f"base_model lacks {sorted(missing)}")
-        identity = {
-            "name_or_path": str(base_model.get("name_or_path", "")),
-            "model_type": str(base_model.get("model_type", "")),
-            "hidden_size": int(base_model["hidden_size"]),
-            "num_hidden_layers": int(base_model["num_hidden_layers"]),
-        }
-        return identity, False
-    config = getattr(base_model, "config", base_model)
-    identity = {
-        "name_or_path": str(getattr(config, "_name_or_path", "") or ""),
-        "model_type": str(getattr(config, "model_type", "") or ""),
-        "hidden_size": int(config.hidden_size),
-        "num_hidden_layers": int(config.num_hidden_layers),
-    }
-    return identity, False
 
 
 def _save(

@@ -59,6 +59,8 @@ class _CallState:
     #: Generation is inference: dropout is off whatever the training mode.
     prompt_length: int | None = None
     intervene_generated: bool = False
+    #: Edit strength α: each edited state becomes h + α·(Φ(h) − h).
+    strength: float = 1.0
     #: The tokens of the current forward call start at this position...
     offset: int = 0
     #: ...and this call's flat gather indices, by source tensor.
@@ -369,17 +371,19 @@ class ReftModel(nn.Module):
         state = self._state
         assert state is not None
         dropout = state.prompt_length is None  # never while generating
+        strength = state.strength
         if intervention.config.every_token:
-            return intervention(hidden, dropout=dropout).to(hidden.dtype)
+            return _scaled(hidden, intervention(hidden, dropout=dropout), strength).to(hidden.dtype)
         source = state.sources[index]
         if source is not None:
             flat = self._flat_indices(source, hidden.shape[0], hidden.shape[1])
             if flat is not None:
-                hidden = _edit_rows(hidden, flat, intervention, dropout)
+                hidden = _edit_rows(hidden, flat, intervention, dropout, strength)
         if state.intervene_generated and state.prompt_length is not None:
             start = max(state.prompt_length - state.offset, 0)
             if start < hidden.shape[1]:
-                generated = intervention(hidden[:, start:], dropout=False).to(hidden.dtype)
+                tail = hidden[:, start:]
+                generated = _scaled(tail, intervention(tail, dropout=False), strength).to(hidden.dtype)
                 hidden = torch.cat([hidden[:, :start], generated], dim=1)
         return hidden
 
@@ -525,6 +529,7 @@ class ReftModel(nn.Module):
         labels: torch.Tensor | None = None,
         locations: torch.Tensor | np.ndarray | None = None,
         prefix_cache: bool | PrefixCache | None = None,
+        strength: float = 1.0,
         **kwargs: Any,
     ) -> Any:
         """Runs the model with the interventions.
@@ -546,11 +551,15 @@ class ReftModel(nn.Module):
                 gradients, for much less work. The output's logits then
                 cover the columns after the cached prefix. Ignored where it
                 does not apply (see :func:`reft_rs.prefix_cache.applies`).
+            strength: The edit strength α: each edited state becomes
+                h + α·(Φ(h) − h) (1 the trained edit, 0 the base model,
+                negative reverses a steering vector).
             kwargs: Passed to the wrapped model (``inputs_embeds``, ...).
 
         Returns:
             The wrapped model's output.
         """
+        strength = _check_strength(strength)
         reference = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         if reference is None:
             raise ValueError("pass input_ids or inputs_embeds")
@@ -563,7 +572,7 @@ class ReftModel(nn.Module):
             kwargs["labels"] = labels
         if "num_items_in_batch" in kwargs and not self.accepts_loss_kwargs:
             kwargs.pop("num_items_in_batch")
-        if prefix_cache and input_ids is not None and self.prefix_cache_blocker() is None:
+        if prefix_cache and strength == 1.0 and input_ids is not None and self.prefix_cache_blocker() is None:
             if attention_mask is None:
                 attention_mask = torch.ones_like(input_ids)
             store = prefix_cache if isinstance(prefix_cache, PrefixCache) else None
@@ -571,11 +580,13 @@ class ReftModel(nn.Module):
             out = cached_forward(self, input_ids, attention_mask, labels, sources, store, extra)
             if out is not None:
                 return out
-        return self._call_model(sources, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        return self._call_model(
+            sources, input_ids=input_ids, attention_mask=attention_mask, strength=strength, **kwargs
+        )
 
-    def _call_model(self, sources: list[torch.Tensor | None], **kwargs: Any) -> Any:
+    def _call_model(self, sources: list[torch.Tensor | None], strength: float = 1.0, **kwargs: Any) -> Any:
         """The wrapped model called with the interventions active at ``sources``."""
-        with self._active(_CallState(sources)):
+        with self._active(_CallState(sources, strength=strength)):
             return self.model(**kwargs)
 
     def prefix_cache_blocker(self) -> str | None:
@@ -591,6 +602,7 @@ class ReftModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         locations: torch.Tensor | np.ndarray | None = None,
         intervene_on_generated: bool = False,
+        strength: float = 1.0,
         **kwargs: Any,
     ) -> Any:
         """Generates with the interventions applied.
@@ -607,13 +619,17 @@ class ReftModel(nn.Module):
                 intervention's spec over each prompt.
             intervene_on_generated: Also edit every generated token with the
                 position-based interventions (``"all"`` ones always do).
+            strength: The edit strength α, as in :meth:`forward`.
             kwargs: Passed to the wrapped model's ``generate``.
         """
+        strength = _check_strength(strength)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         batch, length = input_ids.shape
         sources = self._prepare_sources(locations, batch, length, attention_mask, None, prompt_only=True)
-        state = _CallState(sources, prompt_length=length, intervene_generated=intervene_on_generated)
+        state = _CallState(
+            sources, prompt_length=length, intervene_generated=intervene_on_generated, strength=strength
+        )
         with self._active(state):
             return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
@@ -933,14 +949,34 @@ class _Hook:
         return args, kwargs
 
 
+def _scaled(hidden: torch.Tensor, edited: torch.Tensor, strength: float) -> torch.Tensor:
+    """h + α·(Φ(h) − h) in Φ(h)'s dtype; Φ(h) itself at α = 1."""
+    if strength == 1.0:
+        return edited
+    h = hidden.to(edited.dtype)
+    return h + strength * (edited - h)
+
+
+def _check_strength(strength: float) -> float:
+    value = float(strength)
+    if not np.isfinite(value):
+        raise ConfigError(f"strength must be a finite number, found {strength!r}")
+    return value
+
+
 def _edit_rows(
-    hidden: torch.Tensor, flat: torch.Tensor, intervention: Intervention, dropout: bool = True
+    hidden: torch.Tensor,
+    flat: torch.Tensor,
+    intervention: Intervention,
+    dropout: bool = True,
+    strength: float = 1.0,
 ) -> torch.Tensor:
     """``hidden`` with the rows at ``flat`` (indices into the flattened batch)
     replaced by their edited values; every other row is left as it was."""
     batch, length, width = hidden.shape
     rows = hidden.reshape(batch * length, width)
-    edited = intervention(rows.index_select(0, flat), dropout=dropout).to(hidden.dtype)
+    chosen = rows.index_select(0, flat)
+    edited = _scaled(chosen, intervention(chosen, dropout=dropout), strength).to(hidden.dtype)
     return rows.index_copy(0, flat, edited).view(batch, length, width)
 
 
