@@ -186,6 +186,16 @@ def test_convert_pyreft_and_red(workspace, capsys, tmp_path):
         (["inspect", "{missing}"], "not found"),
         (["generate", "--model", "{missing}", "--prompt", "hi"], "no model at"),
         (["convert", "red", "{missing}", "{out}"], "no such checkpoint"),
+        (["convert", "controlvector", "{missing}", "{out}"], "no such control-vector file"),
+        (["steer", "--pairs", "{bad}", "--layers", "0", "--output", "{out}"], "each line needs"),
+        (
+            ["steer", "--pairs", "{missing}", "--layers", "0", "--output", "{out}"],
+            "cannot read the pairs file",
+        ),
+        (
+            ["generate", "--checkpoint", "{run}", "--prompt", "hi", "--strength", "nan"],
+            "--strength must be a finite",
+        ),
     ],
 )
 def test_input_errors_are_one_line_and_exit_2(workspace, capsys, tmp_path, argv, message):
@@ -196,6 +206,7 @@ def test_input_errors_are_one_line_and_exit_2(workspace, capsys, tmp_path, argv,
         "bad": str(tmp_path / "bad.jsonl"),
         "fields": str(tmp_path / "fields.jsonl"),
         "train": str(workspace / "train.jsonl"),
+        "run": str(workspace / "run"),
         "out": str(tmp_path / "out"),
     }
     argv = [a.format(**names) for a in argv]
@@ -209,7 +220,8 @@ def test_input_errors_are_one_line_and_exit_2(workspace, capsys, tmp_path, argv,
 
 
 @pytest.mark.parametrize(
-    "command", ["quickstart", "train", "sweep", "compare", "generate", "eval", "inspect", "convert"]
+    "command",
+    ["quickstart", "train", "sweep", "compare", "generate", "eval", "inspect", "convert", "steer", "serve"],
 )
 def test_every_subcommand_has_help_with_examples(capsys, command):
     with pytest.raises(SystemExit) as exit_info:
@@ -359,3 +371,83 @@ def test_an_unexpected_error_is_one_line_and_exit_1(monkeypatch, capsys):
     monkeypatch.setenv("REFT_RS_TRACEBACK", "1")
     with pytest.raises(RuntimeError, match="CUDA out of memory"):
         main(["inspect", "anything"])
+
+
+def test_steer_writes_vectors_that_generate_and_convert_use(workspace, capsys, tmp_path):
+    """``reft-rs steer`` equals reft_rs.steering on the same pairs; the
+    checkpoint runs in both engines at a --strength, and goes out to a
+    llama.cpp control vector and back unchanged."""
+    pairs = [("hey what's up", "Good afternoon."), ("lol sure", "Certainly."), ("yeah cool", "Very well.")]
+    with open(tmp_path / "pairs.jsonl", "w") as handle:
+        for positive, negative in pairs:
+            handle.write(json.dumps({"positive": positive, "negative": negative}) + "\n")
+    model = str(workspace / "model")
+    out = tmp_path / "steer"
+    code, stdout, _ = run(
+        capsys,
+        "steer",
+        "--pairs",
+        str(tmp_path / "pairs.jsonl"),
+        "--layers",
+        "1,2",
+        "--output",
+        str(out),
+        "--model",
+        model,
+        "--method",
+        "pca",
+        "--control-vector",
+        str(tmp_path / "cv.gguf"),
+    )
+    assert code == 0 and "layers 1, 2" in stdout
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model)
+    expected = reft_rs.steering.compute_steering_vectors(
+        hf,
+        transformers.AutoTokenizer.from_pretrained(model),
+        [p for p, _ in pairs],
+        [n for _, n in pairs],
+        [1, 2],
+        method="pca",
+    )
+    config, tensors = reft_rs.checkpoint.load(out)
+    for item in config["interventions"]:
+        np.testing.assert_allclose(tensors[f"{item['name']}.vector"], expected[item["layer"]], atol=1e-6)
+    common = [
+        "generate",
+        "--checkpoint",
+        str(out),
+        "--model",
+        model,
+        "--prompt",
+        PROMPTS[0],
+        "--max-new-tokens",
+        "6",
+    ]
+    replies = {}
+    for strength in ("0", "-3", "3"):
+        code, torch_out, _ = run(capsys, *common, "--strength", strength)
+        code_rust, rust_out, _ = run(capsys, *common, "--strength", strength, "--engine", "rust")
+        assert code == code_rust == 0 and torch_out == rust_out
+        replies[strength] = torch_out
+    code, base, _ = run(capsys, "generate", "--model", model, "--prompt", PROMPTS[0], "--max-new-tokens", "6")
+    assert replies["0"] == base
+    code, _, _ = run(
+        capsys,
+        "convert",
+        "controlvector",
+        str(tmp_path / "cv.gguf"),
+        str(tmp_path / "back"),
+        "--model",
+        model,
+    )
+    assert code == 0
+    back_config, back = reft_rs.checkpoint.load(tmp_path / "back")
+    assert [i["layer"] for i in back_config["interventions"]] == [1, 2]
+    assert back_config["base_model"]["hidden_size"] == config["base_model"]["hidden_size"]
+    for a, b in zip(config["interventions"], back_config["interventions"]):
+        np.testing.assert_array_equal(tensors[f"{a['name']}.vector"], back[f"{b['name']}.vector"])
+    code, _, _ = run(
+        capsys, "convert", "to-controlvector", str(tmp_path / "back"), str(tmp_path / "again.gguf")
+    )
+    assert code == 0
+    assert (tmp_path / "again.gguf").read_bytes() == (tmp_path / "cv.gguf").read_bytes()

@@ -286,3 +286,74 @@ def test_zero_new_tokens_and_stop_reasons(folders):  # noqa: F811
     got = [e.token for e in events if e.token is not None]
     assert got == free[: len(got)] and len(got) < 12
     assert stop in engine.decode(got) and stop not in engine.decode(got[:-1])
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_edit_strength_matches_the_torch_path_alone_and_mixed(folders, adapters, family, tmp_path):  # noqa: F811
+    """h + α(Φ(h) − h): the engine's logits and tokens at several strengths
+    equal the torch path's (itself checked against the formula written out in
+    tests/test_steering.py), and requests of one adapter at different
+    strengths share a batch without changing each other."""
+    config = ReftConfig(
+        [
+            intervention("loreft", "block_output", positions="f2+l2"),
+            intervention("red", "mlp_output", layer=0),
+            intervention("steer", "attention_output", layer=2),
+        ]
+    )
+    reft_model = checkpoint_for(folders, family, config, tmp_path / "reft", seed=4)
+    engine = reft_rs.Engine(folders[family], reft=tmp_path / "reft")
+    bare = reft_rs.Engine(folders[family])
+    ids = random_ids(1, 9, seed=21)
+    for strength in (0.0, 0.5, 2.0, -1.0):
+        with torch.no_grad():
+            expected = reft_model(input_ids=ids, strength=strength).logits[0].numpy()
+        got = engine.logits(ids[0].tolist(), strength=strength)
+        np.testing.assert_allclose(got, expected, atol=LOGIT_TOLERANCE, rtol=0)
+        for on_generated in (False, True):
+            want = reft_model.generate(
+                ids,
+                max_new_tokens=8,
+                do_sample=False,
+                pad_token_id=0,
+                strength=strength,
+                intervene_on_generated=on_generated,
+            )[0, 9:].tolist()
+            tokens = engine.generate_ids(
+                [ids[0].tolist()], 8, ignore_eos=True, strength=strength, intervene_on_generated=on_generated
+            )[0]
+            assert tokens == want, (strength, on_generated)
+    # α = 0 is the base model, bit for bit.
+    assert np.array_equal(engine.logits(ids[0].tolist(), strength=0.0), bare.logits(ids[0].tolist()))
+    # One adapter at three strengths in one continuous batch.
+    server = reft_rs.Engine(folders[family])
+    server.add_adapter("a", tmp_path / "reft")
+    scheduler = reft_rs.Scheduler(server, max_batch=4)
+    prompts = [random_ids(1, n, seed=30 + n)[0].tolist() for n in (5, 7, 6)]
+    strengths = [1.0, -0.5, 3.0]
+    requests = {
+        scheduler.submit(p, 6, adapter="a", strength=s, ignore_eos=True, return_logits=True): i
+        for i, (p, s) in enumerate(zip(prompts, strengths))
+    }
+    tokens, logits = {}, {}
+    for _ in range(50):
+        if not scheduler.has_work:
+            break
+        for event in scheduler.step():
+            if event.token is not None:
+                tokens.setdefault(requests[event.id], []).append(event.token)
+                logits.setdefault(requests[event.id], []).append(event.logits)
+    for i, (prompt, strength) in enumerate(zip(prompts, strengths)):
+        lone = reft_rs.Scheduler(engine)
+        lone.submit(prompt, 6, strength=strength, ignore_eos=True, return_logits=True)
+        want_tokens, want_logits = [], []
+        while lone.has_work:
+            for event in lone.step():
+                if event.token is not None:
+                    want_tokens.append(event.token)
+                    want_logits.append(event.logits)
+        assert tokens[i] == want_tokens
+        np.testing.assert_allclose(np.stack(logits[i]), np.stack(want_logits), atol=LOGIT_TOLERANCE, rtol=0)
+    for bad in (float("nan"), float("inf"), "strong"):
+        with pytest.raises(reft_rs.InvalidArgumentError, match="strength"):
+            engine.generate_ids([prompts[0]], 2, strength=bad)

@@ -478,3 +478,38 @@ served.should_exit = True
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "True True"
+
+
+def test_the_strength_field_scales_a_request_edits(server, setup):
+    """``strength`` (a reft_rs field, sent with the client's extra_body): the
+    reply equals the engine's at that strength; 0 is the base model."""
+    prompt = PROMPTS[0]
+    alone = reference(setup, "steer")
+    base = reference(setup, None)
+    for strength in (0.0, -2.0, 3.0):
+        reply = client(server).completions.create(
+            model="steer",
+            prompt=prompt,
+            max_tokens=10,
+            temperature=0,
+            extra_body={"strength": strength, "ignore_eos": True},
+        )
+        want = alone.generate(prompt, 10, strength=strength, ignore_eos=True)[0]
+        assert reply.choices[0].text == want, strength
+        if strength == 0.0:
+            assert want == base.generate(prompt, 10, ignore_eos=True)[0]
+    assert (
+        alone.generate(prompt, 10, strength=3.0, ignore_eos=True)[0]
+        != base.generate(prompt, 10, ignore_eos=True)[0]
+    )
+    for bad in ("strong", 1e9, None, True):
+        status, body = raw(
+            server,
+            "POST",
+            "/v1/completions",
+            {"model": "steer", "prompt": prompt, "max_tokens": 2, "strength": bad},
+        )
+        if bad is None:
+            assert status == 200
+        else:
+            assert status == 400 and body["error"]["param"] == "strength", (bad, body)

@@ -24,8 +24,10 @@ from .errors import InvalidArgumentError
 __all__ = ["Engine"]
 
 Messages = Sequence[Mapping[str, Any]]
-# (max_new_tokens, temperature, top_k, top_p, seed, stop, intervene_on_generated, ignore_eos)
-_GenerateArgs = tuple[int, float, "int | None", "float | None", "int | None", "list[str] | None", bool, bool]
+# (max_new_tokens, temperature, top_k, top_p, seed, stop, intervene_on_generated, ignore_eos, strength)
+_GenerateArgs = tuple[
+    int, float, "int | None", "float | None", "int | None", "list[str] | None", bool, bool, float
+]
 
 
 def _count(name: str, value: Any, minimum: int) -> int:
@@ -177,14 +179,17 @@ class Engine:
 
     # ------------------------------------------------------------------ compute
 
-    def logits(self, token_ids: Sequence[int] | np.ndarray, *, adapter: str | None = None) -> np.ndarray:
+    def logits(
+        self, token_ids: Sequence[int] | np.ndarray, *, adapter: str | None = None, strength: float = 1.0
+    ) -> np.ndarray:
         """Float32 logits ``(len, vocab)`` of every position of one sequence,
         interventions applied (the whole sequence counts as the prompt).
-        ``adapter`` names a loaded adapter (default: the engine's own checkpoint)."""
+        ``adapter`` names a loaded adapter (default: the engine's own
+        checkpoint); ``strength`` scales the edits as in :meth:`generate`."""
         ids = _token_ids("token_ids", token_ids)
         if not ids:
             raise InvalidArgumentError("token_ids is empty")
-        return self._engine.logits(ids, _adapter_name(adapter))
+        return self._engine.logits(ids, _adapter_name(adapter), _strength(strength))
 
     def generate(
         self,
@@ -200,6 +205,7 @@ class Engine:
         ignore_eos: bool = False,
         add_special_tokens: bool = True,
         adapter: str | Sequence[str | None] | None = None,
+        strength: float = 1.0,
     ) -> list[str]:
         """Continues each prompt as is (no chat template; see :meth:`chat`).
 
@@ -219,6 +225,9 @@ class Engine:
             adapter: A loaded adapter's name for every prompt, or one name
                 (or ``None``) per prompt; ``None`` runs with the checkpoint
                 the engine was loaded with, if any.
+            strength: The edit strength α: each edited state becomes
+                h + α·(Φ(h) − h) (1 the trained edit, 0 the base model,
+                negative reverses a steering vector).
 
         Returns:
             The new text of each prompt (a list even for one prompt).
@@ -227,7 +236,15 @@ class Engine:
         if not all(isinstance(p, str) for p in texts):
             raise InvalidArgumentError("prompts must be strings; use generate_ids for token ids")
         options = self._options(
-            max_new_tokens, temperature, top_k, top_p, seed, stop, intervene_on_generated, ignore_eos
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            stop,
+            intervene_on_generated,
+            ignore_eos,
+            strength,
         )
         return self._engine.generate_text(texts, options, add_special_tokens, _adapters(adapter, len(texts)))
 
@@ -244,12 +261,21 @@ class Engine:
         intervene_on_generated: bool = False,
         ignore_eos: bool = False,
         adapter: str | Sequence[str | None] | None = None,
+        strength: float = 1.0,
     ) -> list[list[int]]:
         """As :meth:`generate`, on token ids: the new ids of each prompt
         (end-of-sequence tokens left out). Works without a tokenizer."""
         ids = [_token_ids(f"prompts[{i}]", p) for i, p in enumerate(prompts)]
         options = self._options(
-            max_new_tokens, temperature, top_k, top_p, seed, stop, intervene_on_generated, ignore_eos
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            stop,
+            intervene_on_generated,
+            ignore_eos,
+            strength,
         )
         return self._engine.generate_ids(ids, options, _adapters(adapter, len(ids)))
 
@@ -267,6 +293,7 @@ class Engine:
         ignore_eos: bool = False,
         tokens: bool = False,
         adapter: str | None = None,
+        strength: float = 1.0,
     ) -> Iterator[str] | Iterator[int]:
         """Generates for one prompt a token at a time.
 
@@ -276,7 +303,15 @@ class Engine:
         """
         ids = self.encode(prompt) if isinstance(prompt, str) else _token_ids("prompt", prompt)
         options = self._options(
-            max_new_tokens, temperature, top_k, top_p, seed, stop, intervene_on_generated, ignore_eos
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            stop,
+            intervene_on_generated,
+            ignore_eos,
+            strength,
         )
         stream = self._engine.stream_ids(ids, options, _adapter_name(adapter))
         if tokens:
@@ -295,6 +330,7 @@ class Engine:
         *,
         intervene_on_generated: bool = False,
         adapter: str | None = None,
+        strength: float = 1.0,
     ) -> str:
         """The assistant's reply to a conversation, formatted with the
         model's chat template.
@@ -316,6 +352,7 @@ class Engine:
             intervene_on_generated=intervene_on_generated,
             add_special_tokens=False,
             adapter=adapter,
+            strength=strength,
         )[0]
 
     @staticmethod
@@ -328,6 +365,7 @@ class Engine:
         stop: str | Sequence[str] | None,
         intervene_on_generated: bool,
         ignore_eos: bool,
+        strength: float = 1.0,
     ) -> _GenerateArgs:
         max_new_tokens = _count("max_new_tokens", max_new_tokens, 0)
         if top_k is not None:
@@ -349,7 +387,18 @@ class Engine:
             stops,
             bool(intervene_on_generated),
             bool(ignore_eos),
+            _strength(strength),
         )
+
+
+def _strength(strength: Any) -> float:
+    try:
+        value = float(strength)
+    except (TypeError, ValueError):
+        raise InvalidArgumentError(f"strength must be a number, found {strength!r}") from None
+    if not np.isfinite(value):
+        raise InvalidArgumentError(f"strength must be a finite number, found {strength!r}")
+    return value
 
 
 def _adapter_name(adapter: Any) -> str | None:

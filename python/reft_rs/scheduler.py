@@ -109,6 +109,7 @@ class Scheduler:
         intervene_on_generated: bool = False,
         ignore_eos: bool = False,
         return_logits: bool = False,
+        strength: float = 1.0,
     ) -> int:
         """Queues a request for ``prompt`` (token ids); returns its id.
 
@@ -116,10 +117,19 @@ class Scheduler:
         loaded adapter (``None``: the engine's own checkpoint, if any). Bad
         input is refused here, with nothing queued: an empty prompt, a token
         outside the vocabulary, a prompt longer than the model's context, an
-        unknown adapter, bad sampling settings.
+        unknown adapter, bad sampling settings. ``strength`` scales the
+        edits, h + α·(Φ(h) − h), this request alone.
         """
         options = Engine._options(
-            max_new_tokens, temperature, top_k, top_p, seed, stop, intervene_on_generated, ignore_eos
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            stop,
+            intervene_on_generated,
+            ignore_eos,
+            strength,
         )
         return self._scheduler.submit(
             _token_ids("prompt", prompt), options, _adapter_name(adapter), bool(return_logits)

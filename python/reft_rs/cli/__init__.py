@@ -9,6 +9,7 @@ interventions from the shell.
     reft-rs eval --checkpoint run/ --data test.jsonl
     reft-rs serve --model smollm2 --adapter style=run/checkpoint   # OpenAI-compatible API
     reft-rs inspect run/
+    reft-rs steer --pairs pairs.jsonl --layers 10,14 --output steer/   # steering vectors
     reft-rs convert pyreft pyreft_folder/ converted/
 
 Every subcommand has ``--help``. Mistakes in the input (a missing file, a
@@ -29,12 +30,12 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import ReftError
-from . import compare, convert, evaluate, generate, inspect, quickstart, serve, sweep, train
+from . import compare, convert, evaluate, generate, inspect, quickstart, serve, steer, sweep, train
 from .common import PROG, USER_ERRORS, UsageError, read_checkpoint
 
 __all__ = ["build_parser", "main"]
 
-COMMANDS = (quickstart, train, sweep, compare, generate, evaluate, serve, inspect, convert)
+COMMANDS = (quickstart, train, sweep, compare, generate, evaluate, serve, steer, inspect, convert)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -70,7 +70,7 @@ def _eval_classifier(args: argparse.Namespace, labels: list[str], records: list[
         for batch in dataset.batches(args.batch_size, tokenizer.pad_token_id):
             batch.pop("labels")
             batch = {k: v.to(reft_model.device) for k, v in batch.items()}
-            predicted.append(reft_model(**batch).logits.argmax(-1).cpu().numpy())
+            predicted.append(reft_model(**batch, strength=args.strength).logits.argmax(-1).cpu().numpy())
     chosen = np.concatenate(predicted)
     metrics = {
         "examples": len(records),

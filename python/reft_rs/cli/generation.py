@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 from ..errors import DatasetError
-from .common import device_for, load_torch_model, model_path
+from .common import UsageError, device_for, load_torch_model, model_path
 
 
 def prompts_from(args: argparse.Namespace) -> list[str] | None:
@@ -71,6 +72,8 @@ class TorchGenerator:
             "do_sample": sample,
             "pad_token_id": self.tokenizer.pad_token_id,
         }
+        if self.args.checkpoint:
+            kwargs["strength"] = self.args.strength
         if sample:
             kwargs["temperature"] = self.args.temperature
         return kwargs
@@ -132,7 +135,11 @@ class RustGenerator:
         self.chat = self.engine.has_chat_template and not args.no_chat_template
 
     def _options(self) -> dict[str, Any]:
-        return {"max_new_tokens": self.args.max_new_tokens, "temperature": self.args.temperature}
+        return {
+            "max_new_tokens": self.args.max_new_tokens,
+            "temperature": self.args.temperature,
+            "strength": self.args.strength,
+        }
 
     def batch(self, prompts: Sequence[str]) -> list[str]:
         if self.chat:
@@ -154,6 +161,8 @@ class RustGenerator:
 
 
 def generator_for(args: argparse.Namespace) -> TorchGenerator | RustGenerator:
+    if not math.isfinite(args.strength):
+        raise UsageError(f"--strength must be a finite number, found {args.strength}")
     return RustGenerator(args) if args.engine == "rust" else TorchGenerator(args)
 
 
@@ -167,6 +176,13 @@ def generation_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    parser.add_argument(
+        "--strength",
+        type=float,
+        default=1.0,
+        help="edit strength a: each edited state becomes h + a(edit(h) - h); 1 the trained edit (default), "
+        "0 the base model, negative reverses a steering vector",
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--no-chat-template", action="store_true", help="send prompts as plain text")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu", help="torch engine only")

@@ -47,6 +47,10 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
+#: Edit strengths past this are refused (no steering is that strong).
+MAX_STRENGTH = 1000.0
+
+
 def bad(message: str, param: str | None = None, code: str | None = None) -> ApiError:
     return ApiError(400, message, param=param, code=code)
 
@@ -65,6 +69,8 @@ class Sampling:
     include_usage: bool = False
     intervene_on_generated: bool = False
     ignore_eos: bool = False
+    #: The edit strength α (a reft_rs extension field, ``strength``).
+    strength: float = 1.0
 
     def options(self) -> dict[str, Any]:
         """Keyword arguments of :meth:`reft_rs.Scheduler.submit`."""
@@ -77,6 +83,7 @@ class Sampling:
             stop=self.stop or None,
             intervene_on_generated=self.intervene_on_generated,
             ignore_eos=self.ignore_eos,
+            strength=self.strength,
         )
 
 
@@ -166,6 +173,9 @@ def parse_sampling(body: dict[str, Any], *, default_max_tokens: int, chat: bool)
         include_usage=bool(stream and stream_options and stream_options.get("include_usage")),
         intervene_on_generated=_flag(body, "intervene_on_generated"),
         ignore_eos=_flag(body, "ignore_eos"),
+        strength=1.0
+        if body.get("strength") is None
+        else _number(body, "strength", -MAX_STRENGTH, MAX_STRENGTH),
     )
 
 

@@ -869,7 +869,7 @@ fn fuzz_checkpoint_folders() {
                     // What loads is used: attached to the model and run.
                     match engine.add_adapter("fuzz", &folder) {
                         Ok(()) => {
-                            let run = engine.logits_with(&[1, 2, 3, 4], Some("fuzz"));
+                            let run = engine.logits_with(&[1, 2, 3, 4], Some("fuzz"), 1.0);
                             engine.remove_adapter("fuzz").unwrap();
                             if let Err(e) = run {
                                 return Err(TestCaseError::fail(format!(

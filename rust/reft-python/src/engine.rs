@@ -22,7 +22,7 @@ pub struct PyEngine {
 }
 
 /// `(max_new_tokens, temperature, top_k, top_p, seed, stop,
-/// intervene_on_generated, ignore_eos)`, as `reft_rs.Engine._options` builds it.
+/// intervene_on_generated, ignore_eos, strength)`, as `reft_rs.Engine._options` builds it.
 type OptionArgs = (
     usize,
     f64,
@@ -32,11 +32,21 @@ type OptionArgs = (
     Option<Vec<String>>,
     bool,
     bool,
+    f32,
 );
 
 fn options(args: OptionArgs) -> GenerateOptions {
-    let (max_new_tokens, temperature, top_k, top_p, seed, stop, intervene_on_generated, ignore_eos) =
-        args;
+    let (
+        max_new_tokens,
+        temperature,
+        top_k,
+        top_p,
+        seed,
+        stop,
+        intervene_on_generated,
+        ignore_eos,
+        strength,
+    ) = args;
     GenerateOptions {
         max_new_tokens,
         sampling: Sampling {
@@ -48,6 +58,7 @@ fn options(args: OptionArgs) -> GenerateOptions {
         stop: stop.unwrap_or_default(),
         intervene_on_generated,
         ignore_eos,
+        strength,
     }
 }
 
@@ -105,16 +116,18 @@ impl PyEngine {
     }
 
     /// Logits `(len, vocab)` of every position of `token_ids`, float32.
-    #[pyo3(signature = (token_ids, adapter=None))]
+    #[pyo3(signature = (token_ids, adapter=None, strength=1.0))]
     fn logits<'py>(
         &self,
         py: Python<'py>,
         token_ids: Vec<u32>,
         adapter: Option<String>,
+        strength: f32,
     ) -> PyResult<Bound<'py, PyArray2<f32>>> {
         let vocab = self.inner.config().vocab_size;
         let values = crate::errors::detach(py, || {
-            self.inner.logits_with(&token_ids, adapter.as_deref())
+            self.inner
+                .logits_with(&token_ids, adapter.as_deref(), strength)
         })
         .into_py_result()?;
         let rows = values.len() / vocab;

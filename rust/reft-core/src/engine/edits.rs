@@ -299,15 +299,17 @@ pub(crate) struct Span<'a> {
     pub(crate) prompt: bool,
     /// Generated tokens are edited too (by the position-based interventions).
     pub(crate) on_generated: bool,
+    /// The edit strength α: each edited state becomes h + α·(Φ(h) − h).
+    pub(crate) strength: f32,
 }
 
 /// The edits of one forward call over a ragged batch whose sequences may
 /// each run with a different checkpoint: which rows each intervention of
 /// each checkpoint changes.
 pub(crate) struct BatchEdits<'a> {
-    /// Each checkpoint in the call, with the rows of each of its
-    /// interventions (`None`: no rows; `Some(None)`: every row of the call).
-    groups: Vec<(&'a EditSet, Vec<Option<Option<Tensor>>>)>,
+    /// Each checkpoint and strength in the call, with the rows of each of
+    /// its interventions (`None`: no rows; `Some(None)`: every row of the call).
+    groups: Vec<(&'a EditSet, f32, Vec<Option<Option<Tensor>>>)>,
     sites: HashSet<(usize, Component)>,
 }
 
@@ -318,22 +320,37 @@ impl<'a> BatchEdits<'a> {
             .map(|s| s.first_row + s.tokens)
             .max()
             .unwrap_or(0);
-        let mut chosen: Vec<(&'a EditSet, Vec<Vec<u32>>)> = Vec::new();
+        let mut chosen: Vec<(&'a EditSet, f32, Vec<Vec<u32>>)> = Vec::new();
         // Positions of a prompt, one locate call per (spec, sharing, length).
         let mut located: HashMap<(String, bool, bool, usize), crate::positions::Locations> =
             HashMap::new();
         for span in spans {
             let Some(set) = span.set else { continue };
-            let slot = match chosen.iter().position(|(s, _)| std::ptr::eq(*s, set)) {
+            if !span.strength.is_finite() {
+                return Err(Error::InvalidArgument(format!(
+                    "the edit strength must be a finite number, found {}",
+                    span.strength
+                )));
+            }
+            if span.strength == 0.0 {
+                continue; // the base model's states, exactly
+            }
+            let slot = match chosen.iter().position(|(s, strength, _)| {
+                std::ptr::eq(*s, set) && strength.to_bits() == span.strength.to_bits()
+            }) {
                 Some(slot) => slot,
                 None => {
-                    chosen.push((set, vec![Vec::new(); set.interventions.len()]));
+                    chosen.push((
+                        set,
+                        span.strength,
+                        vec![Vec::new(); set.interventions.len()],
+                    ));
                     chosen.len() - 1
                 }
             };
             let all = span.first_row as u32..(span.first_row + span.tokens) as u32;
             for (index, item) in set.interventions.iter().enumerate() {
-                let out = &mut chosen[slot].1[index];
+                let out = &mut chosen[slot].2[index];
                 if item.every_token() || (!span.prompt && span.on_generated) {
                     out.extend(all.clone());
                     continue;
@@ -367,7 +384,7 @@ impl<'a> BatchEdits<'a> {
         }
         let mut groups = Vec::with_capacity(chosen.len());
         let mut sites = HashSet::new();
-        for (set, lists) in chosen {
+        for (set, strength, lists) in chosen {
             sites.extend(set.sites.iter().copied());
             let tensors = lists
                 .into_iter()
@@ -382,7 +399,7 @@ impl<'a> BatchEdits<'a> {
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;
-            groups.push((set, tensors));
+            groups.push((set, strength, tensors));
         }
         Ok(BatchEdits { groups, sites })
     }
@@ -394,17 +411,25 @@ impl EditSite for BatchEdits<'_> {
     }
 
     fn apply(&self, layer: usize, component: Component, mut hidden: Tensor) -> Result<Tensor> {
-        for (set, rows) in &self.groups {
+        for (set, strength, rows) in &self.groups {
+            let scale = |delta: Tensor| -> Result<Tensor> {
+                Ok(if *strength == 1.0 {
+                    delta
+                } else {
+                    delta.affine(*strength as f64, 0.0)?
+                })
+            };
             for (item, rows) in set.interventions.iter().zip(rows) {
                 if item.config.layer != layer || item.config.component != component {
                     continue;
                 }
                 match rows {
                     None => {}
-                    Some(None) => hidden = item.apply_all(&hidden)?,
+                    Some(None) if *strength == 1.0 => hidden = item.apply_all(&hidden)?,
+                    Some(None) => hidden = hidden.add(&scale(item.delta(&hidden)?)?)?,
                     Some(Some(rows)) => {
                         let chosen = hidden.index_select(rows, 0)?;
-                        hidden = hidden.index_add(rows, &item.delta(&chosen)?, 0)?;
+                        hidden = hidden.index_add(rows, &scale(item.delta(&chosen)?)?, 0)?;
                     }
                 }
             }

@@ -61,6 +61,10 @@ pub struct GenerateOptions {
     pub intervene_on_generated: bool,
     /// Keep going past end-of-sequence tokens.
     pub ignore_eos: bool,
+    /// The edit strength α: each edited state becomes h + α·(Φ(h) − h)
+    /// (1 the trained edit, 0 the base model, negative reverses a steering
+    /// vector).
+    pub strength: f32,
 }
 
 impl GenerateOptions {
@@ -72,6 +76,7 @@ impl GenerateOptions {
             stop: Vec::new(),
             intervene_on_generated: false,
             ignore_eos: false,
+            strength: 1.0,
         }
     }
 }
@@ -477,11 +482,17 @@ impl Engine {
     /// sequence, with the interventions applied (the whole sequence is the
     /// prompt).
     pub fn logits(&self, ids: &[u32]) -> Result<Vec<f32>> {
-        self.logits_with(ids, None)
+        self.logits_with(ids, None, 1.0)
     }
 
-    /// [`Engine::logits`] with adapter `adapter` (see [`Request::adapter`]).
-    pub fn logits_with(&self, ids: &[u32], adapter: Option<&str>) -> Result<Vec<f32>> {
+    /// [`Engine::logits`] with adapter `adapter` (see [`Request::adapter`])
+    /// at edit strength `strength` (see [`GenerateOptions::strength`]).
+    pub fn logits_with(
+        &self,
+        ids: &[u32],
+        adapter: Option<&str>,
+        strength: f32,
+    ) -> Result<Vec<f32>> {
         if ids.is_empty() {
             return Err(Error::InvalidArgument("no token ids given".into()));
         }
@@ -495,6 +506,7 @@ impl Engine {
                 tokens: ids.len(),
                 prompt: true,
                 on_generated: false,
+                strength,
             };
             let edits = BatchEdits::new(&[span])?;
             let logits = self

@@ -210,6 +210,12 @@ impl Scheduler {
             return_logits,
         } = request;
         options.sampling.validate()?;
+        if !options.strength.is_finite() {
+            return Err(Error::InvalidArgument(format!(
+                "the edit strength must be a finite number, found {}",
+                options.strength
+            )));
+        }
         let config = self.engine.config();
         if prompt.is_empty() {
             return Err(Error::InvalidArgument("the prompt has no tokens".into()));
@@ -395,6 +401,7 @@ impl Scheduler {
                 tokens: ids.len() - first_row,
                 prompt: seq.next.is_none(),
                 on_generated: seq.request.options.intervene_on_generated,
+                strength: seq.request.options.strength,
             });
         }
         let result = {
