@@ -303,13 +303,17 @@ pub(crate) struct Span<'a> {
     pub(crate) strength: f32,
 }
 
+/// The rows each intervention of a checkpoint changes in a call (`None`:
+/// no rows; `Some(None)`: every row of the call).
+type Rows = Vec<Option<Option<Tensor>>>;
+
 /// The edits of one forward call over a ragged batch whose sequences may
 /// each run with a different checkpoint: which rows each intervention of
 /// each checkpoint changes.
 pub(crate) struct BatchEdits<'a> {
     /// Each checkpoint and strength in the call, with the rows of each of
     /// its interventions (`None`: no rows; `Some(None)`: every row of the call).
-    groups: Vec<(&'a EditSet, f32, Vec<Option<Option<Tensor>>>)>,
+    groups: Vec<(&'a EditSet, f32, Rows)>,
     sites: HashSet<(usize, Component)>,
 }
 
