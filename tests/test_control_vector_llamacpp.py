@@ -1,10 +1,13 @@
 """A control vector exported by reft_rs, run in llama.cpp (llama-cpp-python)
-and in the Rust engine on the same GGUF file: the same greedy text.
+and in the Rust engine on the same GGUF file: the same greedy tokens, and
+only when the engine steers the layer that llama.cpp numbers as N.
 
 llama.cpp runs in a child process: the vector is loaded the way its
 ``common_control_vector_load`` lays it out (``direction.N`` at offset
 ``n_embd * (N - 1)`` of one buffer) and applied with
-``llama_apply_adapter_cvec`` over every layer. Optional: skipped without
+``llama_apply_adapter_cvec`` over every layer, with a float32 KV cache as the
+engine keeps (llama.cpp's default float16 cache moves the greedy text a
+dozen tokens in). Optional: skipped without
 llama-cpp-python, or where its build cannot run on this CPU.
 """
 
@@ -34,7 +37,9 @@ import llama_cpp
 from reft_rs import control_vector
 
 model, vector, prompt, new = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-llm = llama_cpp.Llama(model_path=model, n_threads=2, n_ctx=256, n_batch=128, verbose=False)
+llm = llama_cpp.Llama(
+    model_path=model, n_threads=2, n_ctx=256, n_batch=128, verbose=False, type_k=0, type_v=0  # float32 KV, as the engine
+)
 if vector != "-":
     directions, _ = control_vector.read_control_vector(vector)
     n_embd = llm.n_embd()
@@ -74,22 +79,26 @@ def test_an_exported_vector_steers_llama_cpp_as_it_steers_the_engine(tmp_path):
     except reft_rs.MissingDependencyError as error:
         pytest.skip(str(error))
     model, tokenizer = pretrained.load_smollm2()
-    # A direction on two layers from two pairs, made strong so the text clearly moves.
     vectors = steering.compute_steering_vectors(
         model,
         tokenizer,
         ["the ocean is deep and blue", "waves crash on the shore"],
         ["mountains rise above the clouds", "the desert is dry and hot"],
-        [6, 12],
+        [12],
     )
-    vectors = {layer: v * 3 for layer, v in vectors.items()}
     steering.save_steering_vectors(model, vectors, tmp_path / "steer")
     control_vector.export_control_vector(tmp_path / "steer", tmp_path / "steer.gguf")
     engine = reft_rs.Engine(gguf_file)
-    engine.add_adapter("steer", tmp_path / "steer")
     ids = engine.encode(PROMPT, add_special_tokens=False)
     plain = engine.generate_ids([ids], NEW)[0]
-    steered = engine.generate_ids([ids], NEW, adapter="steer")[0]
-    assert steered != plain  # the vector changes the reply
-    assert llama_cpp_tokens(gguf_file, "-") == plain  # the two agree without it...
-    assert llama_cpp_tokens(gguf_file, tmp_path / "steer.gguf") == steered  # ...and with it
+    assert llama_cpp_tokens(gguf_file, "-") == plain  # the two agree without a vector...
+    theirs = llama_cpp_tokens(gguf_file, tmp_path / "steer.gguf")
+    # ...and with it, where the engine steers layer 12 and only there.
+    replies = {}
+    for layer in (11, 12, 13):
+        steering.save_steering_vectors(model, {layer: vectors[12]}, tmp_path / f"at{layer}")
+        engine.add_adapter(f"at{layer}", tmp_path / f"at{layer}")
+        replies[layer] = engine.generate_ids([ids], NEW, adapter=f"at{layer}")[0]
+    assert replies[12] != plain  # the vector changes the reply
+    assert replies[12] == theirs
+    assert replies[11] != theirs and replies[13] != theirs
