@@ -310,3 +310,13 @@ def test_merge_and_unload_refuses_what_does_not_fold():
     )
     with pytest.raises(ConfigError, match="not the output of one of its linear layers"):
         bert.merge_and_unload()
+
+
+def test_a_config_that_does_not_fit_leaves_the_model_untouched():
+    model = build("llama", seed=1).train()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    with pytest.raises(ConfigError, match="layer 9 does not exist"):
+        get_reft_model(model, ReftConfig.for_layers([9], low_rank_dimension=2, positions="l1"))
+    assert all(p.requires_grad for p in model.parameters())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())

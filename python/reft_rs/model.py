@@ -120,8 +120,6 @@ class ReftModel(nn.Module):
     ) -> None:
         super().__init__()
         self.model = model
-        for parameter in model.parameters():
-            parameter.requires_grad_(False)
         #: Every adapter's interventions, by name; one is active at a time.
         self.adapters = nn.ModuleDict()
         self._configs: dict[str, ReftConfig] = {}
@@ -141,7 +139,9 @@ class ReftModel(nn.Module):
         # objects that refer back to this model, so a deep copy of the
         # ReftModel carries working hooks of its own.
         self._hook_ids: list[tuple[nn.Module, int]] = []
-        self._add(adapter_name, config, initialize=initialize)
+        self._add(adapter_name, config, initialize=initialize)  # checks the config first
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
         handle = self.model.register_forward_pre_hook(_Hook(self, "call", [], None), with_kwargs=True)
         self._hook_ids.append((self.model, handle.id))
         self._set_trainable()
