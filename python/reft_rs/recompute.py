@@ -82,6 +82,14 @@ def enable(owner: ReftModel, options: dict[str, Any] | None, extra: dict[str, An
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=options, **extra)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options, **extra)
+    if (options or {}).get("use_reentrant", True) and getattr(model, "_require_grads_hook", None) is None:
+        # torch's reentrant mode passes gradients only to inputs that need
+        # them, and a frozen model's hidden states do not: make the
+        # embeddings' output need one, as peft does (transformers 5.x does
+        # it itself; 4.5x only for peft models).
+        enable_input_grads = getattr(model, "enable_input_require_grads", None)
+        if enable_input_grads is not None:
+            enable_input_grads()
     wrapped = 0
     for module in model.modules():
         inner = module.__dict__.get("_gradient_checkpointing_func")
