@@ -279,7 +279,7 @@ def test_merge_and_unload_folds_red_and_steer_into_the_weights(family):
     edited = logits(reft_model, ids)
     merged = reft_model.merge_and_unload()
     assert isinstance(merged, transformers.PreTrainedModel)
-    assert not any(merged._forward_hooks for merged in merged.modules())
+    assert not any(module._forward_hooks for module in merged.modules())
     torch.testing.assert_close(logits(merged, ids), edited, rtol=0, atol=1e-5)
     assert not torch.allclose(logits(build(family, seed=1), ids), edited)
 

@@ -47,8 +47,9 @@ def launch(function, world: int, out) -> None:
     timer = threading.Timer(LIMIT_S, lambda: [p.kill() for p in context.processes])
     timer.start()
     try:
-        while not context.join():
-            pass
+        finished = False
+        while not finished:  # join() returns once every process has ended
+            finished = context.join()
     finally:
         timer.cancel()
     assert all(p.exitcode == 0 for p in context.processes), [p.exitcode for p in context.processes]

@@ -51,6 +51,7 @@ __all__ = [
     "normalize_config",
     "expected_tensors",
     "base_identity",
+    "save_converted",
 ]
 
 # The dtypes a checkpoint tensor may have: the core's table.
@@ -248,3 +249,23 @@ def base_identity(
         "num_hidden_layers": int(config.num_hidden_layers),
     }
     return identity, False
+
+
+def save_converted(
+    path: str | os.PathLike[str],
+    config: Any,
+    identity: Mapping[str, Any],
+    inferred: bool,
+    tensors: Mapping[str, Any],
+) -> None:
+    """Saves a checkpoint converted from another tool's files (a
+    :class:`reft_rs.ReftConfig` and the identity :func:`base_identity` gave),
+    marking and warning when the base model was inferred from the files."""
+    if inferred:
+        config.metadata["base_model_inferred"] = True
+        warnings.warn(
+            f"the source does not record the base model; recorded hidden size {identity['hidden_size']} "
+            f"and at least {identity['num_hidden_layers']} layers (pass base_model= to record it exactly)",
+            stacklevel=3,
+        )
+    save(path, config.to_checkpoint(dict(identity)), tensors)

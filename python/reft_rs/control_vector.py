@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 import re
-import warnings
 from typing import Any
 
 import numpy as np
@@ -161,14 +160,7 @@ def import_control_vector(
         metadata={"source": "llama.cpp control vector", "model_hint": meta["model_hint"] or ""},
     )
     tensors = {f"{item.name}.vector": directions[item.layer] for item in config.interventions}
-    if inferred:
-        config.metadata["base_model_inferred"] = True
-        warnings.warn(
-            f"the file does not record the base model; recorded hidden size {width} and at least "
-            f"{identity['num_hidden_layers']} layers (pass base_model= to record it exactly)",
-            stacklevel=2,
-        )
-    checkpoint.save(output, config.to_checkpoint(identity), tensors)
+    checkpoint.save_converted(output, config, identity, inferred, tensors)
     return config
 
 

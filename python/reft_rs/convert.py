@@ -49,19 +49,6 @@ _PYREFT_TYPES = {
 _PYREFT_FIELDS = ("layer", "component", "unit", "max_number_of_units", "low_rank_dimension")
 
 
-def _save(
-    dst: Any, config: ReftConfig, identity: dict[str, Any], inferred: bool, tensors: dict[str, torch.Tensor]
-) -> None:
-    if inferred:
-        config.metadata["base_model_inferred"] = True
-        warnings.warn(
-            f"the source does not record the base model; recorded hidden size {identity['hidden_size']} "
-            f"and at least {identity['num_hidden_layers']} layers (pass base_model= to record it exactly)",
-            stacklevel=3,
-        )
-    checkpoint.save(dst, config.to_checkpoint(identity), tensors)
-
-
 def _load_tensors(path: str) -> dict[str, torch.Tensor]:
     if not os.path.exists(path):
         raise CheckpointNotFoundError(f"checkpoint file not found: {path}", path)
@@ -435,7 +422,7 @@ def from_pyreft(
     config = ReftConfig(
         interventions, metadata={"converted_from": "pyreft", "source": src, "pyreft_keys": mapping}
     )
-    _save(dst, config, identity, inferred, tensors)
+    checkpoint.save_converted(dst, config, identity, inferred, tensors)
     return config
 
 
@@ -520,5 +507,5 @@ def from_red(
         tensors[f"{name}.scale"] = scale.contiguous()
         tensors[f"{name}.bias"] = bias.to(scale.dtype).contiguous()
     config = ReftConfig(interventions, metadata={"converted_from": "red", "source": path})
-    _save(dst, config, identity, inferred, tensors)
+    checkpoint.save_converted(dst, config, identity, inferred, tensors)
     return config
