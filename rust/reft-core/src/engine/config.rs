@@ -1,17 +1,23 @@
 //! Architecture settings of a model, read from a Hugging Face `config.json`
 //! or from GGUF metadata.
 
+use std::collections::HashMap;
 use std::path::Path;
+
+use candle_core::quantized::gguf_file;
 
 use serde_json::Value;
 
+use super::rope::{Rope, RopeScaling};
+use super::weights::Source;
 use crate::error::{Error, Result};
 
 /// The layer layouts the engine implements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Family {
-    /// Llama, Mistral, Qwen2, SmolLM: RMSNorm, rotary embeddings,
-    /// grouped-query attention, SwiGLU.
+    /// Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma, SmolLM: RMSNorm,
+    /// rotary embeddings, grouped-query attention, gated MLP; the
+    /// [`ModelConfig`] flags add what each of them changes.
     Llama,
     /// GPT-2: LayerNorm, learned positions, GELU MLP, fused qkv.
     Gpt2,
@@ -20,9 +26,9 @@ pub enum Family {
 /// How rotary embeddings pair the dimensions of a head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RopeStyle {
-    /// Dimension i with i + head_dim/2 (Hugging Face weights).
+    /// Dimension i with i + dim/2 (Hugging Face weights).
     Halves,
-    /// Dimension 2i with 2i + 1 (GGUF files, whose q/k rows are permuted).
+    /// Dimension 2i with 2i + 1 (GGUF Llama files, whose q/k rows are permuted).
     Interleaved,
 }
 
@@ -49,16 +55,38 @@ pub struct ModelConfig {
     pub vocab_size: usize,
     /// Epsilon of the normalisations.
     pub norm_eps: f64,
-    /// Rotary base (Llama family).
-    pub rope_theta: f64,
+    /// Rotary embedding of the layers that attend to the whole sequence
+    /// (every layer unless `rope_local` is set); `None` for GPT-2.
+    pub rope: Option<Rope>,
+    /// Rotary embedding of the sliding-window layers when it differs
+    /// (Gemma 3's local base).
+    pub rope_local: Option<Rope>,
     /// Rotary dimension pairing.
     pub rope_style: RopeStyle,
-    /// Longest sequence the model supports (learned positions, rotary tables).
+    /// Per layer: how many positions attention reaches back, the token
+    /// itself included (`None`: the whole sequence).
+    pub sliding_windows: Vec<Option<usize>>,
+    /// Longest sequence the model supports (learned positions).
     pub max_position_embeddings: usize,
     /// Whether the output layer reuses the token embeddings.
     pub tie_word_embeddings: bool,
     /// Activation of the feed-forward block (`silu`, `gelu_new`, ...).
     pub hidden_act: String,
+    /// RMSNorm over each query and key head before the rotation (Qwen3, Gemma 3).
+    pub qk_norm: bool,
+    /// Norms on the attention and MLP outputs before the residual adds
+    /// (Gemma 2 and 3: `post_attention_layernorm` is then the one after
+    /// attention, `pre_feedforward_layernorm` the one before the MLP).
+    pub post_norms: bool,
+    /// Factor on the token embeddings (Gemma: √hidden).
+    pub embedding_scale: Option<f32>,
+    /// Attention scores are `q·k` times this (1/√head_dim unless the
+    /// config sets `query_pre_attn_scalar`).
+    pub attention_scale: f64,
+    /// `c · tanh(score / c)` on the attention scores (Gemma 2).
+    pub attn_logit_softcapping: Option<f64>,
+    /// `c · tanh(logit / c)` on the output logits (Gemma 2).
+    pub final_logit_softcapping: Option<f64>,
     /// End-of-sequence token ids from the config, if any.
     pub eos_token_ids: Vec<u32>,
     /// Beginning-of-sequence token id, if any.
@@ -66,7 +94,40 @@ pub struct ModelConfig {
 }
 
 /// Model types read as the Llama family.
-const LLAMA_TYPES: [&str; 5] = ["llama", "mistral", "qwen2", "smollm", "smollm2"];
+const LLAMA_TYPES: [&str; 11] = [
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "smollm",
+    "smollm2",
+    "phi3",
+    "gemma",
+    "gemma2",
+    "gemma3",
+    "gemma3_text",
+];
+
+/// Model types of the Gemma line (norm weights stored as w - 1, embeddings
+/// scaled by √hidden).
+pub(crate) fn is_gemma(model_type: &str) -> bool {
+    model_type.starts_with("gemma")
+}
+
+/// Whether a checkpoint trained on a `trained` model applies to a `model`
+/// model: the same names, or names the Hugging Face and GGUF forms of one
+/// architecture give it (`gemma3_text` and `gemma3`; a Mistral converted
+/// to GGUF calls itself `llama`).
+pub fn same_architecture(trained: &str, model: &str) -> bool {
+    fn canonical(t: &str) -> &str {
+        match t {
+            "gemma3_text" => "gemma3",
+            "mistral" | "smollm" | "smollm2" => "llama",
+            other => other,
+        }
+    }
+    trained == model || canonical(trained) == canonical(model)
+}
 
 /// Token ids given as one number or a list (as `eos_token_id` may be);
 /// `Err` names the first entry that is not a token id (negative, fractional,
@@ -96,10 +157,8 @@ pub(crate) mod limits {
     /// Query heads times head width.
     pub const ATTENTION_WIDTH: usize = 1 << 17;
     pub const VOCAB: usize = 1 << 24;
-    /// Positions (the rotary tables hold `positions × head_dim` floats).
+    /// Positions.
     pub const POSITIONS: usize = 1 << 20;
-    /// Floats of the rotary tables, 1 GiB.
-    pub const ROPE_FLOATS: usize = 1 << 28;
 }
 
 impl ModelConfig {
@@ -164,64 +223,170 @@ impl ModelConfig {
                 let hidden_size = need(&["hidden_size"])?;
                 let heads = need(&["num_attention_heads"])?;
                 let kv_heads = usize_of(&["num_key_value_heads"])?.unwrap_or(heads);
-                // transformers 5 moves rope_theta into rope_parameters
-                let rope = get("rope_parameters").or_else(|| get("rope_scaling"));
-                if let Some(rope) = rope {
-                    let kind = rope
-                        .get("rope_type")
-                        .or_else(|| rope.get("type"))
-                        .and_then(Value::as_str)
-                        .unwrap_or("default");
-                    if kind != "default" {
-                        return Err(bad(format!(
-                            "rope scaling {kind:?} is not supported by the engine (only plain rotary embeddings)"
-                        )));
-                    }
+                let head_dim = usize_of(&["head_dim"])?.unwrap_or(hidden_size / heads.max(1));
+                let layers = need(&["num_hidden_layers"])?;
+                let positions = usize_of(&["max_position_embeddings"])?.unwrap_or(4096);
+                let gemma = is_gemma(&model_type);
+                let gemma3 = matches!(model_type.as_str(), "gemma3" | "gemma3_text");
+                if gemma3 && get("use_bidirectional_attention").and_then(Value::as_bool) == Some(true) {
+                    return Err(bad(
+                        "bidirectional attention (use_bidirectional_attention) is not supported by the engine"
+                            .into(),
+                    ));
                 }
-                let theta = match rope.and_then(|r| r.get("rope_theta")) {
-                    Some(v) => v
-                        .as_f64()
-                        .ok_or_else(|| bad(format!("rope_theta is {v}, not a number")))?,
-                    None => float_of(&["rope_theta"], 10000.0)?,
+                // transformers 5 keeps rotary settings in rope_parameters,
+                // per layer kind for Gemma 3; 4.5x in rope_theta and rope_scaling.
+                let params = get("rope_parameters").or_else(|| get("rope_scaling"));
+                let nested = params.filter(|p| {
+                    p.get("full_attention").is_some() || p.get("sliding_attention").is_some()
+                });
+                let partial = match get("partial_rotary_factor") {
+                    Some(v) => Some(v.as_f64().ok_or_else(|| {
+                        bad(format!("partial_rotary_factor is {v}, not a number"))
+                    })?),
+                    None => None,
+                };
+                let original = usize_of(&["original_max_position_embeddings"])?;
+                let default_theta = if gemma3 { 1_000_000.0 } else { 10000.0 };
+                let theta = float_of(&["rope_theta"], default_theta)?;
+                let rope_of = |params: Option<&Value>, theta: f64| {
+                    Rope::from_hf(params, theta, head_dim, partial, positions, original)
+                        .map_err(|e| bad(e))
+                };
+                let (rope, rope_local) = match nested {
+                    Some(p) => (
+                        rope_of(p.get("full_attention"), theta)?,
+                        Some(rope_of(
+                            p.get("sliding_attention"),
+                            float_of(&["rope_local_base_freq"], 10000.0)?,
+                        )?),
+                    ),
+                    None if gemma3 => (
+                        rope_of(params, theta)?,
+                        Some(rope_of(None, float_of(&["rope_local_base_freq"], 10000.0)?)?),
+                    ),
+                    None => (rope_of(params, theta)?, None),
+                };
+                // Which layers attend through a sliding window: the saved
+                // layer_types when present, else each family's rule.
+                let window = usize_of(&["sliding_window"])?.filter(|&w| w > 0);
+                let use_sliding = get("use_sliding_window").and_then(Value::as_bool);
+                let sliding: Vec<bool> = match get("layer_types") {
+                    Some(Value::Array(kinds)) => {
+                        if kinds.len() != layers {
+                            return Err(bad(format!(
+                                "layer_types lists {} layers, the model has {layers}",
+                                kinds.len()
+                            )));
+                        }
+                        kinds
+                            .iter()
+                            .map(|k| match k.as_str() {
+                                Some("sliding_attention") => Ok(true),
+                                Some("full_attention") => Ok(false),
+                                _ => Err(bad(format!("layer type {k} is not supported by the engine"))),
+                            })
+                            .collect::<Result<_>>()?
+                    }
+                    Some(v) => return Err(bad(format!("layer_types is {v}, not a list"))),
+                    None => {
+                        let pattern = match model_type.as_str() {
+                            "gemma2" => Some(2),
+                            "gemma3" | "gemma3_text" => Some(
+                                usize_of(&["sliding_window_pattern", "_sliding_window_pattern"])?
+                                    .unwrap_or(6)
+                                    .max(1),
+                            ),
+                            _ => None,
+                        };
+                        match pattern {
+                            Some(p) => (0..layers).map(|i| (i + 1) % p != 0).collect(),
+                            None => {
+                                let from = match model_type.as_str() {
+                                    // Qwen: the layers from max_window_layers on, when enabled.
+                                    "qwen2" | "qwen3" if use_sliding == Some(true) => {
+                                        usize_of(&["max_window_layers"])?.unwrap_or(layers)
+                                    }
+                                    "qwen2" | "qwen3" | "llama" | "gemma" => layers,
+                                    // Mistral, Phi-3: every layer, when the config has a window.
+                                    _ if use_sliding == Some(false) => layers,
+                                    _ => 0,
+                                };
+                                (0..layers).map(|i| i >= from).collect()
+                            }
+                        }
+                    }
+                };
+                let sliding_windows = sliding
+                    .iter()
+                    .map(|&s| if s { window } else { None })
+                    .collect();
+                let softcap = |key: &str| -> Result<Option<f64>> {
+                    match get(key) {
+                        None => Ok(None),
+                        Some(v) => match v.as_f64() {
+                            Some(c) if c.is_finite() && c > 0.0 => Ok(Some(c)),
+                            _ => Err(bad(format!("{key} is {v}, not a positive number"))),
+                        },
+                    }
+                };
+                let query_scalar = match get("query_pre_attn_scalar") {
+                    Some(v) if gemma => Some(v.as_f64().filter(|x| x.is_finite() && *x > 0.0).ok_or_else(
+                        || bad(format!("query_pre_attn_scalar is {v}, not a positive number")),
+                    )?),
+                    _ => None,
+                };
+                let act_keys: &[&str] = if gemma {
+                    &["hidden_activation", "hidden_act"]
+                } else {
+                    &["hidden_act"]
+                };
+                let hidden_act = act_keys
+                    .iter()
+                    .find_map(|k| get(k).and_then(Value::as_str))
+                    .unwrap_or(if gemma { "gelu_pytorch_tanh" } else { "silu" })
+                    .to_string();
+                // Dynamic NTK scaling stretches the trained context by its factor.
+                let context = match rope.scaling {
+                    RopeScaling::Dynamic { factor, .. } if factor > 1.0 => {
+                        ((positions as f64 * factor) as usize).min(limits::POSITIONS)
+                    }
+                    _ => positions,
                 };
                 ModelConfig {
-                    model_type,
-                    family,
                     hidden_size,
                     intermediate_size: need(&["intermediate_size"])?,
-                    num_hidden_layers: need(&["num_hidden_layers"])?,
+                    num_hidden_layers: layers,
                     num_attention_heads: heads,
                     num_key_value_heads: kv_heads,
-                    head_dim: usize_of(&["head_dim"])?.unwrap_or(hidden_size / heads.max(1)),
+                    head_dim,
                     vocab_size: need(&["vocab_size"])?,
                     norm_eps: float_of(&["rms_norm_eps"], 1e-6)?,
-                    rope_theta: theta,
+                    rope: Some(rope),
+                    rope_local,
                     rope_style: RopeStyle::Halves,
-                    // Attention beyond a sliding window is not implemented:
-                    // sequences are held within it instead.
-                    max_position_embeddings: {
-                        let most = usize_of(&["max_position_embeddings"])?.unwrap_or(4096);
-                        let sliding =
-                            get("use_sliding_window").and_then(Value::as_bool) != Some(false);
-                        match usize_of(&["sliding_window"])? {
-                            Some(window) if sliding && window > 0 => most.min(window),
-                            _ => most,
-                        }
-                    },
+                    sliding_windows,
+                    max_position_embeddings: context,
                     tie_word_embeddings: get("tie_word_embeddings")
                         .and_then(Value::as_bool)
-                        .unwrap_or(false),
-                    hidden_act: get("hidden_act")
-                        .and_then(Value::as_str)
-                        .unwrap_or("silu")
-                        .to_string(),
+                        .unwrap_or(gemma),
+                    hidden_act,
+                    qk_norm: matches!(model_type.as_str(), "qwen3" | "gemma3" | "gemma3_text"),
+                    post_norms: matches!(model_type.as_str(), "gemma2" | "gemma3" | "gemma3_text"),
+                    embedding_scale: gemma.then(|| (hidden_size as f64).sqrt() as f32),
+                    attention_scale: query_scalar.unwrap_or(head_dim as f64).powf(-0.5),
+                    attn_logit_softcapping: if gemma { softcap("attn_logit_softcapping")? } else { None },
+                    final_logit_softcapping: if gemma { softcap("final_logit_softcapping")? } else { None },
                     eos_token_ids,
                     bos_token_id,
+                    model_type,
+                    family,
                 }
             }
             Family::Gpt2 => {
                 let hidden_size = need(&["n_embd", "hidden_size"])?;
                 let heads = need(&["n_head", "num_attention_heads"])?;
+                let layers = need(&["n_layer", "num_hidden_layers"])?;
                 for flag in ["scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"] {
                     if get(flag).and_then(Value::as_bool) == Some(true) {
                         return Err(bad(format!("GPT-2 option {flag} is not supported")));
@@ -233,16 +398,24 @@ impl ModelConfig {
                     hidden_size,
                     intermediate_size: usize_of(&["n_inner"])?
                         .unwrap_or(4usize.saturating_mul(hidden_size)),
-                    num_hidden_layers: need(&["n_layer", "num_hidden_layers"])?,
+                    num_hidden_layers: layers,
                     num_attention_heads: heads,
                     num_key_value_heads: heads,
                     head_dim: hidden_size / heads.max(1),
                     vocab_size: need(&["vocab_size"])?,
                     norm_eps: float_of(&["layer_norm_epsilon"], 1e-5)?,
-                    rope_theta: 0.0,
+                    rope: None,
+                    rope_local: None,
                     rope_style: RopeStyle::Halves,
+                    sliding_windows: vec![None; layers],
                     max_position_embeddings: need(&["n_positions", "max_position_embeddings"])?,
                     tie_word_embeddings: true,
+                    qk_norm: false,
+                    post_norms: false,
+                    embedding_scale: None,
+                    attention_scale: ((hidden_size / heads.max(1)) as f64).powf(-0.5),
+                    attn_logit_softcapping: None,
+                    final_logit_softcapping: None,
                     hidden_act: get("activation_function")
                         .and_then(Value::as_str)
                         .unwrap_or("gelu_new")
@@ -251,6 +424,211 @@ impl ModelConfig {
                     bos_token_id,
                 }
             }
+        };
+        config.check(path)?;
+        Ok(config)
+    }
+
+    /// Reads the metadata of a GGUF file as llama.cpp's loaders read it
+    /// (keys under the architecture's prefix, its defaults where a key is
+    /// missing); `source` gives the rotary factor tensors some files hold.
+    pub(crate) fn from_gguf(
+        meta: &HashMap<String, gguf_file::Value>,
+        source: &Source,
+        path: &Path,
+    ) -> Result<Self> {
+        let bad = |reason: String| Error::ModelLoad {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let arch = meta
+            .get("general.architecture")
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+            .ok_or_else(|| bad("the GGUF file names no general.architecture".into()))?;
+        // Only Llama's converter permutes the q/k rows into interleaved pairs.
+        let rope_style = match arch.as_str() {
+            "llama" | "mistral" => RopeStyle::Interleaved,
+            "qwen2" | "qwen3" | "phi3" | "gemma" | "gemma2" | "gemma3" => RopeStyle::Halves,
+            _ => {
+                return Err(Error::UnsupportedModel {
+                    path: path.to_path_buf(),
+                    model_type: arch,
+                })
+            }
+        };
+        let key = |k: &str| format!("{arch}.{k}");
+        let get = |k: &str| meta.get(&key(k));
+        let int = |k: &str| -> Result<Option<usize>> {
+            match get(k) {
+                None => Ok(None),
+                Some(v) => v
+                    .to_u64()
+                    .ok()
+                    .or_else(|| v.to_u32().ok().map(u64::from))
+                    .or_else(|| v.to_i32().ok().and_then(|n| u64::try_from(n).ok()))
+                    .and_then(|n| usize::try_from(n).ok())
+                    .map(Some)
+                    .ok_or_else(|| bad(format!("{} is not a size", key(k)))),
+            }
+        };
+        let need = |k: &str| -> Result<usize> {
+            int(k)?.ok_or_else(|| bad(format!("the GGUF file has no {}", key(k))))
+        };
+        let float = |k: &str| -> Result<Option<f64>> {
+            match get(k) {
+                None => Ok(None),
+                Some(v) => v
+                    .to_f32()
+                    .ok()
+                    .map(f64::from)
+                    .or_else(|| v.to_f64().ok())
+                    .filter(|x| x.is_finite())
+                    .map(Some)
+                    .ok_or_else(|| bad(format!("{} is not a number", key(k)))),
+            }
+        };
+        let hidden_size = need("embedding_length")?;
+        let heads = need("attention.head_count")?;
+        let layers = need("block_count")?;
+        let vocab_size = match meta
+            .get("tokenizer.ggml.tokens")
+            .and_then(|v| v.to_vec().ok())
+        {
+            Some(tokens) => tokens.len(),
+            None => need("vocab_size")?,
+        };
+        let head_dim = int("attention.key_length")?.unwrap_or(hidden_size / heads.max(1));
+        let rotated = int("rope.dimension_count")?.unwrap_or(head_dim);
+        let positions = int("context_length")?.unwrap_or(4096);
+        let gemma = is_gemma(&arch);
+        let theta = float("rope.freq_base")?.unwrap_or(10000.0);
+        let attn_factor = float("rope.scaling.attn_factor")?.unwrap_or(1.0);
+        let original = int("rope.scaling.original_context_length")?.unwrap_or(positions);
+        let factors = |name: &str| -> Result<Option<Vec<f32>>> {
+            if source.contains(name) {
+                source.vector(name, rotated / 2).map(Some)
+            } else {
+                Ok(None)
+            }
+        };
+        let scaling_kind = get("rope.scaling.type")
+            .and_then(|v| v.to_string().ok())
+            .map(String::as_str)
+            .unwrap_or("linear");
+        let factor = float("rope.scaling.factor")?
+            .or(float("rope.scale_linear")?)
+            .filter(|&f| f != 0.0);
+        let scaling = match (
+            factors("rope_freqs.weight")?,
+            factors("rope_factors_short.weight")?,
+            factors("rope_factors_long.weight")?,
+        ) {
+            // Llama 3.1: per-dimension divisors written by the converter.
+            (Some(f), _, _) => RopeScaling::Factors {
+                factors: f,
+                attention_factor: attn_factor,
+            },
+            // Phi-3's LongRoPE, chosen per sequence length as transformers does.
+            (None, Some(short), Some(long)) => RopeScaling::LongRope {
+                short: short.into_iter().map(f64::from).collect(),
+                long: long.into_iter().map(f64::from).collect(),
+                original,
+                attention_factor: attn_factor,
+            },
+            _ => match (scaling_kind, factor) {
+                ("none", _) | (_, None) => RopeScaling::None,
+                ("linear", Some(f)) => RopeScaling::Linear { factor: f },
+                ("yarn", Some(f)) => RopeScaling::Yarn {
+                    factor: f,
+                    original,
+                    beta_fast: 32.0,
+                    beta_slow: 1.0,
+                    attention_factor: (0.1 * f.ln() + 1.0) * attn_factor,
+                    truncate: true,
+                },
+                (other, _) => {
+                    return Err(bad(format!(
+                        "rope scaling {other:?} is not supported by the engine"
+                    )))
+                }
+            },
+        };
+        let rope = Rope {
+            theta,
+            dim: rotated,
+            scaling,
+        };
+        // Sliding windows as llama.cpp applies them: Gemma 2 on even
+        // layers, Gemma 3 on all but every sixth; llama.cpp runs the
+        // other families' files with full attention.
+        let window = int("attention.sliding_window")?.filter(|&w| w > 0);
+        let period = match arch.as_str() {
+            "gemma2" => Some(2),
+            "gemma3" => Some(
+                get("attention.sliding_window_pattern")
+                    .and_then(|v| v.to_u32().ok())
+                    .map_or(6, |p| p as usize),
+            ),
+            _ => None,
+        };
+        let sliding_windows = (0..layers)
+            .map(|i| match (window, period) {
+                (Some(w), Some(p)) if p == 0 || i % p < p - 1 => Some(w),
+                _ => None,
+            })
+            .collect();
+        let rope_local = (arch == "gemma3").then(|| {
+            Rope::plain(
+                float("rope.freq_base_swa").ok().flatten().unwrap_or(10000.0),
+                rotated,
+            )
+        });
+        // llama.cpp's attention scale for Gemma: by width per head for the
+        // 27B models (46 / 62 layers), by head size otherwise.
+        let scale_by_width = matches!((arch.as_str(), layers), ("gemma2", 46) | ("gemma3", 62));
+        let attention_scale = if scale_by_width {
+            ((hidden_size / heads.max(1)) as f64).powf(-0.5)
+        } else {
+            (head_dim as f64).powf(-0.5)
+        };
+        let cap = |k: &str, default: Option<f64>| -> Result<Option<f64>> {
+            Ok(float(k)?.or(default).filter(|&c| c > 0.0))
+        };
+        let (attn_cap, final_cap) = match arch.as_str() {
+            "gemma2" => (
+                cap("attn_logit_softcapping", Some(50.0))?,
+                cap("final_logit_softcapping", Some(30.0))?,
+            ),
+            "gemma3" => (None, cap("final_logit_softcapping", None)?),
+            _ => (None, None),
+        };
+        let config = ModelConfig {
+            model_type: arch.clone(),
+            family: Family::Llama,
+            hidden_size,
+            intermediate_size: need("feed_forward_length")?,
+            num_hidden_layers: layers,
+            num_attention_heads: heads,
+            num_key_value_heads: int("attention.head_count_kv")?.unwrap_or(heads),
+            head_dim,
+            vocab_size,
+            norm_eps: float("attention.layer_norm_rms_epsilon")?.unwrap_or(1e-6),
+            rope: Some(rope),
+            rope_local,
+            rope_style,
+            sliding_windows,
+            max_position_embeddings: positions,
+            tie_word_embeddings: false,
+            hidden_act: if gemma { "gelu_pytorch_tanh" } else { "silu" }.into(),
+            qk_norm: matches!(arch.as_str(), "qwen3" | "gemma3"),
+            post_norms: matches!(arch.as_str(), "gemma2" | "gemma3"),
+            embedding_scale: gemma.then(|| (hidden_size as f64).sqrt() as f32),
+            attention_scale,
+            attn_logit_softcapping: attn_cap,
+            final_logit_softcapping: final_cap,
+            eos_token_ids: Vec::new(),
+            bos_token_id: None,
         };
         config.check(path)?;
         Ok(config)
@@ -315,19 +693,33 @@ impl ModelConfig {
                 self.hidden_size, self.num_attention_heads
             )));
         }
+        if self.sliding_windows.len() != self.num_hidden_layers {
+            return Err(bad(format!(
+                "{} sliding windows for {} layers",
+                self.sliding_windows.len(),
+                self.num_hidden_layers
+            )));
+        }
         if self.family == Family::Llama {
-            if self.max_position_embeddings * self.head_dim > ROPE_FLOATS {
-                return Err(bad(format!(
-                    "rotary tables for {} positions of head size {} are past the engine's limit",
-                    self.max_position_embeddings, self.head_dim
-                )));
+            let ropes = [self.rope.as_ref(), self.rope_local.as_ref()];
+            if ropes[0].is_none() {
+                return Err(bad("a rotary model needs a rotary embedding".into()));
             }
-            if !(self.rope_theta.is_finite() && self.rope_theta > 1.0) {
-                return Err(bad(format!(
-                    "rope_theta {} must be a finite number above 1",
-                    self.rope_theta
-                )));
+            for rope in ropes.into_iter().flatten() {
+                rope.check().map_err(bad)?;
+                if rope.dim > self.head_dim {
+                    return Err(bad(format!(
+                        "{} rotated dimensions in a head of {}",
+                        rope.dim, self.head_dim
+                    )));
+                }
             }
+        }
+        if !(self.attention_scale.is_finite() && self.attention_scale > 0.0) {
+            return Err(bad(format!(
+                "the attention scale {} must be a positive number",
+                self.attention_scale
+            )));
         }
         if !(self.norm_eps.is_finite() && self.norm_eps > 0.0 && self.norm_eps < 1.0) {
             return Err(bad(format!(
@@ -366,18 +758,36 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(
-            (c.family, c.head_dim, c.rope_theta),
-            (Family::Llama, 16, 5e5)
+            (c.family, c.head_dim, c.rope.as_ref().map(|r| r.theta)),
+            (Family::Llama, 16, Some(5e5))
         );
         assert!(!c.tie_word_embeddings);
     }
 
     #[test]
-    fn sliding_windows_cap_the_length() {
+    fn sliding_windows_apply_per_layer_without_capping_the_length() {
         let c = parse(&format!(r#"{LLAMA}, "model_type": "mistral", "max_position_embeddings": 9000, "sliding_window": 4096}}"#)).unwrap();
-        assert_eq!(c.max_position_embeddings, 4096);
-        let c = parse(&format!(r#"{LLAMA}, "max_position_embeddings": 9000, "sliding_window": 4096, "use_sliding_window": false}}"#)).unwrap();
         assert_eq!(c.max_position_embeddings, 9000);
+        assert_eq!(c.sliding_windows, vec![Some(4096); 2]);
+        let c = parse(&format!(r#"{LLAMA}, "model_type": "mistral", "sliding_window": 4096, "use_sliding_window": false}}"#)).unwrap();
+        assert_eq!(c.sliding_windows, vec![None; 2]);
+        // Qwen: from max_window_layers on, when enabled.
+        let c = parse(&format!(r#"{LLAMA}, "model_type": "qwen2", "sliding_window": 8, "use_sliding_window": true, "max_window_layers": 1}}"#)).unwrap();
+        assert_eq!(c.sliding_windows, vec![None, Some(8)]);
+        let c = parse(&format!(r#"{LLAMA}, "model_type": "qwen2", "sliding_window": 8}}"#)).unwrap();
+        assert_eq!(c.sliding_windows, vec![None; 2]);
+        // Gemma 3: every sixth layer global unless layer_types says otherwise.
+        let gemma = format!(r#"{LLAMA}, "model_type": "gemma3_text", "num_hidden_layers": 7, "sliding_window": 3"#);
+        let c = parse(&format!("{gemma}}}")).unwrap();
+        let mut want = vec![Some(3); 7];
+        want[5] = None;
+        assert_eq!(c.sliding_windows, want);
+        assert_eq!(c.rope.as_ref().map(|r| r.theta), Some(1e6));
+        assert_eq!(c.rope_local.as_ref().map(|r| r.theta), Some(1e4));
+        assert!(c.qk_norm && c.post_norms && c.tie_word_embeddings);
+        let types = r#"["full_attention", "sliding_attention", "full_attention", "full_attention", "full_attention", "full_attention", "full_attention"]"#;
+        let c = parse(&format!(r#"{gemma}, "layer_types": {types}}}"#)).unwrap();
+        assert_eq!(c.sliding_windows.iter().filter(|w| w.is_some()).count(), 1);
     }
 
     #[test]
@@ -388,10 +798,10 @@ mod tests {
             "{e}"
         );
         let e = parse(&format!(
-            r#"{LLAMA}, "rope_scaling": {{"rope_type": "yarn", "factor": 4.0}}}}"#
+            r#"{LLAMA}, "rope_scaling": {{"rope_type": "mrope", "factor": 4.0}}}}"#
         ))
         .unwrap_err();
-        assert!(e.to_string().contains("\"yarn\""), "{e}");
+        assert!(e.to_string().contains("\"mrope\""), "{e}");
         let e = parse(&format!(r#"{LLAMA}, "num_key_value_heads": 3}}"#)).unwrap_err();
         assert!(e.to_string().contains("cannot share"), "{e}");
         let e = parse(r#"{"model_type": "llama"}"#).unwrap_err();
@@ -412,10 +822,6 @@ mod tests {
             (
                 r#""num_attention_heads": 1024, "num_key_value_heads": 1024, "head_dim": 2048"#,
                 "heads of 2048",
-            ),
-            (
-                r#""max_position_embeddings": 1000000, "head_dim": 2048"#,
-                "rotary tables",
             ),
             (r#""rope_theta": -1.0"#, "rope_theta"),
             (r#""rope_theta": "big""#, "rope_theta"),

@@ -25,18 +25,20 @@ mod edits;
 mod gemm;
 mod kernels;
 mod model;
+mod rope;
 mod sample;
 mod scheduler;
 mod text;
+mod vocab;
 mod weights;
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 
-use candle_core::quantized::gguf_file;
 
-pub use config::{Family, ModelConfig, RopeStyle};
+pub use config::{same_architecture, Family, ModelConfig, RopeStyle};
+pub use rope::{Rope, RopeScaling};
 pub use sample::Sampling;
 pub use scheduler::{Event, Finish, Request, Scheduler, SchedulerOptions, Session};
 pub use text::Text;
@@ -161,71 +163,6 @@ fn check_adapter_name(name: &str) -> Result<()> {
     }
 }
 
-fn gguf_config(meta: &HashMap<String, gguf_file::Value>, path: &Path) -> Result<ModelConfig> {
-    let bad = |reason: String| Error::ModelLoad {
-        path: path.to_path_buf(),
-        reason,
-    };
-    let arch = meta
-        .get("general.architecture")
-        .and_then(|v| v.to_string().ok())
-        .cloned()
-        .ok_or_else(|| bad("the GGUF file names no general.architecture".into()))?;
-    let rope_style = match arch.as_str() {
-        "llama" | "mistral" => RopeStyle::Interleaved,
-        "qwen2" => RopeStyle::Halves,
-        _ => {
-            return Err(Error::UnsupportedModel {
-                path: path.to_path_buf(),
-                model_type: arch,
-            })
-        }
-    };
-    let get = |key: &str| meta.get(&format!("{arch}.{key}"));
-    let int = |key: &str| -> Option<usize> {
-        get(key)
-            .and_then(|v| v.to_u64().ok().or_else(|| v.to_u32().ok().map(u64::from)))
-            .map(|n| n as usize)
-    };
-    let need =
-        |key: &str| int(key).ok_or_else(|| bad(format!("the GGUF file has no {arch}.{key}")));
-    let float = |key: &str, default: f64| -> f64 {
-        get(key)
-            .and_then(|v| v.to_f32().ok().map(f64::from).or_else(|| v.to_f64().ok()))
-            .unwrap_or(default)
-    };
-    let hidden_size = need("embedding_length")?;
-    let heads = need("attention.head_count")?;
-    let vocab_size = match meta
-        .get("tokenizer.ggml.tokens")
-        .and_then(|v| v.to_vec().ok())
-    {
-        Some(tokens) => tokens.len(),
-        None => need("vocab_size")?,
-    };
-    let config = ModelConfig {
-        model_type: arch.clone(),
-        family: Family::Llama,
-        hidden_size,
-        intermediate_size: need("feed_forward_length")?,
-        num_hidden_layers: need("block_count")?,
-        num_attention_heads: heads,
-        num_key_value_heads: int("attention.head_count_kv").unwrap_or(heads),
-        head_dim: int("rope.dimension_count").unwrap_or(hidden_size / heads.max(1)),
-        vocab_size,
-        norm_eps: float("attention.layer_norm_rms_epsilon", 1e-6),
-        rope_theta: float("rope.freq_base", 10000.0),
-        rope_style,
-        max_position_embeddings: int("context_length").unwrap_or(4096),
-        tie_word_embeddings: false,
-        hidden_act: "silu".into(),
-        eos_token_ids: Vec::new(),
-        bos_token_id: None,
-    };
-    config.check(path)?;
-    Ok(config)
-}
-
 /// candle runs element-wise operations on a spinning thread pool of its
 /// own beside rayon's; on a few cores the two fight (a prefill took 40%
 /// longer). This keeps element-wise work on the calling thread
@@ -309,7 +246,7 @@ impl Engine {
                 }
                 let source = Source::gguf(model_path, options.dequantize)?;
                 let meta = source.gguf_metadata().expect("a GGUF source");
-                let config = gguf_config(meta, model_path)?;
+                let config = ModelConfig::from_gguf(meta, &source, model_path)?;
                 let text = match &source {
                     Source::Gguf { content, .. } => Text::from_gguf(content)?,
                     Source::Safetensors { .. } => None,

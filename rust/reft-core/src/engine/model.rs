@@ -10,7 +10,8 @@
 
 use candle_core::{Device, Tensor};
 
-use super::config::{Family, ModelConfig, RopeStyle};
+use super::config::{is_gemma, Family, ModelConfig, RopeStyle};
+use super::rope;
 use super::weights::{with_rows, Fused, Linear, Source};
 use crate::config::Component;
 use crate::error::{Error, Result};
@@ -41,30 +42,33 @@ enum Norm {
 }
 
 impl Norm {
-    /// The normalised rows of `x`, row after row.
-    fn apply(&self, x: &Tensor) -> Result<Vec<f32>> {
-        let (weight, bias, eps) = match self {
+    fn parts(&self) -> (&[f32], Option<&[f32]>, f64) {
+        match self {
             Norm::Rms { weight, eps } => (weight, None, *eps),
             Norm::Layer { weight, bias, eps } => (weight, Some(bias), *eps),
+        }
+    }
+
+    /// The mean (LayerNorm; 0 for RMSNorm) and the inverse deviation of `row`.
+    fn stats(&self, row: &[f32]) -> (f32, f32) {
+        let (_, bias, eps) = self.parts();
+        let k = row.len();
+        let mean = match bias {
+            Some(_) => row.iter().sum::<f32>() / k as f32,
+            None => 0.0,
         };
+        let variance = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / k as f32;
+        (mean, ((variance as f64 + eps) as f32).sqrt().recip())
+    }
+
+    /// The normalised rows of `x`, row after row.
+    fn apply(&self, x: &Tensor) -> Result<Vec<f32>> {
         with_rows(x, |xs, _| {
-            let k = weight.len();
+            let k = self.parts().0.len();
             let mut out = vec![0f32; xs.len()];
             let norm = |(row, y): (&[f32], &mut [f32])| {
-                let mean = match bias {
-                    Some(_) => row.iter().sum::<f32>() / k as f32,
-                    None => 0.0,
-                };
-                let variance = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / k as f32;
-                let inv = ((variance as f64 + eps) as f32).sqrt().recip();
-                for ((y, &v), &w) in y.iter_mut().zip(row).zip(weight) {
-                    *y = (v - mean) * inv * w;
-                }
-                if let Some(b) = bias {
-                    for (y, &c) in y.iter_mut().zip(b) {
-                        *y += c;
-                    }
-                }
+                y.copy_from_slice(row);
+                self.in_place(y);
             };
             if xs.len() >= PARALLEL_VALUES {
                 use rayon::prelude::*;
@@ -82,6 +86,20 @@ impl Norm {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(Tensor::from_vec(self.apply(x)?, x.dims2()?, &Device::Cpu)?)
+    }
+
+    /// Normalises one row in place.
+    fn in_place(&self, row: &mut [f32]) {
+        let (mean, inv) = self.stats(row);
+        let (weight, bias, _) = self.parts();
+        for (v, &w) in row.iter_mut().zip(weight) {
+            *v = (*v - mean) * inv * w;
+        }
+        if let Some(b) = bias {
+            for (v, &c) in row.iter_mut().zip(b) {
+                *v += c;
+            }
+        }
     }
 }
 
@@ -166,88 +184,170 @@ struct Layer {
     attn_norm: Norm,
     /// q, k and v projections.
     qkv: Fused,
+    /// Per-head norms of the queries and keys (Qwen3, Gemma 3).
+    q_norm: Option<Norm>,
+    k_norm: Option<Norm>,
     o: Linear,
+    /// The norm on the attention output before it joins the residual (Gemma 2/3).
+    post_attn_norm: Option<Norm>,
     mlp_norm: Norm,
     mlp: Mlp,
+    /// The norm on the MLP output before it joins the residual (Gemma 2/3).
+    post_mlp_norm: Option<Norm>,
+    /// Positions attention reaches back, the token itself included.
+    window: Option<usize>,
+    /// Whether the layer takes the local rotary embedding.
+    local_rope: bool,
 }
 
-/// Tensor names of a Llama-style layer: its prefix, then the suffixes of
-/// the two norms and of the q, k, v, o, gate, up and down projections.
+/// Tensor names of a rotary decoder's layer (after the layer prefix).
 struct LayerNames {
     prefix: &'static str,
-    norms: [&'static str; 2],
-    projections: [&'static str; 7],
+    /// The norm before attention.
+    attn_norm: &'static str,
+    /// The norm before the MLP: in a Llama layer.
+    mlp_norm: &'static str,
+    /// With norms after attention and MLP: the norms after attention,
+    /// before the MLP and after the MLP.
+    sandwich: [&'static str; 3],
+    q_norm: &'static str,
+    k_norm: &'static str,
+    /// q, k, v and o projections.
+    attention: [&'static str; 4],
+    /// q, k and v in one matrix (Phi-3).
+    qkv: &'static str,
+    /// gate, up and down projections.
+    mlp: [&'static str; 3],
+    /// gate and up in one matrix (Phi-3).
+    gate_up: &'static str,
 }
 
 const HF_NAMES: LayerNames = LayerNames {
     prefix: "model.layers",
-    norms: ["input_layernorm.weight", "post_attention_layernorm.weight"],
-    projections: [
+    attn_norm: "input_layernorm.weight",
+    mlp_norm: "post_attention_layernorm.weight",
+    sandwich: [
+        "post_attention_layernorm.weight",
+        "pre_feedforward_layernorm.weight",
+        "post_feedforward_layernorm.weight",
+    ],
+    q_norm: "self_attn.q_norm.weight",
+    k_norm: "self_attn.k_norm.weight",
+    attention: [
         "self_attn.q_proj",
         "self_attn.k_proj",
         "self_attn.v_proj",
         "self_attn.o_proj",
-        "mlp.gate_proj",
-        "mlp.up_proj",
-        "mlp.down_proj",
     ],
+    qkv: "self_attn.qkv_proj",
+    mlp: ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
+    gate_up: "mlp.gate_up_proj",
 };
 
 const GGUF_NAMES: LayerNames = LayerNames {
     prefix: "blk",
-    norms: ["attn_norm.weight", "ffn_norm.weight"],
-    projections: [
-        "attn_q",
-        "attn_k",
-        "attn_v",
-        "attn_output",
-        "ffn_gate",
-        "ffn_up",
-        "ffn_down",
+    attn_norm: "attn_norm.weight",
+    mlp_norm: "ffn_norm.weight",
+    sandwich: [
+        "post_attention_norm.weight",
+        "ffn_norm.weight",
+        "post_ffw_norm.weight",
     ],
+    q_norm: "attn_q_norm.weight",
+    k_norm: "attn_k_norm.weight",
+    attention: ["attn_q", "attn_k", "attn_v", "attn_output"],
+    qkv: "attn_qkv",
+    mlp: ["ffn_gate", "ffn_up", "ffn_down"],
+    // Phi-3's fused gate and up keep the name of the up projection.
+    gate_up: "ffn_up",
 };
 
-fn llama_layers(c: &ModelConfig, source: &Source, names: &LayerNames) -> Result<Vec<Layer>> {
+/// The layers of a rotary decoder. `norm_offset` is added to every norm
+/// weight (1 for Gemma's Hugging Face weights, stored as w − 1; GGUF
+/// files hold them with the 1 added).
+fn llama_layers(
+    c: &ModelConfig,
+    source: &Source,
+    names: &LayerNames,
+    norm_offset: f32,
+) -> Result<Vec<Layer>> {
     let (d, inter) = (c.hidden_size, c.intermediate_size);
     let q_out = c.num_attention_heads * c.head_dim;
     let kv_out = c.num_key_value_heads * c.head_dim;
-    let shapes = [
-        (q_out, d),
-        (kv_out, d),
-        (kv_out, d),
-        (d, q_out),
-        (inter, d),
-        (inter, d),
-        (d, inter),
-    ];
     (0..c.num_hidden_layers)
         .map(|i| {
             let p = format!("{}.{i}", names.prefix);
-            let norm = |suffix: &str| -> Result<Norm> {
+            let name = |suffix: &str| format!("{p}.{suffix}");
+            let norm = |suffix: &str, width: usize| -> Result<Norm> {
+                let mut weight = source.vector(&name(suffix), width)?;
+                if norm_offset != 0.0 {
+                    weight.iter_mut().for_each(|w| *w += norm_offset);
+                }
                 Ok(Norm::Rms {
-                    weight: source.vector(&format!("{p}.{suffix}"), d)?,
+                    weight,
                     eps: c.norm_eps,
                 })
             };
-            let mut linears = names
-                .projections
-                .iter()
-                .zip(shapes)
-                .map(|(suffix, (out, inp))| {
-                    source.linear(&format!("{p}.{suffix}"), out, inp, false)
-                })
-                .collect::<Result<Vec<_>>>()?
-                .into_iter();
-            let mut next = || linears.next().expect("seven projections");
+            let linear = |suffix: &str, out: usize, inp: usize| {
+                source.linear(&name(suffix), out, inp, false)
+            };
+            // Phi-3 stores q, k and v (and gate and up) as one matrix;
+            // GGUF files of other families keep an `ffn_up` of `inter` rows.
+            let qkv = if source.contains(&name(&format!("{}.weight", names.qkv))) {
+                Fused::whole(
+                    linear(names.qkv, q_out + 2 * kv_out, d)?,
+                    vec![q_out, kv_out, kv_out],
+                )
+            } else {
+                let [q, k, v, _] = names.attention;
+                Fused::new(vec![
+                    linear(q, q_out, d)?,
+                    linear(k, kv_out, d)?,
+                    linear(v, kv_out, d)?,
+                ])?
+            };
+            let [gate, up, down] = names.mlp;
+            let fused_gate_up = c.model_type == "phi3"
+                && !source.contains(&name(&format!("{gate}.weight")));
+            let gate_up = if fused_gate_up {
+                Fused::whole(linear(names.gate_up, 2 * inter, d)?, vec![inter, inter])
+            } else {
+                Fused::new(vec![linear(gate, inter, d)?, linear(up, inter, d)?])?
+            };
+            let (post_attn_norm, mlp_norm, post_mlp_norm) = if c.post_norms {
+                let [after_attention, before_mlp, after_mlp] = names.sandwich;
+                (
+                    Some(norm(after_attention, d)?),
+                    norm(before_mlp, d)?,
+                    Some(norm(after_mlp, d)?),
+                )
+            } else {
+                (None, norm(names.mlp_norm, d)?, None)
+            };
+            let (q_norm, k_norm) = if c.qk_norm {
+                (
+                    Some(norm(names.q_norm, c.head_dim)?),
+                    Some(norm(names.k_norm, c.head_dim)?),
+                )
+            } else {
+                (None, None)
+            };
+            let window = c.sliding_windows[i];
             Ok(Layer {
-                attn_norm: norm(names.norms[0])?,
-                qkv: Fused::new(vec![next(), next(), next()])?,
-                o: next(),
-                mlp_norm: norm(names.norms[1])?,
+                attn_norm: norm(names.attn_norm, d)?,
+                qkv,
+                q_norm,
+                k_norm,
+                o: linear(names.attention[3], d, q_out)?,
+                post_attn_norm,
+                mlp_norm,
                 mlp: Mlp::Gated {
-                    gate_up: Fused::new(vec![next(), next()])?,
-                    down: next(),
+                    gate_up,
+                    down: linear(down, d, inter)?,
                 },
+                post_mlp_norm,
+                window,
+                local_rope: window.is_some() && c.rope_local.is_some(),
             })
         })
         .collect()
@@ -281,6 +381,15 @@ impl SeqCache {
     }
 }
 
+impl SeqCache {
+    /// Empties the cache, keeping its room.
+    pub(crate) fn clear(&mut self) {
+        self.keys.iter_mut().for_each(Vec::clear);
+        self.values.iter_mut().for_each(Vec::clear);
+        self.len = 0;
+    }
+}
+
 /// A loaded model.
 pub(crate) struct Transformer {
     pub(crate) config: ModelConfig,
@@ -291,8 +400,6 @@ pub(crate) struct Transformer {
     layers: Vec<Layer>,
     final_norm: Norm,
     head: Linear,
-    /// `[max_positions, head_dim / 2]` cos and sin tables, row-major.
-    rope: Option<(Vec<f32>, Vec<f32>)>,
     act: Activation,
 }
 
@@ -303,7 +410,8 @@ impl Transformer {
         let (d, inter) = (c.hidden_size, c.intermediate_size);
         match c.family {
             Family::Llama => {
-                let layers = llama_layers(c, source, &HF_NAMES)?;
+                let offset = if is_gemma(&c.model_type) { 1.0 } else { 0.0 };
+                let layers = llama_layers(c, source, &HF_NAMES, offset)?;
                 let (embed, head) = if source.contains("lm_head.weight") && !c.tie_word_embeddings {
                     let head = source.linear("lm_head", c.vocab_size, d, false)?;
                     let embed = source.tensor("model.embed_tokens.weight", &[c.vocab_size, d])?;
@@ -319,7 +427,11 @@ impl Transformer {
                     None,
                     layers,
                     Norm::Rms {
-                        weight: source.vector("model.norm.weight", d)?,
+                        weight: source
+                            .vector("model.norm.weight", d)?
+                            .into_iter()
+                            .map(|w| w + offset)
+                            .collect(),
                         eps: c.norm_eps,
                     },
                     head,
@@ -351,6 +463,12 @@ impl Transformer {
                             fc: source.linear(&format!("{p}.mlp.c_fc"), inter, d, true)?,
                             proj: source.linear(&format!("{p}.mlp.c_proj"), d, inter, true)?,
                         },
+                        q_norm: None,
+                        k_norm: None,
+                        post_attn_norm: None,
+                        post_mlp_norm: None,
+                        window: None,
+                        local_rope: false,
                     });
                 }
                 let positions = source.tensor(
@@ -375,7 +493,7 @@ impl Transformer {
     pub(crate) fn from_gguf(config: ModelConfig, source: &Source) -> Result<Self> {
         let c = &config;
         let d = c.hidden_size;
-        let layers = llama_layers(c, source, &GGUF_NAMES)?;
+        let layers = llama_layers(c, source, &GGUF_NAMES, 0.0)?;
         let embed = source.tensor("token_embd.weight", &[c.vocab_size, d])?;
         let head = if source.contains("output.weight") {
             source.linear("output", c.vocab_size, d, false)?
@@ -403,10 +521,6 @@ impl Transformer {
         final_norm: Norm,
         head: Linear,
     ) -> Result<Self> {
-        let rope = match config.family {
-            Family::Llama => Some(rope_tables(&config)),
-            Family::Gpt2 => None,
-        };
         if head.out_features() != config.vocab_size {
             return Err(Error::Backend(format!(
                 "output layer has {} rows for a vocabulary of {}",
@@ -422,9 +536,33 @@ impl Transformer {
             layers,
             final_norm,
             head,
-            rope,
             act,
         })
+    }
+
+    /// The length after which a sequence's rotation changes for all its
+    /// positions (LongRoPE's pretraining length), if any.
+    fn restart_length(&self) -> Option<usize> {
+        [&self.config.rope, &self.config.rope_local]
+            .into_iter()
+            .flatten()
+            .find_map(|r| match r.scaling {
+                rope::RopeScaling::LongRope { original, .. } => Some(original),
+                _ => None,
+            })
+    }
+
+    /// Whether a generation may have to run again from its start.
+    pub(crate) fn may_restart(&self) -> bool {
+        self.restart_length().is_some()
+    }
+
+    /// Whether a sequence with `cached` tokens in its cache must run again
+    /// from its start to take one more: transformers' Phi-3 generation
+    /// recomputes the cache once the sequence passes the pretraining
+    /// length, so that every position turns with the long factors.
+    pub(crate) fn restarts_after(&self, cached: usize) -> bool {
+        self.restart_length() == Some(cached)
     }
 
     /// Key (and value) values per token and layer.
@@ -491,18 +629,34 @@ impl Transformer {
                 ))
             }
         };
+        if let Some(scale) = c.embedding_scale {
+            h = h.affine(scale as f64, 0.0)?;
+        }
         if let Some(table) = &self.positions {
             let pos: Vec<u32> = rows.iter().map(|&(_, p)| p as u32).collect();
             h = h.add(&table.index_select(&Tensor::from_vec(pos, n, &Device::Cpu)?, 0)?)?;
         }
+        // The rotations of this call's rows, once for all layers: each
+        // sequence's frequencies may depend on how far it reaches now.
+        let reach: Vec<usize> = caches.iter().zip(counts).map(|(c, n)| c.len + n).collect();
+        let positions: Vec<usize> = rows.iter().map(|&(_, p)| p).collect();
+        let turn = |r: &Option<rope::Rope>| {
+            r.as_ref()
+                .map(|r| rope::angles(r, &positions, |i| reach[rows[i].0]))
+        };
+        let (global, local) = (turn(&c.rope), turn(&c.rope_local));
         for (index, layer) in self.layers.iter().enumerate() {
             if edits.wants(index, Component::BlockInput) {
                 h = edits.apply(index, Component::BlockInput, h)?;
             }
             let x = layer.attn_norm.apply(&h)?;
-            let mut a = self.attention(layer, index, &x, &rows, caches)?;
+            let angles = if layer.local_rope { &local } else { &global };
+            let mut a = self.attention(layer, index, &x, &rows, angles.as_ref(), caches)?;
             if edits.wants(index, Component::AttentionOutput) {
                 a = edits.apply(index, Component::AttentionOutput, a)?;
+            }
+            if let Some(norm) = &layer.post_attn_norm {
+                a = norm.forward(&a)?;
             }
             h = h.add(&a)?;
             let x = layer.mlp_norm.apply(&h)?;
@@ -520,6 +674,9 @@ impl Transformer {
             };
             if edits.wants(index, Component::MlpOutput) {
                 m = edits.apply(index, Component::MlpOutput, m)?;
+            }
+            if let Some(norm) = &layer.post_mlp_norm {
+                m = norm.forward(&m)?;
             }
             h = h.add(&m)?;
             if edits.wants(index, Component::BlockOutput) {
@@ -542,19 +699,25 @@ impl Transformer {
             h.index_select(&Tensor::from_vec(last, k, &Device::Cpu)?, 0)?
         };
         let h = self.final_norm.forward(&h)?;
-        self.head.forward(&h)
+        let logits = self.head.forward(&h)?;
+        match c.final_logit_softcapping {
+            Some(cap) => Ok((logits / cap)?.tanh()?.affine(cap, 0.0)?),
+            None => Ok(logits),
+        }
     }
 
     /// Causal self-attention of the `[n, hidden]` states `x`, whose rows
     /// are the `(sequence, position)` tokens of `rows`: their keys and values
     /// join each sequence's cache, and each token attends to its sequence's
-    /// tokens up to itself.
+    /// tokens up to itself (the last `window` of them in a sliding-window
+    /// layer). `angles` holds each row's rotation (cos, sin), if any.
     fn attention(
         &self,
         layer: &Layer,
         index: usize,
         x: &[f32],
         rows: &[(usize, usize)],
+        angles: Option<&(Vec<f32>, Vec<f32>)>,
         caches: &mut [&mut SeqCache],
     ) -> Result<Tensor> {
         let c = &self.config;
@@ -564,12 +727,21 @@ impl Transformer {
         // Each row: its query, key and value side by side.
         let width = q_width + 2 * kv_width;
         let mut qkv = layer.qkv.apply(x, n)?;
-        if let Some((cos, sin)) = &self.rope {
-            let half = hd / 2;
-            for (row, &(_, p)) in qkv.chunks_exact_mut(width).zip(rows) {
-                let (cos, sin) = (&cos[p * half..][..half], &sin[p * half..][..half]);
+        if let (Some(q_norm), Some(k_norm)) = (&layer.q_norm, &layer.k_norm) {
+            for row in qkv.chunks_exact_mut(width) {
+                let (q, rest) = row.split_at_mut(q_width);
+                q.chunks_exact_mut(hd).for_each(|head| q_norm.in_place(head));
+                rest[..kv_width]
+                    .chunks_exact_mut(hd)
+                    .for_each(|head| k_norm.in_place(head));
+            }
+        }
+        if let Some((cos, sin)) = angles {
+            let half = cos.len() / n.max(1);
+            for (r, row) in qkv.chunks_exact_mut(width).enumerate() {
+                let (cos, sin) = (&cos[r * half..][..half], &sin[r * half..][..half]);
                 for head in row[..q_width + kv_width].chunks_exact_mut(hd) {
-                    rotate(head, cos, sin, c.rope_style);
+                    rotate(&mut head[..2 * half], cos, sin, c.rope_style);
                 }
             }
         }
@@ -581,7 +753,8 @@ impl Transformer {
         let q = &qkv;
         let caches: Vec<&SeqCache> = caches.iter().map(|c| &**c).collect();
         let group = heads / kv_heads;
-        let scale = (1.0 / (hd as f64).sqrt()) as f32;
+        let scale = c.attention_scale as f32;
+        let softcap = c.attn_logit_softcapping.map(|s| s as f32);
         let mut out = vec![0f32; n * q_width];
         // One unit of work per (token, head): its `[head_dim]` slice of `out`.
         let vector = super::gemm::has_fma();
@@ -589,18 +762,23 @@ impl Transformer {
             let (r, head) = (unit / heads, unit % heads);
             let (s, p) = rows[r];
             let g = head / group;
+            let start = layer.window.map_or(0, |w| (p + 1).saturating_sub(w));
             let unit = Attend {
                 query: &q[r * width + head * hd..][..hd],
-                keys: &caches[s].keys[index][g * hd..],
-                values: &caches[s].values[index][g * hd..],
+                keys: &caches[s].keys[index][start * kv_width + g * hd..],
+                values: &caches[s].values[index][start * kv_width + g * hd..],
                 stride: kv_width,
-                len: p + 1,
+                len: p + 1 - start,
                 scale,
+                softcap,
             };
             unit.run(target, vector);
         };
         // Few tokens, short caches: threads would cost more than they save.
-        let keys_seen: usize = rows.iter().map(|&(_, p)| p + 1).sum();
+        let keys_seen: usize = rows
+            .iter()
+            .map(|&(_, p)| layer.window.map_or(p + 1, |w| (p + 1).min(w)))
+            .sum();
         if keys_seen * heads * hd < 1 << 14 {
             out.chunks_mut(hd).enumerate().for_each(work);
         } else {
@@ -622,6 +800,8 @@ struct Attend<'a> {
     /// Keys attended to.
     len: usize,
     scale: f32,
+    /// `c · tanh(score / c)` on each scaled score.
+    softcap: Option<f32>,
 }
 
 impl Attend<'_> {
@@ -659,7 +839,7 @@ impl Attend<'_> {
             }
             let mut lanes = [0f32; 8];
             _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
-            let score = lanes.iter().sum::<f32>() * self.scale;
+            let score = self.capped(lanes.iter().sum::<f32>() * self.scale);
             *slot = score;
             max = max.max(score);
         }
@@ -679,10 +859,17 @@ impl Attend<'_> {
         }
     }
 
+    fn capped(&self, score: f32) -> f32 {
+        match self.softcap {
+            Some(c) => (score / c).tanh() * c,
+            None => score,
+        }
+    }
+
     fn body(&self, target: &mut [f32]) {
         let hd = self.query.len();
         let mut scores: Vec<f32> = (0..self.len)
-            .map(|j| dot(self.query, &self.keys[j * self.stride..][..hd]) * self.scale)
+            .map(|j| self.capped(dot(self.query, &self.keys[j * self.stride..][..hd]) * self.scale))
             .collect();
         let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut sum = 0f32;
@@ -739,25 +926,6 @@ fn rotate(x: &mut [f32], cos: &[f32], sin: &[f32], style: RopeStyle) {
             }
         }
     }
-}
-
-fn rope_tables(c: &ModelConfig) -> (Vec<f32>, Vec<f32>) {
-    let half = c.head_dim / 2;
-    // As transformers computes them: float32 inverse frequencies and angles.
-    let inv: Vec<f32> = (0..half)
-        .map(|i| 1.0 / (c.rope_theta as f32).powf((2 * i) as f32 / c.head_dim as f32))
-        .collect();
-    let n = c.max_position_embeddings;
-    let mut cos = Vec::with_capacity(n * half);
-    let mut sin = Vec::with_capacity(n * half);
-    for p in 0..n {
-        for &f in &inv {
-            let angle = p as f32 * f;
-            cos.push(angle.cos());
-            sin.push(angle.sin());
-        }
-    }
-    (cos, sin)
 }
 
 #[cfg(test)]
@@ -825,6 +993,7 @@ mod tests {
                 stride,
                 len,
                 scale: 1.0 / (hd as f32).sqrt(),
+                softcap: None,
             };
             let mut plain_build = vec![0f32; hd];
             unit.run(&mut plain_build, false);

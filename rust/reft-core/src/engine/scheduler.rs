@@ -389,21 +389,38 @@ impl Scheduler {
             .iter()
             .map(|s| s.request.set.clone())
             .collect();
-        for (seq, set) in state.running.iter().zip(&sets) {
+        for (seq, set) in state.running.iter_mut().zip(&sets) {
             let first_row = ids.len();
-            match seq.next {
-                None => ids.extend_from_slice(&seq.request.prompt),
-                Some(token) => ids.push(token),
-            }
-            counts.push(ids.len() - first_row);
-            spans.push(Span {
+            let span = |first_row, tokens, prompt| Span {
                 set: set.as_deref(),
                 first_row,
-                tokens: ids.len() - first_row,
-                prompt: seq.next.is_none(),
+                tokens,
+                prompt,
                 on_generated: seq.request.options.intervene_on_generated,
                 strength: seq.request.options.strength,
-            });
+            };
+            match seq.next {
+                None => {
+                    ids.extend_from_slice(&seq.request.prompt);
+                    spans.push(span(first_row, ids.len() - first_row, true));
+                }
+                // Past the length where the rotation changes (LongRoPE), the
+                // whole sequence runs again on an empty cache, as transformers
+                // generates: its prompt edited as a prompt, its tokens as generated.
+                Some(_) if engine.model.restarts_after(seq.cache.len) => {
+                    seq.cache.clear();
+                    let prompt = seq.request.prompt.len();
+                    ids.extend_from_slice(&seq.request.prompt);
+                    ids.extend_from_slice(&seq.generated);
+                    spans.push(span(first_row, prompt, true));
+                    spans.push(span(first_row + prompt, seq.generated.len(), false));
+                }
+                Some(token) => {
+                    ids.push(token);
+                    spans.push(span(first_row, 1, false));
+                }
+            }
+            counts.push(ids.len() - first_row);
         }
         let result = {
             let mut caches: Vec<&mut SeqCache> =
@@ -458,7 +475,7 @@ impl Scheduler {
             let options = &seq.request.options;
             let token = sample::choose(values, &options.sampling, &mut seq.rng);
             let values = seq.request.return_logits.then(|| values.to_vec());
-            if seq.next.is_none() {
+            if seq.next.is_none() && !engine.model.may_restart() {
                 seq.request.prompt = Vec::new(); // prefilled: the cache holds it
             }
             seq.next = Some(token);

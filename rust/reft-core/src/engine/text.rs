@@ -114,16 +114,33 @@ impl Text {
         if !content.metadata.contains_key("tokenizer.ggml.tokens") {
             return Ok(None);
         }
-        let mut tokenizer = guarded("building the GGUF tokenizer", || {
-            Tokenizer::from_gguf(content)
-        })?
-        .map_err(|e| Error::Tokenizer(format!("cannot build the GGUF tokenizer: {e}")))?;
+        let kind = content
+            .metadata
+            .get("tokenizer.ggml.model")
+            .and_then(|v| v.to_string().ok())
+            .map(String::as_str)
+            .unwrap_or("gpt2");
+        let mut tokenizer = match kind {
+            "llama" => guarded("building the GGUF tokenizer", || {
+                super::vocab::sentencepiece(content)
+            })?
+            .map_err(|e| Error::Tokenizer(format!("cannot build the GGUF tokenizer: {e}")))?,
+            "gpt2" => guarded("building the GGUF tokenizer", || {
+                Tokenizer::from_gguf(content)
+            })?
+            .map_err(|e| Error::Tokenizer(format!("cannot build the GGUF tokenizer: {e}")))?,
+            other => {
+                return Err(Error::Tokenizer(format!(
+                    "the GGUF tokenizer model {other:?} is not supported (supported: gpt2, llama)"
+                )))
+            }
+        };
         let meta = |key: &str| content.metadata.get(key);
         let pre = meta("tokenizer.ggml.pre")
             .and_then(|v| v.to_string().ok())
             .map(String::as_str)
             .unwrap_or("gpt2");
-        if !matches!(pre, "qwen2" | "smaug-bpe" | "lfm2" | "llama3") {
+        if kind == "gpt2" && !matches!(pre, "qwen2" | "smaug-bpe" | "lfm2" | "llama3") {
             // candle reads other GPT-2-style vocabularies with a prefix space
             // added; llama.cpp and transformers add one only when the file
             // says so, and split digits one by one for SmolLM.
@@ -157,7 +174,7 @@ impl Text {
         Ok(Some(Text {
             bos_token: name(id("tokenizer.ggml.bos_token_id")),
             eos_token: name(eos),
-            eos_ids: eos.into_iter().collect(),
+            eos_ids: end_of_generation(content, &tokenizer, eos),
             chat: chat_template.map(compile_chat),
             tokenizer,
         }))
@@ -225,6 +242,33 @@ impl Text {
         String::from_utf8(out.0)
             .map_err(|_| Error::Tokenizer("the chat template wrote invalid UTF-8".into()))
     }
+}
+
+/// The tokens that end a generation, as llama.cpp gathers them from a GGUF
+/// file: its end-of-sequence, end-of-turn and end-of-message ids, and the
+/// tokens chat templates end a turn with, where the vocabulary has them.
+fn end_of_generation(
+    content: &gguf_file::Content,
+    tokenizer: &Tokenizer,
+    eos: Option<u32>,
+) -> Vec<u32> {
+    let vocab = tokenizer.get_vocab_size(true) as u32;
+    let mut ids: Vec<u32> = eos.into_iter().collect();
+    for key in ["tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"] {
+        ids.extend(
+            content
+                .metadata
+                .get(key)
+                .and_then(|v| v.to_u32().ok())
+                .filter(|&i| i < vocab),
+        );
+    }
+    for text in ["<end_of_turn>", "<|eot_id|>", "<|im_end|>", "<|end|>", "<|eom_id|>"] {
+        ids.extend(tokenizer.token_to_id(text));
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    ids
 }
 
 /// Instructions (and about 64 bytes of values each) one chat render may
