@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use numpy::{IntoPyArray, PyArray1, PyArray2};
 use pyo3::prelude::*;
 use reft_core::engine::{
-    cut_at_stop, Engine, Finish, GenerateOptions, LoadOptions, Request, Sampling, Scheduler,
-    SchedulerOptions, Session,
+    cut_at_stop, Activations, Engine, Finish, GenerateOptions, LoadOptions, Request, Sampling,
+    Scheduler, SchedulerOptions, Session,
 };
 use reft_core::Error;
 
@@ -75,17 +75,23 @@ impl PyEngine {
 #[pymethods]
 impl PyEngine {
     #[new]
-    #[pyo3(signature = (model_path, reft=None, threads=None, dequantize=false))]
+    #[pyo3(signature = (model_path, reft=None, threads=None, dequantize=false, int8_activations=false))]
     fn new(
         py: Python<'_>,
         model_path: PathBuf,
         reft: Option<PathBuf>,
         threads: Option<usize>,
         dequantize: bool,
+        int8_activations: bool,
     ) -> PyResult<Self> {
         let options = LoadOptions {
             threads,
             dequantize,
+            activations: if int8_activations {
+                Activations::Int8
+            } else {
+                Activations::Int16
+            },
         };
         let engine = crate::errors::detach(py, || {
             Engine::load_with(&model_path, reft.as_deref(), &options)

@@ -161,6 +161,20 @@ pub(crate) mod limits {
     pub const POSITIONS: usize = 1 << 20;
 }
 
+/// The layer count checked before anything is sized by it.
+fn check_layers(layers: usize, path: &Path) -> Result<()> {
+    if layers > limits::LAYERS {
+        return Err(Error::ModelLoad {
+            path: path.to_path_buf(),
+            reason: format!(
+                "layer count {layers} is past the engine's limit of {}",
+                limits::LAYERS
+            ),
+        });
+    }
+    Ok(())
+}
+
 impl ModelConfig {
     /// Reads a Hugging Face `config.json`.
     pub fn from_hf_json(text: &str, path: &Path) -> Result<Self> {
@@ -225,10 +239,13 @@ impl ModelConfig {
                 let kv_heads = usize_of(&["num_key_value_heads"])?.unwrap_or(heads);
                 let head_dim = usize_of(&["head_dim"])?.unwrap_or(hidden_size / heads.max(1));
                 let layers = need(&["num_hidden_layers"])?;
+                check_layers(layers, path)?;
                 let positions = usize_of(&["max_position_embeddings"])?.unwrap_or(4096);
                 let gemma = is_gemma(&model_type);
                 let gemma3 = matches!(model_type.as_str(), "gemma3" | "gemma3_text");
-                if gemma3 && get("use_bidirectional_attention").and_then(Value::as_bool) == Some(true) {
+                if gemma3
+                    && get("use_bidirectional_attention").and_then(Value::as_bool) == Some(true)
+                {
                     return Err(bad(
                         "bidirectional attention (use_bidirectional_attention) is not supported by the engine"
                             .into(),
@@ -263,7 +280,10 @@ impl ModelConfig {
                     ),
                     None if gemma3 => (
                         rope_of(params, theta)?,
-                        Some(rope_of(None, float_of(&["rope_local_base_freq"], 10000.0)?)?),
+                        Some(rope_of(
+                            None,
+                            float_of(&["rope_local_base_freq"], 10000.0)?,
+                        )?),
                     ),
                     None => (rope_of(params, theta)?, None),
                 };
@@ -284,7 +304,9 @@ impl ModelConfig {
                             .map(|k| match k.as_str() {
                                 Some("sliding_attention") => Ok(true),
                                 Some("full_attention") => Ok(false),
-                                _ => Err(bad(format!("layer type {k} is not supported by the engine"))),
+                                _ => Err(bad(format!(
+                                    "layer type {k} is not supported by the engine"
+                                ))),
                             })
                             .collect::<Result<_>>()?
                     }
@@ -331,9 +353,15 @@ impl ModelConfig {
                     }
                 };
                 let query_scalar = match get("query_pre_attn_scalar") {
-                    Some(v) if gemma => Some(v.as_f64().filter(|x| x.is_finite() && *x > 0.0).ok_or_else(
-                        || bad(format!("query_pre_attn_scalar is {v}, not a positive number")),
-                    )?),
+                    Some(v) if gemma => Some(
+                        v.as_f64()
+                            .filter(|x| x.is_finite() && *x > 0.0)
+                            .ok_or_else(|| {
+                                bad(format!(
+                                    "query_pre_attn_scalar is {v}, not a positive number"
+                                ))
+                            })?,
+                    ),
                     _ => None,
                 };
                 let act_keys: &[&str] = if gemma {
@@ -375,8 +403,16 @@ impl ModelConfig {
                     post_norms: matches!(model_type.as_str(), "gemma2" | "gemma3" | "gemma3_text"),
                     embedding_scale: gemma.then(|| (hidden_size as f64).sqrt() as f32),
                     attention_scale: query_scalar.unwrap_or(head_dim as f64).powf(-0.5),
-                    attn_logit_softcapping: if gemma { softcap("attn_logit_softcapping")? } else { None },
-                    final_logit_softcapping: if gemma { softcap("final_logit_softcapping")? } else { None },
+                    attn_logit_softcapping: if gemma {
+                        softcap("attn_logit_softcapping")?
+                    } else {
+                        None
+                    },
+                    final_logit_softcapping: if gemma {
+                        softcap("final_logit_softcapping")?
+                    } else {
+                        None
+                    },
                     eos_token_ids,
                     bos_token_id,
                     model_type,
@@ -387,6 +423,7 @@ impl ModelConfig {
                 let hidden_size = need(&["n_embd", "hidden_size"])?;
                 let heads = need(&["n_head", "num_attention_heads"])?;
                 let layers = need(&["n_layer", "num_hidden_layers"])?;
+                check_layers(layers, path)?;
                 for flag in ["scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"] {
                     if get(flag).and_then(Value::as_bool) == Some(true) {
                         return Err(bad(format!("GPT-2 option {flag} is not supported")));
@@ -491,6 +528,7 @@ impl ModelConfig {
         let hidden_size = need("embedding_length")?;
         let heads = need("attention.head_count")?;
         let layers = need("block_count")?;
+        check_layers(layers, path)?;
         let vocab_size = match meta
             .get("tokenizer.ggml.tokens")
             .and_then(|v| v.to_vec().ok())
@@ -580,7 +618,10 @@ impl ModelConfig {
             .collect();
         let rope_local = (arch == "gemma3").then(|| {
             Rope::plain(
-                float("rope.freq_base_swa").ok().flatten().unwrap_or(10000.0),
+                float("rope.freq_base_swa")
+                    .ok()
+                    .flatten()
+                    .unwrap_or(10000.0),
                 rotated,
             )
         });
@@ -774,10 +815,15 @@ mod tests {
         // Qwen: from max_window_layers on, when enabled.
         let c = parse(&format!(r#"{LLAMA}, "model_type": "qwen2", "sliding_window": 8, "use_sliding_window": true, "max_window_layers": 1}}"#)).unwrap();
         assert_eq!(c.sliding_windows, vec![None, Some(8)]);
-        let c = parse(&format!(r#"{LLAMA}, "model_type": "qwen2", "sliding_window": 8}}"#)).unwrap();
+        let c = parse(&format!(
+            r#"{LLAMA}, "model_type": "qwen2", "sliding_window": 8}}"#
+        ))
+        .unwrap();
         assert_eq!(c.sliding_windows, vec![None; 2]);
         // Gemma 3: every sixth layer global unless layer_types says otherwise.
-        let gemma = format!(r#"{LLAMA}, "model_type": "gemma3_text", "num_hidden_layers": 7, "sliding_window": 3"#);
+        let gemma = format!(
+            r#"{LLAMA}, "model_type": "gemma3_text", "num_hidden_layers": 7, "sliding_window": 3"#
+        );
         let c = parse(&format!("{gemma}}}")).unwrap();
         let mut want = vec![Some(3); 7];
         want[5] = None;

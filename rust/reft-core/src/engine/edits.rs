@@ -204,11 +204,13 @@ impl EditSet {
             Some(model.hidden_size),
             Some(model.num_hidden_layers),
             // One architecture under its Hugging Face and GGUF names is one model type.
-            Some(if super::config::same_architecture(&base.model_type, &model.model_type) {
-                &base.model_type
-            } else {
-                &model.model_type
-            }),
+            Some(
+                if super::config::same_architecture(&base.model_type, &model.model_type) {
+                    &base.model_type
+                } else {
+                    &model.model_type
+                },
+            ),
             true,
         )?;
         let d = model.hidden_size;

@@ -320,6 +320,31 @@ mod avx2 {
     }
 }
 
+/// What [`matmul_rows`]'s 8-bit rounding of the activations leaves out of
+/// `x` (`x` minus its rounding), where the kernels round them (x86 with
+/// AVX2); `None` where the products take float activations.
+pub(crate) fn activation_residual(x: &[f32]) -> Option<Vec<f32>> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2")
+            && std::is_x86_feature_detected!("fma")
+            && std::is_x86_feature_detected!("f16c")
+            && x.len().is_multiple_of(BLOCK)
+        {
+            let q = quantize_rows(x);
+            let residual = x
+                .chunks_exact(BLOCK)
+                .zip(q.q.chunks_exact(BLOCK))
+                .zip(&q.d)
+                .flat_map(|((x, q), &d)| x.iter().zip(q).map(move |(&v, &q)| v - q as f32 * d))
+                .collect();
+            return Some(residual);
+        }
+    }
+    let _ = x;
+    None
+}
+
 /// `y = x Wᵀ`: `x` is `[m, k]`, `W` has `n` rows of `k`; returns `[m, n]`.
 ///
 /// The caller checks that `W` holds `n * k` weights and, for the block

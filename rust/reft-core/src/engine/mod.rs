@@ -36,12 +36,12 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 
-
 pub use config::{same_architecture, Family, ModelConfig, RopeStyle};
 pub use rope::{Rope, RopeScaling};
 pub use sample::Sampling;
 pub use scheduler::{Event, Finish, Request, Scheduler, SchedulerOptions, Session};
 pub use text::Text;
+pub use weights::Activations;
 
 use crate::error::{Error, Result};
 use edits::{BatchEdits, EditSet, Span};
@@ -91,6 +91,8 @@ pub struct LoadOptions {
     /// GGUF only: expand block-quantized matrices to float32 when loading
     /// (exactly what transformers computes from the file; 4-8x the memory).
     pub dequantize: bool,
+    /// GGUF only: how activations meet the quantized matrices.
+    pub activations: Activations,
 }
 
 /// A loaded model, its tokenizer and, optionally, interventions: the
@@ -244,7 +246,7 @@ impl Engine {
                                 .into(),
                     });
                 }
-                let source = Source::gguf(model_path, options.dequantize)?;
+                let source = Source::gguf(model_path, options.dequantize, options.activations)?;
                 let meta = source.gguf_metadata().expect("a GGUF source");
                 let config = ModelConfig::from_gguf(meta, &source, model_path)?;
                 let text = match &source {

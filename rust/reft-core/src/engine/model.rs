@@ -307,8 +307,8 @@ fn llama_layers(
                 ])?
             };
             let [gate, up, down] = names.mlp;
-            let fused_gate_up = c.model_type == "phi3"
-                && !source.contains(&name(&format!("{gate}.weight")));
+            let fused_gate_up =
+                c.model_type == "phi3" && !source.contains(&name(&format!("{gate}.weight")));
             let gate_up = if fused_gate_up {
                 Fused::whole(linear(names.gate_up, 2 * inter, d)?, vec![inter, inter])
             } else {
@@ -730,7 +730,8 @@ impl Transformer {
         if let (Some(q_norm), Some(k_norm)) = (&layer.q_norm, &layer.k_norm) {
             for row in qkv.chunks_exact_mut(width) {
                 let (q, rest) = row.split_at_mut(q_width);
-                q.chunks_exact_mut(hd).for_each(|head| q_norm.in_place(head));
+                q.chunks_exact_mut(hd)
+                    .for_each(|head| q_norm.in_place(head));
                 rest[..kv_width]
                     .chunks_exact_mut(hd)
                     .for_each(|head| k_norm.in_place(head));

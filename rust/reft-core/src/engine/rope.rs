@@ -156,9 +156,7 @@ impl Rope {
         let theta = number("rope_theta")?.unwrap_or(theta);
         let partial = number("partial_rotary_factor")?.or(partial).unwrap_or(1.0);
         if !(partial > 0.0 && partial <= 1.0) {
-            return Err(format!(
-                "partial_rotary_factor {partial} must be in (0, 1]"
-            ));
+            return Err(format!("partial_rotary_factor {partial} must be in (0, 1]"));
         }
         // int(head_dim * partial_rotary_factor), as transformers sizes it.
         let dim = (head_dim as f64 * partial) as usize;
@@ -175,8 +173,8 @@ impl Rope {
                 .unwrap_or(positions))
         };
         let factor = |what: &str| -> RopeResult<f64> {
-            let f = number("factor")?
-                .ok_or_else(|| format!("{what} rope scaling needs a factor"))?;
+            let f =
+                number("factor")?.ok_or_else(|| format!("{what} rope scaling needs a factor"))?;
             if f > 0.0 {
                 Ok(f)
             } else {
@@ -245,7 +243,8 @@ impl Rope {
                         .and_then(Value::as_array)
                         .ok_or_else(|| format!("longrope scaling needs a list {key}"))?;
                     let values: Vec<f64> = items.iter().filter_map(Value::as_f64).collect();
-                    if values.len() != dim / 2 || values.iter().any(|v| !(v.is_finite() && *v > 0.0))
+                    if values.len() != dim / 2
+                        || values.iter().any(|v| !(v.is_finite() && *v > 0.0))
                     {
                         return Err(format!(
                             "longrope {key} must hold {} positive numbers",
@@ -418,8 +417,8 @@ impl Rope {
                     .map(|(i, &p)| {
                         let extrapolation = 1.0 / p;
                         let interpolation = 1.0 / (f * p);
-                        let ramp = ((i as f32 - low as f32) / (high as f32 - low as f32))
-                            .clamp(0.0, 1.0);
+                        let ramp =
+                            ((i as f32 - low as f32) / (high as f32 - low as f32)).clamp(0.0, 1.0);
                         let keep = 1.0 - ramp;
                         interpolation * (1.0 - keep) + extrapolation * keep
                     })

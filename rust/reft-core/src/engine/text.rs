@@ -263,7 +263,13 @@ fn end_of_generation(
                 .filter(|&i| i < vocab),
         );
     }
-    for text in ["<end_of_turn>", "<|eot_id|>", "<|im_end|>", "<|end|>", "<|eom_id|>"] {
+    for text in [
+        "<end_of_turn>",
+        "<|eot_id|>",
+        "<|im_end|>",
+        "<|end|>",
+        "<|eom_id|>",
+    ] {
         ids.extend(tokenizer.token_to_id(text));
     }
     ids.sort_unstable();

@@ -70,11 +70,9 @@ fn merges(tokens: &[String], rank: &[f64]) -> Vec<(String, String)> {
         }
         local.sort_by_key(|&(l, r, _, _)| (l, r));
         let s = score[token];
-        all.extend(
-            local
-                .into_iter()
-                .map(|(_, _, left, right)| (s, left.chars().count(), right.chars().count(), left, right)),
-        );
+        all.extend(local.into_iter().map(|(_, _, left, right)| {
+            (s, left.chars().count(), right.chars().count(), left, right)
+        }));
     }
     // A stable sort, largest key first (Python's `sorted(..., reverse=True)`).
     all.sort_by(|a, b| {
@@ -160,10 +158,9 @@ pub(crate) fn sentencepiece(content: &Content) -> std::result::Result<Tokenizer,
     } else if arch == "phi3" {
         // A "▁" before the text and for every space, from the normalizer.
         tokenizer
-            .with_normalizer(Some(NormalizerWrapper::from(NormalizerSequence::new(vec![
-                Prepend::new("\u{2581}".into()).into(),
-                replace()?.into(),
-            ]))))
+            .with_normalizer(Some(NormalizerWrapper::from(NormalizerSequence::new(
+                vec![Prepend::new("\u{2581}".into()).into(), replace()?.into()],
+            ))))
             .map_err(|e| e.to_string())?;
         decoders.push(Strip::new(' ', 1, 0).into());
     } else {
@@ -196,7 +193,11 @@ pub(crate) fn sentencepiece(content: &Content) -> std::result::Result<Tokenizer,
         .add_tokens(pick(USER_DEFINED))
         .map_err(|e| e.to_string())?;
 
-    let id = |key: &str| meta(key).and_then(|v| v.to_u32().ok()).filter(|&i| (i as usize) < n);
+    let id = |key: &str| {
+        meta(key)
+            .and_then(|v| v.to_u32().ok())
+            .filter(|&i| (i as usize) < n)
+    };
     let add_bos = meta("tokenizer.ggml.add_bos_token")
         .and_then(|v| v.to_bool().ok())
         .unwrap_or(true);
@@ -243,7 +244,13 @@ mod tests {
         let rank: Vec<f64> = (0..tokens.len()).map(|i| -(i as f64)).collect();
         let got = merges(&tokens, &rank);
         // transformers' generate_merges on the same vocabulary and ranks.
-        let want = [("a", "b"), ("b", "c"), ("ab", "c"), ("a", "bc"), ("c", "ab")];
+        let want = [
+            ("a", "b"),
+            ("b", "c"),
+            ("ab", "c"),
+            ("a", "bc"),
+            ("c", "ab"),
+        ];
         assert_eq!(
             got,
             want.iter()

@@ -6,6 +6,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use candle_core::quantized::k_quants::GgmlType;
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Module, Tensor};
@@ -35,12 +36,80 @@ pub(crate) enum Linear {
         data: Vec<u8>,
         out: usize,
         bias: Option<Vec<f32>>,
+        /// Activations in two 8-bit parts (see [`Activations`]).
+        precise: bool,
     },
     /// Another GGUF block-quantized layout, through candle's kernels.
     Quantized {
         weight: QMatMul,
         bias: Option<Vec<f32>>,
+        /// Activations in two 8-bit parts (see [`Activations`]).
+        precise: bool,
     },
+}
+
+/// How the activations meet block-quantized weights. Products with GGUF
+/// blocks round each activation block to 8 bits, as llama.cpp does: the
+/// weights' own values are exact, the rounding of the activations is what
+/// moves the results (logits by up to a few units on a small model).
+/// `Int16` adds a second product with the 8-bit rounding of what the first
+/// rounding left out, so the activations count to about 16 bits and the
+/// results follow the dequantized model's float32 ones closely: the same
+/// weights are read once, for twice the rows.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Activations {
+    /// One 8-bit rounding per activation block (llama.cpp's arithmetic).
+    Int8,
+    /// Two 8-bit parts per activation block (the default).
+    #[default]
+    Int16,
+}
+
+/// `x` minus its rounding to the 8-bit activation blocks of `T` (what a
+/// product with `T`'s weights leaves out of `x`).
+fn residual_of<T: GgmlType>(x: &[f32]) -> Vec<f32> {
+    let mut blocks = vec![T::zeros(); x.len() / T::BLCK_SIZE];
+    T::from_float(x, &mut blocks);
+    let mut rounded = vec![0f32; x.len()];
+    T::to_float(&blocks, &mut rounded);
+    x.iter().zip(rounded).map(|(a, b)| a - b).collect()
+}
+
+/// The rounding residual of `x` for products with weights of `dtype`
+/// (candle rounds activations to the type's `VecDotType`); `None` for
+/// weights whose products take float activations.
+fn candle_residual(dtype: GgmlDType, x: &[f32]) -> Option<Vec<f32>> {
+    use candle_core::quantized::k_quants::{BlockQ8K, BlockQ8_0, BlockQ8_1};
+    let block = |size: usize| x.len().is_multiple_of(size);
+    match dtype {
+        GgmlDType::Q4_0 | GgmlDType::Q5_0 | GgmlDType::Q8_0 if block(32) => {
+            Some(residual_of::<BlockQ8_0>(x))
+        }
+        GgmlDType::Q4_1 | GgmlDType::Q5_1 if block(32) => Some(residual_of::<BlockQ8_1>(x)),
+        GgmlDType::Q2K | GgmlDType::Q3K | GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K
+            if block(256) =>
+        {
+            Some(residual_of::<BlockQ8K>(x))
+        }
+        _ => None,
+    }
+}
+
+/// Runs `product` on the `m` rows of `xs` and the `m` rows of `residual`
+/// in one call (`[xs; residual]`, `2m` rows) and adds the two halves of its
+/// output.
+fn in_two_parts(
+    xs: &[f32],
+    m: usize,
+    residual: &[f32],
+    product: impl FnOnce(&[f32], usize) -> Result<Vec<f32>>,
+) -> Result<Vec<f32>> {
+    let mut both = Vec::with_capacity(2 * xs.len());
+    both.extend_from_slice(xs);
+    both.extend_from_slice(residual);
+    let y = product(&both, 2 * m)?;
+    let (first, second) = y.split_at(y.len() / 2);
+    Ok(first.iter().zip(second).map(|(a, b)| a + b).collect())
 }
 
 /// Rows of `x` per pass of the streaming kernel over GGUF blocks: up to
@@ -127,6 +196,7 @@ impl Linear {
                 data,
                 out,
                 bias,
+                precise,
             } => {
                 let rows = match kind {
                     BlockKind::Q4_1 => Rows::Q4_1(data),
@@ -140,19 +210,39 @@ impl Linear {
                     let x = Tensor::from_slice(xs, (m, k), &Device::Cpu)?;
                     x.matmul(&w.t()?)?.flatten_all()?.to_vec1::<f32>()?
                 } else {
-                    // Groups of at most FEW_ROWS_BLOCKS rows, one pass over the blocks each.
-                    let mut y = Vec::with_capacity(m * *out);
-                    for group in xs.chunks(FEW_ROWS_BLOCKS * k.max(1)) {
-                        y.extend(kernels::matmul_rows(rows, group, group.len() / k, k, *out));
+                    let streamed = |xs: &[f32], m: usize| -> Result<Vec<f32>> {
+                        // Groups of at most FEW_ROWS_BLOCKS rows, one pass over the blocks each.
+                        let mut y = Vec::with_capacity(m * *out);
+                        for group in xs.chunks(FEW_ROWS_BLOCKS * k.max(1)) {
+                            y.extend(kernels::matmul_rows(rows, group, group.len() / k, k, *out));
+                        }
+                        Ok(y)
+                    };
+                    match kernels::activation_residual(xs).filter(|_| *precise) {
+                        Some(residual) => in_two_parts(xs, m, &residual, streamed)?,
+                        None => streamed(xs, m)?,
                     }
-                    y
                 };
                 add_bias(&mut y, bias);
                 Ok(y)
             }
-            Linear::Quantized { weight, bias } => {
-                let x = Tensor::from_slice(xs, (m, k), &Device::Cpu)?;
-                let mut y = weight.forward(&x)?.flatten_all()?.to_vec1::<f32>()?;
+            Linear::Quantized {
+                weight,
+                bias,
+                precise,
+            } => {
+                let product = |xs: &[f32], m: usize| -> Result<Vec<f32>> {
+                    let x = Tensor::from_slice(xs, (m, k), &Device::Cpu)?;
+                    Ok(weight.forward(&x)?.flatten_all()?.to_vec1::<f32>()?)
+                };
+                let residual = match weight {
+                    QMatMul::QTensor(q) if *precise => candle_residual(q.dtype(), xs),
+                    _ => None,
+                };
+                let mut y = match residual {
+                    Some(residual) => in_two_parts(xs, m, &residual, product)?,
+                    None => product(xs, m)?,
+                };
                 add_bias(&mut y, bias);
                 Ok(y)
             }
@@ -224,9 +314,16 @@ fn concat(parts: &[Linear]) -> Result<Option<Linear>> {
         .collect();
     if kinds.iter().all(|k| k.is_some() && *k == kinds[0]) {
         let mut data = Vec::new();
+        let mut precise = false;
         for p in parts {
-            if let Linear::Blocks { data: d, .. } = p {
+            if let Linear::Blocks {
+                data: d,
+                precise: p,
+                ..
+            } = p
+            {
                 data.extend_from_slice(d);
+                precise |= *p;
             }
         }
         return Ok(Some(Linear::Blocks {
@@ -234,6 +331,7 @@ fn concat(parts: &[Linear]) -> Result<Option<Linear>> {
             data,
             out: parts.iter().map(Linear::out_features).sum(),
             bias: biases(),
+            precise,
         }));
     }
     Ok(None)
@@ -345,6 +443,8 @@ pub(crate) enum Source {
         path: PathBuf,
         /// Expand quantized matrices to float32 at load.
         dequantize: bool,
+        /// How activations meet the quantized matrices.
+        activations: Activations,
     },
 }
 
@@ -436,7 +536,7 @@ impl Source {
     }
 
     /// Opens a GGUF file and reads its header.
-    pub(crate) fn gguf(path: &Path, dequantize: bool) -> Result<Self> {
+    pub(crate) fn gguf(path: &Path, dequantize: bool, activations: Activations) -> Result<Self> {
         let mut file = File::open(path).map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => Error::ModelNotFound {
                 path: path.to_path_buf(),
@@ -457,6 +557,7 @@ impl Source {
             file: std::sync::Mutex::new(file),
             path: path.to_path_buf(),
             dequantize,
+            activations,
         })
     }
 
@@ -568,9 +669,13 @@ impl Source {
             None
         };
         if let Source::Gguf {
-            path, dequantize, ..
+            path,
+            dequantize,
+            activations,
+            ..
         } = self
         {
+            let precise = *activations == Activations::Int16;
             if !self.contains(&weight_name) {
                 return Err(load_error(
                     path,
@@ -602,6 +707,7 @@ impl Source {
                     data: q.data()?.into_owned(),
                     out,
                     bias,
+                    precise,
                 });
             }
             // candle's kernels for the other block types assume an even
@@ -613,6 +719,7 @@ impl Source {
             return Ok(Linear::Quantized {
                 weight: QMatMul::from_arc(Arc::new(q))?,
                 bias,
+                precise,
             });
         }
         let weight = if transposed {
