@@ -1,10 +1,10 @@
 //! Tokenizers that a GGUF file describes in its metadata with a
 //! SentencePiece vocabulary (`tokenizer.ggml.model = "llama"`: Gemma,
-//! Llama 2, Mistral, Phi-3), built the way transformers builds them from
-//! the same file: a byte-fallback BPE whose merges are recovered from the
-//! vocabulary (Gemma ranks them by the order of the tokens in the file,
-//! the others by the tokens' scores), with each family's handling of
-//! spaces.
+//! Llama 2, Mistral, Phi-3): a byte-fallback BPE whose merges are
+//! recovered from the vocabulary as transformers recovers them (Gemma
+//! ranks them by the order of the tokens in the file, the others by the
+//! tokens' scores), with spaces written as "▁" and a "▁" before the text
+//! where the file's `add_space_prefix` says so (as llama.cpp does).
 
 use std::collections::HashMap;
 
@@ -15,7 +15,6 @@ use tokenizers::decoders::sequence::Sequence as DecoderSequence;
 use tokenizers::decoders::strip::Strip;
 use tokenizers::models::bpe::BPE;
 use tokenizers::normalizers::{Prepend, Replace, Sequence as NormalizerSequence};
-use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
 use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{AddedToken, DecoderWrapper, NormalizerWrapper, Tokenizer};
 
@@ -150,29 +149,21 @@ pub(crate) fn sentencepiece(content: &Content) -> std::result::Result<Tokenizer,
         ByteFallback::new().into(),
         Fuse::new().into(),
     ];
-    if gemma {
-        // Spaces become "▁"; no prefix space.
+    // Spaces become "▁"; a "▁" goes before the text where the file says so
+    // (as llama.cpp and SentencePiece add it, and Llama's own tokenizer.json
+    // does: a leading space then gives two). Gemma's vocabularies add none.
+    if prefix && !gemma {
         tokenizer
-            .with_normalizer(Some(NormalizerWrapper::from(replace()?)))
-            .map_err(|e| e.to_string())?;
-    } else if arch == "phi3" {
-        // A "▁" before the text and for every space, from the normalizer.
-        tokenizer
-            .with_normalizer(Some(NormalizerWrapper::from(NormalizerSequence::new(
-                vec![Prepend::new("\u{2581}".into()).into(), replace()?.into()],
-            ))))
+            .with_normalizer(Some(NormalizerWrapper::from(NormalizerSequence::new(vec![
+                Prepend::new("\u{2581}".into()).into(),
+                replace()?.into(),
+            ]))))
             .map_err(|e| e.to_string())?;
         decoders.push(Strip::new(' ', 1, 0).into());
     } else {
-        let scheme = if prefix {
-            PrependScheme::First
-        } else {
-            PrependScheme::Never
-        };
-        tokenizer.with_pre_tokenizer(Some(Metaspace::new('\u{2581}', scheme, false)));
-        if prefix {
-            decoders.push(Strip::new(' ', 1, 0).into());
-        }
+        tokenizer
+            .with_normalizer(Some(NormalizerWrapper::from(replace()?)))
+            .map_err(|e| e.to_string())?;
     }
     tokenizer.with_decoder(Some(DecoderSequence::new(decoders)));
 
