@@ -64,7 +64,9 @@ def errors(got: np.ndarray, want: np.ndarray) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--write", action="store_true", help=f"record llama.cpp's figures in {RECORD}")
     args = parser.parse_args()
 
@@ -86,9 +88,15 @@ def main() -> None:
     llama = errors(llama_cpp_logits(gguf, ids), want)
     engine = errors(reft_rs.Engine(gguf).logits(ids), want)
     engine_int8 = errors(reft_rs.Engine(gguf, int8_activations=True).logits(ids), want)
+    expanded = errors(reft_rs.Engine(gguf, dequantize=True).logits(ids), want)
     print(f"CPU features: {cpu_features()}")
     print(f"{len(ids)} positions of prose, logits against transformers (float32, dequantized):")
-    rows = (("llama.cpp", llama), ("engine", engine), ("engine, int8", engine_int8))
+    rows = (
+        ("llama.cpp", llama),
+        ("engine", engine),
+        ("engine, int8", engine_int8),
+        ("dequantized", expanded),
+    )
     for name, e in rows:
         print(f"  {name:13s} max |Δ| {e['max_abs']:.3f}  mean |Δ| {e['mean_abs']:.4f}  top-1 {e['top1']:.1%}")
     for name, e in rows[1:]:
@@ -107,6 +115,7 @@ def main() -> None:
             "llama_cpp": llama,
             "engine_when_recorded": engine,
             "engine_int8_activations_when_recorded": engine_int8,
+            "engine_dequantized_when_recorded": expanded,
         }
         RECORD.write_text(json.dumps(record, indent=1) + "\n")
         print(f"recorded in {RECORD}")

@@ -3,37 +3,86 @@
 ``llama-cpp-python`` sdist on PyPI (``vendor/llama.cpp``, run with its own
 ``gguf-py``). Nothing is compiled.
 
-``.ci/run`` downloads and unpacks the sdist and points
-``REFT_RS_LLAMA_CPP_SOURCE`` at ``vendor/llama.cpp``; without it, the tests
-that need the converter are skipped with the command that provides it.
+The sdist is downloaded with pip on first use and unpacked into the reft_rs
+cache (``$REFT_RS_CACHE/llama.cpp-source``, outside the clone), or taken
+from ``REFT_RS_LLAMA_CPP_SOURCE`` (a ``vendor/llama.cpp`` folder); where
+neither works (no network), the tests that need it are skipped.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tarfile
+import tempfile
 from pathlib import Path
 
 import pytest
 
-SDIST = "llama-cpp-python==0.3.36"
-FETCH = (
-    "pip download --no-deps --no-binary llama-cpp-python llama-cpp-python==0.3.36 -d DIR && "
-    "tar xzf DIR/llama_cpp_python-0.3.36.tar.gz -C DIR, then "
-    "REFT_RS_LLAMA_CPP_SOURCE=DIR/llama_cpp_python-0.3.36/vendor/llama.cpp"
-)
+from reft_rs.pretrained import cache_dir
+
+VERSION = "0.3.36"
+TREE = f"llama_cpp_python-{VERSION}/vendor/llama.cpp"
+# What the converter needs of the tree.
+PARTS = ("convert_hf_to_gguf.py", "gguf-py/", "conversion/")
+
+
+def _usable(path: Path) -> bool:
+    return (path / "convert_hf_to_gguf.py").is_file() and (path / "gguf-py").is_dir()
+
+
+def _fetch(target: Path) -> None:
+    """Downloads the sdist and unpacks the converter's part of its tree
+    into ``target`` (renamed into place: never half there)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".llama.cpp-", dir=target.parent))
+    try:
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-deps",
+                "--no-binary",
+                "llama-cpp-python",
+                f"llama-cpp-python=={VERSION}",
+                "-d",
+                str(work),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=600,
+        )
+        with tarfile.open(work / f"llama_cpp_python-{VERSION}.tar.gz") as sdist:
+            members = [
+                m
+                for m in sdist.getmembers()
+                if m.isfile() and m.name.startswith(TREE + "/") and m.name[len(TREE) + 1 :].startswith(PARTS)
+            ]
+            sdist.extractall(work, members=members, filter="data")
+        os.replace(work / TREE, target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def source() -> Path:
-    """llama.cpp's source tree, or a skip naming how to get it."""
+    """llama.cpp's source tree (fetched on first use), or a skip saying why not."""
     configured = os.environ.get("REFT_RS_LLAMA_CPP_SOURCE")
-    candidates = [Path(configured)] if configured else []
-    candidates.append(Path.home() / ".cache/reft_rs/sdist/llama_cpp_python-0.3.36/vendor/llama.cpp")
-    for path in candidates:
-        if (path / "convert_hf_to_gguf.py").is_file() and (path / "gguf-py").is_dir():
-            return path
-    pytest.skip(f"llama.cpp's converter is not here: {FETCH}")
+    if configured:
+        if _usable(Path(configured)):
+            return Path(configured)
+        pytest.skip(f"REFT_RS_LLAMA_CPP_SOURCE={configured} holds no convert_hf_to_gguf.py and gguf-py")
+    target = cache_dir() / f"llama.cpp-source-{VERSION}"
+    if not _usable(target):
+        try:
+            _fetch(target)
+        except (OSError, subprocess.SubprocessError, tarfile.TarError) as error:
+            pytest.skip(f"cannot fetch llama-cpp-python {VERSION}'s sdist for llama.cpp's converter: {error}")
+    return target
 
 
 def sentencepiece_vocabulary(folder: Path, sentences: list[str], vocab_size: int, *, prefix: bool) -> None:
@@ -65,7 +114,15 @@ def convert(folder: Path, out: Path, outtype: str = "f32") -> Path:
     tree = source()
     env = dict(os.environ, PYTHONPATH=f"{tree / 'gguf-py'}{os.pathsep}{tree}", NO_LOCAL_GGUF="1")
     done = subprocess.run(
-        [sys.executable, str(tree / "convert_hf_to_gguf.py"), str(folder), "--outfile", str(out), "--outtype", outtype],
+        [
+            sys.executable,
+            str(tree / "convert_hf_to_gguf.py"),
+            str(folder),
+            "--outfile",
+            str(out),
+            "--outtype",
+            outtype,
+        ],
         env=env,
         capture_output=True,
         text=True,

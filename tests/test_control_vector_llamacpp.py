@@ -88,7 +88,8 @@ def test_an_exported_vector_steers_llama_cpp_as_it_steers_the_engine(tmp_path):
     )
     steering.save_steering_vectors(model, vectors, tmp_path / "steer")
     control_vector.export_control_vector(tmp_path / "steer", tmp_path / "steer.gguf")
-    engine = reft_rs.Engine(gguf_file)
+    # llama.cpp's arithmetic: activations rounded to 8 bits in each quantized product.
+    engine = reft_rs.Engine(gguf_file, int8_activations=True)
     ids = engine.encode(PROMPT, add_special_tokens=False)
     plain = engine.generate_ids([ids], NEW)[0]
     assert llama_cpp_tokens(gguf_file, "-") == plain  # the two agree without a vector...

@@ -31,7 +31,8 @@ import reft_rs  # noqa: E402
 from reft_rs import ReftConfig, get_reft_model  # noqa: E402
 
 from . import llama_cpp_convert  # noqa: E402
-from .test_engine_families import FAMILIES, TOLERANCE, _config, _intervention, _strengthen  # noqa: E402
+from .test_engine import strengthen  # noqa: E402
+from .test_engine_families import FAMILIES, TOLERANCE, _build, _config, _intervention  # noqa: E402
 from .tiny_models import VOCAB, WORDS, random_ids  # noqa: E402
 
 # Settings llama.cpp does not carry, set to what it assumes.
@@ -44,20 +45,6 @@ REACH = {"mistral-window": 6, "qwen2-window": 5, "phi3-window": 7, "llama-dynami
 SENTENCES = [" ".join(WORDS[i : i + 7]) for i in range(0, len(WORDS), 3)] * 20
 
 
-def _model(name: str) -> torch.nn.Module:
-    torch.manual_seed(sum(map(ord, name)))
-    settings = _config(name).to_dict()
-    settings.update(CHANGES.get(name, {}))
-    config = type(_config(name)).from_dict(settings)
-    config.initializer_range = 0.2
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
-    with torch.no_grad():
-        for module_name, parameter in model.named_parameters():
-            if "norm" in module_name:
-                parameter.normal_(0.0, 0.3)
-    return model
-
-
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     """Per family: the Hugging Face folder and its float32 GGUF file."""
@@ -66,7 +53,7 @@ def converted(tmp_path_factory):
     out = {}
     for name in FAMILIES:
         folder = root / name
-        _model(name).save_pretrained(folder)
+        _build(name, CHANGES.get(name)).save_pretrained(folder)
         llama_cpp_convert.sentencepiece_vocabulary(
             folder, SENTENCES, VOCAB - 6, prefix=not name.startswith("gemma")
         )
@@ -94,7 +81,9 @@ def test_a_converted_file_gives_the_folders_logits_and_tokens(converted, name):
         want = model(input_ids=ids[None]).logits[0].numpy()
     assert np.abs(engine.logits(ids.tolist()) - want).max() <= TOLERANCE
     if name not in REACH:
-        expected = model.generate(ids[None], max_new_tokens=16, do_sample=False, pad_token_id=0)[0, n:].tolist()
+        expected = model.generate(ids[None], max_new_tokens=16, do_sample=False, pad_token_id=0)[
+            0, n:
+        ].tolist()
         assert engine.generate_ids([ids.tolist()], 16, ignore_eos=True)[0] == expected
 
 
@@ -108,8 +97,9 @@ def test_a_checkpoint_trained_on_the_folder_applies_to_the_file(converted, name,
             _intervention("red", "block_output", layer=2),
         ]
     )
+    torch.manual_seed(2)
     reft_model = get_reft_model(_reference(folder), config)
-    _strengthen(reft_model, seed=2)
+    strengthen(reft_model, seed=2)
     reft_model.save_pretrained(tmp_path / "reft")
     ids = random_ids(1, min(12, REACH.get(name, 12)), seed=6)[0]
     with torch.no_grad():
@@ -124,7 +114,12 @@ def test_the_files_vocabulary_tokenizes_as_sentencepiece(converted, name):
     folder, gguf = converted[name]
     processor = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
     engine = reft_rs.Engine(gguf)
-    for text in ["the cat sat on the mat", "hello  world what colour", " sky sea grass tree one two", "answer"]:
+    for text in [
+        "the cat sat on the mat",
+        "hello  world what colour",
+        " sky sea grass tree one two",
+        "answer",
+    ]:
         assert engine.encode(text) == [2, *processor.encode(text)], text
         assert engine.decode(engine.encode(text)) == processor.decode(processor.encode(text))
 

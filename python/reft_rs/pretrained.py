@@ -88,7 +88,9 @@ def _convert(gguf_path: Path, target: Path, name: str) -> None:
         raise MissingDependencyError("reading GGUF files needs the gguf package: pip install gguf") from None
     folder, file_name = gguf_path.parent, gguf_path.name
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=file_name)
-    loaded = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=file_name, dtype=torch.float32)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=file_name, dtype=torch.float32
+    )
     config = loaded.config
     # A GGUF-loaded model refuses save_pretrained; rebuild it plainly. Older
     # transformers also untie the output layer and get the special tokens wrong.

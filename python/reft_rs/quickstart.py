@@ -66,7 +66,9 @@ MODELS = {
     # The engine runs the float32 folder the torch path trains on.
     "smollm2": QuickstartModel("SmolLM2-135M-Instruct", "load_smollm2", "smollm2_path", (3, 9, 18, 24), True),
     # The engine runs the Q4_K_M file the float32 weights were dequantized from.
-    "gemma3-270m": QuickstartModel("Gemma 3 270M", "load_gemma3_270m", "gemma3_270m_gguf", (2, 6, 11, 15), False),
+    "gemma3-270m": QuickstartModel(
+        "Gemma 3 270M", "load_gemma3_270m", "gemma3_270m_gguf", (2, 6, 11, 15), False
+    ),
 }
 
 

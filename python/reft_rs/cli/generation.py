@@ -130,6 +130,7 @@ class RustGenerator:
             model_path(args.model, args.checkpoint, for_engine=True),
             reft=args.checkpoint,
             threads=args.threads,
+            int8_activations=getattr(args, "int8_activations", False),
         )
         self.args = args
         self.chat = self.engine.has_chat_template and not args.no_chat_template
@@ -188,3 +189,9 @@ def generation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu", help="torch engine only")
     parser.add_argument("--bf16", action="store_true", help="load the model in bfloat16 (torch, GPU)")
     parser.add_argument("--threads", type=int, default=None, help="Rust engine threads (default: all)")
+    parser.add_argument(
+        "--int8-activations",
+        action="store_true",
+        help="Rust engine, GGUF: round activations to 8 bits in quantized products, as llama.cpp does "
+        "(default: two 8-bit parts, close to the float32 model)",
+    )

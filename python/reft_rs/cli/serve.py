@@ -65,6 +65,12 @@ def register(commands: Any) -> None:
     )
     serve.add_argument("--threads", type=int, help="engine threads (default: one per core)")
     serve.add_argument(
+        "--int8-activations",
+        action="store_true",
+        help="GGUF: round activations to 8 bits in quantized products, as llama.cpp does "
+        "(default: two 8-bit parts, close to the float32 model)",
+    )
+    serve.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
     serve.set_defaults(run=run)
@@ -105,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     if args.adapter_dir is not None and not Path(args.adapter_dir).is_dir():
         raise UsageError(f"--adapter-dir {args.adapter_dir} is not a folder")
     path = model_path(args.model, for_engine=True)
-    engine = Engine(path, threads=args.threads)
+    engine = Engine(path, threads=args.threads, int8_activations=args.int8_activations)
     model_name = args.model_name or served_name(path)
     for name, checkpoint in adapters:
         if name == model_name:
