@@ -268,7 +268,7 @@ impl ModelConfig {
                 let theta = float_of(&["rope_theta"], default_theta)?;
                 let rope_of = |params: Option<&Value>, theta: f64| {
                     Rope::from_hf(params, theta, head_dim, partial, positions, original)
-                        .map_err(|e| bad(e))
+                        .map_err(&bad)
                 };
                 let (rope, rope_local) = match nested {
                     Some(p) => (

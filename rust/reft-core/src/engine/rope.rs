@@ -445,8 +445,9 @@ impl Rope {
                         };
                         let smooth = ((old as f32 / wavelen) - *low_freq_factor as f32)
                             / (*high_freq_factor as f32 - *low_freq_factor as f32);
-                        let medium =
-                            !((wavelen as f64) < high_wavelen) && !((wavelen as f64) > low_wavelen);
+                        // Neither below the high-frequency wavelength nor above the low one.
+                        let w = wavelen as f64;
+                        let medium = w >= high_wavelen && w <= low_wavelen;
                         if medium {
                             (1.0 - smooth) * scaled / f + smooth * scaled
                         } else {

@@ -143,8 +143,7 @@ pub(crate) fn sentencepiece(content: &Content) -> std::result::Result<Tokenizer,
     let mut decoders: Vec<DecoderWrapper> = vec![
         tokenizers::decoders::DecoderWrapper::Replace(
             tokenizers::normalizers::replace::Replace::new("\u{2581}", " ")
-                .map_err(|e| e.to_string())?
-                .into(),
+                .map_err(|e| e.to_string())?,
         ),
         ByteFallback::new().into(),
         Fuse::new().into(),
@@ -154,10 +153,9 @@ pub(crate) fn sentencepiece(content: &Content) -> std::result::Result<Tokenizer,
     // does: a leading space then gives two). Gemma's vocabularies add none.
     if prefix && !gemma {
         tokenizer
-            .with_normalizer(Some(NormalizerWrapper::from(NormalizerSequence::new(vec![
-                Prepend::new("\u{2581}".into()).into(),
-                replace()?.into(),
-            ]))))
+            .with_normalizer(Some(NormalizerWrapper::from(NormalizerSequence::new(
+                vec![Prepend::new("\u{2581}".into()).into(), replace()?.into()],
+            ))))
             .map_err(|e| e.to_string())?;
         decoders.push(Strip::new(' ', 1, 0).into());
     } else {
