@@ -194,6 +194,14 @@ def _load(folders, name):
     return model
 
 
+def _skip_old_phi3_generation(name: str) -> None:
+    if name == "phi3" and int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip(
+            "transformers 4.5x generates Phi-3 past its LongRoPE length with logits its own forward pass "
+            "does not give (5.x gives them); the engine follows the forward pass"
+        )
+
+
 def _long_ids(n=PROMPT, seed=0):
     return random_ids(1, n, seed=seed)[0]
 
@@ -242,6 +250,7 @@ def test_logits_equal_transformers_on_a_prompt_longer_than_the_window(folders, n
 def test_greedy_generation_equals_transformers_through_the_cache(folders, name):
     """Decoding one token at a time reads the cache through the windows, and
     crosses the lengths where dynamic and LongRoPE frequencies change."""
+    _skip_old_phi3_generation(name)
     model = _load(folders, name)
     engine = reft_rs.Engine(folders[name])
     for n in (5, PROMPT):
@@ -325,6 +334,7 @@ def test_every_intervention_matches_the_torch_path(folders, name, kind, componen
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_generation_with_interventions_matches_the_torch_path(folders, name, tmp_path):
+    _skip_old_phi3_generation(name)
     config = ReftConfig(
         [
             _intervention("loreft", "attention_output", layer=0),

@@ -1303,6 +1303,120 @@ fn gguf_seed() -> Vec<u8> {
     out.into_inner()
 }
 
+/// A tiny Gemma 3 or Phi-3 GGUF as llama.cpp's converter writes them: for
+/// Gemma 3, q/k norms, norms after attention and MLP, a sliding window with
+/// its own rotary base; for Phi-3, fused qkv and gate/up, a partial
+/// rotation and LongRoPE factor tensors; both with a SentencePiece
+/// vocabulary (`tokenizer.ggml.model = "llama"`, scores and token types).
+fn gguf_family_seed(arch: &str) -> Vec<u8> {
+    const D: usize = 32;
+    const FF: usize = 64;
+    const HD: usize = 16;
+    let words = words();
+    let phi3 = arch == "phi3";
+    let mut tensors: Vec<(String, QTensor)> = Vec::new();
+    let mut add = |name: String, shape: &[usize], dtype: GgmlDType| {
+        let n = shape.iter().product();
+        let t = Tensor::from_vec(floats(n, name.len()), shape, &Device::Cpu).unwrap();
+        tensors.push((name, QTensor::quantize(&t, dtype).unwrap()));
+    };
+    add("token_embd.weight".into(), &[VOCAB, D], GgmlDType::Q8_0);
+    add("output_norm.weight".into(), &[D], GgmlDType::F32);
+    if phi3 {
+        add(
+            "rope_factors_short.weight".into(),
+            &[HD / 4],
+            GgmlDType::F32,
+        );
+        add("rope_factors_long.weight".into(), &[HD / 4], GgmlDType::F32);
+    }
+    for i in 0..LAYERS {
+        let p = format!("blk.{i}");
+        add(format!("{p}.attn_norm.weight"), &[D], GgmlDType::F32);
+        add(format!("{p}.ffn_norm.weight"), &[D], GgmlDType::F32);
+        add(
+            format!("{p}.attn_output.weight"),
+            &[D, 2 * HD],
+            GgmlDType::F32,
+        );
+        add(format!("{p}.ffn_down.weight"), &[D, FF], GgmlDType::Q8_0);
+        if phi3 {
+            add(
+                format!("{p}.attn_qkv.weight"),
+                &[4 * HD, D],
+                GgmlDType::Q8_0,
+            );
+            add(format!("{p}.ffn_up.weight"), &[2 * FF, D], GgmlDType::Q8_0);
+        } else {
+            add(format!("{p}.attn_q.weight"), &[2 * HD, D], GgmlDType::Q8_0);
+            add(format!("{p}.attn_k.weight"), &[HD, D], GgmlDType::Q8_0);
+            add(format!("{p}.attn_v.weight"), &[HD, D], GgmlDType::F32);
+            add(format!("{p}.attn_q_norm.weight"), &[HD], GgmlDType::F32);
+            add(format!("{p}.attn_k_norm.weight"), &[HD], GgmlDType::F32);
+            add(
+                format!("{p}.post_attention_norm.weight"),
+                &[D],
+                GgmlDType::F32,
+            );
+            add(format!("{p}.post_ffw_norm.weight"), &[D], GgmlDType::F32);
+            add(format!("{p}.ffn_gate.weight"), &[FF, D], GgmlDType::Q8_0);
+            add(format!("{p}.ffn_up.weight"), &[FF, D], GgmlDType::F32);
+        }
+    }
+    use gguf_file::Value as V;
+    let key = |k: &str| format!("{arch}.{k}");
+    let mut metadata: Vec<(String, V)> = vec![
+        ("general.architecture".into(), V::String(arch.into())),
+        (key("block_count"), V::U32(LAYERS as u32)),
+        (key("context_length"), V::U32(64)),
+        (key("embedding_length"), V::U32(D as u32)),
+        (key("feed_forward_length"), V::U32(FF as u32)),
+        (key("attention.head_count"), V::U32(2)),
+        (key("attention.head_count_kv"), V::U32(1)),
+        (key("attention.layer_norm_rms_epsilon"), V::F32(1e-6)),
+        (key("rope.freq_base"), V::F32(10000.0)),
+        ("tokenizer.ggml.model".into(), V::String("llama".into())),
+        (
+            "tokenizer.ggml.tokens".into(),
+            V::Array(words.iter().map(|w| V::String(w.clone())).collect()),
+        ),
+        (
+            "tokenizer.ggml.scores".into(),
+            V::Array((0..words.len()).map(|i| V::F32(-(i as f32))).collect()),
+        ),
+        (
+            "tokenizer.ggml.token_type".into(),
+            V::Array(
+                (0..words.len())
+                    .map(|i| V::I32(if i < 5 { 3 } else { 1 }))
+                    .collect(),
+            ),
+        ),
+        ("tokenizer.ggml.bos_token_id".into(), V::U32(1)),
+        ("tokenizer.ggml.eos_token_id".into(), V::U32(2)),
+        ("tokenizer.ggml.add_space_prefix".into(), V::Bool(false)),
+    ];
+    if phi3 {
+        metadata.extend([
+            (key("rope.dimension_count"), V::U32((HD / 2) as u32)),
+            (key("rope.scaling.attn_factor"), V::F32(1.2)),
+            (key("rope.scaling.original_context_length"), V::U32(16)),
+        ]);
+    } else {
+        metadata.extend([
+            (key("attention.key_length"), V::U32(HD as u32)),
+            (key("attention.value_length"), V::U32(HD as u32)),
+            (key("attention.sliding_window"), V::U32(4)),
+            (key("rope.freq_base_swa"), V::F32(100.0)),
+        ]);
+    }
+    let meta_refs: Vec<(&str, &V)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    let mut out = std::io::Cursor::new(Vec::new());
+    gguf_file::write(&mut out, &meta_refs, &tensor_refs).unwrap();
+    out.into_inner()
+}
+
 /// Where the tensor data starts: the metadata and tensor infos before it
 /// are where the damage goes first.
 fn gguf_header_end(bytes: &[u8]) -> usize {
@@ -1323,6 +1437,25 @@ fn fuzz_gguf_files() {
         fs::write(&file, mutate(&seed, &m, Some(header))).unwrap();
         load_and_use(&file)
     });
+}
+
+#[test]
+fn fuzz_gguf_files_of_other_families() {
+    for (arch, name) in [
+        ("gemma3", "Gemma 3 GGUF files"),
+        ("phi3", "Phi-3 GGUF files"),
+    ] {
+        let seed = gguf_family_seed(arch);
+        let header = gguf_header_end(&seed);
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("model.gguf");
+        fs::write(&file, &seed).unwrap();
+        load_and_use(&file).unwrap();
+        fuzz(name, 4_000, mutations(), |m| {
+            fs::write(&file, mutate(&seed, &m, Some(header))).unwrap();
+            load_and_use(&file)
+        });
+    }
 }
 
 // ------------------------------------------------------------ tokenizers ---

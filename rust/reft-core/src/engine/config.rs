@@ -161,6 +161,24 @@ pub(crate) mod limits {
     pub const POSITIONS: usize = 1 << 20;
 }
 
+/// The head size checked before the rotary embedding is sized by it.
+fn check_head_dim(head_dim: usize, path: &Path) -> Result<()> {
+    let reason = if head_dim == 0 || !head_dim.is_multiple_of(2) {
+        format!("head size {head_dim} must be even")
+    } else if head_dim > limits::HEAD_DIM {
+        format!(
+            "head size {head_dim} is past the engine's limit of {}",
+            limits::HEAD_DIM
+        )
+    } else {
+        return Ok(());
+    };
+    Err(Error::ModelLoad {
+        path: path.to_path_buf(),
+        reason,
+    })
+}
+
 /// The layer count checked before anything is sized by it.
 fn check_layers(layers: usize, path: &Path) -> Result<()> {
     if layers > limits::LAYERS {
@@ -238,6 +256,7 @@ impl ModelConfig {
                 let heads = need(&["num_attention_heads"])?;
                 let kv_heads = usize_of(&["num_key_value_heads"])?.unwrap_or(heads);
                 let head_dim = usize_of(&["head_dim"])?.unwrap_or(hidden_size / heads.max(1));
+                check_head_dim(head_dim, path)?;
                 let layers = need(&["num_hidden_layers"])?;
                 check_layers(layers, path)?;
                 let positions = usize_of(&["max_position_embeddings"])?.unwrap_or(4096);
@@ -537,6 +556,7 @@ impl ModelConfig {
             None => need("vocab_size")?,
         };
         let head_dim = int("attention.key_length")?.unwrap_or(hidden_size / heads.max(1));
+        check_head_dim(head_dim, path)?;
         let rotated = int("rope.dimension_count")?.unwrap_or(head_dim);
         let positions = int("context_length")?.unwrap_or(4096);
         let gemma = is_gemma(&arch);
@@ -697,16 +717,13 @@ impl ModelConfig {
                 self.num_attention_heads, self.num_key_value_heads
             )));
         }
-        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
-            return Err(bad(format!("head size {} must be even", self.head_dim)));
-        }
+        check_head_dim(self.head_dim, path)?;
         use limits::*;
         for (name, value, most) in [
             ("hidden size", self.hidden_size, HIDDEN),
             ("feed-forward size", self.intermediate_size, INTERMEDIATE),
             ("layer count", self.num_hidden_layers, LAYERS),
             ("attention head count", self.num_attention_heads, HEADS),
-            ("head size", self.head_dim, HEAD_DIM),
             ("vocabulary size", self.vocab_size, VOCAB),
             ("context length", self.max_position_embeddings, POSITIONS),
         ] {
