@@ -179,18 +179,23 @@ fn check_head_dim(head_dim: usize, path: &Path) -> Result<()> {
     })
 }
 
-/// The layer count checked before anything is sized by it.
-fn check_layers(layers: usize, path: &Path) -> Result<()> {
-    if layers > limits::LAYERS {
+/// A size checked against the engine's limit before anything is sized by it.
+fn check_limit(name: &str, value: usize, most: usize, path: &Path) -> Result<()> {
+    if value > most {
         return Err(Error::ModelLoad {
             path: path.to_path_buf(),
-            reason: format!(
-                "layer count {layers} is past the engine's limit of {}",
-                limits::LAYERS
-            ),
+            reason: format!("{name} {value} is past the engine's limit of {most}"),
         });
     }
     Ok(())
+}
+
+/// The hidden size, layer count and head size, checked before the per-layer
+/// settings and the rotary embedding are sized by them.
+fn check_early(hidden: usize, layers: usize, head_dim: usize, path: &Path) -> Result<()> {
+    check_limit("hidden size", hidden, limits::HIDDEN, path)?;
+    check_limit("layer count", layers, limits::LAYERS, path)?;
+    check_head_dim(head_dim, path)
 }
 
 impl ModelConfig {
@@ -256,9 +261,8 @@ impl ModelConfig {
                 let heads = need(&["num_attention_heads"])?;
                 let kv_heads = usize_of(&["num_key_value_heads"])?.unwrap_or(heads);
                 let head_dim = usize_of(&["head_dim"])?.unwrap_or(hidden_size / heads.max(1));
-                check_head_dim(head_dim, path)?;
                 let layers = need(&["num_hidden_layers"])?;
-                check_layers(layers, path)?;
+                check_early(hidden_size, layers, head_dim, path)?;
                 let positions = usize_of(&["max_position_embeddings"])?.unwrap_or(4096);
                 let gemma = is_gemma(&model_type);
                 let gemma3 = matches!(model_type.as_str(), "gemma3" | "gemma3_text");
@@ -442,7 +446,7 @@ impl ModelConfig {
                 let hidden_size = need(&["n_embd", "hidden_size"])?;
                 let heads = need(&["n_head", "num_attention_heads"])?;
                 let layers = need(&["n_layer", "num_hidden_layers"])?;
-                check_layers(layers, path)?;
+                check_limit("layer count", layers, limits::LAYERS, path)?;
                 for flag in ["scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"] {
                     if get(flag).and_then(Value::as_bool) == Some(true) {
                         return Err(bad(format!("GPT-2 option {flag} is not supported")));
@@ -547,7 +551,6 @@ impl ModelConfig {
         let hidden_size = need("embedding_length")?;
         let heads = need("attention.head_count")?;
         let layers = need("block_count")?;
-        check_layers(layers, path)?;
         let vocab_size = match meta
             .get("tokenizer.ggml.tokens")
             .and_then(|v| v.to_vec().ok())
@@ -556,7 +559,7 @@ impl ModelConfig {
             None => need("vocab_size")?,
         };
         let head_dim = int("attention.key_length")?.unwrap_or(hidden_size / heads.max(1));
-        check_head_dim(head_dim, path)?;
+        check_early(hidden_size, layers, head_dim, path)?;
         let rotated = int("rope.dimension_count")?.unwrap_or(head_dim);
         let positions = int("context_length")?.unwrap_or(4096);
         let gemma = is_gemma(&arch);
