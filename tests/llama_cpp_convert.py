@@ -11,78 +11,42 @@ neither works (no network), the tests that need it are skipped.
 
 from __future__ import annotations
 
+import importlib.util
 import os
-import shutil
 import subprocess
 import sys
-import tarfile
-import tempfile
 from pathlib import Path
 
 import pytest
 
-from reft_rs.pretrained import cache_dir
-
-VERSION = "0.3.36"
-TREE = f"llama_cpp_python-{VERSION}/vendor/llama.cpp"
-# What the converter needs of the tree.
+# What the converter needs of llama.cpp's tree.
 PARTS = ("convert_hf_to_gguf.py", "gguf-py/", "conversion/")
 
 
-def _usable(path: Path) -> bool:
-    return (path / "convert_hf_to_gguf.py").is_file() and (path / "gguf-py").is_dir()
-
-
-def _fetch(target: Path) -> None:
-    """Downloads the sdist and unpacks the converter's part of its tree
-    into ``target`` (renamed into place: never half there)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".llama.cpp-", dir=target.parent))
-    try:
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--quiet",
-                "--no-deps",
-                "--no-binary",
-                "llama-cpp-python",
-                f"llama-cpp-python=={VERSION}",
-                "-d",
-                str(work),
-            ],
-            check=True,
-            capture_output=True,
-            timeout=600,
-        )
-        with tarfile.open(work / f"llama_cpp_python-{VERSION}.tar.gz") as sdist:
-            members = [
-                m
-                for m in sdist.getmembers()
-                if m.isfile() and m.name.startswith(TREE + "/") and m.name[len(TREE) + 1 :].startswith(PARTS)
-            ]
-            sdist.extractall(work, members=members, filter="data")
-        os.replace(work / TREE, target)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+def _builder():
+    """``benches/llama_cpp.py``, which fetches and builds llama.cpp (benches/
+    is no package)."""
+    path = Path(__file__).parents[1] / "benches" / "llama_cpp.py"
+    spec = importlib.util.spec_from_file_location("llama_cpp_builder", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def source() -> Path:
     """llama.cpp's source tree (fetched on first use), or a skip saying why not."""
     configured = os.environ.get("REFT_RS_LLAMA_CPP_SOURCE")
     if configured:
-        if _usable(Path(configured)):
+        if (Path(configured) / "convert_hf_to_gguf.py").is_file():
             return Path(configured)
-        pytest.skip(f"REFT_RS_LLAMA_CPP_SOURCE={configured} holds no convert_hf_to_gguf.py and gguf-py")
-    target = cache_dir() / f"llama.cpp-source-{VERSION}"
-    if not _usable(target):
-        try:
-            _fetch(target)
-        except (OSError, subprocess.SubprocessError, tarfile.TarError) as error:
-            pytest.skip(f"cannot fetch llama-cpp-python {VERSION}'s sdist for llama.cpp's converter: {error}")
-    return target
+        pytest.skip(f"REFT_RS_LLAMA_CPP_SOURCE={configured} holds no convert_hf_to_gguf.py")
+    builder = _builder()
+    try:
+        return builder.source(PARTS)
+    except (OSError, subprocess.SubprocessError, builder.tarfile.TarError) as error:
+        pytest.skip(
+            f"cannot fetch llama-cpp-python {builder.VERSION}'s sdist for llama.cpp's converter: {error}"
+        )
 
 
 def sentencepiece_vocabulary(folder: Path, sentences: list[str], vocab_size: int, *, prefix: bool) -> None:
