@@ -121,30 +121,25 @@ def build(targets: tuple[str, ...] = TARGETS) -> Path:
     out = cache_dir() / f"llama.cpp-build-{VERSION}-{features_label()}"
     if all((out / "bin" / t).is_file() for t in targets):
         return out / "bin"
-    for tool in ("cmake", "ninja"):
-        if shutil.which(tool) is None:
-            subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", tool], check=True)
+    cmake, ninja = _tool("cmake"), _tool("ninja")
     tree = source()
-    subprocess.run(
-        [
-            "cmake",
-            "-S",
-            str(tree),
-            "-B",
-            str(out),
-            "-G",
-            "Ninja",
-            "-DCMAKE_BUILD_TYPE=Release",
-            "-DLLAMA_CURL=OFF",
-            "-DLLAMA_BUILD_TESTS=OFF",
-            *cmake_flags(),
-        ],
-        check=True,
-    )
-    subprocess.run(
-        ["cmake", "--build", str(out), "--target", *targets, "-j", str(os.cpu_count() or 2)], check=True
-    )
+    configure = [cmake, "-S", str(tree), "-B", str(out), "-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
+    options = ["-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", *cmake_flags()]
+    subprocess.run([*configure, *options], check=True)
+    jobs = str(os.cpu_count() or 2)
+    subprocess.run([cmake, "--build", str(out), "--target", *targets, "-j", jobs], check=True)
     return out / "bin"
+
+
+def _tool(name: str) -> str:
+    """``cmake`` or ``ninja``: on the PATH, beside this Python, or installed
+    from PyPI beside it."""
+    beside = Path(sys.executable).parent / name
+    for found in (shutil.which(name), beside if beside.is_file() else None):
+        if found:
+            return str(found)
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", name], check=True)
+    return str(beside)
 
 
 def main() -> None:
