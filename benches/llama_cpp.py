@@ -2,7 +2,8 @@
 for the CPU features this machine lists, cached outside the clone.
 
     python benches/llama_cpp.py build      # llama-bench, llama-batched-bench, llama-server, llama-quantize
-    python benches/llama_cpp.py flags      # the CMake flags this CPU gets, and why
+    python benches/llama_cpp.py flags      # the CMake flags this CPU gets
+    python benches/llama_cpp.py quantize   # SmolLM2 as F16, Q4_K_M, Q5_K_M, Q6_K and Q8_0 GGUF files
 
 The sdist's ``vendor/llama.cpp`` holds the whole llama.cpp tree. It is
 unpacked into ``$REFT_RS_CACHE/llama.cpp-source-<version>-full`` and built
@@ -131,6 +132,37 @@ def build(targets: tuple[str, ...] = TARGETS) -> Path:
     return out / "bin"
 
 
+QUANTS = ("Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")
+
+
+def smollm2_files(types: tuple[str, ...] = QUANTS) -> dict[str, Path]:
+    """SmolLM2-135M-Instruct as GGUF files of each type, made as users make
+    them: llama.cpp's ``convert_hf_to_gguf.py`` (the sdist's own ``gguf-py``
+    on the path) turns the float32 folder into an F16 file, and
+    ``llama-quantize`` makes the others from it. Cached with the build."""
+    from reft_rs import pretrained
+
+    out = cache_dir() / f"smollm2-gguf-{VERSION}"
+    files = {t: out / f"SmolLM2-135M-Instruct.{t}.gguf" for t in ("F16", *types)}
+    if all(f.is_file() for f in files.values()):
+        return files
+    out.mkdir(parents=True, exist_ok=True)
+    tree = source()
+    if not files["F16"].is_file():
+        env = dict(os.environ, PYTHONPATH=f"{tree / 'gguf-py'}{os.pathsep}{tree}", NO_LOCAL_GGUF="1")
+        work = files["F16"].with_suffix(".part")
+        convert = [sys.executable, str(tree / "convert_hf_to_gguf.py"), str(pretrained.smollm2_path())]
+        subprocess.run([*convert, "--outfile", str(work), "--outtype", "f16"], check=True, env=env)
+        os.replace(work, files["F16"])
+    quantize = build() / "llama-quantize"
+    for t in types:
+        if not files[t].is_file():
+            work = files[t].with_suffix(".part")
+            subprocess.run([str(quantize), str(files["F16"]), str(work), t], check=True)
+            os.replace(work, files[t])
+    return files
+
+
 def _tool(name: str) -> str:
     """``cmake`` or ``ninja``: on the PATH, beside this Python, or installed
     from PyPI beside it."""
@@ -146,7 +178,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("command", choices=["build", "flags"])
+    parser.add_argument("command", choices=["build", "flags", "quantize"])
     args = parser.parse_args()
     flags = cpu_flags()
     print(
@@ -155,6 +187,9 @@ def main() -> None:
     print(f"CMake flags: {' '.join(cmake_flags(flags))}")
     if args.command == "build":
         print(f"built: {build()}")
+    if args.command == "quantize":
+        for kind, path in smollm2_files().items():
+            print(f"{kind}: {path}")
 
 
 if __name__ == "__main__":
