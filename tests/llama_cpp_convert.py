@@ -24,9 +24,9 @@ PARTS = ("convert_hf_to_gguf.py", "gguf-py/", "conversion/")
 
 
 def _builder():
-    """``benches/llama_cpp.py``, which fetches and builds llama.cpp (benches/
+    """``benches/llamacpp_build.py``, which fetches and builds llama.cpp (benches/
     is no package)."""
-    path = Path(__file__).parents[1] / "benches" / "llama_cpp.py"
+    path = Path(__file__).parents[1] / "benches" / "llamacpp_build.py"
     spec = importlib.util.spec_from_file_location("llama_cpp_builder", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

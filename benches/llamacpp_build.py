@@ -1,9 +1,9 @@
 """llama.cpp built from the source in the ``llama-cpp-python`` sdist on PyPI,
 for the CPU features this machine lists, cached outside the clone.
 
-    python benches/llama_cpp.py build      # llama-bench, llama-batched-bench, llama-server, llama-quantize
-    python benches/llama_cpp.py flags      # the CMake flags this CPU gets
-    python benches/llama_cpp.py quantize   # SmolLM2 as F16, Q4_K_M, Q5_K_M, Q6_K and Q8_0 GGUF files
+    python benches/llamacpp_build.py build      # llama-bench, llama-batched-bench, llama-server, llama-quantize
+    python benches/llamacpp_build.py flags      # the CMake flags this CPU gets
+    python benches/llamacpp_build.py quantize   # SmolLM2 as F16, Q4_K_M, Q5_K_M, Q6_K and Q8_0 GGUF files
 
 The sdist's ``vendor/llama.cpp`` holds the whole llama.cpp tree. It is
 unpacked into ``$REFT_RS_CACHE/llama.cpp-source-<version>-full`` and built
