@@ -930,10 +930,11 @@ fn rotate(x: &mut [f32], cos: &[f32], sin: &[f32], style: RopeStyle) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn values(count: usize, seed: u32) -> Vec<f32> {
+    /// Deterministic values in [-1, 1] for kernel tests.
+    pub(crate) fn values(count: usize, seed: u32) -> Vec<f32> {
         let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
         (0..count)
             .map(|_| {
