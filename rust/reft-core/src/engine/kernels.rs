@@ -1,425 +1,540 @@
-//! Matrix products for the few-rows case of decoding: `y = x Wᵀ` with `x`
-//! of `m` rows (one per sequence in the batch) and `W` of `n` rows of `k`
-//! weights, stored as float32 or as GGUF `Q4_1` / `Q8_0` blocks.
+//! Matrix products with weights kept as the file stores them: `y = x Wᵀ`
+//! with `x` of `m` rows and `W` of `n` rows of `k` weights, either GGUF
+//! blocks of any layout in [`BlockType`] or float16 / bfloat16 values.
 //!
-//! Decoding reads every weight once per token, so these loops stream `W`
-//! once per call, rows split across threads, and dot each row with every
-//! row of `x`. Quantized rows are expanded block by block in registers and
-//! multiplied with float32 activations (no rounding of the activations, unlike
-//! llama.cpp's integer dot products). Each loop has an AVX2+FMA build chosen
-//! at run time and a portable one.
+//! Blocks. The activations are rounded once per call to integers per block
+//! of 32 (a scale each): to 16 bits by default, which leaves the product
+//! within float rounding of the dequantized model's, or to 8 bits, as
+//! llama.cpp does. Each weight row is unpacked once per pass into bytes
+//! with a scale and an offset per 16 weights (`quant.rs`), and dotted with
+//! up to [`TILE`] activation rows at a time: integer products of 32 weights
+//! (`vpmaddwd`), scaled in float. The offsets meet each group's float sum of
+//! the activations, so they add no rounding.
+//!
+//! Float16 / bfloat16. Each 16 weights are widened in registers and meet
+//! the float32 activations of up to [`TILE`] rows.
+//!
+//! Every kernel has an AVX-512, an AVX2 and a portable build, chosen at run
+//! time ([`Isa::detect`]). A row of `x` is summed in the same order whatever
+//! the other rows, so a sequence decoded alone and in a batch gets the same
+//! bits. Threads split the weight rows.
 
 use rayon::prelude::*;
 
-/// Bytes of one GGUF `Q4_1` block: f16 scale, f16 minimum, 16 bytes of nibbles.
-pub(crate) const Q4_1_BYTES: usize = 20;
-/// Bytes of one GGUF `Q8_0` block: f16 scale, 32 signed bytes.
-pub(crate) const Q8_0_BYTES: usize = 34;
-/// Weights per block.
-pub(crate) const BLOCK: usize = 32;
+use super::quant::{unpack_row, BlockType, Unpacked, GROUP};
 
-/// A weight matrix in one of the layouts the kernels read.
+/// Activation values per scale.
+pub(crate) const BLOCK: usize = 32;
+/// Activation rows per register tile.
+const TILE: usize = 4;
+/// Activation rows per pass over the weights (they stay in L2 while each
+/// weight row meets them).
+const PASS_ROWS: usize = 32;
+
+/// Weights as stored.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Rows<'a> {
-    Q4_1(&'a [u8]),
-    Q8_0(&'a [u8]),
+    Blocks(BlockType, &'a [u8]),
+    F16(&'a [u16]),
+    Bf16(&'a [u16]),
 }
 
-use crate::checkpoint::f16_to_f32 as f16;
-
-/// One `Q4_1` row dotted with `x` (`k` values), plus nothing else.
-#[inline(always)]
-fn dot_q4_1(row: &[u8], x: &[f32], sums: &[f32]) -> f32 {
-    let mut total = 0.0f32;
-    for (b, block) in row.chunks_exact(Q4_1_BYTES).enumerate() {
-        let d = f16(u16::from_le_bytes([block[0], block[1]]));
-        let m = f16(u16::from_le_bytes([block[2], block[3]]));
-        let qs = &block[4..20];
-        let xs = &x[b * BLOCK..b * BLOCK + BLOCK];
-        let mut acc = [0f32; 16];
-        for j in 0..16 {
-            acc[j] = ((qs[j] & 0x0f) as f32).mul_add(xs[j], acc[j]);
-            acc[j] = ((qs[j] >> 4) as f32).mul_add(xs[j + 16], acc[j]);
-        }
-        let mut s = 0.0;
-        for v in acc {
-            s += v;
-        }
-        total += d * s + m * sums[b];
-    }
-    total
+/// The instruction sets a kernel is built for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    Avx512,
+    Avx2,
+    Portable,
 }
 
-#[inline(always)]
-fn dot_q8_0(row: &[u8], x: &[f32]) -> f32 {
-    let mut total = 0.0f32;
-    for (b, block) in row.chunks_exact(Q8_0_BYTES).enumerate() {
-        let d = f16(u16::from_le_bytes([block[0], block[1]]));
-        let xs = &x[b * BLOCK..b * BLOCK + BLOCK];
-        let mut acc = [0f32; 16];
-        for j in 0..16 {
-            acc[j] = (block[2 + j] as i8 as f32).mul_add(xs[j], acc[j]);
-            acc[j] = (block[18 + j] as i8 as f32).mul_add(xs[j + 16], acc[j]);
-        }
-        let mut s = 0.0;
-        for v in acc {
-            s += v;
-        }
-        total += d * s;
-    }
-    total
-}
-
-/// Fills `out` (`[rows of W][m]`) for the W rows starting at `first`.
-#[inline(always)]
-fn rows_body(
-    w: Rows<'_>,
-    x: &[f32],
-    sums: &[f32],
-    m: usize,
-    k: usize,
-    first: usize,
-    out: &mut [f32],
-) {
-    let blocks = k / BLOCK;
-    for (r, out_row) in out.chunks_exact_mut(m).enumerate() {
-        let n = first + r;
-        match w {
-            Rows::Q4_1(data) => {
-                let row = &data[n * blocks * Q4_1_BYTES..(n + 1) * blocks * Q4_1_BYTES];
-                for (i, o) in out_row.iter_mut().enumerate() {
-                    *o = dot_q4_1(
-                        row,
-                        &x[i * k..i * k + k],
-                        &sums[i * blocks..i * blocks + blocks],
-                    );
-                }
+impl Isa {
+    /// The widest build this CPU runs.
+    pub fn detect() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx512bw")
+                && std::is_x86_feature_detected!("fma")
+                && std::is_x86_feature_detected!("f16c")
+            {
+                return Isa::Avx512;
             }
-            Rows::Q8_0(data) => {
-                let row = &data[n * blocks * Q8_0_BYTES..(n + 1) * blocks * Q8_0_BYTES];
-                for (i, o) in out_row.iter_mut().enumerate() {
-                    *o = dot_q8_0(row, &x[i * k..i * k + k]);
-                }
+            if std::is_x86_feature_detected!("avx2")
+                && std::is_x86_feature_detected!("fma")
+                && std::is_x86_feature_detected!("f16c")
+            {
+                return Isa::Avx2;
             }
         }
+        Isa::Portable
     }
-}
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn rows_avx2(
-    w: Rows<'_>,
-    x: &[f32],
-    sums: &[f32],
-    m: usize,
-    k: usize,
-    first: usize,
-    out: &mut [f32],
-) {
-    rows_body(w, x, sums, m, k, first, out)
-}
+    /// The builds this CPU runs, widest first.
+    pub(crate) fn available() -> Vec<Isa> {
+        let all = [Isa::Avx512, Isa::Avx2, Isa::Portable];
+        let widest = Isa::detect();
+        all.into_iter()
+            .skip_while(|&isa| isa != widest)
+            .collect()
+    }
 
-fn rows(w: Rows<'_>, x: &[f32], sums: &[f32], m: usize, k: usize, first: usize, out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU has the features the function is compiled for.
-            return unsafe { rows_avx2(w, x, sums, m, k, first, out) };
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Avx512 => "avx512",
+            Isa::Avx2 => "avx2",
+            Isa::Portable => "portable",
         }
     }
-    rows_body(w, x, sums, m, k, first, out)
 }
 
-/// Activations rounded to 8-bit blocks of 32, as llama.cpp's `Q8_1`: per
-/// block a float32 scale `d`, the sum `d·Σq`, and 32 signed bytes.
-#[cfg(target_arch = "x86_64")]
-struct Q8Rows {
-    q: Vec<i8>,
+/// Activations as integers: `x ≈ d[block] · q`, with each group's float sum.
+pub(crate) struct Quantized {
+    q: Vec<i16>,
     d: Vec<f32>,
-    s: Vec<f32>,
+    sums: Vec<f32>,
+    k: usize,
 }
 
-#[cfg(target_arch = "x86_64")]
-fn quantize_rows(x: &[f32]) -> Q8Rows {
-    let blocks = x.len() / BLOCK;
-    let mut out = Q8Rows {
+/// Rounds `m` rows of `k` activations (`k` a multiple of [`BLOCK`]) to
+/// integers of at most `levels` in magnitude (127: 8 bits; 32767: 16 bits).
+pub(crate) fn quantize(x: &[f32], k: usize, levels: i16) -> Quantized {
+    let mut out = Quantized {
         q: vec![0; x.len()],
-        d: Vec::with_capacity(blocks),
-        s: Vec::with_capacity(blocks),
+        d: Vec::with_capacity(x.len() / BLOCK),
+        sums: Vec::with_capacity(x.len() / GROUP),
+        k,
     };
-    for (b, block) in x.chunks_exact(BLOCK).enumerate() {
+    let top = levels as f32;
+    for (block, q) in x.chunks_exact(BLOCK).zip(out.q.chunks_exact_mut(BLOCK)) {
         let amax = block.iter().fold(0f32, |a, v| a.max(v.abs()));
-        let d = amax / 127.0;
+        let d = amax / top;
         let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-        let mut sum = 0i32;
-        for (j, v) in block.iter().enumerate() {
-            let q = (v * inv).round() as i32;
-            out.q[b * BLOCK + j] = q as i8;
-            sum += q;
+        for (q, &v) in q.iter_mut().zip(block) {
+            *q = (v * inv).round().clamp(-top, top) as i16;
         }
         out.d.push(d);
-        out.s.push(d * sum as f32);
+        for group in block.chunks_exact(GROUP) {
+            out.sums.push(group.iter().sum());
+        }
     }
     out
 }
 
+/// `Σ_g offset[g] · sums[g]` in a fixed order.
+#[inline(always)]
+fn offsets(offset: &[f32], sums: &[f32]) -> f32 {
+    let mut acc = [0f32; 4];
+    let mut chunks = offset.chunks_exact(4).zip(sums.chunks_exact(4));
+    for (o, s) in &mut chunks {
+        for j in 0..4 {
+            acc[j] = o[j].mul_add(s[j], acc[j]);
+        }
+    }
+    let tail = offset.len() / 4 * 4;
+    for g in tail..offset.len() {
+        acc[0] = offset[g].mul_add(sums[g], acc[0]);
+    }
+    (acc[0] + acc[1]) + (acc[2] + acc[3])
+}
+
+/// One build's dot products of an unpacked weight row (or a float16 /
+/// bfloat16 row) with `C` activation rows from `first`.
+trait Dots {
+    unsafe fn blocks<const C: usize>(u: &Unpacked, x: &Quantized, first: usize) -> [f32; C];
+    unsafe fn halves<const C: usize>(row: &[u16], bf16: bool, x: &[f32], k: usize, first: usize)
+        -> [f32; C];
+}
+
+/// Fills `out` (`[rows of W][m]`, W rows from `first_row`) for activation
+/// rows `rows` of `x`.
+#[inline(always)]
+unsafe fn task<D: Dots>(
+    w: Rows<'_>,
+    x: &Quantized,
+    xf: &[f32],
+    m: usize,
+    k: usize,
+    first_row: usize,
+    out: &mut [f32],
+) {
+    let count = out.len() / m;
+    let mut unpacked = Unpacked::new(if matches!(w, Rows::Blocks(..)) { k } else { 0 });
+    for pass in (0..m).step_by(PASS_ROWS) {
+        let end = (pass + PASS_ROWS).min(m);
+        for r in 0..count {
+            let n = first_row + r;
+            let target = &mut out[r * m..(r + 1) * m];
+            if let Rows::Blocks(t, data) = w {
+                let bytes = t.row_bytes(k);
+                unpack_row(t, &data[n * bytes..(n + 1) * bytes], &mut unpacked);
+            }
+            let mut i = pass;
+            while i < end {
+                let c = (end - i).min(TILE);
+                macro_rules! tile {
+                    ($c:literal) => {{
+                        let got: [f32; $c] = match w {
+                            Rows::Blocks(..) => D::blocks::<$c>(&unpacked, x, i),
+                            Rows::F16(h) => D::halves::<$c>(&h[n * k..(n + 1) * k], false, xf, k, i),
+                            Rows::Bf16(h) => D::halves::<$c>(&h[n * k..(n + 1) * k], true, xf, k, i),
+                        };
+                        target[i..i + $c].copy_from_slice(&got);
+                    }};
+                }
+                match c {
+                    4 => tile!(4),
+                    3 => tile!(3),
+                    2 => tile!(2),
+                    _ => tile!(1),
+                }
+                i += c;
+            }
+        }
+    }
+}
+
+struct Portable;
+
+impl Dots for Portable {
+    #[inline(always)]
+    unsafe fn blocks<const C: usize>(u: &Unpacked, x: &Quantized, first: usize) -> [f32; C] {
+        let k = x.k;
+        let mut out = [0f32; C];
+        for (c, o) in out.iter_mut().enumerate() {
+            let row = first + c;
+            let xq = &x.q[row * k..(row + 1) * k];
+            let xd = &x.d[row * k / BLOCK..];
+            let mut acc = [0f32; 2];
+            for g in 0..k / GROUP {
+                let mut isum = 0i32;
+                for j in g * GROUP..(g + 1) * GROUP {
+                    isum += u.q[j] as i32 * xq[j] as i32;
+                }
+                acc[g & 1] = (u.scale[g] * xd[g / 2]).mul_add(isum as f32, acc[g & 1]);
+            }
+            let sums = &x.sums[row * k / GROUP..(row + 1) * k / GROUP];
+            *o = (acc[0] + acc[1]) + offsets(&u.offset, sums);
+        }
+        out
+    }
+
+    #[inline(always)]
+    unsafe fn halves<const C: usize>(
+        row: &[u16],
+        bf16: bool,
+        x: &[f32],
+        k: usize,
+        first: usize,
+    ) -> [f32; C] {
+        let mut out = [0f32; C];
+        for (c, o) in out.iter_mut().enumerate() {
+            let xs = &x[(first + c) * k..(first + c + 1) * k];
+            let mut acc = [0f32; 8];
+            for (t, (&h, &v)) in row.iter().zip(xs).enumerate() {
+                acc[t % 8] = half_value(h, bf16).mul_add(v, acc[t % 8]);
+            }
+            *o = acc.iter().sum();
+        }
+        out
+    }
+}
+
+#[inline(always)]
+fn half_value(h: u16, bf16: bool) -> f32 {
+    if bf16 {
+        super::quant::bf16_to_f32(h)
+    } else {
+        super::quant::f16_value(h)
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use super::{f16, Q8Rows, BLOCK, Q4_1_BYTES, Q8_0_BYTES};
+mod x86 {
+    use super::*;
     use std::arch::x86_64::*;
 
     #[inline(always)]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let lo = _mm256_castps256_ps128(v);
-        let hi = _mm256_extractf128_ps(v, 1);
-        let s = _mm_add_ps(lo, hi);
+    unsafe fn hsum256(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
         _mm_cvtss_f32(s)
     }
 
-    /// Scale and minimum of a block: two float16 values, converted together.
-    #[inline(always)]
-    unsafe fn halves(block: *const u8) -> (f32, f32) {
-        let packed = _mm_cvtsi32_si128(std::ptr::read_unaligned(block as *const i32));
-        let both = _mm_cvtph_ps(packed);
-        (_mm_cvtss_f32(both), _mm_cvtss_f32(_mm_movehdup_ps(both)))
-    }
+    pub(super) struct Avx2;
 
-    /// The nibbles of a `Q4_1` block as 32 bytes (low nibbles first).
-    #[inline(always)]
-    unsafe fn q4_nibbles(block: *const u8) -> __m256i {
-        let mask = _mm_set1_epi8(0x0f);
-        let raw = _mm_loadu_si128(block.add(4) as *const __m128i);
-        let lo = _mm_and_si128(raw, mask);
-        let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
-        _mm256_set_m128i(hi, lo)
-    }
+    impl Dots for Avx2 {
+        #[inline(always)]
+        #[allow(clippy::needless_range_loop)]
+        unsafe fn blocks<const C: usize>(u: &Unpacked, x: &Quantized, first: usize) -> [f32; C] {
+            let k = x.k;
+            let mut acc = [[_mm256_setzero_ps(); 2]; C];
+            let qx = x.q.as_ptr().add(first * k);
+            let xd = x.d.as_ptr().add(first * k / BLOCK);
+            macro_rules! group {
+                ($g:expr, $lane:literal) => {{
+                    let g = $g;
+                    let w = _mm256_cvtepu8_epi16(_mm_loadu_si128(u.q.as_ptr().add(g * GROUP) as *const __m128i));
+                    let s = *u.scale.get_unchecked(g);
+                    for c in 0..C {
+                        let xv = _mm256_loadu_si256(qx.add(c * k + g * GROUP) as *const __m256i);
+                        let p = _mm256_cvtepi32_ps(_mm256_madd_epi16(w, xv));
+                        let sd = _mm256_set1_ps(s * *xd.add(c * k / BLOCK + g / 2));
+                        acc[c][$lane] = _mm256_fmadd_ps(p, sd, acc[c][$lane]);
+                    }
+                }};
+            }
+            let groups = k / GROUP;
+            let mut g = 0;
+            while g + 2 <= groups {
+                group!(g, 0);
+                group!(g + 1, 1);
+                g += 2;
+            }
+            let mut out = [0f32; C];
+            for c in 0..C {
+                let row = first + c;
+                let sums = &x.sums[row * k / GROUP..(row + 1) * k / GROUP];
+                out[c] = hsum256(_mm256_add_ps(acc[c][0], acc[c][1])) + offsets(&u.offset, sums);
+            }
+            out
+        }
 
-    /// 32 weight nibbles times 32 activation bytes, as 8 float sums.
-    #[inline(always)]
-    unsafe fn q4_sums(qw: __m256i, qx: *const i8) -> __m256 {
-        let qx = _mm256_loadu_si256(qx as *const __m256i);
-        _mm256_cvtepi32_ps(_mm256_madd_epi16(
-            _mm256_maddubs_epi16(qw, qx),
-            _mm256_set1_epi16(1),
-        ))
-    }
-
-    /// Σ over blocks of `Q4_1` weights times 8-bit activations, for the `C`
-    /// activation rows from `first_row` (`blocks` blocks each): each block
-    /// decoded once for all of them. Every row's sums are those of a tile
-    /// of one row (even and odd blocks apart, in order), so a row gets the
-    /// same bits in any tile.
-    #[inline(always)]
-    #[allow(clippy::needless_range_loop)]
-    unsafe fn dot_q4_1<const C: usize>(
-        row: &[u8],
-        x: &Q8Rows,
-        first_row: usize,
-        blocks: usize,
-    ) -> [f32; C] {
-        let mut acc = [[_mm256_setzero_ps(); 2]; C];
-        let mut mins = [[0f32; 2]; C];
-        let base = row.as_ptr();
-        let first = first_row * blocks;
-        let qx = x.q.as_ptr().add(first * BLOCK);
-        let (xd, xs) = (x.d.as_ptr().add(first), x.s.as_ptr().add(first));
-        // One block into the accumulators `LANE` (even blocks 0, odd 1),
-        // a constant index so that they stay in registers.
-        macro_rules! block {
-            ($b:expr, $lane:literal) => {{
-                let b = $b;
-                let p = base.add(b * Q4_1_BYTES);
-                let (d, m) = halves(p);
-                let qw = q4_nibbles(p);
-                for c in 0..C {
-                    let at = c * blocks + b;
-                    let sums = q4_sums(qw, qx.add(at * BLOCK));
-                    acc[c][$lane] =
-                        _mm256_fmadd_ps(sums, _mm256_set1_ps(d * *xd.add(at)), acc[c][$lane]);
-                    mins[c][$lane] += m * *xs.add(at);
+        #[inline(always)]
+        #[allow(clippy::needless_range_loop)]
+        unsafe fn halves<const C: usize>(
+            row: &[u16],
+            bf16: bool,
+            x: &[f32],
+            k: usize,
+            first: usize,
+        ) -> [f32; C] {
+            let mut acc = [[_mm256_setzero_ps(); 2]; C];
+            let xp = x.as_ptr().add(first * k);
+            let wide = |t: usize| -> __m256 {
+                let raw = _mm_loadu_si128(row.as_ptr().add(t) as *const __m128i);
+                if bf16 {
+                    _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16))
+                } else {
+                    _mm256_cvtph_ps(raw)
                 }
-            }};
+            };
+            let full = k / 16 * 16;
+            let mut t = 0;
+            while t < full {
+                let (w0, w1) = (wide(t), wide(t + 8));
+                for c in 0..C {
+                    let xr = xp.add(c * k + t);
+                    acc[c][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), acc[c][0]);
+                    acc[c][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr.add(8)), acc[c][1]);
+                }
+                t += 16;
+            }
+            let mut out = [0f32; C];
+            for c in 0..C {
+                let mut s = hsum256(_mm256_add_ps(acc[c][0], acc[c][1]));
+                for j in full..k {
+                    s = half_value(row[j], bf16).mul_add(*xp.add(c * k + j), s);
+                }
+                out[c] = s;
+            }
+            out
         }
-        let mut b = 0;
-        while b + 2 <= blocks {
-            block!(b, 0);
-            block!(b + 1, 1);
-            b += 2;
-        }
-        if b < blocks {
-            block!(b, 0);
-        }
-        let mut out = [0f32; C];
-        for c in 0..C {
-            out[c] = hsum(_mm256_add_ps(acc[c][0], acc[c][1])) + mins[c][0] + mins[c][1];
-        }
-        out
     }
 
-    /// Σ over blocks of `Q8_0` weights times 8-bit activations.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn dot_q8_0(row: &[u8], x: &Q8Rows, first_block: usize) -> f32 {
-        let blocks = row.len() / Q8_0_BYTES;
-        let ones = _mm256_set1_epi16(1);
-        let mut acc = _mm256_setzero_ps();
-        for b in 0..blocks {
-            let block = row.as_ptr().add(b * Q8_0_BYTES);
-            let d = f16(u16::from_le_bytes([*block, *block.add(1)]));
-            let qw = _mm256_loadu_si256(block.add(2) as *const __m256i);
-            let xb = first_block + b;
-            let qx = _mm256_loadu_si256(x.q.as_ptr().add(xb * BLOCK) as *const __m256i);
-            // maddubs wants an unsigned operand: |w| times x carrying w's sign.
-            let products = _mm256_maddubs_epi16(_mm256_sign_epi8(qw, qw), _mm256_sign_epi8(qx, qw));
-            let products = _mm256_madd_epi16(products, ones);
-            acc = _mm256_fmadd_ps(
-                _mm256_cvtepi32_ps(products),
-                _mm256_set1_ps(d * x.d[xb]),
-                acc,
-            );
+    pub(super) struct Avx512;
+
+    impl Dots for Avx512 {
+        #[inline(always)]
+        #[allow(clippy::needless_range_loop)]
+        unsafe fn blocks<const C: usize>(u: &Unpacked, x: &Quantized, first: usize) -> [f32; C] {
+            let k = x.k;
+            let mut acc = [[_mm512_setzero_ps(); 2]; C];
+            let qx = x.q.as_ptr().add(first * k);
+            let xd = x.d.as_ptr().add(first * k / BLOCK);
+            // One activation block (32 values, two weight groups) per step.
+            macro_rules! block {
+                ($b:expr, $lane:literal) => {{
+                    let b = $b;
+                    let w = _mm512_cvtepu8_epi16(_mm256_loadu_si256(u.q.as_ptr().add(b * BLOCK) as *const __m256i));
+                    let s = _mm512_insertf32x8(
+                        _mm512_castps256_ps512(_mm256_set1_ps(*u.scale.get_unchecked(2 * b))),
+                        _mm256_set1_ps(*u.scale.get_unchecked(2 * b + 1)),
+                        1,
+                    );
+                    for c in 0..C {
+                        let xv = _mm512_loadu_si512(qx.add(c * k + b * BLOCK) as *const __m512i);
+                        let p = _mm512_cvtepi32_ps(_mm512_madd_epi16(w, xv));
+                        let sd = _mm512_mul_ps(s, _mm512_set1_ps(*xd.add(c * k / BLOCK + b)));
+                        acc[c][$lane] = _mm512_fmadd_ps(p, sd, acc[c][$lane]);
+                    }
+                }};
+            }
+            let blocks = k / BLOCK;
+            let mut b = 0;
+            while b + 2 <= blocks {
+                block!(b, 0);
+                block!(b + 1, 1);
+                b += 2;
+            }
+            if b < blocks {
+                block!(b, 0);
+            }
+            let mut out = [0f32; C];
+            for c in 0..C {
+                let row = first + c;
+                let sums = &x.sums[row * k / GROUP..(row + 1) * k / GROUP];
+                out[c] = _mm512_reduce_add_ps(_mm512_add_ps(acc[c][0], acc[c][1]))
+                    + offsets(&u.offset, sums);
+            }
+            out
         }
-        hsum(acc)
+
+        #[inline(always)]
+        #[allow(clippy::needless_range_loop)]
+        unsafe fn halves<const C: usize>(
+            row: &[u16],
+            bf16: bool,
+            x: &[f32],
+            k: usize,
+            first: usize,
+        ) -> [f32; C] {
+            let mut acc = [[_mm512_setzero_ps(); 2]; C];
+            let xp = x.as_ptr().add(first * k);
+            let wide = |t: usize| -> __m512 {
+                let raw = _mm256_loadu_si256(row.as_ptr().add(t) as *const __m256i);
+                if bf16 {
+                    _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16))
+                } else {
+                    _mm512_cvtph_ps(raw)
+                }
+            };
+            let full = k / 32 * 32;
+            let mut t = 0;
+            while t < full {
+                let (w0, w1) = (wide(t), wide(t + 16));
+                for c in 0..C {
+                    let xr = xp.add(c * k + t);
+                    acc[c][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xr), acc[c][0]);
+                    acc[c][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xr.add(16)), acc[c][1]);
+                }
+                t += 32;
+            }
+            let mut out = [0f32; C];
+            for c in 0..C {
+                let mut s = _mm512_reduce_add_ps(_mm512_add_ps(acc[c][0], acc[c][1]));
+                for j in full..k {
+                    s = half_value(row[j], bf16).mul_add(*xp.add(c * k + j), s);
+                }
+                out[c] = s;
+            }
+            out
+        }
     }
 
-    /// Fills `out` (`[rows of W][m]`) for the W rows starting at `first`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn rows(
-        data: &[u8],
-        q4: bool,
-        x: &Q8Rows,
+    #[target_feature(enable = "avx2,fma,f16c,bmi2")]
+    pub(super) unsafe fn task_avx2(
+        w: Rows<'_>,
+        x: &Quantized,
+        xf: &[f32],
         m: usize,
         k: usize,
-        first: usize,
+        first_row: usize,
         out: &mut [f32],
     ) {
-        let blocks = k / BLOCK;
-        let width = blocks * if q4 { Q4_1_BYTES } else { Q8_0_BYTES };
-        for (r, out_row) in out.chunks_exact_mut(m).enumerate() {
-            let row = &data[(first + r) * width..(first + r + 1) * width];
-            if q4 {
-                // Activation rows 4 at a time, then the rest.
-                let mut i = 0;
-                while i < m {
-                    let count = (m - i).min(4);
-                    let target = &mut out_row[i..i + count];
-                    match count {
-                        4 => target.copy_from_slice(&dot_q4_1::<4>(row, x, i, blocks)),
-                        3 => target.copy_from_slice(&dot_q4_1::<3>(row, x, i, blocks)),
-                        2 => target.copy_from_slice(&dot_q4_1::<2>(row, x, i, blocks)),
-                        _ => target.copy_from_slice(&dot_q4_1::<1>(row, x, i, blocks)),
-                    }
-                    i += count;
-                }
-            } else {
-                for (i, o) in out_row.iter_mut().enumerate() {
-                    *o = dot_q8_0(row, x, i * blocks);
-                }
-            }
-        }
+        task::<Avx2>(w, x, xf, m, k, first_row, out)
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi2")]
+    pub(super) unsafe fn task_avx512(
+        w: Rows<'_>,
+        x: &Quantized,
+        xf: &[f32],
+        m: usize,
+        k: usize,
+        first_row: usize,
+        out: &mut [f32],
+    ) {
+        task::<Avx512>(w, x, xf, m, k, first_row, out)
     }
 }
 
-/// What [`matmul_rows`]'s 8-bit rounding of the activations leaves out of
-/// `x` (`x` minus its rounding), where the kernels round them (x86 with
-/// AVX2); `None` where the products take float activations.
-pub(crate) fn activation_residual(x: &[f32]) -> Option<Vec<f32>> {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx2")
-            && std::is_x86_feature_detected!("fma")
-            && std::is_x86_feature_detected!("f16c")
-            && x.len().is_multiple_of(BLOCK)
-        {
-            let q = quantize_rows(x);
-            let residual = x
-                .chunks_exact(BLOCK)
-                .zip(q.q.chunks_exact(BLOCK))
-                .zip(&q.d)
-                .flat_map(|((x, q), &d)| x.iter().zip(q).map(move |(&v, &q)| v - q as f32 * d))
-                .collect();
-            return Some(residual);
-        }
-    }
-    let _ = x;
-    None
-}
-
-/// `y = x Wᵀ`: `x` is `[m, k]`, `W` has `n` rows of `k`; returns `[m, n]`.
+/// `y = x Wᵀ` with the widest build: `x` is `[m, k]`, `W` has `n` rows of
+/// `k`; returns `[m, n]`. `levels` bounds the integer activations of block
+/// products (127 or 32767).
 ///
-/// The caller checks that `W` holds `n * k` weights and, for the block
-/// layouts, that `k` is a multiple of 32.
-pub(crate) fn matmul_rows(w: Rows<'_>, x: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+/// The caller checks that `W` holds `n` rows of `k` and, for blocks, that
+/// `k` is a multiple of the block type's weights.
+pub(crate) fn matmul(w: Rows<'_>, x: &[f32], m: usize, k: usize, n: usize, levels: i16) -> Vec<f32> {
+    matmul_with(Isa::detect(), w, x, m, k, n, levels)
+}
+
+/// [`matmul`] with the build `isa` (which the CPU must run).
+pub(crate) fn matmul_with(
+    isa: Isa,
+    w: Rows<'_>,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    levels: i16,
+) -> Vec<f32> {
     debug_assert_eq!(x.len(), m * k);
-    // Block sums of x, for the minimum term of Q4_1.
-    let sums: Vec<f32> = match w {
-        Rows::Q4_1(_) => x.chunks_exact(BLOCK).map(|c| c.iter().sum()).collect(),
-        _ => Vec::new(),
+    if m == 0 || n == 0 {
+        return vec![0.0; m * n];
+    }
+    let xq = match w {
+        Rows::Blocks(..) => quantize(x, k, levels),
+        _ => Quantized {
+            q: Vec::new(),
+            d: Vec::new(),
+            sums: Vec::new(),
+            k,
+        },
     };
     let mut transposed = vec![0f32; n * m];
     // Enough rows per task to amortise scheduling, enough tasks to balance.
-    let per_task = (n / (rayon::current_num_threads() * 8)).clamp(8, 256);
-    #[cfg(target_arch = "x86_64")]
-    {
-        let quantized = match w {
-            Rows::Q4_1(data) => Some((data, true)),
-            Rows::Q8_0(data) => Some((data, false)),
-        };
-        if let Some((data, q4)) = quantized {
-            if std::is_x86_feature_detected!("avx2")
-                && std::is_x86_feature_detected!("fma")
-                && std::is_x86_feature_detected!("f16c")
-            {
-                let xq = quantize_rows(x);
-                transposed
-                    .par_chunks_mut(per_task * m)
-                    .enumerate()
-                    // SAFETY: the CPU has the features the kernel is compiled for.
-                    .for_each(|(t, out)| unsafe {
-                        avx2::rows(data, q4, &xq, m, k, t * per_task, out)
-                    });
-                return transpose(transposed, m, n);
-            }
-        }
-    }
+    let per_task = (n / (rayon::current_num_threads() * 8)).clamp(4, 256);
     transposed
         .par_chunks_mut(per_task * m)
         .enumerate()
-        .for_each(|(t, out)| rows(w, x, &sums, m, k, t * per_task, out));
+        .for_each(|(t, out)| {
+            let first = t * per_task;
+            match isa {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `isa` names a build the CPU runs (Isa::detect).
+                Isa::Avx512 => unsafe { x86::task_avx512(w, &xq, x, m, k, first, out) },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: as above.
+                Isa::Avx2 => unsafe { x86::task_avx2(w, &xq, x, m, k, first, out) },
+                // SAFETY: plain Rust.
+                _ => unsafe { task::<Portable>(w, &xq, x, m, k, first, out) },
+            }
+        });
     transpose(transposed, m, n)
 }
 
 /// The float32 values of `n` rows of `k` weights.
 pub(crate) fn dequantize(w: Rows<'_>, n: usize, k: usize) -> Vec<f32> {
     let mut out = vec![0f32; n * k];
-    out.par_chunks_mut(k)
+    out.par_chunks_mut(k.max(1))
         .enumerate()
         .for_each(|(r, row)| dequantize_row(w, r, row));
     out
 }
 
 /// The float32 values of row `r` (`row.len()` weights).
-fn dequantize_row(w: Rows<'_>, r: usize, row: &mut [f32]) {
-    let blocks = row.len() / BLOCK;
+pub(crate) fn dequantize_row(w: Rows<'_>, r: usize, row: &mut [f32]) {
+    let k = row.len();
     match w {
-        Rows::Q4_1(data) => {
-            for b in 0..blocks {
-                let block = &data[(r * blocks + b) * Q4_1_BYTES..][..Q4_1_BYTES];
-                let d = f16(u16::from_le_bytes([block[0], block[1]]));
-                let m = f16(u16::from_le_bytes([block[2], block[3]]));
-                for j in 0..16 {
-                    row[b * BLOCK + j] = d * (block[4 + j] & 0x0f) as f32 + m;
-                    row[b * BLOCK + j + 16] = d * (block[4 + j] >> 4) as f32 + m;
-                }
-            }
+        Rows::Blocks(t, data) => {
+            let bytes = t.row_bytes(k);
+            super::quant::dequantize_row(t, &data[r * bytes..(r + 1) * bytes], row)
         }
-        Rows::Q8_0(data) => {
-            for b in 0..blocks {
-                let block = &data[(r * blocks + b) * Q8_0_BYTES..][..Q8_0_BYTES];
-                let d = f16(u16::from_le_bytes([block[0], block[1]]));
-                for j in 0..BLOCK {
-                    row[b * BLOCK + j] = d * block[2 + j] as i8 as f32;
-                }
+        Rows::F16(h) | Rows::Bf16(h) => {
+            let bf16 = matches!(w, Rows::Bf16(_));
+            for (v, &b) in row.iter_mut().zip(&h[r * k..(r + 1) * k]) {
+                *v = half_value(b, bf16);
             }
         }
     }
@@ -442,121 +557,139 @@ fn transpose(transposed: Vec<f32>, m: usize, n: usize) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn naive(w: &[f32], x: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
-        let mut y = vec![0f32; m * n];
-        for i in 0..m {
-            for j in 0..n {
-                y[i * n + j] = (0..k)
-                    .map(|t| x[i * k + t] as f64 * w[j * k + t] as f64)
-                    .sum::<f64>() as f32;
-            }
-        }
-        y
-    }
+    use crate::engine::quant::BLOCK_TYPES;
 
     fn values(count: usize, seed: u32) -> Vec<f32> {
         (0..count)
-            .map(|i| (((i as u32).wrapping_mul(2_654_435_761) ^ seed) % 1000) as f32 / 500.0 - 1.0)
+            .map(|i| {
+                let h = (i as u32).wrapping_mul(2_654_435_761) ^ seed.wrapping_mul(40503);
+                (h.wrapping_mul(2_246_822_519) >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0
+            })
             .collect()
     }
 
-    fn f16_bits(v: f32) -> u16 {
-        // round-to-nearest f32 -> f16 for normal values, enough for tests
+    /// Random bytes as blocks of `t`, with sane float16 scales.
+    fn random_blocks(t: BlockType, n: usize, k: usize, seed: u32) -> Vec<u8> {
+        let mut bytes: Vec<u8> = values(n * t.row_bytes(k), seed)
+            .iter()
+            .map(|v| ((v + 1.0) * 127.9) as u8)
+            .collect();
+        // Every float16 field a small value (0.001 .. 0.03, either sign for
+        // the minimum of Q4_1/Q5_1).
+        let halves: &[usize] = match t {
+            BlockType::Q4_0 | BlockType::Q5_0 | BlockType::Q8_0 => &[0],
+            BlockType::Q4_1 | BlockType::Q5_1 | BlockType::Q4K | BlockType::Q5K => &[0, 2],
+            BlockType::Q2K => &[80, 82],
+            BlockType::Q3K => &[108],
+            BlockType::Q6K => &[208],
+        };
+        for (b, block) in bytes.chunks_exact_mut(t.bytes()).enumerate() {
+            for (j, &at) in halves.iter().enumerate() {
+                let mantissa = ((b * 37 + j * 11) % 1024) as u16;
+                let sign = if j == 1 && b % 2 == 1 { 0x8000 } else { 0 };
+                let bits = sign | (8 << 10) | mantissa; // 2^-7 .. 2^-6
+                block[at..at + 2].copy_from_slice(&bits.to_le_bytes());
+            }
+        }
+        bytes
+    }
+
+    /// float16 bits of `v` rounded to the nearest (normal values).
+    fn to_f16(v: f32) -> u16 {
+        if v == 0.0 {
+            return 0;
+        }
         let bits = v.to_bits();
         let sign = ((bits >> 16) & 0x8000) as u16;
         let exp = ((bits >> 23) & 0xff) as i32 - 127 + 15;
-        let mant = bits & 0x7f_ffff;
-        if v == 0.0 {
-            return sign;
-        }
-        let rounded = (mant + 0x1000) >> 13;
-        sign | (((exp as u16) << 10) + rounded as u16)
+        let mant = ((bits & 0x7f_ffff) + 0x1000) >> 13;
+        sign | (((exp as u32) << 10) + mant) as u16
     }
 
-    /// `n` rows of `k` weights as GGUF `Q4_1` and `Q8_0` blocks, laid out
-    /// as ggml lays them (f16 scale, f16 minimum for `Q4_1`, low nibbles
-    /// for the first 16 weights), with the float values each block stands for.
-    fn quantized(n: usize, k: usize) -> (Vec<u8>, Vec<f32>, Vec<u8>, Vec<f32>) {
-        let mut q4 = Vec::new();
-        let mut q8 = Vec::new();
-        let (mut w4, mut w8) = (Vec::new(), Vec::new());
-        for r in 0..n * k / BLOCK {
-            let (d, mn) = (0.01 + r as f32 * 1e-3, -0.05 * (r % 3) as f32);
-            let (d, mn) = (f16(f16_bits(d)), f16(f16_bits(mn)));
-            q4.extend_from_slice(&f16_bits(d).to_le_bytes());
-            q4.extend_from_slice(&f16_bits(mn).to_le_bytes());
-            q8.extend_from_slice(&f16_bits(d).to_le_bytes());
-            let nibbles: Vec<u8> = (0..32).map(|j| ((j * 7 + r) % 16) as u8).collect();
-            for j in 0..16 {
-                q4.push(nibbles[j] | (nibbles[j + 16] << 4));
-            }
-            for &q in &nibbles {
-                w4.push(d * q as f32 + mn);
-            }
-            for j in 0..32 {
-                let q = ((j * 13 + r) % 255) as i32 - 127;
-                q8.push(q as i8 as u8);
-                w8.push(d * q as f32);
-            }
-        }
-        (q4, w4, q8, w8)
+    fn plain(w: &[f32], x: &[f32], m: usize, k: usize, n: usize) -> Vec<f64> {
+        (0..m)
+            .flat_map(|i| {
+                (0..n).map(move |j| (0..k).map(|t| x[i * k + t] as f64 * w[j * k + t] as f64).sum())
+            })
+            .collect()
     }
 
+    fn largest(got: &[f32], want: &[f64]) -> f64 {
+        got.iter()
+            .zip(want)
+            .map(|(&a, &b)| (a as f64 - b).abs())
+            .fold(0.0, f64::max)
+    }
+
+    /// Every block type, every build the CPU runs: each product is the
+    /// dequantized float one, moved by no more than half an activation step
+    /// per weight (a step is the block's largest magnitude over `levels`).
     #[test]
-    fn blocks_expand_to_the_values_they_stand_for() {
-        let (n, k) = (5, 96);
-        let (q4, w4, q8, w8) = quantized(n, k);
-        assert_eq!(dequantize(Rows::Q4_1(&q4), n, k), w4);
-        assert_eq!(dequantize(Rows::Q8_0(&q8), n, k), w8);
-    }
-
-    #[test]
-    fn quantized_rows_match_their_expansion() {
-        // 7 rows: a tile of 4 activation rows and one of 3; 3 blocks a row
-        // (an odd block last).
-        let (m, k, n) = (7, 96, 33);
-        let x = values(m * k, 3);
-        let (q4, w4, q8, w8) = quantized(n, k);
-        let got4 = matmul_rows(Rows::Q4_1(&q4), &x, m, k, n);
-        let got8 = matmul_rows(Rows::Q8_0(&q8), &x, m, k, n);
-        for (got, w) in [(got4, w4), (got8, w8)] {
-            let expected = naive(&w, &x, m, k, n);
-            for i in 0..m {
-                for j in 0..n {
-                    // Activations may be rounded to 8-bit blocks: each value
-                    // moves by at most half a step, amax / 254.
-                    let bound: f32 = (0..k)
-                        .map(|t| {
-                            let block = &x[i * k + t / BLOCK * BLOCK..][..BLOCK];
-                            let step = block.iter().fold(0f32, |a, v| a.max(v.abs())) / 127.0;
-                            w[j * k + t].abs() * step / 2.0
-                        })
-                        .sum();
-                    let (a, b) = (got[i * n + j], expected[i * n + j]);
-                    assert!(
-                        (a - b).abs() <= bound * 1.01 + 1e-4,
-                        "{a} vs {b} (bound {bound})"
-                    );
+    fn block_products_follow_the_dequantized_float_product() {
+        let (m, k, n) = (7, 512, 21);
+        let x = values(m * k, 5);
+        for t in BLOCK_TYPES {
+            let data = random_blocks(t, n, k, 9);
+            let w = dequantize(Rows::Blocks(t, &data), n, k);
+            let want = plain(&w, &x, m, k, n);
+            for isa in Isa::available() {
+                for levels in [i16::MAX, 127] {
+                    let got = matmul_with(isa, Rows::Blocks(t, &data), &x, m, k, n, levels);
+                    for i in 0..m {
+                        for j in 0..n {
+                            let bound: f64 = (0..k)
+                                .map(|c| {
+                                    let block = &x[i * k + c / BLOCK * BLOCK..][..BLOCK];
+                                    let amax = block.iter().fold(0f32, |a, v| a.max(v.abs()));
+                                    (w[j * k + c].abs() * amax) as f64 / levels as f64 / 2.0
+                                })
+                                .sum();
+                            let e = (got[i * n + j] as f64 - want[i * n + j]).abs();
+                            assert!(
+                                e <= bound * 1.01 + 1e-5,
+                                "{} {} {levels}: {e} > {bound}",
+                                t.name(),
+                                isa.name()
+                            );
+                        }
+                    }
                 }
             }
         }
     }
 
     #[test]
-    fn a_quantized_row_gets_the_same_bits_alone_and_in_any_batch() {
-        let (k, n) = (160, 19);
-        let x = values(11 * k, 4);
-        let (q4, _, q8, _) = quantized(n, k);
-        for w in [Rows::Q4_1(&q4), Rows::Q8_0(&q8)] {
-            let whole = matmul_rows(w, &x, 11, k, n);
-            for (from, count) in [(0, 1), (3, 1), (10, 1), (1, 2), (5, 3), (2, 5), (4, 7)] {
-                let some = matmul_rows(w, &x[from * k..(from + count) * k], count, k, n);
-                assert_eq!(
-                    some,
-                    whole[from * n..(from + count) * n],
-                    "{count} rows from {from}"
-                );
+    fn half_products_follow_the_float_product() {
+        // k = 200: a tail past the last whole vector.
+        let (m, k, n) = (6, 200, 13);
+        let x = values(m * k, 2);
+        let w = values(n * k, 8);
+        let f16: Vec<u16> = w.iter().map(|&v| to_f16(v)).collect();
+        let bf16: Vec<u16> = w.iter().map(|&v| (v.to_bits() >> 16) as u16).collect();
+        for rows in [Rows::F16(&f16), Rows::Bf16(&bf16)] {
+            let wide = dequantize(rows, n, k);
+            let want = plain(&wide, &x, m, k, n);
+            for isa in Isa::available() {
+                let got = matmul_with(isa, rows, &x, m, k, n, i16::MAX);
+                let err = largest(&got, &want);
+                assert!(err < 1e-4, "{isa:?}: {err}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_row_gets_the_same_bits_alone_and_in_any_batch() {
+        let (k, n) = (256, 19);
+        let x = values(37 * k, 4);
+        let blocks = random_blocks(BlockType::Q4K, n, k, 3);
+        let half: Vec<u16> = values(n * k, 6).iter().map(|&v| to_f16(v)).collect();
+        for w in [Rows::Blocks(BlockType::Q4K, &blocks), Rows::F16(&half)] {
+            for isa in Isa::available() {
+                let whole = matmul_with(isa, w, &x, 37, k, n, i16::MAX);
+                for (from, count) in [(0, 1), (3, 1), (36, 1), (1, 2), (5, 3), (2, 5), (4, 33)] {
+                    let some = matmul_with(isa, w, &x[from * k..(from + count) * k], count, k, n, i16::MAX);
+                    assert_eq!(some, whole[from * n..(from + count) * n], "{isa:?}: {count} rows from {from}");
+                }
             }
         }
     }

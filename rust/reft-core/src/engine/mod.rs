@@ -24,6 +24,7 @@ mod config;
 mod edits;
 mod gemm;
 mod kernels;
+mod quant;
 mod model;
 mod rope;
 mod sample;

@@ -395,7 +395,7 @@ pub(crate) struct Transformer {
     pub(crate) config: ModelConfig,
     /// The token embeddings; `None` when they are the rows of the output
     /// layer's matrix (tied), which is then the one copy held.
-    embed: Option<Tensor>,
+    embed: Option<Linear>,
     positions: Option<Tensor>,
     layers: Vec<Layer>,
     final_norm: Norm,
@@ -414,7 +414,7 @@ impl Transformer {
                 let layers = llama_layers(c, source, &HF_NAMES, offset)?;
                 let (embed, head) = if source.contains("lm_head.weight") && !c.tie_word_embeddings {
                     let head = source.linear("lm_head", c.vocab_size, d, false)?;
-                    let embed = source.tensor("model.embed_tokens.weight", &[c.vocab_size, d])?;
+                    let embed = source.linear("model.embed_tokens", c.vocab_size, d, false)?;
                     (Some(embed), head)
                 } else {
                     // Tied: the packed head is the one copy.
@@ -494,15 +494,18 @@ impl Transformer {
         let c = &config;
         let d = c.hidden_size;
         let layers = llama_layers(c, source, &GGUF_NAMES, 0.0)?;
-        let embed = source.tensor("token_embd.weight", &[c.vocab_size, d])?;
-        let head = if source.contains("output.weight") {
-            source.linear("output", c.vocab_size, d, false)?
+        // Tied (no `output`): the head is the one copy of the embeddings.
+        let (embed, head) = if source.contains("output.weight") {
+            (
+                Some(source.linear("token_embd", c.vocab_size, d, false)?),
+                source.linear("output", c.vocab_size, d, false)?,
+            )
         } else {
-            source.linear("token_embd", c.vocab_size, d, false)?
+            (None, source.linear("token_embd", c.vocab_size, d, false)?)
         };
         Self::assemble(
             config.clone(),
-            Some(embed),
+            embed,
             None,
             layers,
             Norm::Rms {
@@ -515,7 +518,7 @@ impl Transformer {
 
     fn assemble(
         config: ModelConfig,
-        embed: Option<Tensor>,
+        embed: Option<Linear>,
         positions: Option<Tensor>,
         layers: Vec<Layer>,
         final_norm: Norm,
@@ -615,19 +618,10 @@ impl Transformer {
             }
             rows.extend((cache.len..total).map(|p| (s, p)));
         }
-        let mut h = match (&self.embed, &self.head) {
-            (Some(table), _) => {
-                table.index_select(&Tensor::from_slice(ids, n, &Device::Cpu)?, 0)?
-            }
-            (None, Linear::Dense { weight, .. }) => {
-                let rows: Vec<f32> = ids.iter().flat_map(|&id| weight.row(id as usize)).collect();
-                Tensor::from_vec(rows, (n, c.hidden_size), &Device::Cpu)?
-            }
-            (None, _) => {
-                return Err(Error::Backend(
-                    "tied embeddings need a float32 output layer".into(),
-                ))
-            }
+        let mut h = {
+            let table = self.embed.as_ref().unwrap_or(&self.head);
+            let rows: Vec<f32> = ids.iter().flat_map(|&id| table.row(id as usize)).collect();
+            Tensor::from_vec(rows, (n, c.hidden_size), &Device::Cpu)?
         };
         if let Some(scale) = c.embedding_scale {
             h = h.affine(scale as f64, 0.0)?;

@@ -6,20 +6,43 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::quantized::k_quants::GgmlType;
-use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
+use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use super::gemm;
 use super::kernels::{self, Rows};
+use super::quant::BlockType;
 use crate::error::{Error, Result};
 
-/// GGUF block layouts with kernels of our own.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum BlockKind {
-    Q4_1,
-    Q8_0,
+/// Weights kept as the file stores them.
+#[derive(Debug, Clone)]
+pub(crate) enum Stored {
+    /// GGUF blocks, row after row.
+    Blocks(BlockType, Vec<u8>),
+    /// float16 values, row after row.
+    F16(Vec<u16>),
+    /// bfloat16 values, row after row.
+    Bf16(Vec<u16>),
+}
+
+impl Stored {
+    fn rows(&self) -> Rows<'_> {
+        match self {
+            Stored::Blocks(t, data) => Rows::Blocks(*t, data),
+            Stored::F16(h) => Rows::F16(h),
+            Stored::Bf16(h) => Rows::Bf16(h),
+        }
+    }
+
+    /// The layout's name, for messages.
+    fn name(&self) -> &'static str {
+        match self {
+            Stored::Blocks(t, _) => t.name(),
+            Stored::F16(_) => "F16",
+            Stored::Bf16(_) => "BF16",
+        }
+    }
 }
 
 /// A weight matrix `[out, in]` and optional bias, applied as `x Wᵀ + b`.
@@ -30,105 +53,41 @@ pub(crate) enum Linear {
         weight: Arc<gemm::Packed>,
         bias: Option<Vec<f32>>,
     },
-    /// GGUF `Q4_1` or `Q8_0` blocks, row after row.
-    Blocks {
-        kind: BlockKind,
-        data: Vec<u8>,
+    /// GGUF blocks or 2-byte floats, through [`kernels::matmul`].
+    Stored {
+        weights: Stored,
         out: usize,
+        inp: usize,
         bias: Option<Vec<f32>>,
-        /// Activations in two 8-bit parts (see [`Activations`]).
-        precise: bool,
-    },
-    /// Another GGUF block-quantized layout, through candle's kernels.
-    Quantized {
-        weight: QMatMul,
-        bias: Option<Vec<f32>>,
-        /// Activations in two 8-bit parts (see [`Activations`]).
-        precise: bool,
+        /// The bound of the integer activations of block products (see
+        /// [`Activations`]).
+        levels: i16,
     },
 }
 
 /// How the activations meet block-quantized weights. Products with GGUF
-/// blocks round each activation block to 8 bits, as llama.cpp does: the
-/// weights' own values are exact, the rounding of the activations is what
-/// moves the results (logits by up to a few units on a small model).
-/// `Int16` adds a second product with the 8-bit rounding of what the first
-/// rounding left out, so the activations count to about 16 bits and the
-/// results follow the dequantized model's float32 ones closely: the same
-/// weights are read once, for twice the rows.
+/// blocks round each block of 32 activations to integers: llama.cpp rounds
+/// them to 8 bits, which moves the results (logits by up to a few units on
+/// a small model) though the weights' own values are exact. The engine
+/// rounds them to 16 bits by default, which leaves the results within
+/// float rounding of the dequantized model's, at the same speed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Activations {
-    /// One 8-bit rounding per activation block (llama.cpp's arithmetic).
+    /// 8-bit activation blocks (llama.cpp's arithmetic).
     Int8,
-    /// Two 8-bit parts per activation block (the default).
+    /// 16-bit activation blocks (the default).
     #[default]
     Int16,
 }
 
-/// `x` minus its rounding to the 8-bit activation blocks of `T` (what a
-/// product with `T`'s weights leaves out of `x`).
-fn residual_of<T: GgmlType>(x: &[f32]) -> Vec<f32> {
-    let mut blocks = vec![T::zeros(); x.len() / T::BLCK_SIZE];
-    T::from_float(x, &mut blocks);
-    let mut rounded = vec![0f32; x.len()];
-    T::to_float(&blocks, &mut rounded);
-    x.iter().zip(rounded).map(|(a, b)| a - b).collect()
-}
-
-/// The rounding residual of `x` for products with weights of `dtype`
-/// (candle rounds activations to the type's `VecDotType`); `None` for
-/// weights whose products take float activations.
-fn candle_residual(dtype: GgmlDType, x: &[f32]) -> Option<Vec<f32>> {
-    use candle_core::quantized::k_quants::{BlockQ8K, BlockQ8_0, BlockQ8_1};
-    let block = |size: usize| x.len().is_multiple_of(size);
-    match dtype {
-        GgmlDType::Q4_0 | GgmlDType::Q5_0 | GgmlDType::Q8_0 if block(32) => {
-            Some(residual_of::<BlockQ8_0>(x))
+impl Activations {
+    fn levels(self) -> i16 {
+        match self {
+            Activations::Int8 => 127,
+            Activations::Int16 => i16::MAX,
         }
-        GgmlDType::Q4_1 | GgmlDType::Q5_1 if block(32) => Some(residual_of::<BlockQ8_1>(x)),
-        GgmlDType::Q2K | GgmlDType::Q3K | GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K
-            if block(256) =>
-        {
-            Some(residual_of::<BlockQ8K>(x))
-        }
-        _ => None,
     }
 }
-
-/// Runs `product` on the `m` rows of `xs` and the `m` rows of `residual`
-/// in one call (`[xs; residual]`, `2m` rows) and adds the two halves of its
-/// output.
-fn in_two_parts(
-    xs: &[f32],
-    m: usize,
-    residual: &[f32],
-    product: impl FnOnce(&[f32], usize) -> Result<Vec<f32>>,
-) -> Result<Vec<f32>> {
-    let mut both = Vec::with_capacity(2 * xs.len());
-    both.extend_from_slice(xs);
-    both.extend_from_slice(residual);
-    let y = product(&both, 2 * m)?;
-    let (first, second) = y.split_at(y.len() / 2);
-    Ok(first.iter().zip(second).map(|(a, b)| a + b).collect())
-}
-
-/// Rows of `x` per pass of the streaming kernel over GGUF blocks: up to
-/// `BLOCKS_DEQUANTIZE_ROWS` rows, a pass per group of this many rows; past
-/// it, the blocks are expanded to float32 for candle's product.
-const FEW_ROWS_BLOCKS: usize = 32;
-
-/// Rows from which the block types without kernels of the engine's own
-/// (K-quants, Q5_0, ...) are expanded to float32 for each product: candle's
-/// quantized product runs at a few GFLOP/s on these CPUs, so expanding the
-/// blocks pays for itself from a handful of rows (SmolLM2 Q4_K_M, the
-/// logits of 32 tokens: 6.5 → 87 tok/s on 2 cores).
-const QUANTIZED_EXPAND_ROWS: usize = 8;
-
-/// Rows past which GGUF blocks are expanded for candle's product (decode
-/// at batch 32 measured 1.3x faster in groups than expanded; at batch 64,
-/// candle's product on the expanded rows measured 1.2x faster than packing
-/// them for [`gemm::matmul`] at each call).
-const BLOCKS_DEQUANTIZE_ROWS: usize = 48;
 
 /// `f` on the float32 values of the `[m, k]` tensor `x`, row after row,
 /// without a copy where `x` is already laid out so.
@@ -198,81 +157,49 @@ impl Linear {
                 }
                 Ok(gemm::matmul(weight, xs, m, bias.as_deref()))
             }
-            Linear::Blocks {
-                kind,
-                data,
+            Linear::Stored {
+                weights,
                 out,
+                inp,
                 bias,
-                precise,
+                levels,
             } => {
-                let rows = match kind {
-                    BlockKind::Q4_1 => Rows::Q4_1(data),
-                    BlockKind::Q8_0 => Rows::Q8_0(data),
-                };
-                let mut y = if m > BLOCKS_DEQUANTIZE_ROWS {
-                    // Many rows: expanding the blocks once for the float
-                    // product beats re-reading them per row.
-                    let w = kernels::dequantize(rows, *out, k);
-                    let w = Tensor::from_vec(w, (*out, k), &Device::Cpu)?;
-                    let x = Tensor::from_slice(xs, (m, k), &Device::Cpu)?;
-                    x.matmul(&w.t()?)?.flatten_all()?.to_vec1::<f32>()?
-                } else {
-                    let streamed = |xs: &[f32], m: usize| -> Result<Vec<f32>> {
-                        // Groups of at most FEW_ROWS_BLOCKS rows, one pass over the blocks each.
-                        let mut y = Vec::with_capacity(m * *out);
-                        for group in xs.chunks(FEW_ROWS_BLOCKS * k.max(1)) {
-                            y.extend(kernels::matmul_rows(rows, group, group.len() / k, k, *out));
-                        }
-                        Ok(y)
-                    };
-                    match kernels::activation_residual(xs).filter(|_| *precise) {
-                        Some(residual) => in_two_parts(xs, m, &residual, streamed)?,
-                        None => streamed(xs, m)?,
-                    }
-                };
-                add_bias(&mut y, bias);
-                Ok(y)
-            }
-            Linear::Quantized {
-                weight,
-                bias,
-                precise,
-            } => {
-                let product = |xs: &[f32], m: usize| -> Result<Vec<f32>> {
-                    let x = Tensor::from_slice(xs, (m, k), &Device::Cpu)?;
-                    Ok(weight.forward(&x)?.flatten_all()?.to_vec1::<f32>()?)
-                };
-                if let (QMatMul::QTensor(q), true) = (weight, m >= QUANTIZED_EXPAND_ROWS) {
-                    // Many rows: the blocks expanded once for a float product
-                    // (float activations: no rounding to correct).
-                    let w = q.dequantize(&Device::Cpu)?;
-                    let x = Tensor::from_slice(xs, (m, k), &Device::Cpu)?;
-                    let mut y = x.matmul(&w.t()?)?.flatten_all()?.to_vec1::<f32>()?;
-                    add_bias(&mut y, bias);
-                    return Ok(y);
+                if m > 0 && k != *inp {
+                    return Err(Error::Backend(format!(
+                        "a product of {k} inputs with a matrix of {inp}"
+                    )));
                 }
-                let residual = match weight {
-                    QMatMul::QTensor(q) if *precise => candle_residual(q.dtype(), xs),
-                    _ => None,
-                };
-                let mut y = match residual {
-                    Some(residual) => in_two_parts(xs, m, &residual, product)?,
-                    None => product(xs, m)?,
-                };
+                let mut y = kernels::matmul(weights.rows(), xs, m, k, *out, *levels);
                 add_bias(&mut y, bias);
                 Ok(y)
             }
         }
     }
 
+    /// Row `j` of the matrix as float32 (a token's embedding).
+    pub(crate) fn row(&self, j: usize) -> Vec<f32> {
+        match self {
+            Linear::Dense { weight, .. } => weight.row(j),
+            Linear::Stored { weights, inp, .. } => {
+                let mut row = vec![0f32; *inp];
+                kernels::dequantize_row(weights.rows(), j, &mut row);
+                row
+            }
+        }
+    }
+
+    /// The layout of the weights, for messages and benchmarks.
+    pub(crate) fn layout(&self) -> &'static str {
+        match self {
+            Linear::Dense { .. } => "F32",
+            Linear::Stored { weights, .. } => weights.name(),
+        }
+    }
+
     pub(crate) fn out_features(&self) -> usize {
         match self {
             Linear::Dense { weight, .. } => weight.rows(),
-            Linear::Blocks { out, .. } => *out,
-            Linear::Quantized { weight, .. } => match weight {
-                QMatMul::QTensor(q) => q.shape().dims()[0],
-                QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.dim(0).unwrap_or(0),
-            },
+            Linear::Stored { out, .. } => *out,
         }
     }
 }
@@ -291,9 +218,7 @@ fn concat(parts: &[Linear]) -> Result<Option<Linear>> {
         let have: Vec<Option<&Vec<f32>>> = parts
             .iter()
             .map(|p| match p {
-                Linear::Dense { bias, .. }
-                | Linear::Blocks { bias, .. }
-                | Linear::Quantized { bias, .. } => bias.as_ref(),
+                Linear::Dense { bias, .. } | Linear::Stored { bias, .. } => bias.as_ref(),
             })
             .collect();
         if have.iter().all(Option::is_none) {
@@ -321,36 +246,45 @@ fn concat(parts: &[Linear]) -> Result<Option<Linear>> {
             bias: biases(),
         }));
     }
-    let kinds: Vec<Option<BlockKind>> = parts
-        .iter()
-        .map(|p| match p {
-            Linear::Blocks { kind, .. } => Some(*kind),
-            _ => None,
-        })
-        .collect();
-    if kinds.iter().all(|k| k.is_some() && *k == kinds[0]) {
-        let mut data = Vec::new();
-        let mut precise = false;
-        for p in parts {
-            if let Linear::Blocks {
-                data: d,
-                precise: p,
-                ..
-            } = p
+    // Stored matrices of one layout, inputs and activation rounding:
+    // their rows one after another.
+    let mut whole: Option<(Stored, usize, i16)> = None;
+    for p in parts {
+        let Linear::Stored {
+            weights,
+            inp,
+            levels,
+            ..
+        } = p
+        else {
+            return Ok(None);
+        };
+        whole = match (whole, weights) {
+            (None, w) => Some((w.clone(), *inp, *levels)),
+            (Some((Stored::Blocks(t, mut d), i, l)), Stored::Blocks(u, e))
+                if t == *u && i == *inp && l == *levels =>
             {
-                data.extend_from_slice(d);
-                precise |= *p;
+                d.extend_from_slice(e);
+                Some((Stored::Blocks(t, d), i, l))
             }
-        }
-        return Ok(Some(Linear::Blocks {
-            kind: kinds[0].expect("checked"),
-            data,
-            out: parts.iter().map(Linear::out_features).sum(),
-            bias: biases(),
-            precise,
-        }));
+            (Some((Stored::F16(mut d), i, l)), Stored::F16(e)) if i == *inp && l == *levels => {
+                d.extend_from_slice(e);
+                Some((Stored::F16(d), i, l))
+            }
+            (Some((Stored::Bf16(mut d), i, l)), Stored::Bf16(e)) if i == *inp && l == *levels => {
+                d.extend_from_slice(e);
+                Some((Stored::Bf16(d), i, l))
+            }
+            _ => return Ok(None),
+        };
     }
-    Ok(None)
+    Ok(whole.map(|(weights, inp, levels)| Linear::Stored {
+        weights,
+        out: parts.iter().map(Linear::out_features).sum(),
+        inp,
+        bias: biases(),
+        levels,
+    }))
 }
 
 impl Fused {
@@ -691,51 +625,65 @@ impl Source {
             ..
         } = self
         {
-            let precise = *activations == Activations::Int16;
             if !self.contains(&weight_name) {
                 return Err(load_error(
                     path,
                     format!("the GGUF file has no tensor {weight_name}"),
                 ));
             }
-            let q = self.qtensor(&weight_name)?;
-            // GGUF lists dimensions innermost first; candle reverses them to [out, in].
-            if q.shape().dims() != [out, inp] {
+            let (dtype, dims) = self.gguf_info(&weight_name)?;
+            // GGUF lists dimensions innermost first.
+            if dims != [inp, out] {
                 return Err(load_error(
                     path,
                     format!(
                         "tensor {weight_name} has shape {:?}, expected {:?}",
-                        q.shape().dims(),
+                        dims.iter().rev().collect::<Vec<_>>(),
                         [out, inp]
                     ),
                 ));
             }
-            let kind = match q.dtype() {
-                GgmlDType::Q4_1 => Some(BlockKind::Q4_1),
-                GgmlDType::Q8_0 => Some(BlockKind::Q8_0),
-                _ => None,
+            let levels = activations.levels();
+            let stored = |weights: Stored| Linear::Stored {
+                weights,
+                out,
+                inp,
+                bias: bias.clone(),
+                levels,
             };
-            if let (Some(kind), false, true) =
-                (kind, *dequantize, inp.is_multiple_of(kernels::BLOCK))
-            {
-                return Ok(Linear::Blocks {
-                    kind,
-                    data: q.data()?.into_owned(),
-                    out,
-                    bias,
-                    precise,
-                });
-            }
-            // candle's kernels for the other block types assume an even
-            // number of blocks per row (they assert it in debug builds).
-            let even_blocks = inp.is_multiple_of(2 * q.dtype().block_size());
-            if *dequantize || !even_blocks {
-                return Linear::dense(&q.dequantize(&Device::Cpu)?, bias);
-            }
-            return Ok(Linear::Quantized {
-                weight: QMatMul::from_arc(Arc::new(q))?,
+            let halves = |bytes: Vec<u8>| -> Vec<u16> {
+                bytes
+                    .chunks_exact(2)
+                    .map(|b| u16::from_le_bytes([b[0], b[1]]))
+                    .collect()
+            };
+            return match (BlockType::from_ggml(dtype), dtype, *dequantize) {
+                (_, GgmlDType::F32, _) | (_, _, true) => {
+                    Linear::dense(&self.qtensor(&weight_name)?.dequantize(&Device::Cpu)?, bias)
+                }
+                (Some(t), _, false) => Ok(stored(Stored::Blocks(t, self.gguf_bytes(&weight_name)?))),
+                (None, GgmlDType::F16, false) => {
+                    Ok(stored(Stored::F16(halves(self.gguf_bytes(&weight_name)?))))
+                }
+                (None, GgmlDType::BF16, false) => {
+                    Ok(stored(Stored::Bf16(halves(self.gguf_bytes(&weight_name)?))))
+                }
+                (None, other, false) => Err(load_error(
+                    path,
+                    format!(
+                        "tensor {weight_name} has type {other:?}, which the engine does not read \
+                         as a weight matrix"
+                    ),
+                )),
+            };
+        }
+        if let Some(stored) = self.stored_half(&weight_name, out, inp, transposed)? {
+            return Ok(Linear::Stored {
+                weights: stored,
+                out,
+                inp,
                 bias,
-                precise,
+                levels: i16::MAX,
             });
         }
         let weight = if transposed {
@@ -750,6 +698,95 @@ impl Source {
             self.tensor(&weight_name, &[out, inp])?
         };
         Linear::dense(&weight, bias)
+    }
+
+    /// A GGUF tensor's type and dimensions (innermost first).
+    fn gguf_info(&self, name: &str) -> Result<(GgmlDType, Vec<usize>)> {
+        match self {
+            Source::Gguf { content, path, .. } => content
+                .tensor_infos
+                .get(name)
+                .map(|info| (info.ggml_dtype, info.shape.dims().iter().rev().copied().collect()))
+                .ok_or_else(|| load_error(path, format!("the GGUF file has no tensor {name}"))),
+            Source::Safetensors { path, .. } => {
+                Err(load_error(path, format!("{name} is not a GGUF tensor")))
+            }
+        }
+    }
+
+    /// A GGUF tensor's bytes as the file stores them (the header was
+    /// checked to place them inside the file: [`check_gguf_tensors`]).
+    fn gguf_bytes(&self, name: &str) -> Result<Vec<u8>> {
+        use std::io::{Read, Seek, SeekFrom};
+        let Source::Gguf {
+            content,
+            file,
+            path,
+            ..
+        } = self
+        else {
+            return Err(load_error(self.path(), format!("{name} is not a GGUF tensor")));
+        };
+        let info = content
+            .tensor_infos
+            .get(name)
+            .ok_or_else(|| load_error(path, format!("the GGUF file has no tensor {name}")))?;
+        let dtype = info.ggml_dtype;
+        let size = info.shape.elem_count() / dtype.block_size() * dtype.type_size();
+        let mut bytes = vec![0u8; size];
+        let mut file = file.lock().unwrap_or_else(|p| p.into_inner());
+        file.seek(SeekFrom::Start(content.tensor_data_offset + info.offset))
+            .and_then(|_| file.read_exact(&mut bytes))
+            .map_err(|e| load_error(path, format!("tensor {name}: {e}")))?;
+        Ok(bytes)
+    }
+
+    /// A float16 / bfloat16 matrix `[n, k]` of a safetensors file, kept at
+    /// two bytes a weight (`transposed`: stored `[k, n]`); `None` for other
+    /// dtypes and files.
+    fn stored_half(&self, name: &str, n: usize, k: usize, transposed: bool) -> Result<Option<Stored>> {
+        let Source::Safetensors { files, path, names } = self else {
+            return Ok(None);
+        };
+        if !names.contains(name) {
+            return Ok(None);
+        }
+        let view = files
+            .get(name)
+            .map_err(|e| load_error(path, format!("tensor {name}: {e}")))?;
+        let bf16 = match view.dtype() {
+            safetensors::Dtype::F16 => false,
+            safetensors::Dtype::BF16 => true,
+            _ => return Ok(None),
+        };
+        let shape = if transposed { [k, n] } else { [n, k] };
+        if view.shape() != shape {
+            return Err(load_error(
+                path,
+                format!(
+                    "tensor {name} has shape {:?}, expected {shape:?}",
+                    view.shape()
+                ),
+            ));
+        }
+        let bytes = view.data();
+        if bytes.len() != n * k * 2 {
+            return Err(load_error(
+                path,
+                format!("tensor {name} holds {} bytes, not {}", bytes.len(), n * k * 2),
+            ));
+        }
+        let at = |i: usize| u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]]);
+        let values: Vec<u16> = if transposed {
+            (0..n * k).map(|i| at((i % k) * n + i / k)).collect()
+        } else {
+            (0..n * k).map(at).collect()
+        };
+        Ok(Some(if bf16 {
+            Stored::Bf16(values)
+        } else {
+            Stored::F16(values)
+        }))
     }
 
     /// A float32 matrix `[n, k]` of a safetensors file packed straight from
@@ -803,93 +840,75 @@ mod tests {
     use super::*;
     use crate::engine::model::tests::values;
 
-    /// The product in f64 with the weights the blocks stand for.
-    fn reference(w: &[f32], x: &[f32], m: usize, k: usize, n: usize) -> Vec<f64> {
-        (0..m)
-            .flat_map(|i| {
-                (0..n).map(move |j| {
-                    (0..k)
-                        .map(|c| x[i * k + c] as f64 * w[j * k + c] as f64)
-                        .sum()
-                })
-            })
-            .collect()
-    }
-
-    fn largest_error(got: &[f32], want: &[f64]) -> f64 {
-        got.iter()
-            .zip(want)
-            .map(|(&g, &w)| (g as f64 - w).abs())
-            .fold(0.0, f64::max)
-    }
-
-    /// The largest errors against the float product of `x` (`[m, k]`) with
-    /// `n` random weight rows of `dtype`, with two-part and with 8-bit
-    /// activations; the first must be small and, where the activations are
-    /// rounded at all, much smaller than the second.
-    fn product_errors(dtype: GgmlDType, x: &[f32], m: usize, k: usize, n: usize) -> (f64, f64) {
-        let w = Tensor::from_vec(values(n * k, 3), (n, k), &Device::Cpu).unwrap();
-        let q = QTensor::quantize(&w, dtype).unwrap();
-        let expanded = q.dequantize(&Device::Cpu).unwrap();
-        let weights = expanded.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let want = reference(&weights, x, m, k, n);
-        let linear = |precise: bool| match dtype {
-            GgmlDType::Q8_0 | GgmlDType::Q4_1 => Linear::Blocks {
-                kind: if dtype == GgmlDType::Q8_0 {
-                    BlockKind::Q8_0
-                } else {
-                    BlockKind::Q4_1
-                },
-                data: q.data().unwrap().into_owned(),
-                out: n,
-                bias: None,
-                precise,
-            },
-            _ => Linear::Quantized {
-                weight: QMatMul::from_arc(Arc::new(QTensor::quantize(&w, dtype).unwrap())).unwrap(),
-                bias: None,
-                precise,
-            },
+    fn stored(t: GgmlDType, n: usize, k: usize, seed: u32, levels: i16) -> (Linear, Vec<f32>) {
+        let w = Tensor::from_vec(values(n * k, seed), (n, k), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&w, t).unwrap();
+        let floats = q.dequantize(&Device::Cpu).unwrap();
+        let floats = floats.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let linear = Linear::Stored {
+            weights: Stored::Blocks(BlockType::from_ggml(t).unwrap(), q.data().unwrap().into_owned()),
+            out: n,
+            inp: k,
+            bias: Some(values(n, seed + 1)),
+            levels,
         };
-        let two = largest_error(&linear(true).apply(x, m).unwrap(), &want);
-        let one = largest_error(&linear(false).apply(x, m).unwrap(), &want);
-        assert!(two < 2e-3, "{dtype:?}: {two} with two parts");
-        let rounds = match dtype {
-            GgmlDType::Q8_0 | GgmlDType::Q4_1 => kernels::activation_residual(x).is_some(),
-            _ => m < QUANTIZED_EXPAND_ROWS,
-        };
-        if rounds {
-            assert!(two * 10.0 < one, "{dtype:?}: {two} against {one}");
-        }
-        (two, one)
+        (linear, floats)
     }
 
-    /// With two 8-bit parts the activations' rounding all but vanishes from
-    /// products with quantized weights; with one it stays (where the CPU's
-    /// kernels round activations at all).
+    /// 16-bit activations follow the float product of the dequantized
+    /// weights closely; 8-bit ones are a hundred times further off.
     #[test]
-    fn two_part_activations_follow_the_float_product() {
+    fn activation_bounds_set_how_close_products_come_to_the_float_one() {
         let (m, k, n) = (3, 512, 24);
         let x = values(m * k, 7);
-        for dtype in [
-            GgmlDType::Q8_0,
-            GgmlDType::Q4_1,
-            GgmlDType::Q4K,
-            GgmlDType::Q6K,
-        ] {
-            product_errors(dtype, &x, m, k, n);
+        for t in [GgmlDType::Q8_0, GgmlDType::Q4_1, GgmlDType::Q4K, GgmlDType::Q6K] {
+            let errors: Vec<f64> = [Activations::Int16, Activations::Int8]
+                .iter()
+                .map(|a| {
+                    let (linear, w) = stored(t, n, k, 3, a.levels());
+                    let got = linear.apply(&x, m).unwrap();
+                    let bias = values(n, 4);
+                    let mut worst = 0f64;
+                    for i in 0..m {
+                        for j in 0..n {
+                            let want: f64 = (0..k)
+                                .map(|c| x[i * k + c] as f64 * w[j * k + c] as f64)
+                                .sum::<f64>()
+                                + bias[j] as f64;
+                            worst = worst.max((got[i * n + j] as f64 - want).abs());
+                        }
+                    }
+                    worst
+                })
+                .collect();
+            assert!(errors[0] < 2e-3, "{t:?}: {errors:?}");
+            assert!(errors[0] * 100.0 < errors[1], "{t:?}: {errors:?}");
         }
     }
 
-    /// Many rows: blocks without kernels of the engine's own are expanded
-    /// for a float product, whatever the activation setting.
+    /// Stored matrices of one layout fuse into one whose outputs are the
+    /// parts' side by side; mixed layouts stay apart with the same outputs.
     #[test]
-    fn expanded_blocks_give_the_float_product() {
-        let (m, k, n) = (QUANTIZED_EXPAND_ROWS + 1, 512, 24);
-        let x = values(m * k, 9);
-        for dtype in [GgmlDType::Q4K, GgmlDType::Q5_0, GgmlDType::Q6K] {
-            let (two, one) = product_errors(dtype, &x, m, k, n);
-            assert!(two < 1e-4 && one < 1e-4, "{dtype:?}: {two}, {one}");
+    fn fused_stored_matrices_give_their_parts_outputs() {
+        let (m, k) = (5, 256);
+        let x = values(m * k, 2);
+        let parts = vec![
+            stored(GgmlDType::Q4K, 8, k, 1, i16::MAX).0,
+            stored(GgmlDType::Q4K, 16, k, 5, i16::MAX).0,
+            stored(GgmlDType::Q6K, 8, k, 9, i16::MAX).0,
+        ];
+        let outs: Vec<Vec<f32>> = parts.iter().map(|p| p.apply(&x, m).unwrap()).collect();
+        let mut want = Vec::new();
+        for i in 0..m {
+            for (o, p) in outs.iter().zip(&parts) {
+                let w = p.out_features();
+                want.extend_from_slice(&o[i * w..(i + 1) * w]);
+            }
         }
+        assert_eq!(Fused::new(parts.clone()).unwrap().apply(&x, m).unwrap(), want);
+        let same = Fused::new(parts[..2].to_vec()).unwrap();
+        assert!(same.whole.is_some());
+        assert_eq!(same.apply(&x, m).unwrap().len(), m * 24);
+        assert!(Fused::new(parts).unwrap().whole.is_none());
     }
 }
