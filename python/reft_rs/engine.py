@@ -21,7 +21,7 @@ import numpy as np
 from . import _core
 from .errors import InvalidArgumentError
 
-__all__ = ["Engine"]
+__all__ = ["Engine", "kernel_isa", "read_gguf_tensor"]
 
 Messages = Sequence[Mapping[str, Any]]
 # (max_new_tokens, temperature, top_k, top_p, seed, stop, intervene_on_generated, ignore_eos, strength)
@@ -440,3 +440,19 @@ def _messages(messages: Messages | str) -> list[dict[str, Any]]:
             raise InvalidArgumentError(f"messages[{i}] must be a mapping with 'role' and 'content'")
         out.append(dict(message))
     return out
+
+
+def read_gguf_tensor(path: str | os.PathLike[str], name: str) -> np.ndarray:
+    """Tensor ``name`` of the GGUF file at ``path`` as a float32 array of its
+    shape (outermost dimension first), dequantized by the engine's own
+    readers: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and Q2_K to Q6_K.
+    Other types raise :class:`reft_rs.errors.ModelLoadError` naming the
+    tensor and its type."""
+    shape, values = _core.read_gguf_tensor(os.fspath(path), name)
+    return values.reshape(shape)
+
+
+def kernel_isa() -> str:
+    """The instruction set the engine's quantized and float16 kernels use on
+    this CPU: ``"avx512"``, ``"avx2"`` or ``"portable"``."""
+    return _core.kernel_isa()

@@ -448,3 +448,24 @@ impl PyScheduler {
         (o.max_batch, o.kv_cache_bytes, o.max_prefill_tokens)
     }
 }
+
+/// The float32 values of tensor `name` of a GGUF file, dequantized by the
+/// engine's own readers, with its dimensions (outermost first).
+#[pyfunction]
+pub fn read_gguf_tensor<'py>(
+    py: Python<'py>,
+    path: PathBuf,
+    name: &str,
+) -> PyResult<(Vec<usize>, Bound<'py, PyArray1<f32>>)> {
+    let (shape, values) =
+        crate::errors::detach(py, || reft_core::engine::read_gguf_tensor(&path, name))
+            .into_py_result()?;
+    Ok((shape, values.into_pyarray(py)))
+}
+
+/// The instruction set of the engine's quantized kernels on this CPU
+/// (`avx512`, `avx2` or `portable`).
+#[pyfunction]
+pub fn kernel_isa() -> &'static str {
+    reft_core::engine::Isa::detect().name()
+}

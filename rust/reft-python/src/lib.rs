@@ -23,6 +23,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<engine::PyStream>()?;
     m.add_class::<engine::PyScheduler>()?;
     m.add_class::<tokenize::PyBatchTokenizer>()?;
+    m.add_function(wrap_pyfunction!(engine::read_gguf_tensor, m)?)?;
+    m.add_function(wrap_pyfunction!(engine::kernel_isa, m)?)?;
     m.add_function(wrap_pyfunction!(positions::locate, m)?)?;
     m.add_function(wrap_pyfunction!(positions::locate_char_spans, m)?)?;
     m.add_function(wrap_pyfunction!(spans::gather, m)?)?;

@@ -42,8 +42,11 @@ pub(crate) enum Rows<'a> {
 /// The instruction sets a kernel is built for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Isa {
+    /// AVX-512 (F and BW) with FMA and F16C.
     Avx512,
+    /// AVX2 with FMA and F16C.
     Avx2,
+    /// Plain Rust, any CPU.
     Portable,
 }
 
@@ -78,6 +81,7 @@ impl Isa {
             .collect()
     }
 
+    /// `avx512`, `avx2` or `portable`.
     pub fn name(self) -> &'static str {
         match self {
             Isa::Avx512 => "avx512",

@@ -42,7 +42,8 @@ pub use rope::{Rope, RopeScaling};
 pub use sample::Sampling;
 pub use scheduler::{Event, Finish, Request, Scheduler, SchedulerOptions, Session};
 pub use text::Text;
-pub use weights::Activations;
+pub use kernels::Isa;
+pub use weights::{read_gguf_tensor, Activations};
 
 use crate::error::{Error, Result};
 use edits::{BatchEdits, EditSet, Span};

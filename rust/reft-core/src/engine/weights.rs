@@ -405,6 +405,118 @@ fn load_error(path: &Path, reason: impl Into<String>) -> Error {
     }
 }
 
+/// The first tensor of the GGUF file at `path` whose type the engine
+/// cannot read, with the type's id; `None` when there is none or the
+/// header cannot be walked (every read is bounded by the file's size).
+fn unread_tensor_type(path: &Path) -> Option<(String, u32)> {
+    use std::io::{BufReader, Read};
+    const READ: [u32; 15] = [0, 1, 2, 3, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 30];
+    let file = File::open(path).ok()?;
+    let size = file.metadata().ok()?.len();
+    let mut r = BufReader::new(file).take(size);
+    fn u32_of(r: &mut impl Read) -> Option<u32> {
+        let mut b = [0u8; 4];
+        r.read_exact(&mut b).ok()?;
+        Some(u32::from_le_bytes(b))
+    }
+    fn u64_of(r: &mut impl Read) -> Option<u64> {
+        let mut b = [0u8; 8];
+        r.read_exact(&mut b).ok()?;
+        Some(u64::from_le_bytes(b))
+    }
+    fn skip(r: &mut impl Read, n: u64) -> Option<()> {
+        (std::io::copy(&mut r.take(n), &mut std::io::sink()).ok()? == n).then_some(())
+    }
+    fn string(r: &mut impl Read, size: u64) -> Option<Vec<u8>> {
+        let len = u64_of(r)?;
+        if len > size {
+            return None;
+        }
+        let mut b = vec![0u8; len as usize];
+        r.read_exact(&mut b).ok()?;
+        Some(b)
+    }
+    fn value(r: &mut impl Read, kind: u32, size: u64, depth: u32) -> Option<()> {
+        match kind {
+            0 | 1 | 7 => skip(r, 1),
+            2 | 3 => skip(r, 2),
+            4..=6 => skip(r, 4),
+            10..=12 => skip(r, 8),
+            8 => string(r, size).map(|_| ()),
+            9 if depth == 0 => {
+                let (inner, count) = (u32_of(r)?, u64_of(r)?);
+                if count > size {
+                    return None;
+                }
+                (0..count).try_for_each(|_| value(r, inner, size, 1))
+            }
+            _ => None,
+        }
+    }
+    if u32_of(&mut r)? != u32::from_le_bytes(*b"GGUF") || u32_of(&mut r)? < 2 {
+        return None;
+    }
+    let (tensors, entries) = (u64_of(&mut r)?, u64_of(&mut r)?);
+    for _ in 0..entries.min(size) {
+        string(&mut r, size)?;
+        let kind = u32_of(&mut r)?;
+        value(&mut r, kind, size, 0)?;
+    }
+    for _ in 0..tensors.min(size) {
+        let name = string(&mut r, size)?;
+        let dims = u32_of(&mut r)?;
+        if dims > 8 {
+            return None;
+        }
+        skip(&mut r, 8 * dims as u64)?;
+        let id = u32_of(&mut r)?;
+        skip(&mut r, 8)?;
+        if !READ.contains(&id) {
+            return Some((String::from_utf8_lossy(&name).into_owned(), id));
+        }
+    }
+    None
+}
+
+/// The float32 values and dimensions (outermost first) of tensor `name`
+/// of the GGUF file at `path`, dequantized by the engine's own readers.
+pub fn read_gguf_tensor(path: &Path, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
+    let source = Source::gguf(path, false, Activations::Int16)?;
+    let (dtype, dims) = source.gguf_info(name)?;
+    let shape: Vec<usize> = dims.iter().rev().copied().collect();
+    let count: usize = dims.iter().product();
+    let k = dims.first().copied().unwrap_or(1).max(1);
+    let bytes = source.gguf_bytes(name)?;
+    let halves = || -> Vec<u16> {
+        bytes
+            .chunks_exact(2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+            .collect()
+    };
+    if let Some(t) = BlockType::from_ggml(dtype).filter(|t| !k.is_multiple_of(t.weights())) {
+        return Err(load_error(
+            path,
+            format!("tensor {name}'s rows of {k} are not whole {} blocks", t.name()),
+        ));
+    }
+    let values = match (BlockType::from_ggml(dtype), dtype) {
+        (Some(t), _) => kernels::dequantize(Rows::Blocks(t, &bytes), count / k, k),
+        (None, GgmlDType::F16) => kernels::dequantize(Rows::F16(&halves()), count / k, k),
+        (None, GgmlDType::BF16) => kernels::dequantize(Rows::Bf16(&halves()), count / k, k),
+        (None, GgmlDType::F32) => bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        (None, other) => {
+            return Err(load_error(
+                path,
+                format!("tensor {name} has type {other:?}, which the engine does not read"),
+            ))
+        }
+    };
+    Ok((shape, values))
+}
+
 /// The file of a shard named in the index: a plain file name in the
 /// model folder itself (no separators, `..` or absolute paths, and no
 /// link leading out of the folder).
@@ -499,7 +611,18 @@ impl Source {
             gguf_file::Content::read(&mut file)
         }))
         .map_err(|_| load_error(path, "not a readable GGUF file: its header is damaged"))?
-        .map_err(|e| load_error(path, format!("not a readable GGUF file: {e}")))?;
+        .map_err(|e| match unread_tensor_type(path) {
+            Some((name, id)) => load_error(
+                path,
+                format!(
+                    "tensor {name} has type {}, which the engine does not read (it reads \
+                     F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and Q2_K to Q6_K; \
+                     llama-quantize can convert the file to one of them)",
+                    super::quant::ggml_type_name(id)
+                ),
+            ),
+            None => load_error(path, format!("not a readable GGUF file: {e}")),
+        })?;
         let size = file.metadata().map_err(|e| Error::io(path, e))?.len();
         check_gguf_tensors(&content, size).map_err(|reason| load_error(path, reason))?;
         Ok(Source::Gguf {
@@ -661,6 +784,10 @@ impl Source {
                 (_, GgmlDType::F32, _) | (_, _, true) => {
                     Linear::dense(&self.qtensor(&weight_name)?.dequantize(&Device::Cpu)?, bias)
                 }
+                (Some(t), _, false) if !inp.is_multiple_of(t.weights()) => Err(load_error(
+                    path,
+                    format!("tensor {weight_name}'s rows of {inp} are not whole {} blocks", t.name()),
+                )),
                 (Some(t), _, false) => Ok(stored(Stored::Blocks(t, self.gguf_bytes(&weight_name)?))),
                 (None, GgmlDType::F16, false) => {
                     Ok(stored(Stored::F16(halves(self.gguf_bytes(&weight_name)?))))
