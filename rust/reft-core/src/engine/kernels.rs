@@ -114,14 +114,50 @@ pub(crate) fn quantize(x: &[f32], k: usize, levels: i16) -> Quantized {
         let d = amax / top;
         let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
         for (q, &v) in q.iter_mut().zip(block) {
-            *q = (v * inv).round().clamp(-top, top) as i16;
+            *q = (v * inv).round_ties_even().clamp(-top, top) as i16;
         }
-        out.d.push(d);
-        for group in block.chunks_exact(GROUP) {
-            out.sums.push(group.iter().sum());
+        if levels == 127 {
+            // llama.cpp's arithmetic (`Q8_0` / `Q8_1` blocks): the scale
+            // kept as float16, the offsets meeting the rounded sums.
+            out.d.push(to_half_precision(d));
+            let whole: i32 = q.iter().map(|&v| v as i32).sum();
+            for group in q.chunks_exact(GROUP) {
+                let part: i32 = group.iter().map(|&v| v as i32).sum();
+                // Each group's share of the block's float16 sum.
+                let block_sum = to_half_precision(d * whole as f32);
+                out.sums.push(if whole == 0 { d * part as f32 } else { block_sum * part as f32 / whole as f32 });
+            }
+        } else {
+            out.d.push(d);
+            for group in block.chunks_exact(GROUP) {
+                out.sums.push(group.iter().sum());
+            }
         }
     }
     out
+}
+
+/// `v` rounded to the nearest float16 value (ties to even), as float32.
+fn to_half_precision(v: f32) -> f32 {
+    let bits = v.to_bits();
+    let exponent = ((bits >> 23) & 0xff) as i32 - 127;
+    if !v.is_finite() || v == 0.0 || exponent > 15 {
+        return v;
+    }
+    // Mantissa bits kept: 10 for normal halves, fewer below 2^-14.
+    let keep = (10 - (-14 - exponent).max(0)).max(-1);
+    let drop = (23 - keep) as u32;
+    if drop >= 32 {
+        return 0.0f32.copysign(v);
+    }
+    let half = 1u32 << (drop - 1);
+    let mask = (1u32 << drop) - 1;
+    let rest = bits & mask;
+    let mut kept = bits & !mask;
+    if rest > half || (rest == half && (kept >> drop) & 1 == 1) {
+        kept += 1 << drop;
+    }
+    f32::from_bits(kept)
 }
 
 /// `Σ_g offset[g] · sums[g]` in a fixed order.
@@ -212,7 +248,7 @@ impl Dots for Portable {
             for g in 0..k / GROUP {
                 let mut isum = 0i32;
                 for j in g * GROUP..(g + 1) * GROUP {
-                    isum += u.q[j] as i32 * xq[j] as i32;
+                    isum += (u.q[j] as i32 - u.center as i32) * xq[j] as i32;
                 }
                 acc[g & 1] = (u.scale[g] * xd[g / 2]).mul_add(isum as f32, acc[g & 1]);
             }
@@ -275,10 +311,14 @@ mod x86 {
             let mut acc = [[_mm256_setzero_ps(); 2]; C];
             let qx = x.q.as_ptr().add(first * k);
             let xd = x.d.as_ptr().add(first * k / BLOCK);
+            let center = _mm256_set1_epi16(u.center);
             macro_rules! group {
                 ($g:expr, $lane:literal) => {{
                     let g = $g;
-                    let w = _mm256_cvtepu8_epi16(_mm_loadu_si128(u.q.as_ptr().add(g * GROUP) as *const __m128i));
+                    let w = _mm256_sub_epi16(
+                        _mm256_cvtepu8_epi16(_mm_loadu_si128(u.q.as_ptr().add(g * GROUP) as *const __m128i)),
+                        center,
+                    );
                     let s = *u.scale.get_unchecked(g);
                     for c in 0..C {
                         let xv = _mm256_loadu_si256(qx.add(c * k + g * GROUP) as *const __m256i);
@@ -356,11 +396,15 @@ mod x86 {
             let mut acc = [[_mm512_setzero_ps(); 2]; C];
             let qx = x.q.as_ptr().add(first * k);
             let xd = x.d.as_ptr().add(first * k / BLOCK);
+            let center = _mm512_set1_epi16(u.center);
             // One activation block (32 values, two weight groups) per step.
             macro_rules! block {
                 ($b:expr, $lane:literal) => {{
                     let b = $b;
-                    let w = _mm512_cvtepu8_epi16(_mm256_loadu_si256(u.q.as_ptr().add(b * BLOCK) as *const __m256i));
+                    let w = _mm512_sub_epi16(
+                        _mm512_cvtepu8_epi16(_mm256_loadu_si256(u.q.as_ptr().add(b * BLOCK) as *const __m256i)),
+                        center,
+                    );
                     let s = _mm512_insertf32x8(
                         _mm512_castps256_ps512(_mm256_set1_ps(*u.scale.get_unchecked(2 * b))),
                         _mm256_set1_ps(*u.scale.get_unchecked(2 * b + 1)),

@@ -2,9 +2,10 @@
 //!
 //! Every layout the engine reads is unpacked, a row at a time, into one
 //! form: each weight a byte `u` and, per group of 16 weights, a scale `s`
-//! and an offset `o`, the weight being `s·u + o`. `Q4_0` is `d·(u − 8)`,
-//! so `s = d, o = −8d`; the K-quants' 6- and 8-bit sub-block scales are
-//! multiplied out; `Q8_0`'s signed bytes are shifted by 128. The kernels
+//! and an offset `o`, the weight being `s·(u − c) + o` with `c` the
+//! layout's center: `Q4_0` is `d·(u − 8)`, so `s = d, c = 8, o = 0`; the
+//! K-quants' 6- and 8-bit sub-block scales are multiplied out; `Q8_0`'s
+//! signed bytes are shifted by 128 and centered back. The kernels
 //! (`kernels.rs`) then take every layout through the same integer products.
 //!
 //! The layouts follow ggml's (`ggml-common.h`) and the `gguf` package's
@@ -161,6 +162,9 @@ pub(crate) struct Unpacked {
     pub(crate) q: Vec<u8>,
     pub(crate) scale: Vec<f32>,
     pub(crate) offset: Vec<f32>,
+    /// Subtracted from every `q` (the symmetric layouts' zero: 8 for
+    /// `Q4_0`, 128 for `Q8_0`, ...), so their products stay exact integers.
+    pub(crate) center: i16,
 }
 
 impl Unpacked {
@@ -169,14 +173,15 @@ impl Unpacked {
             q: vec![0; k],
             scale: vec![0.0; k / GROUP],
             offset: vec![0.0; k / GROUP],
+            center: 0,
         }
     }
 
-    /// The float weights, `s·u + o`.
+    /// The float weights, `s·(u − center) + o`.
     pub(crate) fn values(&self, out: &mut [f32]) {
         for (i, v) in out.iter_mut().enumerate() {
             let g = i / GROUP;
-            *v = self.scale[g] * self.q[i] as f32 + self.offset[g];
+            *v = self.scale[g] * (self.q[i] as i16 - self.center) as f32 + self.offset[g];
         }
     }
 }
@@ -230,12 +235,20 @@ fn part<const A: usize, const N: usize, const L: usize>(block: &[u8; N]) -> &[u8
 /// for exactly the row's weights.
 #[inline(always)]
 pub(crate) fn unpack_row(t: BlockType, row: &[u8], out: &mut Unpacked) {
+    out.center = match t {
+        BlockType::Q4_0 => 8,
+        BlockType::Q5_0 => 16,
+        BlockType::Q8_0 => 128,
+        BlockType::Q3K => 4,
+        BlockType::Q6K => 32,
+        _ => 0,
+    };
     match t {
         BlockType::Q4_0 => each_block!(row, out, 32, 18, |block, q, scale, offset| {
             let d = half(block, 0);
             nibbles(part::<2, 18, 16>(block), q);
             scale.fill(d);
-            offset.fill(-8.0 * d);
+            offset.fill(0.0);
         }),
         BlockType::Q4_1 => each_block!(row, out, 32, 20, |block, q, scale, offset| {
             nibbles(part::<4, 20, 16>(block), q);
@@ -247,7 +260,7 @@ pub(crate) fn unpack_row(t: BlockType, row: &[u8], out: &mut Unpacked) {
             nibbles(part::<6, 22, 16>(block), q);
             fifth_bits(part::<2, 22, 4>(block), q);
             scale.fill(d);
-            offset.fill(-16.0 * d);
+            offset.fill(0.0);
         }),
         BlockType::Q5_1 => each_block!(row, out, 32, 24, |block, q, scale, offset| {
             nibbles(part::<8, 24, 16>(block), q);
@@ -263,7 +276,7 @@ pub(crate) fn unpack_row(t: BlockType, row: &[u8], out: &mut Unpacked) {
                 store8(q, 8 * w, load8(qs, 8 * w) ^ 0x8080_8080_8080_8080);
             }
             scale.fill(d);
-            offset.fill(-128.0 * d);
+            offset.fill(0.0);
         }),
         BlockType::Q2K => each_block!(row, out, 256, 84, |block, q, scale, offset| {
             let scales = part::<0, 84, 16>(block);
@@ -291,7 +304,7 @@ pub(crate) fn unpack_row(t: BlockType, row: &[u8], out: &mut Unpacked) {
                 let high = (packed[8 + g % 4] >> (2 * (g / 4))) & 3;
                 let s = d * (((low | (high << 4)) as i8) - 32) as f32;
                 scale[g] = s;
-                offset[g] = -4.0 * s;
+                offset[g] = 0.0;
             }
         }),
         BlockType::Q4K => each_block!(row, out, 256, 144, |block, q, scale, offset| {
@@ -312,7 +325,7 @@ pub(crate) fn unpack_row(t: BlockType, row: &[u8], out: &mut Unpacked) {
             for g in 0..16 {
                 let s = d * (scales[g] as i8) as f32;
                 scale[g] = s;
-                offset[g] = -32.0 * s;
+                offset[g] = 0.0;
             }
         }),
     }
