@@ -36,6 +36,8 @@ __all__ = [
     "config_parameters",
     "save_checkpoint",
     "load_checkpoint",
+    "read_gguf_tensor",
+    "kernel_isa",
 ]
 __version__: str
 FORMAT_VERSION: int
