@@ -139,7 +139,7 @@ def batched_bench(binaries: Path, path: Path, threads: int, batches: list[int]) 
             "-b", "2048", "-ub", "512",
             "-npp", str(PROMPT), "-ntg", str(NEW),
             "-npl", ",".join(map(str, batches)),
-            "-t", str(threads), "--no-warmup",
+            "-t", str(threads),
         ],
         capture_output=True,
         text=True,
