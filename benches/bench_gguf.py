@@ -150,7 +150,7 @@ def batched_bench(binaries: Path, path: Path, threads: int, batches: list[int]) 
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) >= 10 and cells[0].isdigit():
             pp, tg, b = int(cells[0]), int(cells[1]), int(cells[2])
-            result[str(b)] = {"decode_tok_s": float(cells[8]), "tokens": b * tg, "prompt": b * pp}
+            result[str(b)] = {"decode_tok_s": float(cells[7]), "tokens": b * tg, "prompt": b * pp}
     return result
 
 
