@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -41,15 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import llamacpp_build  # noqa: E402
-
-PROMPT = 32
-NEW = 64
-TEXT = (
-    "The history of the Roman Empire spans many centuries, beginning with the founding of the city and ending "
-    "with the fall of Constantinople. Its legacy shaped law, language, architecture and religion across Europe "
-    "and the Mediterranean, and historians still debate the causes of its decline, from economic troubles and "
-    "military defeats to political instability and the pressures of migration along its long frontiers."
-)
+from bench_engine import NEW, PROMPT, prompts_for  # noqa: E402
 
 
 def files() -> dict[str, tuple[Path, str]]:
@@ -86,12 +77,6 @@ def make_checkpoint(family: str, path: str) -> None:
     reft_model.save_pretrained(path)
 
 
-def prompts_for(encode, batch: int) -> list[list[int]]:
-    ids = encode(TEXT)
-    ids = ids * (1 + (PROMPT + 3 * batch) // len(ids))
-    return [ids[3 * i : 3 * i + PROMPT] for i in range(batch)]
-
-
 def engine_worker(path: str, checkpoint: str, threads: int, batches: list[int]) -> dict:
     import reft_rs
 
@@ -116,7 +101,19 @@ def engine_worker(path: str, checkpoint: str, threads: int, batches: list[int]) 
 
 def llama_bench(binaries: Path, path: Path, threads: int) -> dict:
     out = subprocess.run(
-        [str(binaries / "llama-bench"), "-m", str(path), "-p", str(PROMPT), "-n", str(NEW), "-t", str(threads), "-o", "json"],
+        [
+            str(binaries / "llama-bench"),
+            "-m",
+            str(path),
+            "-p",
+            str(PROMPT),
+            "-n",
+            str(NEW),
+            "-t",
+            str(threads),
+            "-o",
+            "json",
+        ],
         capture_output=True,
         text=True,
         check=True,
@@ -134,12 +131,22 @@ def batched_bench(binaries: Path, path: Path, threads: int, batches: list[int]) 
     out = subprocess.run(
         [
             str(binaries / "llama-batched-bench"),
-            "-m", str(path),
-            "-c", str(max(batches) * (PROMPT + NEW) + 64),
-            "-b", "2048", "-ub", "512",
-            "-npp", str(PROMPT), "-ntg", str(NEW),
-            "-npl", ",".join(map(str, batches)),
-            "-t", str(threads),
+            "-m",
+            str(path),
+            "-c",
+            str(max(batches) * (PROMPT + NEW) + 64),
+            "-b",
+            "2048",
+            "-ub",
+            "512",
+            "-npp",
+            str(PROMPT),
+            "-ntg",
+            str(NEW),
+            "-npl",
+            ",".join(map(str, batches)),
+            "-t",
+            str(threads),
         ],
         capture_output=True,
         text=True,
@@ -155,7 +162,9 @@ def batched_bench(binaries: Path, path: Path, threads: int, batches: list[int]) 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--files", default="")
     parser.add_argument("--batches", default="1,4,16,64")
@@ -178,13 +187,26 @@ def main() -> None:
             if family not in checkpoints:
                 checkpoints[family] = os.path.join(tmp, family)
                 subprocess.run(
-                    [sys.executable, "-c", f"import runpy; runpy.run_path({__file__!r})['make_checkpoint']({family!r}, {checkpoints[family]!r})"],
+                    [
+                        sys.executable,
+                        "-c",
+                        f"import runpy; runpy.run_path({__file__!r})['make_checkpoint']({family!r}, {checkpoints[family]!r})",
+                    ],
                     check=True,
                     capture_output=True,
                 )
             worker = subprocess.run(
-                [sys.executable, __file__, "--threads", str(args.threads), "--batches", args.batches,
-                 "--worker", str(path), checkpoints[family]],
+                [
+                    sys.executable,
+                    __file__,
+                    "--threads",
+                    str(args.threads),
+                    "--batches",
+                    args.batches,
+                    "--worker",
+                    str(path),
+                    checkpoints[family],
+                ],
                 capture_output=True,
                 text=True,
             )
@@ -213,7 +235,9 @@ def main() -> None:
                     f"{e['decode_tok_s'] / ll['decode_tok_s']:.2f}x"
                 )
             speeds = [engine[str(b)]["decode_tok_s"] for b in batches]
-            print(f"  engine decode non-decreasing over batches {batches}: {all(a <= b for a, b in zip(speeds, speeds[1:]))}")
+            print(
+                f"  engine decode non-decreasing over batches {batches}: {all(a <= b for a, b in zip(speeds, speeds[1:]))}"
+            )
 
 
 if __name__ == "__main__":

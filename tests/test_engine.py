@@ -322,14 +322,18 @@ def test_hostile_config_values_are_refused_before_anything_is_allocated(folders,
     assert reft_rs.Engine(folder).logits([5, 6]).shape[0] == 2
 
 
-def test_bfloat16_weights_load_as_float32(folders, tmp_path):
-    model = load_model(folders, "qwen2").to(torch.bfloat16)
-    model.save_pretrained(tmp_path / "bf16")
+@pytest.mark.parametrize("family", ["qwen2", "gpt2"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_weights_give_the_torch_paths_logits(folders, tmp_path, family, dtype):
+    """float16 / bfloat16 folders run on the 2-byte kernels (GPT-2's Conv1D
+    stored transposed): the logits of the float32 model with those weights."""
+    model = load_model(folders, family).to(dtype)
+    model.save_pretrained(tmp_path / "half")
     ids = [5, 6, 7, 8, 9]
     with torch.no_grad():
         expected = model.float()(input_ids=torch.tensor([ids])).logits[0].numpy()
     # 1e-3: the torch reference itself keeps its rotary frequencies rounded to bfloat16
-    assert np.abs(reft_rs.Engine(tmp_path / "bf16").logits(ids) - expected).max() <= 1e-3
+    assert np.abs(reft_rs.Engine(tmp_path / "half").logits(ids) - expected).max() <= 1e-3
 
 
 def test_errors_are_clear(folders, tmp_path):

@@ -128,8 +128,8 @@ def test_the_files_vocabulary_tokenizes_as_sentencepiece(converted, name):
 def test_q8_0_products_follow_the_files_float32_expansion(converted, name, tmp_path):
     """The engine's products with Q8_0 blocks against the same file expanded
     to float32 (whose dequantization the real Gemma 3 and SmolLM2 tests
-    check against transformers'): within 1e-3 with two-part activations
-    (the default), further with llama.cpp's 8-bit ones; and the weights'
+    check against transformers'): within 1e-3 with 16-bit activation
+    blocks (the default), further with llama.cpp's 8-bit ones; and the weights'
     rounding itself moves the logits off the float32 folder's."""
     folder, f32 = converted[name]
     gguf = llama_cpp_convert.convert(folder, tmp_path / "q8_0.gguf", "q8_0")

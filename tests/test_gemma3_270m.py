@@ -108,12 +108,12 @@ def test_the_file_expanded_to_float32_equals_transformers(files, reference):
     assert np.abs(got - want).max() <= 1e-3
 
 
-@pytest.mark.parametrize("int8", [False, True], ids=["two-part activations", "int8 activations"])
+@pytest.mark.parametrize("int8", [False, True], ids=["16-bit activations", "int8 activations"])
 def test_the_quantized_file_is_as_close_to_transformers_as_llama_cpp(files, engine, reference, int8):
     """llama.cpp rounds activations to 8 bits in each product; so does the
     engine with ``int8_activations``, and it must stay within 1.5x of
-    llama.cpp's errors. By default the engine's activations go in two 8-bit
-    parts, and its logits follow the dequantized model's closely."""
+    llama.cpp's errors. By default the engine's activation blocks are 16-bit
+    integers, and its logits follow the dequantized model's closely."""
     _, _, ids, want = reference
     model = reft_rs.Engine(files[0], int8_activations=True) if int8 else engine
     mine = errors(model.logits(ids), want)

@@ -81,7 +81,10 @@ def test_layouts_the_engine_does_not_read_are_refused_by_tensor_and_type(tmp_pat
     width = 256
     data = rng.integers(0, 256, size=(4, width // block * size), dtype=np.uint8)
     path = tmp_path / "iq.gguf"
-    write(path, {"token_embd.weight": (np.ones((4, 32), np.float32), Q.F32), "blk.0.attn_q.weight": (data, qtype)})
+    write(
+        path,
+        {"token_embd.weight": (np.ones((4, 32), np.float32), Q.F32), "blk.0.attn_q.weight": (data, qtype)},
+    )
     for load in (lambda: read_gguf_tensor(path, "token_embd.weight"), lambda: Engine(path)):
         with pytest.raises(ModelLoadError, match=rf"blk\.0\.attn_q\.weight has type {qtype.name}\b"):
             load()

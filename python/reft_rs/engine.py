@@ -65,10 +65,10 @@ class Engine:
             the memory, and slower).
         int8_activations: GGUF only: round the activations to 8-bit blocks
             in each product with quantized weights, as llama.cpp does. By
-            default they go in two 8-bit parts (about 16 bits), which keeps
-            the results within about 1e-3 of the dequantized float32 model's
-            (so a checkpoint trained in torch on those weights gives the same
-            replies), for a second pass over the activations, not the weights.
+            default they are rounded to 16 bits, at the same speed, which
+            keeps the results within about 1e-3 of the dequantized float32
+            model's (so a checkpoint trained in torch on those weights gives
+            the same replies).
 
     Raises:
         ModelNotFoundError, ModelLoadError, UnsupportedModelError: for the model.

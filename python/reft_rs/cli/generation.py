@@ -193,5 +193,5 @@ def generation_options(parser: argparse.ArgumentParser) -> None:
         "--int8-activations",
         action="store_true",
         help="Rust engine, GGUF: round activations to 8 bits in quantized products, as llama.cpp does "
-        "(default: two 8-bit parts, close to the float32 model)",
+        "(default: 16 bits, close to the float32 model)",
     )

@@ -68,7 +68,7 @@ def register(commands: Any) -> None:
         "--int8-activations",
         action="store_true",
         help="GGUF: round activations to 8 bits in quantized products, as llama.cpp does "
-        "(default: two 8-bit parts, close to the float32 model)",
+        "(default: 16 bits, close to the float32 model)",
     )
     serve.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]

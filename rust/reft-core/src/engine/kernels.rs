@@ -73,12 +73,11 @@ impl Isa {
     }
 
     /// The builds this CPU runs, widest first.
+    #[cfg(test)]
     pub(crate) fn available() -> Vec<Isa> {
         let all = [Isa::Avx512, Isa::Avx2, Isa::Portable];
         let widest = Isa::detect();
-        all.into_iter()
-            .skip_while(|&isa| isa != widest)
-            .collect()
+        all.into_iter().skip_while(|&isa| isa != widest).collect()
     }
 
     /// `avx512`, `avx2` or `portable`.
@@ -125,7 +124,11 @@ pub(crate) fn quantize(x: &[f32], k: usize, levels: i16) -> Quantized {
                 let part: i32 = group.iter().map(|&v| v as i32).sum();
                 // Each group's share of the block's float16 sum.
                 let block_sum = to_half_precision(d * whole as f32);
-                out.sums.push(if whole == 0 { d * part as f32 } else { block_sum * part as f32 / whole as f32 });
+                out.sums.push(if whole == 0 {
+                    d * part as f32
+                } else {
+                    block_sum * part as f32 / whole as f32
+                });
             }
         } else {
             out.d.push(d);
@@ -181,8 +184,13 @@ fn offsets(offset: &[f32], sums: &[f32]) -> f32 {
 /// bfloat16 row) with `C` activation rows from `first`.
 trait Dots {
     unsafe fn blocks<const C: usize>(u: &Unpacked, x: &Quantized, first: usize) -> [f32; C];
-    unsafe fn halves<const C: usize>(row: &[u16], bf16: bool, x: &[f32], k: usize, first: usize)
-        -> [f32; C];
+    unsafe fn halves<const C: usize>(
+        row: &[u16],
+        bf16: bool,
+        x: &[f32],
+        k: usize,
+        first: usize,
+    ) -> [f32; C];
 }
 
 /// Fills `out` (`[rows of W][m]`, W rows from `first_row`) for activation
@@ -215,8 +223,12 @@ unsafe fn task<D: Dots>(
                     ($c:literal) => {{
                         let got: [f32; $c] = match w {
                             Rows::Blocks(..) => D::blocks::<$c>(&unpacked, x, i),
-                            Rows::F16(h) => D::halves::<$c>(&h[n * k..(n + 1) * k], false, xf, k, i),
-                            Rows::Bf16(h) => D::halves::<$c>(&h[n * k..(n + 1) * k], true, xf, k, i),
+                            Rows::F16(h) => {
+                                D::halves::<$c>(&h[n * k..(n + 1) * k], false, xf, k, i)
+                            }
+                            Rows::Bf16(h) => {
+                                D::halves::<$c>(&h[n * k..(n + 1) * k], true, xf, k, i)
+                            }
                         };
                         target[i..i + $c].copy_from_slice(&got);
                     }};
@@ -246,10 +258,12 @@ impl Dots for Portable {
             let xd = &x.d[row * k / BLOCK..];
             let mut acc = [0f32; 2];
             for g in 0..k / GROUP {
-                let mut isum = 0i32;
-                for j in g * GROUP..(g + 1) * GROUP {
-                    isum += (u.q[j] as i32 - u.center as i32) * xq[j] as i32;
-                }
+                let span = g * GROUP..(g + 1) * GROUP;
+                let isum: i32 = u.q[span.clone()]
+                    .iter()
+                    .zip(&xq[span])
+                    .map(|(&w, &v)| (w as i32 - u.center as i32) * v as i32)
+                    .sum();
                 acc[g & 1] = (u.scale[g] * xd[g / 2]).mul_add(isum as f32, acc[g & 1]);
             }
             let sums = &x.sums[row * k / GROUP..(row + 1) * k / GROUP];
@@ -316,7 +330,9 @@ mod x86 {
                 ($g:expr, $lane:literal) => {{
                     let g = $g;
                     let w = _mm256_sub_epi16(
-                        _mm256_cvtepu8_epi16(_mm_loadu_si128(u.q.as_ptr().add(g * GROUP) as *const __m128i)),
+                        _mm256_cvtepu8_epi16(_mm_loadu_si128(
+                            u.q.as_ptr().add(g * GROUP) as *const __m128i
+                        )),
                         center,
                     );
                     let s = *u.scale.get_unchecked(g);
@@ -402,7 +418,9 @@ mod x86 {
                 ($b:expr, $lane:literal) => {{
                     let b = $b;
                     let w = _mm512_sub_epi16(
-                        _mm512_cvtepu8_epi16(_mm256_loadu_si256(u.q.as_ptr().add(b * BLOCK) as *const __m256i)),
+                        _mm512_cvtepu8_epi16(_mm256_loadu_si256(
+                            u.q.as_ptr().add(b * BLOCK) as *const __m256i
+                        )),
                         center,
                     );
                     let s = _mm512_insertf32x8(
@@ -513,7 +531,14 @@ mod x86 {
 ///
 /// The caller checks that `W` holds `n` rows of `k` and, for blocks, that
 /// `k` is a multiple of the block type's weights.
-pub(crate) fn matmul(w: Rows<'_>, x: &[f32], m: usize, k: usize, n: usize, levels: i16) -> Vec<f32> {
+pub(crate) fn matmul(
+    w: Rows<'_>,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    levels: i16,
+) -> Vec<f32> {
     matmul_with(Isa::detect(), w, x, m, k, n, levels)
 }
 
@@ -657,7 +682,11 @@ mod tests {
     fn plain(w: &[f32], x: &[f32], m: usize, k: usize, n: usize) -> Vec<f64> {
         (0..m)
             .flat_map(|i| {
-                (0..n).map(move |j| (0..k).map(|t| x[i * k + t] as f64 * w[j * k + t] as f64).sum())
+                (0..n).map(move |j| {
+                    (0..k)
+                        .map(|t| x[i * k + t] as f64 * w[j * k + t] as f64)
+                        .sum()
+                })
             })
             .collect()
     }
@@ -735,8 +764,20 @@ mod tests {
             for isa in Isa::available() {
                 let whole = matmul_with(isa, w, &x, 37, k, n, i16::MAX);
                 for (from, count) in [(0, 1), (3, 1), (36, 1), (1, 2), (5, 3), (2, 5), (4, 33)] {
-                    let some = matmul_with(isa, w, &x[from * k..(from + count) * k], count, k, n, i16::MAX);
-                    assert_eq!(some, whole[from * n..(from + count) * n], "{isa:?}: {count} rows from {from}");
+                    let some = matmul_with(
+                        isa,
+                        w,
+                        &x[from * k..(from + count) * k],
+                        count,
+                        k,
+                        n,
+                        i16::MAX,
+                    );
+                    assert_eq!(
+                        some,
+                        whole[from * n..(from + count) * n],
+                        "{isa:?}: {count} rows from {from}"
+                    );
                 }
             }
         }

@@ -24,8 +24,8 @@ mod config;
 mod edits;
 mod gemm;
 mod kernels;
-mod quant;
 mod model;
+mod quant;
 mod rope;
 mod sample;
 mod scheduler;
@@ -38,11 +38,11 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 
 pub use config::{same_architecture, Family, ModelConfig, RopeStyle};
+pub use kernels::Isa;
 pub use rope::{Rope, RopeScaling};
 pub use sample::Sampling;
 pub use scheduler::{Event, Finish, Request, Scheduler, SchedulerOptions, Session};
 pub use text::Text;
-pub use kernels::Isa;
 pub use weights::{read_gguf_tensor, Activations};
 
 use crate::error::{Error, Result};

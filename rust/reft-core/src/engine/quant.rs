@@ -13,7 +13,6 @@
 
 use candle_core::quantized::GgmlDType;
 
-
 /// Weights per scale group of the unpacked form.
 pub(crate) const GROUP: usize = 16;
 
@@ -32,7 +31,8 @@ pub(crate) enum BlockType {
     Q6K,
 }
 
-/// All of them, for tests and messages.
+/// All of them, for tests.
+#[cfg(test)]
 pub(crate) const BLOCK_TYPES: [BlockType; 10] = [
     BlockType::Q4_0,
     BlockType::Q4_1,
@@ -435,7 +435,11 @@ fn q6_values(ql: &[u8; 128], qh: &[u8; 64], q: &mut [u8; 256]) {
         for w in 0..4 {
             let v = load8(qh, 32 * h + 8 * w);
             for j in 0..4 {
-                or8(q, 128 * h + 32 * j + 8 * w, ((v >> (2 * j)) & LOW_CRUMBS) << 4);
+                or8(
+                    q,
+                    128 * h + 32 * j + 8 * w,
+                    ((v >> (2 * j)) & LOW_CRUMBS) << 4,
+                );
             }
         }
     }

@@ -34,15 +34,6 @@ impl Stored {
             Stored::Bf16(h) => Rows::Bf16(h),
         }
     }
-
-    /// The layout's name, for messages.
-    fn name(&self) -> &'static str {
-        match self {
-            Stored::Blocks(t, _) => t.name(),
-            Stored::F16(_) => "F16",
-            Stored::Bf16(_) => "BF16",
-        }
-    }
 }
 
 /// A weight matrix `[out, in]` and optional bias, applied as `x Wᵀ + b`.
@@ -185,14 +176,6 @@ impl Linear {
                 kernels::dequantize_row(weights.rows(), j, &mut row);
                 row
             }
-        }
-    }
-
-    /// The layout of the weights, for messages and benchmarks.
-    pub(crate) fn layout(&self) -> &'static str {
-        match self {
-            Linear::Dense { .. } => "F32",
-            Linear::Stored { weights, .. } => weights.name(),
         }
     }
 
@@ -496,7 +479,10 @@ pub fn read_gguf_tensor(path: &Path, name: &str) -> Result<(Vec<usize>, Vec<f32>
     if let Some(t) = BlockType::from_ggml(dtype).filter(|t| !k.is_multiple_of(t.weights())) {
         return Err(load_error(
             path,
-            format!("tensor {name}'s rows of {k} are not whole {} blocks", t.name()),
+            format!(
+                "tensor {name}'s rows of {k} are not whole {} blocks",
+                t.name()
+            ),
         ));
     }
     let values = match (BlockType::from_ggml(dtype), dtype) {
@@ -786,9 +772,14 @@ impl Source {
                 }
                 (Some(t), _, false) if !inp.is_multiple_of(t.weights()) => Err(load_error(
                     path,
-                    format!("tensor {weight_name}'s rows of {inp} are not whole {} blocks", t.name()),
+                    format!(
+                        "tensor {weight_name}'s rows of {inp} are not whole {} blocks",
+                        t.name()
+                    ),
                 )),
-                (Some(t), _, false) => Ok(stored(Stored::Blocks(t, self.gguf_bytes(&weight_name)?))),
+                (Some(t), _, false) => {
+                    Ok(stored(Stored::Blocks(t, self.gguf_bytes(&weight_name)?)))
+                }
                 (None, GgmlDType::F16, false) => {
                     Ok(stored(Stored::F16(halves(self.gguf_bytes(&weight_name)?))))
                 }
@@ -833,7 +824,12 @@ impl Source {
             Source::Gguf { content, path, .. } => content
                 .tensor_infos
                 .get(name)
-                .map(|info| (info.ggml_dtype, info.shape.dims().iter().rev().copied().collect()))
+                .map(|info| {
+                    (
+                        info.ggml_dtype,
+                        info.shape.dims().iter().rev().copied().collect(),
+                    )
+                })
                 .ok_or_else(|| load_error(path, format!("the GGUF file has no tensor {name}"))),
             Source::Safetensors { path, .. } => {
                 Err(load_error(path, format!("{name} is not a GGUF tensor")))
@@ -852,7 +848,10 @@ impl Source {
             ..
         } = self
         else {
-            return Err(load_error(self.path(), format!("{name} is not a GGUF tensor")));
+            return Err(load_error(
+                self.path(),
+                format!("{name} is not a GGUF tensor"),
+            ));
         };
         let info = content
             .tensor_infos
@@ -868,10 +867,15 @@ impl Source {
         Ok(bytes)
     }
 
-    /// A float16 / bfloat16 matrix `[n, k]` of a safetensors file, kept at
-    /// two bytes a weight (`transposed`: stored `[k, n]`); `None` for other
-    /// dtypes and files.
-    fn stored_half(&self, name: &str, n: usize, k: usize, transposed: bool) -> Result<Option<Stored>> {
+    /// The mapped bytes of matrix `name` of a safetensors file when its
+    /// dtype is one of `dtypes`, checked to hold `shape` values of `size`
+    /// bytes; `None` for other dtypes, tensors and files.
+    fn mapped_matrix(
+        &self,
+        name: &str,
+        shape: [usize; 2],
+        dtypes: &[(safetensors::Dtype, usize)],
+    ) -> Result<Option<(safetensors::Dtype, &[u8])>> {
         let Source::Safetensors { files, path, names } = self else {
             return Ok(None);
         };
@@ -881,12 +885,9 @@ impl Source {
         let view = files
             .get(name)
             .map_err(|e| load_error(path, format!("tensor {name}: {e}")))?;
-        let bf16 = match view.dtype() {
-            safetensors::Dtype::F16 => false,
-            safetensors::Dtype::BF16 => true,
-            _ => return Ok(None),
+        let Some(&(dtype, size)) = dtypes.iter().find(|(d, _)| *d == view.dtype()) else {
+            return Ok(None);
         };
-        let shape = if transposed { [k, n] } else { [n, k] };
         if view.shape() != shape {
             return Err(load_error(
                 path,
@@ -897,19 +898,40 @@ impl Source {
             ));
         }
         let bytes = view.data();
-        if bytes.len() != n * k * 2 {
+        let want = shape[0] * shape[1] * size;
+        if bytes.len() != want {
             return Err(load_error(
                 path,
-                format!("tensor {name} holds {} bytes, not {}", bytes.len(), n * k * 2),
+                format!("tensor {name} holds {} bytes, not {want}", bytes.len()),
             ));
         }
+        Ok(Some((dtype, bytes)))
+    }
+
+    /// A float16 / bfloat16 matrix `[n, k]` of a safetensors file, kept at
+    /// two bytes a weight (`transposed`: stored `[k, n]`); `None` for other
+    /// dtypes and files.
+    fn stored_half(
+        &self,
+        name: &str,
+        n: usize,
+        k: usize,
+        transposed: bool,
+    ) -> Result<Option<Stored>> {
+        use safetensors::Dtype;
+        let shape = if transposed { [k, n] } else { [n, k] };
+        let Some((dtype, bytes)) =
+            self.mapped_matrix(name, shape, &[(Dtype::F16, 2), (Dtype::BF16, 2)])?
+        else {
+            return Ok(None);
+        };
         let at = |i: usize| u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]]);
         let values: Vec<u16> = if transposed {
             (0..n * k).map(|i| at((i % k) * n + i / k)).collect()
         } else {
             (0..n * k).map(at).collect()
         };
-        Ok(Some(if bf16 {
+        Ok(Some(if dtype == Dtype::BF16 {
             Stored::Bf16(values)
         } else {
             Stored::F16(values)
@@ -920,39 +942,10 @@ impl Source {
     /// the mapped bytes (no float copy on the way); `None` for other dtypes
     /// and files, which take [`Source::tensor`].
     fn packed_f32(&self, name: &str, n: usize, k: usize) -> Result<Option<gemm::Packed>> {
-        let Source::Safetensors { files, path, names } = self else {
+        let Some((_, bytes)) = self.mapped_matrix(name, [n, k], &[(safetensors::Dtype::F32, 4)])?
+        else {
             return Ok(None);
         };
-        if !names.contains(name) {
-            return Ok(None);
-        }
-        let view = files
-            .get(name)
-            .map_err(|e| load_error(path, format!("tensor {name}: {e}")))?;
-        if view.dtype() != safetensors::Dtype::F32 {
-            return Ok(None);
-        }
-        if view.shape() != [n, k] {
-            return Err(load_error(
-                path,
-                format!(
-                    "tensor {name} has shape {:?}, expected {:?}",
-                    view.shape(),
-                    [n, k]
-                ),
-            ));
-        }
-        let bytes = view.data();
-        if bytes.len() != n * k * 4 {
-            return Err(load_error(
-                path,
-                format!(
-                    "tensor {name} holds {} bytes, not {}",
-                    bytes.len(),
-                    n * k * 4
-                ),
-            ));
-        }
         Ok(Some(gemm::Packed::from_rows(n, k, |j, row| {
             let src = &bytes[j * k * 4..(j + 1) * k * 4];
             for (v, b) in row.iter_mut().zip(src.chunks_exact(4)) {
@@ -973,7 +966,10 @@ mod tests {
         let floats = q.dequantize(&Device::Cpu).unwrap();
         let floats = floats.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let linear = Linear::Stored {
-            weights: Stored::Blocks(BlockType::from_ggml(t).unwrap(), q.data().unwrap().into_owned()),
+            weights: Stored::Blocks(
+                BlockType::from_ggml(t).unwrap(),
+                q.data().unwrap().into_owned(),
+            ),
             out: n,
             inp: k,
             bias: Some(values(n, seed + 1)),
@@ -988,7 +984,12 @@ mod tests {
     fn activation_bounds_set_how_close_products_come_to_the_float_one() {
         let (m, k, n) = (3, 512, 24);
         let x = values(m * k, 7);
-        for t in [GgmlDType::Q8_0, GgmlDType::Q4_1, GgmlDType::Q4K, GgmlDType::Q6K] {
+        for t in [
+            GgmlDType::Q8_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q4K,
+            GgmlDType::Q6K,
+        ] {
             let errors: Vec<f64> = [Activations::Int16, Activations::Int8]
                 .iter()
                 .map(|a| {
@@ -1032,7 +1033,10 @@ mod tests {
                 want.extend_from_slice(&o[i * w..(i + 1) * w]);
             }
         }
-        assert_eq!(Fused::new(parts.clone()).unwrap().apply(&x, m).unwrap(), want);
+        assert_eq!(
+            Fused::new(parts.clone()).unwrap().apply(&x, m).unwrap(),
+            want
+        );
         let same = Fused::new(parts[..2].to_vec()).unwrap();
         assert!(same.whole.is_some());
         assert_eq!(same.apply(&x, m).unwrap().len(), m * 24);
