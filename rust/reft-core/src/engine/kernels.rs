@@ -27,6 +27,10 @@ use super::quant::{unpack_row, BlockType, Unpacked, GROUP};
 pub(crate) const BLOCK: usize = 32;
 /// Activation rows per register tile.
 const TILE: usize = 4;
+/// Rows from which products take float32 activations against weights
+/// widened a few rows at a time (`widened.rs`): the integer products win
+/// below, where unpacking is most of the work.
+pub(crate) const WIDENED_ROWS: usize = 8;
 /// Activation rows per pass over the weights (they stay in L2 while each
 /// weight row meets them).
 const PASS_ROWS: usize = 32;
@@ -183,6 +187,8 @@ fn offsets(offset: &[f32], sums: &[f32]) -> f32 {
 /// One build's dot products of an unpacked weight row (or a float16 /
 /// bfloat16 row) with `C` activation rows from `first`.
 trait Dots {
+    /// Whether the build unpacks with AVX2 and F16C.
+    const SIMD: bool;
     unsafe fn blocks<const C: usize>(u: &Unpacked, x: &Quantized, first: usize) -> [f32; C];
     unsafe fn halves<const C: usize>(
         row: &[u16],
@@ -214,7 +220,7 @@ unsafe fn task<D: Dots>(
             let target = &mut out[r * m..(r + 1) * m];
             if let Rows::Blocks(t, data) = w {
                 let bytes = t.row_bytes(k);
-                unpack_row(t, &data[n * bytes..(n + 1) * bytes], &mut unpacked);
+                unpack_row(t, &data[n * bytes..(n + 1) * bytes], &mut unpacked, D::SIMD);
             }
             let mut i = pass;
             while i < end {
@@ -248,6 +254,8 @@ unsafe fn task<D: Dots>(
 struct Portable;
 
 impl Dots for Portable {
+    const SIMD: bool = false;
+
     #[inline(always)]
     unsafe fn blocks<const C: usize>(u: &Unpacked, x: &Quantized, first: usize) -> [f32; C] {
         let k = x.k;
@@ -318,6 +326,8 @@ mod x86 {
     pub(super) struct Avx2;
 
     impl Dots for Avx2 {
+        const SIMD: bool = true;
+
         #[inline(always)]
         #[allow(clippy::needless_range_loop)]
         unsafe fn blocks<const C: usize>(u: &Unpacked, x: &Quantized, first: usize) -> [f32; C] {
@@ -405,6 +415,8 @@ mod x86 {
     pub(super) struct Avx512;
 
     impl Dots for Avx512 {
+        const SIMD: bool = true;
+
         #[inline(always)]
         #[allow(clippy::needless_range_loop)]
         unsafe fn blocks<const C: usize>(u: &Unpacked, x: &Quantized, first: usize) -> [f32; C] {
@@ -556,6 +568,22 @@ pub(crate) fn matmul_with(
     if m == 0 || n == 0 {
         return vec![0.0; m * n];
     }
+    if m >= WIDENED_ROWS {
+        let rounded: Vec<f32>;
+        let x = match w {
+            Rows::Blocks(..) if levels < i16::MAX => {
+                let q = quantize(x, k, levels);
+                rounded =
+                    q.q.iter()
+                        .enumerate()
+                        .map(|(i, &v)| v as f32 * q.d[i / BLOCK])
+                        .collect();
+                &rounded
+            }
+            _ => x,
+        };
+        return transpose(super::widened::matmul_transposed(isa, w, x, m, k, n), m, n);
+    }
     let xq = match w {
         Rows::Blocks(..) => quantize(x, k, levels),
         _ => Quantized {
@@ -698,36 +726,38 @@ mod tests {
             .fold(0.0, f64::max)
     }
 
-    /// Every block type, every build the CPU runs: each product is the
+    /// Every block type, every build the CPU runs, few rows and many: each product is the
     /// dequantized float one, moved by no more than half an activation step
     /// per weight (a step is the block's largest magnitude over `levels`).
     #[test]
     fn block_products_follow_the_dequantized_float_product() {
-        let (m, k, n) = (7, 512, 21);
-        let x = values(m * k, 5);
-        for t in BLOCK_TYPES {
-            let data = random_blocks(t, n, k, 9);
-            let w = dequantize(Rows::Blocks(t, &data), n, k);
-            let want = plain(&w, &x, m, k, n);
-            for isa in Isa::available() {
-                for levels in [i16::MAX, 127] {
-                    let got = matmul_with(isa, Rows::Blocks(t, &data), &x, m, k, n, levels);
-                    for i in 0..m {
-                        for j in 0..n {
-                            let bound: f64 = (0..k)
-                                .map(|c| {
-                                    let block = &x[i * k + c / BLOCK * BLOCK..][..BLOCK];
-                                    let amax = block.iter().fold(0f32, |a, v| a.max(v.abs()));
-                                    (w[j * k + c].abs() * amax) as f64 / levels as f64 / 2.0
-                                })
-                                .sum();
-                            let e = (got[i * n + j] as f64 - want[i * n + j]).abs();
-                            assert!(
-                                e <= bound * 1.01 + 1e-5,
-                                "{} {} {levels}: {e} > {bound}",
-                                t.name(),
-                                isa.name()
-                            );
+        let (k, n) = (512, 21);
+        for m in [7, WIDENED_ROWS + 3] {
+            let x = values(m * k, 5);
+            for t in BLOCK_TYPES {
+                let data = random_blocks(t, n, k, 9);
+                let w = dequantize(Rows::Blocks(t, &data), n, k);
+                let want = plain(&w, &x, m, k, n);
+                for isa in Isa::available() {
+                    for levels in [i16::MAX, 127] {
+                        let got = matmul_with(isa, Rows::Blocks(t, &data), &x, m, k, n, levels);
+                        for i in 0..m {
+                            for j in 0..n {
+                                let bound: f64 = (0..k)
+                                    .map(|c| {
+                                        let block = &x[i * k + c / BLOCK * BLOCK..][..BLOCK];
+                                        let amax = block.iter().fold(0f32, |a, v| a.max(v.abs()));
+                                        (w[j * k + c].abs() * amax) as f64 / levels as f64 / 2.0
+                                    })
+                                    .sum();
+                                let e = (got[i * n + j] as f64 - want[i * n + j]).abs();
+                                assert!(
+                                    e <= bound * 1.01 + 1e-5,
+                                    "{} {} {levels}: {e} > {bound}",
+                                    t.name(),
+                                    isa.name()
+                                );
+                            }
                         }
                     }
                 }
@@ -738,18 +768,20 @@ mod tests {
     #[test]
     fn half_products_follow_the_float_product() {
         // k = 200: a tail past the last whole vector.
-        let (m, k, n) = (6, 200, 13);
-        let x = values(m * k, 2);
-        let w = values(n * k, 8);
-        let f16: Vec<u16> = w.iter().map(|&v| to_f16(v)).collect();
-        let bf16: Vec<u16> = w.iter().map(|&v| (v.to_bits() >> 16) as u16).collect();
-        for rows in [Rows::F16(&f16), Rows::Bf16(&bf16)] {
-            let wide = dequantize(rows, n, k);
-            let want = plain(&wide, &x, m, k, n);
-            for isa in Isa::available() {
-                let got = matmul_with(isa, rows, &x, m, k, n, i16::MAX);
-                let err = largest(&got, &want);
-                assert!(err < 1e-4, "{isa:?}: {err}");
+        let (k, n) = (200, 13);
+        for m in [6, WIDENED_ROWS + 1] {
+            let x = values(m * k, 2);
+            let w = values(n * k, 8);
+            let f16: Vec<u16> = w.iter().map(|&v| to_f16(v)).collect();
+            let bf16: Vec<u16> = w.iter().map(|&v| (v.to_bits() >> 16) as u16).collect();
+            for rows in [Rows::F16(&f16), Rows::Bf16(&bf16)] {
+                let wide = dequantize(rows, n, k);
+                let want = plain(&wide, &x, m, k, n);
+                for isa in Isa::available() {
+                    let got = matmul_with(isa, rows, &x, m, k, n, i16::MAX);
+                    let err = largest(&got, &want);
+                    assert!(err < 1e-4, "{isa:?} m={m}: {err}");
+                }
             }
         }
     }
@@ -762,8 +794,23 @@ mod tests {
         let half: Vec<u16> = values(n * k, 6).iter().map(|&v| to_f16(v)).collect();
         for w in [Rows::Blocks(BlockType::Q4K, &blocks), Rows::F16(&half)] {
             for isa in Isa::available() {
-                let whole = matmul_with(isa, w, &x, 37, k, n, i16::MAX);
-                for (from, count) in [(0, 1), (3, 1), (36, 1), (1, 2), (5, 3), (2, 5), (4, 33)] {
+                // Below WIDENED_ROWS rows against 7, from there on against 37.
+                let few = matmul_with(isa, w, &x[..7 * k], 7, k, n, i16::MAX);
+                let many = matmul_with(isa, w, &x, 37, k, n, i16::MAX);
+                let cases = [
+                    (0, 1),
+                    (3, 1),
+                    (6, 1),
+                    (1, 2),
+                    (4, 3),
+                    (2, 5),
+                    (0, 8),
+                    (3, 9),
+                    (4, 33),
+                    (20, 17),
+                ];
+                for (from, count) in cases {
+                    let whole = if count < WIDENED_ROWS { &few } else { &many };
                     let some = matmul_with(
                         isa,
                         w,
@@ -780,6 +827,68 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod timing {
+    use super::*;
+    use crate::engine::quant::BLOCK_TYPES;
+
+    /// Unpacking and product speeds per layout, on this CPU:
+    /// `cargo test --release -p reft-core -- --ignored --nocapture kernel_speeds`
+    #[test]
+    #[ignore]
+    fn kernel_speeds() {
+        let (n, k) = (1536, 2304);
+        let x: Vec<f32> = (0..32 * k).map(|i| ((i * 7) % 13) as f32 - 6.0).collect();
+        println!("kernels: {}", Isa::detect().name());
+        for t in BLOCK_TYPES {
+            let data: Vec<u8> = (0..n * t.row_bytes(k))
+                .map(|i| (i * 31 % 251) as u8 & 0x3b)
+                .collect();
+            let mut line = format!("{:5}", t.name());
+            #[target_feature(enable = "avx2,fma,f16c")]
+            unsafe fn unpack_simd(t: BlockType, data: &[u8], n: usize, k: usize) {
+                unpack_all(t, data, n, k, true)
+            }
+            #[inline(always)]
+            fn unpack_all(t: BlockType, data: &[u8], n: usize, k: usize, simd: bool) {
+                let mut u = Unpacked::new(k);
+                for r in 0..n {
+                    let b = t.row_bytes(k);
+                    unpack_row(t, &data[r * b..(r + 1) * b], &mut u, simd);
+                    std::hint::black_box(&u);
+                }
+            }
+            for simd in [false, true] {
+                let start = std::time::Instant::now();
+                if simd {
+                    // SAFETY: the timing runs on x86 CPUs with AVX2.
+                    unsafe { unpack_simd(t, &data, n, k) }
+                } else {
+                    unpack_all(t, &data, n, k, false)
+                }
+                let ns = start.elapsed().as_secs_f64() / (n * k) as f64 * 1e9;
+                line += &format!(" unpack (simd {simd}) {ns:.3} ns/w;");
+            }
+            for m in [1, 4, 32] {
+                let start = std::time::Instant::now();
+                for _ in 0..5 {
+                    std::hint::black_box(matmul(
+                        Rows::Blocks(t, &data),
+                        &x[..m * k],
+                        m,
+                        k,
+                        n,
+                        i16::MAX,
+                    ));
+                }
+                let s = start.elapsed().as_secs_f64() / 5.0;
+                line += &format!(" m={m}: {:.1} GMAC/s;", (m * n * k) as f64 / s / 1e9);
+            }
+            println!("{line}");
         }
     }
 }

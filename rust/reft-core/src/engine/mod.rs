@@ -32,6 +32,7 @@ mod scheduler;
 mod text;
 mod vocab;
 mod weights;
+mod widened;
 
 use std::collections::HashMap;
 use std::path::Path;

@@ -202,8 +202,15 @@ pub(crate) fn f16_value(h: u16) -> f32 {
 }
 
 #[inline(always)]
-fn half(b: &[u8], at: usize) -> f32 {
-    f16_value(u16::from_le_bytes([b[at], b[at + 1]]))
+fn half(simd: bool, b: &[u8], at: usize) -> f32 {
+    let bits = u16::from_le_bytes([b[at], b[at + 1]]);
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: `simd` callers run with F16C.
+        return unsafe { x86::half(bits) };
+    }
+    let _ = simd;
+    f16_value(bits)
 }
 
 /// The blocks of `row` as arrays of `$bytes` bytes, each with its `$n`
@@ -232,9 +239,10 @@ fn part<const A: usize, const N: usize, const L: usize>(block: &[u8; N]) -> &[u8
 }
 
 /// Unpacks `row` (whole blocks of type `t`) into `out`, which holds room
-/// for exactly the row's weights.
+/// for exactly the row's weights. `simd`: with AVX2 and F16C (the caller
+/// runs on a CPU that has them); else 8 bytes at a time in `u64`s.
 #[inline(always)]
-pub(crate) fn unpack_row(t: BlockType, row: &[u8], out: &mut Unpacked) {
+pub(crate) fn unpack_row(t: BlockType, row: &[u8], out: &mut Unpacked, simd: bool) {
     out.center = match t {
         BlockType::Q4_0 => 8,
         BlockType::Q5_0 => 16,
@@ -245,43 +253,40 @@ pub(crate) fn unpack_row(t: BlockType, row: &[u8], out: &mut Unpacked) {
     };
     match t {
         BlockType::Q4_0 => each_block!(row, out, 32, 18, |block, q, scale, offset| {
-            let d = half(block, 0);
-            nibbles(part::<2, 18, 16>(block), q);
+            let d = half(simd, block, 0);
+            nibbles(simd, part::<2, 18, 16>(block), q);
             scale.fill(d);
             offset.fill(0.0);
         }),
         BlockType::Q4_1 => each_block!(row, out, 32, 20, |block, q, scale, offset| {
-            nibbles(part::<4, 20, 16>(block), q);
-            scale.fill(half(block, 0));
-            offset.fill(half(block, 2));
+            nibbles(simd, part::<4, 20, 16>(block), q);
+            scale.fill(half(simd, block, 0));
+            offset.fill(half(simd, block, 2));
         }),
         BlockType::Q5_0 => each_block!(row, out, 32, 22, |block, q, scale, offset| {
-            let d = half(block, 0);
-            nibbles(part::<6, 22, 16>(block), q);
-            fifth_bits(part::<2, 22, 4>(block), q);
+            let d = half(simd, block, 0);
+            nibbles(simd, part::<6, 22, 16>(block), q);
+            fifth_bits(simd, part::<2, 22, 4>(block), q);
             scale.fill(d);
             offset.fill(0.0);
         }),
         BlockType::Q5_1 => each_block!(row, out, 32, 24, |block, q, scale, offset| {
-            nibbles(part::<8, 24, 16>(block), q);
-            fifth_bits(part::<4, 24, 4>(block), q);
-            scale.fill(half(block, 0));
-            offset.fill(half(block, 2));
+            nibbles(simd, part::<8, 24, 16>(block), q);
+            fifth_bits(simd, part::<4, 24, 4>(block), q);
+            scale.fill(half(simd, block, 0));
+            offset.fill(half(simd, block, 2));
         }),
         BlockType::Q8_0 => each_block!(row, out, 32, 34, |block, q, scale, offset| {
-            let d = half(block, 0);
+            let d = half(simd, block, 0);
             let qs = part::<2, 34, 32>(block);
-            for w in 0..4 {
-                // (v as i8) + 128
-                store8(q, 8 * w, load8(qs, 8 * w) ^ 0x8080_8080_8080_8080);
-            }
+            flip_signs(simd, qs, q);
             scale.fill(d);
             offset.fill(0.0);
         }),
         BlockType::Q2K => each_block!(row, out, 256, 84, |block, q, scale, offset| {
             let scales = part::<0, 84, 16>(block);
-            let (d, dmin) = (half(block, 80), half(block, 82));
-            crumbs(part::<16, 84, 64>(block), q);
+            let (d, dmin) = (half(simd, block, 80), half(simd, block, 82));
+            crumbs(simd, part::<16, 84, 64>(block), q);
             for g in 0..16 {
                 scale[g] = d * (scales[g] & 0x0f) as f32;
                 offset[g] = -dmin * (scales[g] >> 4) as f32;
@@ -290,11 +295,11 @@ pub(crate) fn unpack_row(t: BlockType, row: &[u8], out: &mut Unpacked) {
         BlockType::Q3K => each_block!(row, out, 256, 110, |block, q, scale, offset| {
             let hmask = part::<0, 110, 32>(block);
             let packed = part::<96, 110, 12>(block);
-            let d = half(block, 108);
-            crumbs(part::<32, 110, 64>(block), q);
+            let d = half(simd, block, 108);
+            crumbs(simd, part::<32, 110, 64>(block), q);
             // The high bit: 4 added where set (the stored value is `low − 4`
             // where the bit is clear).
-            high_bits(hmask, q, 2);
+            high_bits(simd, hmask, q, 2);
             for g in 0..16 {
                 let low = if g < 8 {
                     packed[g] & 0x0f
@@ -308,20 +313,20 @@ pub(crate) fn unpack_row(t: BlockType, row: &[u8], out: &mut Unpacked) {
             }
         }),
         BlockType::Q4K => each_block!(row, out, 256, 144, |block, q, scale, offset| {
-            k_nibbles(part::<16, 144, 128>(block), q);
-            k_scales(block, scale, offset);
+            k_nibbles(simd, part::<16, 144, 128>(block), q);
+            k_scales(simd, block, scale, offset);
         }),
         BlockType::Q5K => each_block!(row, out, 256, 176, |block, q, scale, offset| {
-            k_nibbles(part::<48, 176, 128>(block), q);
-            high_bits(part::<16, 176, 32>(block), q, 4);
-            k_scales(block, scale, offset);
+            k_nibbles(simd, part::<48, 176, 128>(block), q);
+            high_bits(simd, part::<16, 176, 32>(block), q, 4);
+            k_scales(simd, block, scale, offset);
         }),
         BlockType::Q6K => each_block!(row, out, 256, 210, |block, q, scale, offset| {
             let ql = part::<0, 210, 128>(block);
             let qh = part::<128, 210, 64>(block);
             let scales = part::<192, 210, 16>(block);
-            let d = half(block, 208);
-            q6_values(ql, qh, q);
+            let d = half(simd, block, 208);
+            q6_values(simd, ql, qh, q);
             for g in 0..16 {
                 let s = d * (scales[g] as i8) as f32;
                 scale[g] = s;
@@ -369,7 +374,13 @@ const SPREAD: [u64; 256] = {
 
 /// 16 bytes of nibbles: low nibbles are weights 0..16, high ones 16..32.
 #[inline(always)]
-fn nibbles(qs: &[u8; 16], q: &mut [u8; 32]) {
+fn nibbles(simd: bool, qs: &[u8; 16], q: &mut [u8; 32]) {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: `simd` callers run with AVX2.
+        return unsafe { x86::nibbles(qs, q) };
+    }
+    let _ = simd;
     for w in 0..2 {
         let v = load8(qs, 8 * w);
         store8(q, 8 * w, v & LOW_NIBBLES);
@@ -379,7 +390,13 @@ fn nibbles(qs: &[u8; 16], q: &mut [u8; 32]) {
 
 /// The fifth bit of 32 weights, bit `j` of a little-endian `u32`.
 #[inline(always)]
-fn fifth_bits(qh: &[u8; 4], q: &mut [u8; 32]) {
+fn fifth_bits(simd: bool, qh: &[u8; 4], q: &mut [u8; 32]) {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: `simd` callers run with AVX2.
+        return unsafe { x86::fifth_bits(qh, q) };
+    }
+    let _ = simd;
     for (i, &bits) in qh.iter().enumerate() {
         or8(q, 8 * i, SPREAD[bits as usize] << 4);
     }
@@ -387,7 +404,13 @@ fn fifth_bits(qh: &[u8; 4], q: &mut [u8; 32]) {
 
 /// Bit `e / 32` of byte `e % 32` of `bits`, as bit `at` of weight `e`.
 #[inline(always)]
-fn high_bits(bits: &[u8; 32], q: &mut [u8; 256], at: u32) {
+fn high_bits(simd: bool, bits: &[u8; 32], q: &mut [u8; 256], at: u32) {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: `simd` callers run with AVX2.
+        return unsafe { x86::high_bits(bits, q, at) };
+    }
+    let _ = simd;
     for w in 0..4 {
         let v = load8(bits, 8 * w);
         for bit in 0..8 {
@@ -399,7 +422,13 @@ fn high_bits(bits: &[u8; 32], q: &mut [u8; 256], at: u32) {
 /// 64 bytes of 2-bit values: weight `128h + 32j + l` is bits `2j..2j+2`
 /// of byte `32h + l`.
 #[inline(always)]
-fn crumbs(qs: &[u8; 64], q: &mut [u8; 256]) {
+fn crumbs(simd: bool, qs: &[u8; 64], q: &mut [u8; 256]) {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: `simd` callers run with AVX2.
+        return unsafe { x86::crumbs(qs, q) };
+    }
+    let _ = simd;
     for h in 0..2 {
         for w in 0..4 {
             let v = load8(qs, 32 * h + 8 * w);
@@ -413,7 +442,13 @@ fn crumbs(qs: &[u8; 64], q: &mut [u8; 256]) {
 /// `Q4_K` / `Q5_K` nibbles: weights `64c .. 64c + 32` are the low nibbles
 /// of bytes `32c .. 32c + 32`, the next 32 their high nibbles.
 #[inline(always)]
-fn k_nibbles(qs: &[u8; 128], q: &mut [u8; 256]) {
+fn k_nibbles(simd: bool, qs: &[u8; 128], q: &mut [u8; 256]) {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: `simd` callers run with AVX2.
+        return unsafe { x86::k_nibbles(qs, q) };
+    }
+    let _ = simd;
     for c in 0..4 {
         for w in 0..4 {
             let v = load8(qs, 32 * c + 8 * w);
@@ -425,7 +460,13 @@ fn k_nibbles(qs: &[u8; 128], q: &mut [u8; 256]) {
 
 /// `Q6_K`: low nibbles of `ql` and two high bits from `qh` per weight.
 #[inline(always)]
-fn q6_values(ql: &[u8; 128], qh: &[u8; 64], q: &mut [u8; 256]) {
+fn q6_values(simd: bool, ql: &[u8; 128], qh: &[u8; 64], q: &mut [u8; 256]) {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: `simd` callers run with AVX2.
+        return unsafe { x86::q6_values(ql, qh, q) };
+    }
+    let _ = simd;
     for h in 0..2 {
         for w in 0..8 {
             let v = load8(ql, 64 * h + 8 * w);
@@ -445,10 +486,146 @@ fn q6_values(ql: &[u8; 128], qh: &[u8; 64], q: &mut [u8; 256]) {
     }
 }
 
+/// `Q8_0`'s signed bytes plus 128.
+#[inline(always)]
+fn flip_signs(simd: bool, qs: &[u8; 32], q: &mut [u8; 32]) {
+    #[cfg(target_arch = "x86_64")]
+    if simd {
+        // SAFETY: `simd` callers run with AVX2.
+        return unsafe { x86::flip_signs(qs, q) };
+    }
+    let _ = simd;
+    for w in 0..4 {
+        store8(q, 8 * w, load8(qs, 8 * w) ^ 0x8080_8080_8080_8080);
+    }
+}
+
+/// The same unpacking with AVX2 (32 bytes at a time) and F16C.
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    #[inline(always)]
+    unsafe fn load(p: &[u8], at: usize) -> __m256i {
+        _mm256_loadu_si256(p[at..at + 32].as_ptr() as *const __m256i)
+    }
+
+    #[inline(always)]
+    unsafe fn store(q: &mut [u8], at: usize, v: __m256i) {
+        _mm256_storeu_si256(q[at..at + 32].as_mut_ptr() as *mut __m256i, v)
+    }
+
+    #[inline(always)]
+    unsafe fn or(q: &mut [u8], at: usize, v: __m256i) {
+        let old = load(q, at);
+        store(q, at, _mm256_or_si256(old, v));
+    }
+
+    /// Each byte shifted right by `by` (within bytes: `mask` keeps the bits
+    /// that stayed in their byte).
+    #[inline(always)]
+    unsafe fn shifted(v: __m256i, by: i32, mask: __m256i) -> __m256i {
+        _mm256_and_si256(_mm256_srl_epi16(v, _mm_cvtsi32_si128(by)), mask)
+    }
+
+    #[inline(always)]
+    pub(super) unsafe fn half(bits: u16) -> f32 {
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+    }
+
+    #[inline(always)]
+    pub(super) unsafe fn nibbles(qs: &[u8; 16], q: &mut [u8; 32]) {
+        let v = _mm_loadu_si128(qs.as_ptr() as *const __m128i);
+        let mask = _mm_set1_epi8(0x0f);
+        let lo = _mm_and_si128(v, mask);
+        let hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
+        store(q, 0, _mm256_set_m128i(hi, lo));
+    }
+
+    #[inline(always)]
+    pub(super) unsafe fn fifth_bits(qh: &[u8; 4], q: &mut [u8; 32]) {
+        let bits = _mm256_set1_epi32(i32::from_le_bytes(*qh));
+        // Byte j takes source byte j / 8, then its bit j % 8.
+        let spread = _mm256_shuffle_epi8(
+            bits,
+            _mm256_set_epi64x(
+                0x0303_0303_0303_0303,
+                0x0202_0202_0202_0202,
+                0x0101_0101_0101_0101,
+                0,
+            ),
+        );
+        let select = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+        let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, select), select);
+        or(q, 0, _mm256_and_si256(set, _mm256_set1_epi8(0x10)));
+    }
+
+    #[inline(always)]
+    pub(super) unsafe fn high_bits(bits: &[u8; 32], q: &mut [u8; 256], at: u32) {
+        let v = load(bits, 0);
+        let one = _mm256_set1_epi8(1);
+        let to = _mm_cvtsi32_si128(at as i32);
+        for bit in 0..8 {
+            or(
+                q,
+                bit * 32,
+                _mm256_sll_epi16(shifted(v, bit as i32, one), to),
+            );
+        }
+    }
+
+    #[inline(always)]
+    pub(super) unsafe fn crumbs(qs: &[u8; 64], q: &mut [u8; 256]) {
+        let mask = _mm256_set1_epi8(3);
+        for h in 0..2 {
+            let v = load(qs, 32 * h);
+            for j in 0..4 {
+                store(q, 128 * h + 32 * j, shifted(v, 2 * j as i32, mask));
+            }
+        }
+    }
+
+    #[inline(always)]
+    pub(super) unsafe fn k_nibbles(qs: &[u8; 128], q: &mut [u8; 256]) {
+        let mask = _mm256_set1_epi8(0x0f);
+        for c in 0..4 {
+            let v = load(qs, 32 * c);
+            store(q, 64 * c, _mm256_and_si256(v, mask));
+            store(q, 64 * c + 32, shifted(v, 4, mask));
+        }
+    }
+
+    #[inline(always)]
+    pub(super) unsafe fn q6_values(ql: &[u8; 128], qh: &[u8; 64], q: &mut [u8; 256]) {
+        let low = _mm256_set1_epi8(0x0f);
+        let two = _mm256_set1_epi8(3);
+        for h in 0..2 {
+            for w in 0..2 {
+                let v = load(ql, 64 * h + 32 * w);
+                store(q, 128 * h + 32 * w, _mm256_and_si256(v, low));
+                store(q, 128 * h + 64 + 32 * w, shifted(v, 4, low));
+            }
+            let v = load(qh, 32 * h);
+            for j in 0..4 {
+                or(
+                    q,
+                    128 * h + 32 * j,
+                    _mm256_slli_epi16(shifted(v, 2 * j as i32, two), 4),
+                );
+            }
+        }
+    }
+
+    #[inline(always)]
+    pub(super) unsafe fn flip_signs(qs: &[u8; 32], q: &mut [u8; 32]) {
+        store(q, 0, _mm256_xor_si256(load(qs, 0), _mm256_set1_epi8(-128)));
+    }
+}
+
 /// The scales and offsets of a `Q4_K` / `Q5_K` block (which start alike).
 #[inline(always)]
-fn k_scales<const N: usize>(block: &[u8; N], scale: &mut [f32], offset: &mut [f32]) {
-    let (d, dmin) = (half(block, 0), half(block, 2));
+fn k_scales<const N: usize>(simd: bool, block: &[u8; N], scale: &mut [f32], offset: &mut [f32]) {
+    let (d, dmin) = (half(simd, block, 0), half(simd, block, 2));
     let packed: &[u8; 12] = block[4..16].try_into().expect("inside the block");
     for j in 0..8 {
         let (sc, mn) = k_scale_min(packed, j);
@@ -477,7 +654,7 @@ fn k_scale_min(p: &[u8; 12], j: usize) -> (u8, u8) {
 /// The float32 values of `row` (whole blocks of type `t`), into `out`.
 pub(crate) fn dequantize_row(t: BlockType, row: &[u8], out: &mut [f32]) {
     let mut unpacked = Unpacked::new(out.len());
-    unpack_row(t, row, &mut unpacked);
+    unpack_row(t, row, &mut unpacked, false);
     unpacked.values(out);
 }
 
