@@ -16,7 +16,7 @@ use super::kernels::{Isa, Rows};
 use super::quant::{unpack_row, Unpacked, GROUP};
 
 /// Weight rows per tile.
-const P: usize = 4;
+const P: usize = 6;
 /// Activation rows per tile.
 const R: usize = 4;
 /// Lanes of each running sum.
@@ -174,9 +174,7 @@ mod x86 {
             let mut out = [[0f32; P]; R];
             for a in 0..R {
                 for b in 0..P {
-                    let mut lanes = [0f32; LANES];
-                    _mm512_storeu_ps(lanes.as_mut_ptr(), acc[a][b]);
-                    out[a][b] = fold(lanes);
+                    out[a][b] = _mm512_reduce_add_ps(acc[a][b]);
                 }
             }
             out
