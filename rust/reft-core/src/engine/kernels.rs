@@ -2,22 +2,29 @@
 //! with `x` of `m` rows and `W` of `n` rows of `k` weights, either GGUF
 //! blocks of any layout in [`BlockType`] or float16 / bfloat16 values.
 //!
+//! Few rows (decoding, below [`WIDENED_ROWS`]): the weights' stream is
+//! the cost, so each weight row is unpacked once (`quant.rs`) and meets up
+//! to [`TILE`] activation rows at a time.
+//!
 //! Blocks. The activations are rounded once per call to integers per block
 //! of 32 (a scale each): to 16 bits by default, which leaves the product
 //! within float rounding of the dequantized model's, or to 8 bits, as
-//! llama.cpp does. Each weight row is unpacked once per pass into bytes
-//! with a scale and an offset per 16 weights (`quant.rs`), and dotted with
-//! up to [`TILE`] activation rows at a time: integer products of 32 weights
-//! (`vpmaddwd`), scaled in float. The offsets meet each group's float sum of
-//! the activations, so they add no rounding.
+//! llama.cpp does. Each weight row is unpacked into bytes with a scale and
+//! an offset per 16 weights, and dotted in integer products of 32 weights
+//! (`vpmaddwd`), scaled in float. The offsets meet each group's float sum
+//! of the activations (the rounded sums with 8 bits, as llama.cpp).
 //!
 //! Float16 / bfloat16. Each 16 weights are widened in registers and meet
-//! the float32 activations of up to [`TILE`] rows.
+//! the float32 activations.
+//!
+//! Many rows: float32 products with weights widened a few rows at a time
+//! (`widened.rs`).
 //!
 //! Every kernel has an AVX-512, an AVX2 and a portable build, chosen at run
-//! time ([`Isa::detect`]). A row of `x` is summed in the same order whatever
-//! the other rows, so a sequence decoded alone and in a batch gets the same
-//! bits. Threads split the weight rows.
+//! time ([`Isa::detect`]). Below [`WIDENED_ROWS`] rows, and from there on,
+//! a row of `x` is summed in the same order whatever the other rows, so a
+//! sequence gets the same bits alone and in any batch of the same side.
+//! Threads split the weight rows.
 
 use rayon::prelude::*;
 
@@ -31,9 +38,6 @@ const TILE: usize = 4;
 /// widened a few rows at a time (`widened.rs`): the integer products win
 /// below, where unpacking is most of the work.
 pub(crate) const WIDENED_ROWS: usize = 8;
-/// Activation rows per pass over the weights (they stay in L2 while each
-/// weight row meets them).
-const PASS_ROWS: usize = 32;
 
 /// Weights as stored.
 #[derive(Debug, Clone, Copy)]
@@ -219,8 +223,8 @@ fn prefetch(data: &[u8], bytes: usize) {
     let _ = (data, bytes);
 }
 
-/// Fills `out` (`[rows of W][m]`, W rows from `first_row`) for activation
-/// rows `rows` of `x`.
+/// Fills `out` (`[rows of W][m]`, W rows from `first_row`); `m` is below
+/// [`WIDENED_ROWS`], so the activations stay in L1.
 #[inline(always)]
 unsafe fn task<D: Dots>(
     w: Rows<'_>,
@@ -231,47 +235,38 @@ unsafe fn task<D: Dots>(
     first_row: usize,
     out: &mut [f32],
 ) {
-    let count = out.len() / m;
     let mut unpacked = Unpacked::new(if matches!(w, Rows::Blocks(..)) { k } else { 0 });
-    for pass in (0..m).step_by(PASS_ROWS) {
-        let end = (pass + PASS_ROWS).min(m);
-        for r in 0..count {
-            let n = first_row + r;
-            let target = &mut out[r * m..(r + 1) * m];
-            if let Rows::Blocks(t, data) = w {
-                let bytes = t.row_bytes(k);
-                // The row PREFETCH_ROWS ahead on its way to the cache.
-                prefetch(
-                    &data[((n + PREFETCH_ROWS) * bytes).min(data.len())..],
-                    bytes,
-                );
-                unpack_row(t, &data[n * bytes..(n + 1) * bytes], &mut unpacked, D::SIMD);
+    for (r, target) in out.chunks_exact_mut(m).enumerate() {
+        let n = first_row + r;
+        if let Rows::Blocks(t, data) = w {
+            let bytes = t.row_bytes(k);
+            // The row PREFETCH_ROWS ahead on its way to the cache.
+            prefetch(
+                &data[((n + PREFETCH_ROWS) * bytes).min(data.len())..],
+                bytes,
+            );
+            unpack_row(t, &data[n * bytes..(n + 1) * bytes], &mut unpacked, D::SIMD);
+        }
+        let mut i = 0;
+        while i < m {
+            let c = (m - i).min(TILE);
+            macro_rules! tile {
+                ($c:literal) => {{
+                    let got: [f32; $c] = match w {
+                        Rows::Blocks(..) => D::blocks::<$c>(&unpacked, x, i),
+                        Rows::F16(h) => D::halves::<$c>(&h[n * k..(n + 1) * k], false, xf, k, i),
+                        Rows::Bf16(h) => D::halves::<$c>(&h[n * k..(n + 1) * k], true, xf, k, i),
+                    };
+                    target[i..i + $c].copy_from_slice(&got);
+                }};
             }
-            let mut i = pass;
-            while i < end {
-                let c = (end - i).min(TILE);
-                macro_rules! tile {
-                    ($c:literal) => {{
-                        let got: [f32; $c] = match w {
-                            Rows::Blocks(..) => D::blocks::<$c>(&unpacked, x, i),
-                            Rows::F16(h) => {
-                                D::halves::<$c>(&h[n * k..(n + 1) * k], false, xf, k, i)
-                            }
-                            Rows::Bf16(h) => {
-                                D::halves::<$c>(&h[n * k..(n + 1) * k], true, xf, k, i)
-                            }
-                        };
-                        target[i..i + $c].copy_from_slice(&got);
-                    }};
-                }
-                match c {
-                    4 => tile!(4),
-                    3 => tile!(3),
-                    2 => tile!(2),
-                    _ => tile!(1),
-                }
-                i += c;
+            match c {
+                4 => tile!(4),
+                3 => tile!(3),
+                2 => tile!(2),
+                _ => tile!(1),
             }
+            i += c;
         }
     }
 }
