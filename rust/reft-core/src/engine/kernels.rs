@@ -171,9 +171,14 @@ fn to_half_precision(v: f32) -> f32 {
     f32::from_bits(kept)
 }
 
-/// `Σ_g offset[g] · sums[g]` in a fixed order.
+/// `Σ_g offset[g] · sums[g]` in a fixed order; nothing to add for the
+/// symmetric layouts (those with a center have no offsets).
 #[inline(always)]
-fn offsets(offset: &[f32], sums: &[f32]) -> f32 {
+fn offsets(u: &Unpacked, sums: &[f32]) -> f32 {
+    if u.center != 0 {
+        return 0.0;
+    }
+    let offset = &u.offset;
     let mut acc = [0f32; 4];
     let mut chunks = offset.chunks_exact(4).zip(sums.chunks_exact(4));
     for (o, s) in &mut chunks {
@@ -295,7 +300,7 @@ impl Dots for Portable {
                 acc[g & 1] = (u.scale[g] * xd[g / 2]).mul_add(isum as f32, acc[g & 1]);
             }
             let sums = &x.sums[row * k / GROUP..(row + 1) * k / GROUP];
-            *o = (acc[0] + acc[1]) + offsets(&u.offset, sums);
+            *o = (acc[0] + acc[1]) + offsets(u, sums);
         }
         out
     }
@@ -385,7 +390,7 @@ mod x86 {
             for c in 0..C {
                 let row = first + c;
                 let sums = &x.sums[row * k / GROUP..(row + 1) * k / GROUP];
-                out[c] = hsum256(_mm256_add_ps(acc[c][0], acc[c][1])) + offsets(&u.offset, sums);
+                out[c] = hsum256(_mm256_add_ps(acc[c][0], acc[c][1])) + offsets(u, sums);
             }
             out
         }
@@ -483,7 +488,7 @@ mod x86 {
                 let row = first + c;
                 let sums = &x.sums[row * k / GROUP..(row + 1) * k / GROUP];
                 out[c] = _mm512_reduce_add_ps(_mm512_add_ps(acc[c][0], acc[c][1]))
-                    + offsets(&u.offset, sums);
+                    + offsets(u, sums);
             }
             out
         }
@@ -752,7 +757,8 @@ mod tests {
     #[test]
     fn block_products_follow_the_dequantized_float_product() {
         let (k, n) = (512, 21);
-        for m in [7, WIDENED_ROWS + 3] {
+        // 150 rows: two blocks of activation rows in the widened products.
+        for m in [7, WIDENED_ROWS + 3, 150] {
             let x = values(m * k, 5);
             for t in BLOCK_TYPES {
                 let data = random_blocks(t, n, k, 9);
@@ -809,14 +815,15 @@ mod tests {
     #[test]
     fn a_row_gets_the_same_bits_alone_and_in_any_batch() {
         let (k, n) = (256, 19);
-        let x = values(37 * k, 4);
+        let x = values(300 * k, 4);
         let blocks = random_blocks(BlockType::Q4K, n, k, 3);
         let half: Vec<u16> = values(n * k, 6).iter().map(|&v| to_f16(v)).collect();
         for w in [Rows::Blocks(BlockType::Q4K, &blocks), Rows::F16(&half)] {
+            let mut widened = Vec::new();
             for isa in Isa::available() {
-                // Below WIDENED_ROWS rows against 7, from there on against 37.
+                // Below WIDENED_ROWS rows against 7, from there on against 300.
                 let few = matmul_with(isa, w, &x[..7 * k], 7, k, n, i16::MAX);
-                let many = matmul_with(isa, w, &x, 37, k, n, i16::MAX);
+                let many = matmul_with(isa, w, &x, 300, k, n, i16::MAX);
                 let cases = [
                     (0, 1),
                     (3, 1),
@@ -828,6 +835,8 @@ mod tests {
                     (3, 9),
                     (4, 33),
                     (20, 17),
+                    (100, 60),
+                    (250, 50),
                 ];
                 for (from, count) in cases {
                     let whole = if count < WIDENED_ROWS { &few } else { &many };
@@ -846,7 +855,11 @@ mod tests {
                         "{isa:?}: {count} rows from {from}"
                     );
                 }
+                widened.push(many);
             }
+            // The widened products are the same sums in the same order in
+            // every build.
+            assert!(widened.windows(2).all(|p| p[0] == p[1]));
         }
     }
 }
@@ -861,8 +874,13 @@ mod timing {
     #[test]
     #[ignore]
     fn kernel_speeds() {
-        let (n, k) = (1536, 2304);
-        let x: Vec<f32> = (0..32 * k).map(|i| ((i * 7) % 13) as f32 - 6.0).collect();
+        // REFT_KERNEL_SHAPE=n,k picks the weight shape (SmolLM2's is 1536,576).
+        let shape = std::env::var("REFT_KERNEL_SHAPE").unwrap_or("1536,2304".into());
+        let (n, k) = match shape.split_once(',') {
+            Some((n, k)) => (n.parse().unwrap(), k.parse().unwrap()),
+            None => panic!("REFT_KERNEL_SHAPE is n,k"),
+        };
+        let x: Vec<f32> = (0..128 * k).map(|i| ((i * 7) % 13) as f32 - 6.0).collect();
         println!("kernels: {}", Isa::detect().name());
         for t in BLOCK_TYPES {
             let data: Vec<u8> = (0..n * t.row_bytes(k))
@@ -893,9 +911,10 @@ mod timing {
                 let ns = start.elapsed().as_secs_f64() / (n * k) as f64 * 1e9;
                 line += &format!(" unpack (simd {simd}) {ns:.3} ns/w;");
             }
-            for m in [1, 4, 32] {
+            for m in [1, 4, 32, 128] {
+                let reps = (400_000_000 / (m * n * k)).max(5);
                 let start = std::time::Instant::now();
-                for _ in 0..5 {
+                for _ in 0..reps {
                     std::hint::black_box(matmul(
                         Rows::Blocks(t, &data),
                         &x[..m * k],
@@ -905,7 +924,7 @@ mod timing {
                         i16::MAX,
                     ));
                 }
-                let s = start.elapsed().as_secs_f64() / 5.0;
+                let s = start.elapsed().as_secs_f64() / reps as f64;
                 line += &format!(" m={m}: {:.1} GMAC/s;", (m * n * k) as f64 / s / 1e9);
             }
             println!("{line}");

@@ -164,6 +164,7 @@ pub(crate) struct Unpacked {
     pub(crate) offset: Vec<f32>,
     /// Subtracted from every `q` (the symmetric layouts' zero: 8 for
     /// `Q4_0`, 128 for `Q8_0`, ...), so their products stay exact integers.
+    /// A layout with a center has no offsets (all zero); one without has.
     pub(crate) center: i16,
 }
 

@@ -1,14 +1,18 @@
 //! Products of many rows (prompts, large batches) with stored weights:
 //! each thread widens [`P`] weight rows at a time to float32 in a buffer
-//! that stays in L1 and multiplies them with the float32 activations, [`R`]
-//! rows at a time, in a register tile of `R × P` running sums along `k`.
-//! The weights are unpacked once per call and the products are float
-//! products with the values the blocks stand for (no rounding of the
-//! activations: the caller rounds them first for llama.cpp's arithmetic).
+//! that stays in L1, and multiplies them with the activations transposed
+//! (`[k][m]`, once per call): a register tile holds `P` weight rows × 32
+//! activation rows, and each step along `k` broadcasts one weight of each
+//! row against two vectors of 16 activation rows (outer products, as
+//! general matrix products are made; no sums across lanes). The weights
+//! are unpacked once per call and the products are float products with
+//! the values the blocks stand for (no rounding of the activations: the
+//! caller rounds them first for llama.cpp's arithmetic).
 //!
-//! Each output is a fixed sequence of fused multiply-adds along `k` in 16
-//! lanes, then the lanes summed in a fixed order, whatever the tile it
-//! falls in: a row's result does not depend on the other rows.
+//! Each output is the fused multiply-adds along `k` in order, in its own
+//! lane, whatever the tile it falls in and whatever the build (AVX-512,
+//! AVX2 and plain Rust give the same bits): a row's result does not depend
+//! on the other rows.
 
 use rayon::prelude::*;
 
@@ -16,11 +20,11 @@ use super::kernels::{Isa, Rows};
 use super::quant::{unpack_row, Unpacked, GROUP};
 
 /// Weight rows per tile.
-const P: usize = 6;
-/// Activation rows per tile.
-const R: usize = 4;
-/// Lanes of each running sum.
+const P: usize = 12;
+/// Activation rows per vector step; `m` is padded to a multiple.
 const LANES: usize = 16;
+/// Activation rows per block (a multiple of 2 · [`LANES`]).
+const BLOCK_ROWS: usize = 128;
 
 /// Row `n` of `w` as float32 into `out` (`k` values).
 #[inline(always)]
@@ -60,22 +64,10 @@ unsafe fn widen<T: Tile>(
     }
 }
 
-/// The lanes' sum in a fixed order (halving).
-#[inline(always)]
-fn fold(mut lanes: [f32; LANES]) -> f32 {
-    let mut width = LANES / 2;
-    while width > 0 {
-        for j in 0..width {
-            lanes[j] += lanes[j + width];
-        }
-        width /= 2;
-    }
-    lanes[0]
-}
-
-/// One build's tile: the `r ≤ R` activation rows from `i` (rows of `k`)
-/// against the `p ≤ P` widened rows of `w` (rows of `k`), into
-/// `out[row][col]` (`[r][p]`).
+/// One build's tile: `V` × [`LANES`] activation rows from `i` (of a block
+/// of the transposed, padded activations, `xt` as `[k][mp]`) against the
+/// `p ≤ P` widened rows of `w` (rows of `k`); writes `out[b·m + row]` for
+/// the rows below `limit`.
 trait Tile {
     /// `out[j] = scale · (q[j] − center) + offset`.
     #[inline(always)]
@@ -85,27 +77,67 @@ trait Tile {
         }
     }
 
-    unsafe fn tile(x: &[f32], i: usize, r: usize, w: &[f32], p: usize, k: usize) -> [[f32; P]; R];
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile<const V: usize>(
+        xt: &[f32],
+        mp: usize,
+        i: usize,
+        w: &[f32],
+        p: usize,
+        k: usize,
+        m: usize,
+        limit: usize,
+        out: &mut [f32],
+    );
+}
+
+/// Writes `acc[b][row]` to `out[b·m + i + row]` for `b < p`, rows below `m`.
+#[inline(always)]
+fn store<const V: usize>(
+    acc: &[[[f32; LANES]; V]; P],
+    p: usize,
+    i: usize,
+    m: usize,
+    limit: usize,
+    out: &mut [f32],
+) {
+    let rows = (limit - i).min(V * LANES);
+    for (b, lines) in acc.iter().enumerate().take(p) {
+        let target = &mut out[b * m + i..b * m + i + rows];
+        for (row, t) in target.iter_mut().enumerate() {
+            *t = lines[row / LANES][row % LANES];
+        }
+    }
 }
 
 struct Portable;
 
 impl Tile for Portable {
     #[inline(always)]
-    unsafe fn tile(x: &[f32], i: usize, r: usize, w: &[f32], p: usize, k: usize) -> [[f32; P]; R] {
-        let mut out = [[0f32; P]; R];
-        for a in 0..r {
-            let xs = &x[(i + a) * k..(i + a + 1) * k];
-            for b in 0..p {
-                let ws = &w[b * k..(b + 1) * k];
-                let mut lanes = [0f32; LANES];
-                for (t, (&xv, &wv)) in xs.iter().zip(ws).enumerate() {
-                    lanes[t % LANES] = xv.mul_add(wv, lanes[t % LANES]);
+    unsafe fn tile<const V: usize>(
+        xt: &[f32],
+        mp: usize,
+        i: usize,
+        w: &[f32],
+        p: usize,
+        k: usize,
+        m: usize,
+        limit: usize,
+        out: &mut [f32],
+    ) {
+        let mut acc = [[[0f32; LANES]; V]; P];
+        for t in 0..k {
+            let xs = &xt[t * mp + i..t * mp + i + V * LANES];
+            for (b, lines) in acc.iter_mut().enumerate().take(p) {
+                let wv = w[b * k + t];
+                for (v, line) in lines.iter_mut().enumerate() {
+                    for (lane, a) in line.iter_mut().enumerate() {
+                        *a = xs[v * LANES + lane].mul_add(wv, *a);
+                    }
                 }
-                out[a][b] = fold(lanes);
             }
         }
-        out
+        store::<V>(&acc, p, i, m, limit, out);
     }
 }
 
@@ -138,46 +170,52 @@ mod x86 {
 
         #[inline(always)]
         #[allow(clippy::needless_range_loop)]
-        unsafe fn tile(
-            x: &[f32],
+        unsafe fn tile<const V: usize>(
+            xt: &[f32],
+            mp: usize,
             i: usize,
-            r: usize,
             w: &[f32],
             p: usize,
             k: usize,
-        ) -> [[f32; P]; R] {
-            let mut acc = [[_mm512_setzero_ps(); P]; R];
-            let xp = x.as_ptr().add(i * k);
-            let wp = w.as_ptr();
-            let mut t = 0;
-            // Missing rows read row 0 again and are dropped at the end.
-            let xr = |a: usize| if a < r { a } else { 0 };
-            let wr = |b: usize| if b < p { b } else { 0 };
-            while t < k {
-                let mask: __mmask16 = if k - t >= LANES {
-                    0xffff
-                } else {
-                    (1u16 << (k - t)) - 1
-                };
-                let mut wv = [_mm512_setzero_ps(); P];
-                for b in 0..P {
-                    wv[b] = _mm512_maskz_loadu_ps(mask, wp.add(wr(b) * k + t));
+            m: usize,
+            limit: usize,
+            out: &mut [f32],
+        ) {
+            debug_assert!(xt.len() >= k * mp && i + V * LANES <= mp && w.len() >= P * k);
+            let mut acc = [[_mm512_setzero_ps(); V]; P];
+            let xp = xt.as_ptr().add(i);
+            // Rows past `p` hold stale values; never stored.
+            let mut wp = w.as_ptr();
+            let mut xr = xp;
+            for _ in 0..k {
+                let mut xv = [_mm512_setzero_ps(); V];
+                for v in 0..V {
+                    xv[v] = _mm512_loadu_ps(xr.add(v * LANES));
                 }
-                for a in 0..R {
-                    let xv = _mm512_maskz_loadu_ps(mask, xp.add(xr(a) * k + t));
-                    for b in 0..P {
-                        acc[a][b] = _mm512_fmadd_ps(xv, wv[b], acc[a][b]);
+                xr = xr.add(mp);
+                for b in 0..P {
+                    let wv = _mm512_set1_ps(*wp.add(b * k));
+                    for v in 0..V {
+                        acc[b][v] = _mm512_fmadd_ps(xv[v], wv, acc[b][v]);
                     }
                 }
-                t += LANES;
+                wp = wp.add(1);
             }
-            let mut out = [[0f32; P]; R];
-            for a in 0..R {
-                for b in 0..P {
-                    out[a][b] = _mm512_reduce_add_ps(acc[a][b]);
+            let rows = (limit - i).min(V * LANES);
+            for b in 0..p {
+                for v in 0..V {
+                    let first = v * LANES;
+                    if first >= rows {
+                        break;
+                    }
+                    let mask: __mmask16 = if rows - first >= LANES {
+                        0xffff
+                    } else {
+                        (1u16 << (rows - first)) - 1
+                    };
+                    _mm512_mask_storeu_ps(out.as_mut_ptr().add(b * m + i + first), mask, acc[b][v]);
                 }
             }
-            out
         }
     }
 
@@ -206,88 +244,90 @@ mod x86 {
 
         #[inline(always)]
         #[allow(clippy::needless_range_loop)]
-        unsafe fn tile(
-            x: &[f32],
+        unsafe fn tile<const V: usize>(
+            xt: &[f32],
+            mp: usize,
             i: usize,
-            r: usize,
             w: &[f32],
             p: usize,
             k: usize,
-        ) -> [[f32; P]; R] {
-            // 16 lanes as two halves; two activation rows at a time keep
-            // the sums in registers.
-            let mut out = [[0f32; P]; R];
-            let full = k / LANES * LANES;
-            for a0 in (0..r).step_by(2) {
-                let rows = (r - a0).min(2);
-                let mut acc = [[[_mm256_setzero_ps(); 2]; P]; 2];
-                let mut t = 0;
-                while t < full {
-                    let mut wv = [[_mm256_setzero_ps(); 2]; P];
-                    for b in 0..P {
-                        let at = w.as_ptr().add(b.min(p - 1) * k + t);
-                        wv[b] = [_mm256_loadu_ps(at), _mm256_loadu_ps(at.add(8))];
+            m: usize,
+            limit: usize,
+            out: &mut [f32],
+        ) {
+            debug_assert!(xt.len() >= k * mp && i + V * LANES <= mp && w.len() >= P * k);
+            // Half the weight rows at a time keep the sums in 16 registers:
+            // 6 rows × 2 vectors of 8 activation rows.
+            const HALF: usize = P / 2;
+            for v in 0..V {
+                for half in 0..2 {
+                    let first_row = half * HALF;
+                    if first_row >= p {
+                        break;
                     }
-                    for a in 0..2 {
-                        let at = x.as_ptr().add((i + a0 + a.min(rows - 1)) * k + t);
-                        let xv = [_mm256_loadu_ps(at), _mm256_loadu_ps(at.add(8))];
-                        for b in 0..P {
-                            for h in 0..2 {
-                                acc[a][b][h] = _mm256_fmadd_ps(xv[h], wv[b][h], acc[a][b][h]);
-                            }
+                    let count = (p - first_row).min(HALF);
+                    let mut acc = [[_mm256_setzero_ps(); 2]; HALF];
+                    let xp = xt.as_ptr().add(i + v * LANES);
+                    let mut wp = w.as_ptr().add(first_row * k);
+                    let mut xr = xp;
+                    for _ in 0..k {
+                        let x0 = _mm256_loadu_ps(xr);
+                        let x1 = _mm256_loadu_ps(xr.add(8));
+                        xr = xr.add(mp);
+                        for b in 0..HALF {
+                            let wv = _mm256_set1_ps(*wp.add(b * k));
+                            acc[b][0] = _mm256_fmadd_ps(x0, wv, acc[b][0]);
+                            acc[b][1] = _mm256_fmadd_ps(x1, wv, acc[b][1]);
                         }
+                        wp = wp.add(1);
                     }
-                    t += LANES;
-                }
-                for a in 0..rows {
-                    for b in 0..p {
+                    let rows_here = (limit - i)
+                        .min(V * LANES)
+                        .saturating_sub(v * LANES)
+                        .min(LANES);
+                    for b in 0..count {
                         let mut lanes = [0f32; LANES];
-                        _mm256_storeu_ps(lanes.as_mut_ptr(), acc[a][b][0]);
-                        _mm256_storeu_ps(lanes.as_mut_ptr().add(8), acc[a][b][1]);
-                        // The tail past the whole lanes, lane by lane.
-                        let xs = &x[(i + a0 + a) * k..(i + a0 + a + 1) * k];
-                        let ws = &w[b * k..(b + 1) * k];
-                        for t in full..k {
-                            lanes[t % LANES] = xs[t].mul_add(ws[t], lanes[t % LANES]);
-                        }
-                        out[a0 + a][b] = fold(lanes);
+                        _mm256_storeu_ps(lanes.as_mut_ptr(), acc[b][0]);
+                        _mm256_storeu_ps(lanes.as_mut_ptr().add(8), acc[b][1]);
+                        let at = (first_row + b) * m + i + v * LANES;
+                        out[at..at + rows_here].copy_from_slice(&lanes[..rows_here]);
                     }
                 }
             }
-            out
         }
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi2")]
     pub(super) unsafe fn task_avx512(
         w: Rows<'_>,
-        x: &[f32],
+        blocks: &[Vec<f32>],
         m: usize,
         k: usize,
         first: usize,
         out: &mut [f32],
     ) {
-        task::<Avx512>(w, x, m, k, first, out, true)
+        task::<Avx512>(w, blocks, m, k, first, out, true)
     }
 
     #[target_feature(enable = "avx2,fma,f16c,bmi2")]
     pub(super) unsafe fn task_avx2(
         w: Rows<'_>,
-        x: &[f32],
+        blocks: &[Vec<f32>],
         m: usize,
         k: usize,
         first: usize,
         out: &mut [f32],
     ) {
-        task::<Avx2>(w, x, m, k, first, out, true)
+        task::<Avx2>(w, blocks, m, k, first, out, true)
     }
 }
 
-/// Fills `out` (`[rows of W][m]`, W rows from `first`).
+/// Fills `out` (`[rows of W][m]`, W rows from `first`) from the
+/// transposed activations in blocks of rows (each `[k][width]`).
 #[inline(always)]
 unsafe fn task<T: Tile>(
     w: Rows<'_>,
-    x: &[f32],
+    blocks: &[Vec<f32>],
     m: usize,
     k: usize,
     first: usize,
@@ -309,14 +349,22 @@ unsafe fn task<T: Tile>(
                 simd,
             );
         }
-        for i in (0..m).step_by(R) {
-            let r = (m - i).min(R);
-            let got = T::tile(x, i, r, &rows, p, k);
-            for (a, line) in got.iter().enumerate().take(r) {
-                for (b, &v) in line.iter().enumerate().take(p) {
-                    out[(j + b) * m + i + a] = v;
+        let panel = &mut out[j * m..(j + p) * m];
+        let mut base = 0;
+        for xt in blocks {
+            let mp = xt.len() / k;
+            let mut i = 0;
+            while i < mp {
+                let (limit, out) = (m - base, &mut panel[base..]);
+                if mp - i >= 2 * LANES {
+                    T::tile::<2>(xt, mp, i, &rows, p, k, m, limit, out);
+                    i += 2 * LANES;
+                } else {
+                    T::tile::<1>(xt, mp, i, &rows, p, k, m, limit, out);
+                    i += LANES;
                 }
             }
+            base += mp;
         }
     }
 }
@@ -332,8 +380,29 @@ pub(crate) fn matmul_transposed(
     n: usize,
 ) -> Vec<f32> {
     let mut transposed = vec![0f32; n * m];
+    if m == 0 || n == 0 {
+        return transposed;
+    }
+    // The activations as blocks of up to BLOCK_ROWS rows, each `[k][width]`
+    // (the last padded with zeros to whole vectors), so that the block a
+    // panel of weights meets stays in L2.
+    let blocks: Vec<Vec<f32>> = x
+        .chunks(BLOCK_ROWS * k)
+        .map(|part| {
+            let rows = part.len() / k;
+            let width = rows.div_ceil(LANES) * LANES;
+            let mut xt = vec![0f32; k * width];
+            for (r, row) in part.chunks_exact(k).enumerate() {
+                for (t, &v) in row.iter().enumerate() {
+                    xt[t * width + r] = v;
+                }
+            }
+            xt
+        })
+        .collect();
+    let blocks = &blocks;
     // Whole tiles of weight rows per task, enough tasks to balance.
-    let per_task = (n / (rayon::current_num_threads() * 4)).clamp(P, 256) / P * P;
+    let per_task = (n / (rayon::current_num_threads() * 4)).clamp(P, 240) / P * P;
     transposed
         .par_chunks_mut(per_task * m)
         .enumerate()
@@ -342,12 +411,12 @@ pub(crate) fn matmul_transposed(
             match isa {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: `isa` names a build the CPU runs (Isa::detect).
-                Isa::Avx512 => unsafe { x86::task_avx512(w, x, m, k, first, out) },
+                Isa::Avx512 => unsafe { x86::task_avx512(w, blocks, m, k, first, out) },
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: as above.
-                Isa::Avx2 => unsafe { x86::task_avx2(w, x, m, k, first, out) },
+                Isa::Avx2 => unsafe { x86::task_avx2(w, blocks, m, k, first, out) },
                 // SAFETY: plain Rust.
-                _ => unsafe { task::<Portable>(w, x, m, k, first, out, false) },
+                _ => unsafe { task::<Portable>(w, blocks, m, k, first, out, false) },
             }
         });
     transposed
