@@ -357,3 +357,56 @@ def test_edit_strength_matches_the_torch_path_alone_and_mixed(folders, adapters,
     for bad in (float("nan"), float("inf"), "strong"):
         with pytest.raises(reft_rs.InvalidArgumentError, match="strength"):
             engine.generate_ids([prompts[0]], 2, strength=bad)
+
+
+def test_the_queue_is_bounded_per_client_and_clients_take_turns(folders):  # noqa: F811
+    engine = reft_rs.Engine(folders["llama"])
+    scheduler = reft_rs.Scheduler(engine, max_batch=1, max_waiting=6)
+    assert scheduler.max_waiting == 6
+    prompt = random_ids(1, 5)[0].tolist()
+    sent = {}
+    for client in ("a", "a", "a"):
+        sent[scheduler.submit(prompt, 1, client=client)] = client
+    with pytest.raises(reft_rs.BusyError, match="this client"):  # half the queue is a's
+        scheduler.submit(prompt, 1, client="a")
+    for client in ("b", "b", "b"):
+        sent[scheduler.submit(prompt, 1, client=client)] = client
+    with pytest.raises(reft_rs.BusyError, match="6 requests are waiting"):
+        scheduler.submit(prompt, 1, client="c")
+    assert scheduler.waiting == 6 and scheduler.load == (6, 0, 0)
+    order = []
+    while scheduler.has_work:
+        order += [sent[e.id] for e in scheduler.step() if e.finish is not None]
+    # One place, six requests of one token each: the clients alternate.
+    assert order == ["a", "b", "a", "b", "a", "b"]
+    # Room again once they are admitted.
+    scheduler.submit(prompt, 1, client="a")
+
+
+def test_a_request_that_does_not_fit_holds_back_only_its_client_until_its_patience_ends(folders):  # noqa: F811
+    engine = reft_rs.Engine(folders["llama"])
+    prompt = random_ids(1, 5)[0].tolist()
+    small = reft_rs.Scheduler(engine).kv_bytes(5 + 20 - 1)
+    # Room for two of b's requests; a's big one needs all of it.
+    scheduler = reft_rs.Scheduler(engine, max_batch=4, kv_cache_bytes=2 * small)
+    assert small < scheduler.kv_bytes(40 + 5 - 1) <= 2 * small
+    # b's two requests end 10 steps apart, so one of them always runs.
+    mine = {scheduler.submit(prompt, n, ignore_eos=True, client="b") for n in (20, 10)}
+    scheduler.step()
+    big = scheduler.submit(prompt * 8, 5, ignore_eos=True, client="a")
+    started = set()  # b's requests admitted while a's waited
+    for step in range(400):
+        while len(mine) < 2:  # b keeps two requests in flight: the budget is never free
+            mine.add(scheduler.submit(prompt, 20, ignore_eos=True, client="b"))
+        events = scheduler.step()
+        if any(e.id == big for e in events):
+            break
+        started |= {e.id for e in events if e.token is not None} & mine
+        mine -= {e.id for e in events if e.finish is not None}
+    else:
+        raise AssertionError("the big request never ran")
+    # b's requests kept being admitted while a's waited (no head-of-line
+    # blocking across clients); a's ran once its patience (64 steps in which
+    # it did not fit) was spent and b's running requests had finished.
+    assert len(started) > 4
+    assert 64 <= step <= 64 + 20, step

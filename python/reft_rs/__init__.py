@@ -27,6 +27,7 @@ from ._core import FORMAT_VERSION, MASKED, __version__
 from .config import InterventionConfig, ReftConfig
 from .engine import Engine
 from .errors import (
+    BusyError,
     CheckpointError,
     CheckpointIOError,
     CheckpointNotFoundError,
@@ -144,6 +145,7 @@ __all__ = [
     "UnsupportedModelError",
     "InvalidArgumentError",
     "TokenizerError",
+    "BusyError",
     "EngineError",
     "DatasetError",
 ]

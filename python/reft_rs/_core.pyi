@@ -175,7 +175,12 @@ _Event = tuple[int, int | None, str | None, str | None, npt.NDArray[np.float32] 
 @final
 class Scheduler:
     def __new__(
-        cls, engine: Engine, max_batch: int, kv_cache_bytes: int, max_prefill_tokens: int
+        cls,
+        engine: Engine,
+        max_batch: int,
+        kv_cache_bytes: int,
+        max_prefill_tokens: int,
+        max_waiting: int,
     ) -> Scheduler: ...
     def submit(
         self,
@@ -183,6 +188,7 @@ class Scheduler:
         options: _GenerateArgs,
         adapter: str | None = None,
         return_logits: bool = False,
+        client: str | None = None,
     ) -> int: ...
     def cancel(self, id: int) -> None: ...
     def step(self) -> list[_Event]: ...
@@ -193,7 +199,7 @@ class Scheduler:
     def load(self) -> tuple[int, int, int]: ...
     def kv_bytes(self, tokens: int) -> int: ...
     @property
-    def limits(self) -> tuple[int, int, int]: ...
+    def limits(self) -> tuple[int, int, int, int]: ...
 
 @final
 class TokenStream:

@@ -36,6 +36,7 @@ __all__ = [
     "InvalidArgumentError",
     "TokenizerError",
     "EngineError",
+    "BusyError",
     "DatasetError",
 ]
 
@@ -145,6 +146,11 @@ class TokenizerError(ReftError, ValueError):
 
 class EngineError(ReftError, RuntimeError):
     """The engine's tensor backend failed (a bug, or memory exhausted)."""
+
+
+class BusyError(ReftError, RuntimeError):
+    """Work refused for now because too much is queued already (a
+    scheduler's ``max_waiting``); retrying later may succeed."""
 
 
 class DatasetError(ReftError, ValueError):

@@ -67,6 +67,13 @@ class Scheduler:
         kv_cache_bytes: The same budget in bytes (overrides ``kv_cache_mib``).
         max_prefill_tokens: Most prompt tokens prefilled in one step, so
             long prompts do not stall the decoding of the others for long.
+        max_waiting: Most requests waiting for a place; :meth:`submit`
+            refuses more with ``BusyError``.
+
+    Admission is fair between clients (``client=`` of :meth:`submit`): they
+    take turns, a request that does not fit holds back only its own
+    client's later ones, and one passed over for 64 steps holds back every
+    admission until it fits.
 
     :meth:`submit` and :meth:`cancel` return at once, even while another
     thread is inside :meth:`step`; :meth:`step` releases the interpreter.
@@ -80,6 +87,7 @@ class Scheduler:
         kv_cache_mib: int = 2048,
         kv_cache_bytes: int | None = None,
         max_prefill_tokens: int = 2048,
+        max_waiting: int = 4096,
     ) -> None:
         if not isinstance(engine, Engine):
             raise TypeError(f"engine must be a reft_rs.Engine, found {type(engine).__name__}")
@@ -93,6 +101,7 @@ class Scheduler:
                 else _count("kv_cache_bytes", kv_cache_bytes, 1)
             ),
             _count("max_prefill_tokens", max_prefill_tokens, 1),
+            _count("max_waiting", max_waiting, 1),
         )
 
     def submit(
@@ -110,6 +119,7 @@ class Scheduler:
         ignore_eos: bool = False,
         return_logits: bool = False,
         strength: float = 1.0,
+        client: str | None = None,
     ) -> int:
         """Queues a request for ``prompt`` (token ids); returns its id.
 
@@ -117,8 +127,10 @@ class Scheduler:
         loaded adapter (``None``: the engine's own checkpoint, if any). Bad
         input is refused here, with nothing queued: an empty prompt, a token
         outside the vocabulary, a prompt longer than the model's context, an
-        unknown adapter, bad sampling settings. ``strength`` scales the
-        edits, h + α·(Φ(h) − h), this request alone.
+        unknown adapter, bad sampling settings; ``BusyError`` when
+        ``max_waiting`` requests wait already. ``strength`` scales the
+        edits, h + α·(Φ(h) − h), this request alone. ``client`` names the
+        sender (a user, an address) for fair admission.
         """
         options = Engine._options(
             max_new_tokens,
@@ -131,8 +143,10 @@ class Scheduler:
             ignore_eos,
             strength,
         )
+        if client is not None and not isinstance(client, str):
+            raise TypeError(f"client must be a string or None, found {type(client).__name__}")
         return self._scheduler.submit(
-            _token_ids("prompt", prompt), options, _adapter_name(adapter), bool(return_logits)
+            _token_ids("prompt", prompt), options, _adapter_name(adapter), bool(return_logits), client
         )
 
     def cancel(self, request_id: int) -> None:
@@ -156,8 +170,14 @@ class Scheduler:
         return self._scheduler.has_work
 
     @property
+    def load(self) -> tuple[int, int, int]:
+        """``(waiting, running, reserved_bytes)`` at once, without waiting
+        for a step that is computing."""
+        return self._scheduler.load
+
+    @property
     def waiting(self) -> int:
-        """Requests queued for a place (as of the last step)."""
+        """Requests queued for a place (submitted since the last step included)."""
         return self._scheduler.load[0]
 
     @property
@@ -177,6 +197,10 @@ class Scheduler:
     @property
     def kv_cache_bytes(self) -> int:
         return self._scheduler.limits[1]
+
+    @property
+    def max_waiting(self) -> int:
+        return self._scheduler.limits[3]
 
     def kv_bytes(self, tokens: int) -> int:
         """Bytes of key/value cache that a sequence of ``tokens`` tokens holds."""

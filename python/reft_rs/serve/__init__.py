@@ -17,10 +17,10 @@ from __future__ import annotations
 from ..errors import MissingDependencyError
 
 try:
-    from .app import create_app
+    from .app import Limits, create_app, is_loopback
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise MissingDependencyError(
         f"reft_rs.serve needs Starlette and uvicorn ({error.name} is missing): pip install 'reft-rs[serve]'"
     ) from None
 
-__all__ = ["create_app"]
+__all__ = ["Limits", "create_app", "is_loopback"]

@@ -15,6 +15,8 @@ __all__ = ["ApiError", "Sampling", "parse_sampling", "parse_prompts", "parse_mes
 
 #: Most stop strings per request (OpenAI's limit).
 MAX_STOP = 4
+#: Longest stop string, in characters.
+MAX_STOP_CHARS = 256
 #: Most prompts in one completion request.
 MAX_PROMPTS = 64
 
@@ -30,10 +32,12 @@ class ApiError(Exception):
         param: str | None = None,
         code: str | None = None,
         kind: str | None = None,
+        retry_after: int | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.retry_after = retry_after
         self.param = param
         self.code = code
         self.kind = kind or {
@@ -41,6 +45,7 @@ class ApiError(Exception):
             403: "permission_error",
             404: "not_found_error",
             409: "conflict_error",
+            429: "rate_limit_error",
         }.get(status, "invalid_request_error" if status < 500 else "server_error")
 
     def body(self) -> dict[str, Any]:
@@ -157,6 +162,8 @@ def parse_sampling(body: dict[str, Any], *, default_max_tokens: int, chat: bool)
         raise bad("stop must be a string or a list of strings", "stop")
     if len(stops) > MAX_STOP:
         raise bad(f"at most {MAX_STOP} stop strings, found {len(stops)}", "stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise bad(f"a stop string may hold at most {MAX_STOP_CHARS} characters", "stop")
     stops = [s for s in stops if s]
     stream_options = body.get("stream_options")
     if stream_options is not None and not isinstance(stream_options, dict):

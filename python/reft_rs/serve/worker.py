@@ -10,14 +10,20 @@ frees its place in the batch at the next step.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..engine import Engine
 from ..scheduler import Event, Scheduler
 
-__all__ = ["Worker"]
+__all__ = ["Worker", "WorkerStopped"]
+
+
+class WorkerStopped(RuntimeError):
+    """The generation thread is not running: nothing can be submitted."""
 
 
 class Worker:
@@ -25,10 +31,15 @@ class Worker:
 
     Args:
         scheduler: The scheduler (and through it the engine) to drive.
+        on_failure: Called with the error, on this thread, if stepping
+            fails; every waiting request gets an error event first.
     """
 
-    def __init__(self, scheduler: Scheduler) -> None:
+    def __init__(
+        self, scheduler: Scheduler, on_failure: Callable[[BaseException], None] | None = None
+    ) -> None:
         self.scheduler = scheduler
+        self.on_failure = on_failure
         self.engine: Engine = scheduler.engine
         self._lock = threading.Lock()
         self._sinks: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Event]]] = {}
@@ -63,6 +74,8 @@ class Worker:
         # Registered under the lock that routing takes, so no event of the
         # request can arrive before its queue exists.
         with self._lock:
+            if self.failure is not None or not self._thread.is_alive():
+                raise WorkerStopped("the generation thread stopped")
             request_id = self.scheduler.submit(prompt, **options)
             self._sinks[request_id] = (loop, queue)
         return request_id, queue
@@ -96,9 +109,15 @@ class Worker:
                                 self._sinks.pop(event.id, None)
                                 self.scheduler.cancel(event.id)
         except BaseException as error:  # noqa: BLE001 - reported to every waiting request
-            self.failure = error
+            logging.getLogger("reft_rs.serve").critical("the generation thread stopped", exc_info=error)
             with self._lock:
+                # Set under the lock: a submit after it sees the failure and
+                # refuses, one before it has its sink answered here.
+                self.failure = error
                 for request_id, (loop, queue) in self._sinks.items():
                     event = Event(request_id, None, "error", f"the scheduler stopped: {error}")
-                    loop.call_soon_threadsafe(queue.put_nowait, event)
+                    with contextlib.suppress(RuntimeError):  # its loop has closed
+                        loop.call_soon_threadsafe(queue.put_nowait, event)
                 self._sinks.clear()
+            if self.on_failure is not None:
+                self.on_failure(error)

@@ -154,6 +154,10 @@ pub enum Error {
     /// The tensor backend failed.
     #[error("engine: {0}")]
     Backend(String),
+
+    /// The work is refused for now: too much is queued already.
+    #[error("busy: {0}")]
+    Busy(String),
 }
 
 /// The broad class of an [`Error`], used by bindings to pick an exception type.
@@ -194,6 +198,8 @@ pub enum ErrorKind {
     Tokenizer,
     /// Tensor backend failure.
     Backend,
+    /// Too much work queued; retry later.
+    Busy,
 }
 
 impl Error {
@@ -219,6 +225,7 @@ impl Error {
             Error::InvalidArgument(_) => ErrorKind::InvalidArgument,
             Error::Tokenizer(_) => ErrorKind::Tokenizer,
             Error::Backend(_) => ErrorKind::Backend,
+            Error::Busy(_) => ErrorKind::Busy,
         }
     }
 

@@ -231,14 +231,17 @@ impl PyEngine {
     #[pyo3(signature = (messages_json, add_generation_prompt=true))]
     fn apply_chat_template(
         &self,
+        py: Python<'_>,
         messages_json: &str,
         add_generation_prompt: bool,
     ) -> PyResult<String> {
         let messages: serde_json::Value = serde_json::from_str(messages_json)
             .map_err(|e| pyo3::exceptions::PyValueError::new_err(format!("messages: {e}")))?;
-        self.text()
-            .and_then(|t| t.render_chat(&messages, add_generation_prompt))
-            .into_py_result()
+        crate::errors::detach(py, || {
+            self.text()
+                .and_then(|t| t.render_chat(&messages, add_generation_prompt))
+        })
+        .into_py_result()
     }
 
     /// `(model_type, hidden_size, num_hidden_layers, vocab_size, quantized)`.
@@ -362,6 +365,7 @@ impl PyScheduler {
         max_batch: usize,
         kv_cache_bytes: usize,
         max_prefill_tokens: usize,
+        max_waiting: usize,
     ) -> PyResult<Self> {
         let scheduler = Scheduler::new(
             Arc::clone(&engine.inner),
@@ -369,6 +373,7 @@ impl PyScheduler {
                 max_batch,
                 kv_cache_bytes,
                 max_prefill_tokens,
+                max_waiting,
             },
         )
         .into_py_result()?;
@@ -378,13 +383,14 @@ impl PyScheduler {
     }
 
     /// Queues a request; returns its id.
-    #[pyo3(signature = (prompt, options, adapter=None, return_logits=false))]
+    #[pyo3(signature = (prompt, options, adapter=None, return_logits=false, client=None))]
     fn submit(
         &self,
         prompt: Vec<u32>,
         options: OptionArgs,
         adapter: Option<String>,
         return_logits: bool,
+        client: Option<String>,
     ) -> PyResult<u64> {
         self.inner
             .submit(Request {
@@ -392,6 +398,7 @@ impl PyScheduler {
                 adapter,
                 options: self::options(options),
                 return_logits,
+                client,
             })
             .into_py_result()
     }
@@ -441,11 +448,16 @@ impl PyScheduler {
         self.inner.kv_bytes(tokens)
     }
 
-    /// `(max_batch, kv_cache_bytes, max_prefill_tokens)`.
+    /// `(max_batch, kv_cache_bytes, max_prefill_tokens, max_waiting)`.
     #[getter]
-    fn limits(&self) -> (usize, usize, usize) {
+    fn limits(&self) -> (usize, usize, usize, usize) {
         let o = self.inner.options();
-        (o.max_batch, o.kv_cache_bytes, o.max_prefill_tokens)
+        (
+            o.max_batch,
+            o.kv_cache_bytes,
+            o.max_prefill_tokens,
+            o.max_waiting,
+        )
     }
 }
 

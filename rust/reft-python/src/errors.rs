@@ -28,6 +28,7 @@ fn class_name(kind: ErrorKind) -> &'static str {
         ErrorKind::InvalidArgument => "InvalidArgumentError",
         ErrorKind::Tokenizer => "TokenizerError",
         ErrorKind::Backend => "EngineError",
+        ErrorKind::Busy => "BusyError",
     }
 }
 

@@ -487,8 +487,8 @@ mod x86 {
             for c in 0..C {
                 let row = first + c;
                 let sums = &x.sums[row * k / GROUP..(row + 1) * k / GROUP];
-                out[c] = _mm512_reduce_add_ps(_mm512_add_ps(acc[c][0], acc[c][1]))
-                    + offsets(u, sums);
+                out[c] =
+                    _mm512_reduce_add_ps(_mm512_add_ps(acc[c][0], acc[c][1])) + offsets(u, sums);
             }
             out
         }

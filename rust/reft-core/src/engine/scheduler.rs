@@ -1,15 +1,23 @@
 //! Continuous batching: requests join and leave a running batch at token
 //! boundaries, each with its own adapter (or none), options and KV cache.
 //!
-//! [`Scheduler::submit`] and [`Scheduler::cancel`] only touch a small inbox,
-//! so they return at once even while [`Scheduler::step`] computes. Each step
-//! takes the inbox, admits waiting requests in order while the batch has
-//! room (at most `max_batch` sequences, their reserved key/value cache within
-//! `kv_cache_bytes`, at most `max_prefill_tokens` prompt tokens per step),
-//! then runs one forward pass over the prompts of the newcomers and the last
-//! token of every running sequence together, and picks each sequence's next
-//! token. A request's whole cache (prompt plus every token it may generate)
-//! is reserved when it is admitted, so a running sequence never runs out of
+//! [`Scheduler::submit`], [`Scheduler::cancel`] and [`Scheduler::load`] only
+//! touch a small inbox or counters, so they return at once even while
+//! [`Scheduler::step`] computes. At most `max_waiting` requests wait, and
+//! one client (each request names its own) holds at most half of them; a
+//! request past either is refused at `submit` ([`Error::Busy`]).
+//!
+//! Each step takes the inbox and admits waiting requests while the batch
+//! has room: at most `max_batch` sequences, their reserved key/value cache
+//! within `kv_cache_bytes`, at most `max_prefill_tokens` prompt tokens per
+//! step. Clients take turns (a client's own requests go in order); a
+//! request that does not fit holds back only its own client's, and one
+//! passed over for [`PATIENCE`] steps holds back every later admission
+//! until it fits, so no request waits for ever. Then the step runs one
+//! forward pass over the prompts of the newcomers and the last token of
+//! every running sequence together, and picks each sequence's next token.
+//! A request's whole cache (prompt plus every token it may generate) is
+//! reserved when it is admitted, so a running sequence never runs out of
 //! memory; a request larger than the whole budget is refused at `submit`.
 //!
 //! Rows of one call are independent: each sequence attends only to its own
@@ -17,8 +25,8 @@
 //! sampling from its own generator seeded by its request, so a sequence gets
 //! the same tokens in any batch as it gets alone.
 
-use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -41,6 +49,9 @@ pub struct Request {
     /// Report the logits each token was chosen from (for checks; costs a
     /// copy of the vocabulary per token).
     pub return_logits: bool,
+    /// Who sent it (a user, an address): clients take turns at admission.
+    /// `None` is one client of its own.
+    pub client: Option<String>,
 }
 
 /// Why a sequence ended.
@@ -92,6 +103,8 @@ pub struct SchedulerOptions {
     /// Most prompt tokens prefilled in one step (a longer prompt still runs,
     /// alone among the newcomers of its step).
     pub max_prefill_tokens: usize,
+    /// Most requests waiting for a place; `submit` refuses more.
+    pub max_waiting: usize,
 }
 
 impl Default for SchedulerOptions {
@@ -100,6 +113,7 @@ impl Default for SchedulerOptions {
             max_batch: 32,
             kv_cache_bytes: 2 << 30,
             max_prefill_tokens: 2048,
+            max_waiting: 4096,
         }
     }
 }
@@ -115,7 +129,14 @@ struct Waiting {
     max_new: usize,
     /// Key/value cache it reserves.
     bytes: usize,
+    client: Option<String>,
+    /// Steps in which it was next for its client and did not fit.
+    passed_over: usize,
 }
+
+/// Steps a request may be passed over (it did not fit while others were
+/// admitted) before every other admission waits for it.
+pub const PATIENCE: usize = 64;
 
 /// A sequence in the batch.
 struct Running {
@@ -131,6 +152,8 @@ struct Running {
 struct Inbox {
     new: Vec<Waiting>,
     cancel: Vec<u64>,
+    /// Requests of each client submitted and not yet admitted or ended.
+    per_client: HashMap<Option<String>, usize>,
 }
 
 #[derive(Default)]
@@ -138,6 +161,10 @@ struct State {
     waiting: VecDeque<Waiting>,
     running: Vec<Running>,
     reserved: usize,
+    /// The admission count at each client's last admission (turns go to
+    /// the client served longest ago).
+    served: HashMap<Option<String>, u64>,
+    admitted: u64,
 }
 
 /// Continuous batching over one [`Engine`] (see the module documentation).
@@ -150,6 +177,12 @@ pub struct Scheduler {
     next_id: AtomicU64,
     /// Whether sequences are waiting or running (so `wait` need not lock `state`).
     busy: AtomicBool,
+    /// `(waiting, running, reserved)` as of the last step, and the requests
+    /// submitted since (so `load` and `submit` need not lock `state`).
+    waiting: AtomicUsize,
+    running: AtomicUsize,
+    reserved: AtomicUsize,
+    queued: AtomicUsize,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -159,9 +192,9 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Scheduler {
     /// A scheduler with nothing to do yet.
     pub fn new(engine: Arc<Engine>, options: SchedulerOptions) -> Result<Self> {
-        if options.max_batch == 0 || options.max_prefill_tokens == 0 {
+        if options.max_batch == 0 || options.max_prefill_tokens == 0 || options.max_waiting == 0 {
             return Err(Error::InvalidArgument(
-                "max_batch and max_prefill_tokens must be at least 1".into(),
+                "max_batch, max_prefill_tokens and max_waiting must be at least 1".into(),
             ));
         }
         if options.kv_cache_bytes == 0 {
@@ -177,6 +210,10 @@ impl Scheduler {
             state: Mutex::default(),
             next_id: AtomicU64::new(0),
             busy: AtomicBool::new(false),
+            waiting: AtomicUsize::new(0),
+            running: AtomicUsize::new(0),
+            reserved: AtomicUsize::new(0),
+            queued: AtomicUsize::new(0),
         })
     }
 
@@ -202,13 +239,15 @@ impl Scheduler {
     /// Checks `request` and queues it; returns its id. Fails at once, with
     /// nothing queued, for an empty prompt, a token outside the vocabulary,
     /// a prompt longer than the model's context, bad sampling settings, an
-    /// unknown adapter, or a request whose cache exceeds the whole budget.
+    /// unknown adapter, or a request whose cache exceeds the whole budget;
+    /// and with [`Error::Busy`] when `max_waiting` requests wait already.
     pub fn submit(&self, request: Request) -> Result<u64> {
         let Request {
             prompt,
             adapter,
             options,
             return_logits,
+            client,
         } = request;
         options.sampling.validate()?;
         if !options.strength.is_finite() {
@@ -251,8 +290,24 @@ impl Scheduler {
                 self.options.kv_cache_bytes >> 20
             )));
         }
+        let mut inbox = lock(&self.inbox);
+        let waiting = self.waiting.load(Ordering::Acquire) + inbox.new.len();
+        if waiting >= self.options.max_waiting {
+            return Err(Error::Busy(format!(
+                "{waiting} requests are waiting already, the most the scheduler queues"
+            )));
+        }
+        // One client may fill half the queue, so others always find room.
+        let share = self.options.max_waiting.div_ceil(2);
+        let mine = inbox.per_client.get(&client).copied().unwrap_or(0);
+        if mine >= share {
+            return Err(Error::Busy(format!(
+                "this client has {mine} requests waiting already, the most one client may queue"
+            )));
+        }
+        *inbox.per_client.entry(client.clone()).or_insert(0) += 1;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        lock(&self.inbox).new.push(Waiting {
+        inbox.new.push(Waiting {
             id,
             prompt,
             set,
@@ -260,7 +315,11 @@ impl Scheduler {
             return_logits,
             max_new,
             bytes,
+            client,
+            passed_over: 0,
         });
+        self.queued.store(inbox.new.len(), Ordering::Release);
+        drop(inbox);
         self.signal.notify_all();
         Ok(id)
     }
@@ -295,10 +354,15 @@ impl Scheduler {
         !inbox.new.is_empty() || !inbox.cancel.is_empty() || self.busy.load(Ordering::Acquire)
     }
 
-    /// `(waiting, running, reserved cache bytes)` as of the last step.
+    /// `(waiting, running, reserved cache bytes)`: running and reserved as
+    /// of the last step, waiting counting the requests submitted since.
+    /// Takes no lock that a step holds.
     pub fn load(&self) -> (usize, usize, usize) {
-        let state = lock(&self.state);
-        (state.waiting.len(), state.running.len(), state.reserved)
+        (
+            self.waiting.load(Ordering::Acquire) + self.queued.load(Ordering::Acquire),
+            self.running.load(Ordering::Acquire),
+            self.reserved.load(Ordering::Acquire),
+        )
     }
 
     /// Takes in new requests and cancellations, admits what fits, runs one
@@ -307,66 +371,139 @@ impl Scheduler {
         let mut state = lock(&self.state);
         let state = &mut *state;
         let mut events = Vec::new();
-        let (new, cancel) = {
+        let mut departed = Vec::new();
+        let cancel = {
             let mut inbox = lock(&self.inbox);
-            (
+            let taken = (
                 std::mem::take(&mut inbox.new),
                 std::mem::take(&mut inbox.cancel),
-            )
+            );
+            state.waiting.extend(taken.0);
+            self.publish(state);
+            taken.1
         };
-        state.waiting.extend(new);
-        for id in cancel {
+        if !cancel.is_empty() {
+            // One pass over the queue and the batch, however many ids.
+            let cancel: HashSet<u64> = cancel.into_iter().collect();
             let cancelled = |id| Event {
                 id,
                 token: None,
                 finish: Some(Finish::Cancelled),
                 logits: None,
             };
-            if let Some(i) = state.waiting.iter().position(|w| w.id == id) {
-                state.waiting.remove(i);
-                events.push(cancelled(id));
-            } else if let Some(i) = state.running.iter().position(|r| r.request.id == id) {
-                let gone = state.running.remove(i);
-                state.reserved -= gone.request.bytes;
-                events.push(cancelled(id));
+            state.waiting.retain(|w| {
+                let keep = !cancel.contains(&w.id);
+                if !keep {
+                    events.push(cancelled(w.id));
+                    departed.push(w.client.clone());
+                }
+                keep
+            });
+            let mut freed = 0;
+            state.running.retain(|r| {
+                let keep = !cancel.contains(&r.request.id);
+                if !keep {
+                    freed += r.request.bytes;
+                    events.push(cancelled(r.request.id));
+                }
+                keep
+            });
+            state.reserved -= freed;
+        }
+        self.admit(state, &mut events, &mut departed);
+        if !departed.is_empty() {
+            let mut inbox = lock(&self.inbox);
+            for client in departed {
+                if let Some(count) = inbox.per_client.get_mut(&client) {
+                    *count -= 1;
+                    if *count == 0 {
+                        inbox.per_client.remove(&client);
+                    }
+                }
             }
         }
-        self.admit(state, &mut events);
+        self.publish(state);
         if !state.running.is_empty() {
             self.decode(state, &mut events);
         }
+        self.publish(state);
+        Ok(events)
+    }
+
+    /// The counters `load`, `wait` and `submit` read without the state's lock.
+    fn publish(&self, state: &State) {
+        self.waiting.store(state.waiting.len(), Ordering::Release);
+        self.queued.store(0, Ordering::Release);
+        self.running.store(state.running.len(), Ordering::Release);
+        self.reserved.store(state.reserved, Ordering::Release);
         self.busy.store(
             !state.running.is_empty() || !state.waiting.is_empty(),
             Ordering::Release,
         );
-        Ok(events)
     }
 
-    fn admit(&self, state: &mut State, events: &mut Vec<Event>) {
+    /// Admits what fits; `departed` gets the client of each request that
+    /// leaves the queue.
+    fn admit(
+        &self,
+        state: &mut State,
+        events: &mut Vec<Event>,
+        departed: &mut Vec<Option<String>>,
+    ) {
         let layers = self.engine.config().num_hidden_layers;
         let width = self.engine.model.kv_width();
-        let mut prefill = 0;
-        while let Some(front) = state.waiting.front() {
-            if front.max_new == 0 {
-                let done = state.waiting.pop_front().expect("a front");
+        // Requests with nothing to generate end at once.
+        state.waiting.retain(|w| {
+            if w.max_new == 0 {
                 events.push(Event {
-                    id: done.id,
+                    id: w.id,
                     token: None,
                     finish: Some(Finish::Length),
                     logits: None,
                 });
-                continue;
+                departed.push(w.client.clone());
             }
+            w.max_new > 0
+        });
+        let mut prefill = 0;
+        let mut blocked: HashSet<Option<String>> = HashSet::new();
+        loop {
+            // Each client's first waiting request, the client served longest
+            // ago first (then the older request).
+            let mut seen = HashSet::new();
+            let mut fronts: Vec<(u64, usize)> = Vec::new();
+            for (at, w) in state.waiting.iter().enumerate() {
+                if !blocked.contains(&w.client) && seen.insert(&w.client) {
+                    let last = state.served.get(&w.client).copied().unwrap_or(0);
+                    fronts.push((last, at));
+                }
+            }
+            let Some(&(_, at)) = fronts.iter().min() else {
+                break;
+            };
+            let front = &state.waiting[at];
             let fits = state.running.len() < self.options.max_batch
                 && state.reserved + front.bytes <= self.options.kv_cache_bytes
                 && (prefill == 0
                     || prefill + front.prompt.len() <= self.options.max_prefill_tokens);
             if !fits {
-                break;
+                if state.running.len() >= self.options.max_batch {
+                    break;
+                }
+                let front = &mut state.waiting[at];
+                front.passed_over += 1;
+                if front.passed_over > PATIENCE {
+                    break; // everyone waits until it fits
+                }
+                blocked.insert(front.client.clone());
+                continue;
             }
-            let request = state.waiting.pop_front().expect("a front");
+            let request = state.waiting.remove(at).expect("a front");
+            departed.push(request.client.clone());
             prefill += request.prompt.len();
             state.reserved += request.bytes;
+            state.admitted += 1;
+            state.served.insert(request.client.clone(), state.admitted);
             let capacity = request.prompt.len() + request.max_new;
             state.running.push(Running {
                 cache: SeqCache::new(layers, width, capacity),
@@ -375,6 +512,12 @@ impl Scheduler {
                 next: None,
                 request,
             });
+        }
+        // Clients with nothing waiting need no turn kept.
+        if state.served.len() > 2 * state.waiting.len() + 64 {
+            let waiting: HashSet<&Option<String>> =
+                state.waiting.iter().map(|w| &w.client).collect();
+            state.served.retain(|c, _| waiting.contains(c));
         }
     }
 
@@ -493,7 +636,12 @@ impl Scheduler {
             let mut finish = None;
             if !options.stop.is_empty() {
                 if let Some(text) = engine.text() {
-                    match text.decode(&seq.generated) {
+                    // A stop string that ends in the new token lies within
+                    // the last `longest` tokens (each gives a byte or more);
+                    // a few more keep the window's first token out of it.
+                    let longest = options.stop.iter().map(String::len).max().unwrap_or(0);
+                    let from = seq.generated.len().saturating_sub(longest + 4);
+                    match text.decode(&seq.generated[from..]) {
                         Ok(decoded)
                             if options.stop.iter().any(|s| decoded.contains(s.as_str())) =>
                         {
@@ -561,6 +709,7 @@ impl Session {
                 max_batch: n,
                 kv_cache_bytes: usize::MAX,
                 max_prefill_tokens: usize::MAX,
+                max_waiting: usize::MAX,
             },
         )?;
         let mut adapters = adapters.into_iter();
@@ -574,6 +723,7 @@ impl Session {
                         adapter: adapters.next().flatten(),
                         options: options.clone(),
                         return_logits: false,
+                        client: None,
                     })
                     .map_err(|e| match e {
                         Error::InvalidArgument(m) if n > 1 => {
