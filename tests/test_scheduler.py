@@ -395,7 +395,7 @@ def test_a_request_that_does_not_fit_holds_back_only_its_client_until_its_patien
     scheduler.step()
     big = scheduler.submit(prompt * 8, 5, ignore_eos=True, client="a")
     started = set()  # b's requests admitted while a's waited
-    for step in range(400):
+    for step in range(400):  # noqa: B007 (read after the loop)
         while len(mine) < 2:  # b keeps two requests in flight: the budget is never free
             mine.add(scheduler.submit(prompt, 20, ignore_eos=True, client="b"))
         events = scheduler.step()

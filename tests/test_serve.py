@@ -12,6 +12,7 @@ import concurrent.futures
 import http.client
 import json
 import os
+import shutil
 import socket
 import threading
 import time
@@ -513,3 +514,73 @@ def test_the_strength_field_scales_a_request_edits(server, setup):
             assert status == 200
         else:
             assert status == 400 and body["error"]["param"] == "strength", (bad, body)
+
+
+def test_control_vectors_load_at_run_time_and_steer_only_their_requests(server, setup, tmp_path):
+    """llama.cpp control-vector files (written as repeng writes them) served
+    as adapters: requests with vector a, vector b and none share batches,
+    and each gets what an engine loaded with that vector alone gives."""
+    import numpy as np
+
+    gguf = pytest.importorskip("gguf")
+    from reft_rs import control_vector
+
+    hidden = server.engine.hidden_size
+    rng = np.random.default_rng(7)
+    folder = setup.adapters / "vectors"
+    folder.mkdir(exist_ok=True)
+    vectors = {
+        "a": {1: 4 * rng.normal(size=hidden), 2: 4 * rng.normal(size=hidden)},
+        "b": {1: 4 * rng.normal(size=hidden)},
+    }
+    for name, directions in vectors.items():
+        writer = gguf.GGUFWriter(str(folder / f"{name}.gguf"), "controlvector")
+        writer.add_string("controlvector.model_hint", "llama")
+        writer.add_uint32("controlvector.layer_count", len(directions))
+        for layer, vector in directions.items():
+            writer.add_tensor(f"direction.{layer}", np.asarray(vector, dtype=np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    for name in vectors:
+        status, reply = raw(
+            server, "POST", "/v1/adapters", {"name": f"cv-{name}", "path": f"vectors/{name}.gguf"}
+        )
+        assert status == 201 and reply["parent"] == "tiny", reply
+    try:
+        alone = {None: reference(setup, None)}
+        for name in vectors:
+            control_vector.import_control_vector(
+                folder / f"{name}.gguf",
+                tmp_path / name,
+                base_model={"hidden_size": hidden, "num_hidden_layers": server.engine.num_hidden_layers},
+            )
+            alone[f"cv-{name}"] = reft_rs.Engine(setup.model, reft=tmp_path / name)
+        jobs = [(model, prompt) for prompt in PROMPTS for model in ("cv-a", "cv-b", "tiny")] * 2
+        api = client(server)
+
+        def ask(job):
+            model, prompt = job
+            return (
+                api.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0)
+                .choices[0]
+                .text
+            )
+
+        with concurrent.futures.ThreadPoolExecutor(9) as pool:
+            replies = list(pool.map(ask, jobs))
+        for (model, prompt), text in zip(jobs, replies):
+            engine = alone[None if model == "tiny" else model]
+            assert text == engine.generate(prompt, 8)[0], (model, prompt)
+        assert any(
+            alone["cv-a"].generate(p, 8)[0] != alone[None].generate(p, 8)[0] for p in PROMPTS
+        )  # the vector steers
+        # A file that is not a control vector is refused in OpenAI's body.
+        (folder / "model.gguf").write_bytes(b"GGUF" + bytes(60))
+        status, reply = raw(server, "POST", "/v1/adapters", {"name": "x", "path": "vectors/model.gguf"})
+        assert status == 400 and "error" in reply
+    finally:
+        for name in vectors:
+            raw(server, "DELETE", f"/v1/adapters/cv-{name}")
+        shutil.rmtree(folder)

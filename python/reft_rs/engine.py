@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -157,6 +158,13 @@ class Engine:
     def add_adapter(self, name: str, path: str | os.PathLike[str]) -> None:
         """Loads the reft_rs checkpoint at ``path`` as adapter ``name``.
 
+        ``path`` may also be a llama.cpp control-vector file (``.gguf``,
+        needs the ``gguf`` package): its directions become ``steer`` edits
+        on this model, as :func:`reft_rs.control_vector.import_control_vector`
+        writes them, so one request can be steered by it while the next uses
+        another vector or none (llama.cpp applies one vector to every
+        request).
+
         Calls that pass ``adapter=name`` run with it from then on, beside
         calls with other adapters or none. Refused (``IncompatibleModelError``)
         for a checkpoint trained on another model, and for a name already
@@ -164,7 +172,21 @@ class Engine:
         """
         if not isinstance(name, str):
             raise InvalidArgumentError(f"adapter name must be a string, found {type(name).__name__}")
-        self._engine.add_adapter(name, os.fspath(path))
+        path = os.fspath(path)
+        if os.path.isfile(path) and path.lower().endswith(".gguf"):
+            from .control_vector import import_control_vector
+
+            model = {
+                "hidden_size": self.hidden_size,
+                "num_hidden_layers": self.num_hidden_layers,
+                "model_type": self.model_type,
+            }
+            with tempfile.TemporaryDirectory() as folder:
+                converted = os.path.join(folder, "control-vector")
+                import_control_vector(path, converted, base_model=model)
+                self._engine.add_adapter(name, converted)
+            return
+        self._engine.add_adapter(name, path)
 
     def remove_adapter(self, name: str) -> None:
         """Unloads adapter ``name``; generations already running with it finish with it."""

@@ -4,7 +4,8 @@ Routes: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``,
 ``POST /v1/chat/completions`` (``stream: true`` as server-sent events ending
 with ``data: [DONE]``), and ``GET``/``POST /v1/adapters``,
 ``DELETE /v1/adapters/{name}`` to list, load and unload adapters at run
-time. A request's ``model`` picks the base model (by its served name) or an
+time (reft_rs checkpoints, or llama.cpp control-vector ``.gguf`` files:
+each request picks its own vector, or none). A request's ``model`` picks the base model (by its served name) or an
 adapter (by its name). Requests of every model share one continuously
 batched forward pass.
 
@@ -46,6 +47,7 @@ from ..errors import (
     BusyError,
     CheckpointError,
     CheckpointNotFoundError,
+    ConfigError,
     IncompatibleModelError,
     InvalidArgumentError,
     ReftError,
@@ -611,9 +613,14 @@ class _Server:
         target = (self.adapter_dir / path).resolve()
         if target != self.adapter_dir and self.adapter_dir not in target.parents:
             raise ApiError(403, f"the path {path!r} leaves the adapter folder", param="path")
-        if not target.is_dir():
-            raise ApiError(404, f"no checkpoint folder {path!r} in the adapter folder", param="path")
-        size = _folder_bytes(target)
+        vector = target.is_file() and target.suffix.lower() == ".gguf"  # a llama.cpp control vector
+        if not (target.is_dir() or vector):
+            raise ApiError(
+                404,
+                f"no checkpoint folder or control-vector .gguf {path!r} in the adapter folder",
+                param="path",
+            )
+        size = target.stat().st_size if vector else _folder_bytes(target)
         loaded = sum(self.adapter_bytes.values())
         if loaded + size > self.limits.max_adapter_bytes:
             raise ApiError(
@@ -628,7 +635,7 @@ class _Server:
             await asyncio.to_thread(self.engine.add_adapter, name, target)
         except CheckpointNotFoundError as error:
             raise ApiError(404, f"no checkpoint at {path!r}: {public(str(error))}", param="path") from None
-        except (CheckpointError, IncompatibleModelError) as error:
+        except (CheckpointError, IncompatibleModelError, ConfigError) as error:
             raise bad(
                 f"the checkpoint {path!r} cannot be served on this model: {public(str(error))}", "path"
             ) from None
