@@ -1,31 +1,36 @@
-"""Benchmark: ``reft-rs serve`` under concurrent streaming clients.
+"""Benchmark: ``reft-rs serve`` against llama.cpp's ``llama-server``.
 
-SmolLM2-135M-Instruct, float32 and the package's Q4_1 GGUF. For 1, 8 and 32
-concurrent clients (threads of this process, each with the ``openai``
-client, ``stream=True``), every client asks for a 64-token reply (greedy,
-end-of-sequence ignored) to its own ~32-token prompt:
+SmolLM2-135M-Instruct as the package's Q4_1 GGUF and as a Q4_K_M file made
+with ``llama-quantize`` (``llamacpp_build.py``). For 1, 8 and 32 concurrent
+clients (threads of this process, each with the ``openai`` client,
+``stream=True``), each client sends ``--rounds`` requests one after
+another, each a 64-token reply (greedy, end of sequence ignored) to its own
+~32-token prompt. Every reply on both sides must hold exactly 64 tokens
+(the script stops otherwise), so both do the same work.
 
-* (a) every request on the base model;
-* (b) requests spread over 8 different LoReFT r4 adapters (4 layers, l2).
+* reft-rs serve, (a) the base model, (b) requests spread over 8 different
+  LoReFT r4 adapters (4 layers, l2), (c) requests spread over 8 different
+  llama.cpp control vectors loaded as adapters (per request);
+* llama-server (built from the ``llama-cpp-python`` sdist with this CPU's
+  flags, ``--parallel N --cont-batching -t 2``, restarted for each N),
+  (a) the base model, (c) one global ``--control-vector`` (llama.cpp applies
+  one vector to every request).
 
 Per row: aggregate tokens per second (all replies' tokens over the wall
-time), time to first token and the gap between tokens (p50 and p99). The
-baselines, from the same run: (b) against (a) at each concurrency (target
->= 0.9), and at 32 clients the server against the offline
-``Engine.generate_ids`` at batch 32 on the same prompts (target >= 0.8).
-When ``llama-cpp-python[server]`` is installed, its server on the same GGUF
-file is measured beside it (base model only: it has no ReFT).
+time), time to first token and the gap between tokens (p50 and p99).
+Targets, from the same run: reft-rs with 8 adapters >= 1.0x llama-server on
+the base model and >= 1.0x llama-server with its control vector, and time
+to first token p50 <= llama-server's, at every concurrency.
 
-The server runs as ``reft-rs serve`` in a child process on 127.0.0.1.
+Both servers run as child processes on 127.0.0.1.
 
-    python benches/bench_serve.py [--threads 2] [--clients 1 8 32] [--rounds 1]
+    python benches/bench_serve.py [--threads 2] [--clients 1 8 32] [--rounds 2] [--files q4_1 q4_k_m]
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import importlib.util
 import os
 import socket
 import statistics
@@ -66,6 +71,29 @@ def make_adapters(root: str) -> list[str]:
                 intervention.weight.mul_(4)
         path = os.path.join(root, f"loreft{seed}")
         reft_model.save_pretrained(path)
+        paths.append(path)
+    return paths
+
+
+def make_control_vectors(root: str, hidden: int, count: int = ADAPTERS) -> list[str]:
+    """Control-vector files laid out as repeng writes them (``direction.N``
+    for layers 6 to 20), small random directions."""
+    import gguf
+    import numpy as np
+
+    paths = []
+    for seed in range(count):
+        rng = np.random.default_rng(seed)
+        path = os.path.join(root, f"vector{seed}.gguf")
+        writer = gguf.GGUFWriter(path, "controlvector")
+        writer.add_string("controlvector.model_hint", "llama")
+        writer.add_uint32("controlvector.layer_count", 15)
+        for layer in range(6, 21):
+            writer.add_tensor(f"direction.{layer}", (0.05 * rng.normal(size=hidden)).astype(np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
         paths.append(path)
     return paths
 
@@ -121,13 +149,14 @@ def one_request(api, model: str, text: str, extra: dict) -> tuple[float, list[fl
         temperature=0,
         stream=True,
         stream_options={"include_usage": True},
-        extra_body=extra,
+        extra_body={"ignore_eos": True, **extra},
     ):
         if chunk.choices and chunk.choices[0].text:
             stamps.append(time.perf_counter())
         if chunk.usage is not None:
             tokens = chunk.usage.completion_tokens
-    tokens = tokens or len(stamps)
+    if tokens != NEW:
+        raise SystemExit(f"a reply from {model} held {tokens} tokens, not {NEW}: the sides would not compare")
     ttft = stamps[0] - start if stamps else float("nan")
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
     return ttft, gaps, tokens
@@ -156,6 +185,8 @@ def load(port: int, models: list[str], clients: int, rounds: int, extra: dict) -
     def pct(values: list[float], q: float) -> float:
         return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
+    if tokens != NEW * clients * rounds:
+        raise SystemExit(f"{tokens} tokens came back, not {NEW * clients * rounds}")
     return {
         "tok_s": tokens / wall,
         "ttft_p50": statistics.median(ttfts),
@@ -166,19 +197,11 @@ def load(port: int, models: list[str], clients: int, rounds: int, extra: dict) -
     }
 
 
-def offline(path: str, threads: int, batch: int, env: dict[str, str]) -> float:
-    """tok/s of Engine.generate_ids at ``batch`` on the benchmark's prompts."""
-    code = f"""
-import time, reft_rs
-engine = reft_rs.Engine({path!r}, threads={threads})
-prompts = [engine.encode(t) for t in {[prompt(i) for i in range(batch)]!r}]
-engine.generate_ids(prompts[:2], 4, ignore_eos=True)
-start = time.perf_counter()
-out = engine.generate_ids(prompts, {NEW}, ignore_eos=True)
-print(sum(map(len, out)) / (time.perf_counter() - start))
-"""
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
-    return float(done.stdout.strip().splitlines()[-1])
+def row(name: str, clients: int, result: dict[str, float]) -> str:
+    return (
+        f"{name:34}{clients:>8}{result['tok_s']:>9.1f}{result['ttft_p50']:>10.3f}{result['ttft_p99']:>10.3f}"
+        f"{result['gap_p50'] * 1000:>7.1f}ms{result['gap_p99'] * 1000:>7.1f}ms"
+    )
 
 
 def main() -> None:
@@ -187,20 +210,28 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--rounds", type=int, default=1, help="requests per client, one after another")
-    parser.add_argument("--models", nargs="+", default=["f32", "q4_1"], choices=["f32", "q4_1"])
+    parser.add_argument("--rounds", type=int, default=2, help="requests per client, one after another")
+    parser.add_argument("--files", nargs="+", default=["q4_1", "q4_k_m"], choices=["q4_1", "q4_k_m"])
     args = parser.parse_args()
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import llamacpp_build
 
     from reft_rs import pretrained
 
-    paths = {"f32": str(pretrained.smollm2_path()), "q4_1": str(pretrained.smollm2_gguf())}
+    bin_dir = llamacpp_build.build()
+    paths = {"q4_1": str(pretrained.smollm2_gguf())}
+    if "q4_k_m" in args.files:
+        paths["q4_k_m"] = str(llamacpp_build.smollm2_files(("Q4_K_M",))["Q4_K_M"])
     env = {**os.environ, "RAYON_NUM_THREADS": str(args.threads)}
-    has_llamacpp = importlib.util.find_spec("llama_cpp") is not None
+    print(f"CPU features: {llamacpp_build.features_label()} ({args.threads} threads)")
+    print(f"llama-server: {bin_dir} ({' '.join(llamacpp_build.cmake_flags())})")
     print(
-        f"SmolLM2-135M, {NEW}-token streamed replies to ~32-token prompts, {args.threads} threads, "
-        f"{args.rounds} request(s) per client"
+        f"SmolLM2-135M, {NEW}-token streamed replies to ~32-token prompts, "
+        f"{args.rounds} request(s) per client, every reply checked to hold {NEW} tokens"
     )
-    header = f"{'':26}{'clients':>8}{'tok/s':>9}{'TTFT p50':>10}{'TTFT p99':>10}{'gap p50':>9}{'gap p99':>9}"
+    header = f"{'':34}{'clients':>8}{'tok/s':>9}{'TTFT p50':>10}{'TTFT p99':>10}{'gap p50':>9}{'gap p99':>9}"
+    summary = []
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run(
             [sys.executable, "-c", f"import runpy; runpy.run_path({__file__!r})['make_adapters']({tmp!r})"],
@@ -208,77 +239,75 @@ def main() -> None:
             capture_output=True,
         )
         adapters = [os.path.join(tmp, f"loreft{i}") for i in range(ADAPTERS)]
-        summary = []
-        for kind in args.models:
+        vectors = make_control_vectors(tmp, 576)
+        for kind in args.files:
+            path = paths[kind]
+            rows: dict[tuple[str, int], dict[str, float]] = {}
+            print(f"\n{kind} ({os.path.basename(path)})\n{header}")
             port = free_port()
-            command = [sys.executable, "-m", "reft_rs", "serve", "--model", paths[kind], "--port", str(port)]
+            command = [sys.executable, "-m", "reft_rs", "serve", "--model", path, "--port", str(port)]
             command += ["--model-name", "base", "--threads", str(args.threads), "--log-level", "warning"]
             command += ["--max-batch", str(max(args.clients))]
-            for i, path in enumerate(adapters):
-                command += ["--adapter", f"a{i}={path}"]
-            print(f"\n{kind}\n{header}")
+            command += [f"--adapter=a{i}={p}" for i, p in enumerate(adapters)]
+            command += [f"--adapter=v{i}={p}" for i, p in enumerate(vectors)]
             server = start_server(command, port, env)
-            rows = {}
             try:
                 for clients in args.clients:
                     for scenario, models in (
                         ("base model", ["base"]),
-                        ("8 adapters", [f"a{i}" for i in range(ADAPTERS)]),
+                        ("8 LoReFT adapters", [f"a{i}" for i in range(ADAPTERS)]),
+                        ("8 control vectors", [f"v{i}" for i in range(ADAPTERS)]),
                     ):
-                        row = load(port, models, clients, args.rounds, {"ignore_eos": True})
-                        rows[scenario, clients] = row
-                        print(
-                            f"{'reft-rs ' + scenario:26}{clients:>8}{row['tok_s']:>9.1f}{row['ttft_p50']:>10.3f}"
-                            f"{row['ttft_p99']:>10.3f}{row['gap_p50'] * 1000:>7.1f}ms{row['gap_p99'] * 1000:>7.1f}ms",
-                            flush=True,
-                        )
+                        result = load(port, models, clients, args.rounds, {})
+                        rows[scenario, clients] = result
+                        print(row("reft-rs serve, " + scenario, clients, result), flush=True)
             finally:
                 stop_server(server)
-            if has_llamacpp and kind == "q4_1":
-                port = free_port()
-                command = [
-                    sys.executable,
-                    "-m",
-                    "llama_cpp.server",
-                    "--model",
-                    paths[kind],
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
-                ]
-                command += ["--n_threads", str(args.threads), "--model_alias", "base", "--n_ctx", "2048"]
-                server = start_server(command, port, env)
-                try:
-                    for clients in args.clients:
-                        row = load(port, ["base"], clients, args.rounds, {})
-                        rows["llama.cpp", clients] = row
-                        print(
-                            f"{'llama.cpp server':26}{clients:>8}{row['tok_s']:>9.1f}{row['ttft_p50']:>10.3f}"
-                            f"{row['ttft_p99']:>10.3f}{row['gap_p50'] * 1000:>7.1f}ms{row['gap_p99'] * 1000:>7.1f}ms",
-                            flush=True,
-                        )
-                finally:
-                    stop_server(server)
-            top = max(args.clients)
-            batch = offline(paths[kind], args.threads, top, env)
-            print(f"{'offline generate_ids':26}{top:>8}{batch:>9.1f}")
             for clients in args.clients:
-                ratio = rows["8 adapters", clients]["tok_s"] / rows["base model", clients]["tok_s"]
-                summary.append(
-                    f"  {kind}: {clients} clients: 8 adapters {ratio:.2f}x base model (target >= 0.9)"
+                for scenario, extra in (
+                    ("base model", []),
+                    ("1 control vector", ["--control-vector", vectors[0]]),
+                ):
+                    port = free_port()
+                    command = [
+                        str(bin_dir / "llama-server"),
+                        "-m",
+                        path,
+                        "--host",
+                        "127.0.0.1",
+                        "--port",
+                        str(port),
+                    ]
+                    command += ["-t", str(args.threads), "--parallel", str(clients), "--cont-batching"]
+                    command += ["-c", str(clients * 256), "--alias", "base", *extra]
+                    server = start_server(command, port, env)
+                    try:
+                        result = load(port, ["base"], clients, args.rounds, {})
+                    finally:
+                        stop_server(server)
+                    rows["llama-server " + scenario, clients] = result
+                    print(row("llama-server, " + scenario, clients, result), flush=True)
+            for clients in args.clients:
+                ours = rows["8 LoReFT adapters", clients]
+                for theirs in ("llama-server base model", "llama-server 1 control vector"):
+                    ratio = ours["tok_s"] / rows[theirs, clients]["tok_s"]
+                    summary.append(
+                        f"  {kind}, {clients} clients: reft-rs 8 adapters {ratio:.2f}x {theirs} (target >= 1.0)"
+                    )
+                ratio = (
+                    rows["8 control vectors", clients]["tok_s"]
+                    / rows["llama-server 1 control vector", clients]["tok_s"]
                 )
-            ratio = rows["base model", top]["tok_s"] / batch
-            summary.append(
-                f"  {kind}: {top} clients: server {ratio:.2f}x offline batch {top} (target >= 0.8)"
-            )
-            if ("llama.cpp", top) in rows:
-                ratio = rows["base model", top]["tok_s"] / rows["llama.cpp", top]["tok_s"]
-                summary.append(f"  {kind}: {top} clients: reft-rs {ratio:.2f}x llama.cpp server")
-        if not has_llamacpp:
-            summary.append("  llama.cpp: llama-cpp-python[server] is not installed; not measured")
-        print("\nratios (same run):")
-        print("\n".join(summary))
+                summary.append(
+                    f"  {kind}, {clients} clients: reft-rs 8 control vectors {ratio:.2f}x llama-server's one"
+                )
+                mine, theirs = ours["ttft_p50"], rows["llama-server base model", clients]["ttft_p50"]
+                summary.append(
+                    f"  {kind}, {clients} clients: TTFT p50 {mine:.3f} s against {theirs:.3f} s "
+                    f"({'met' if mine <= theirs else 'not met'}: target <=)"
+                )
+    print("\nratios (same run):")
+    print("\n".join(summary))
 
 
 if __name__ == "__main__":
