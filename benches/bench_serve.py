@@ -119,7 +119,7 @@ def start_server(
         try:
             api.models.list()
             return process
-        except openai.APIConnectionError:
+        except (openai.APIConnectionError, openai.InternalServerError):  # not up, or still loading (503)
             if process.poll() is not None:
                 log.seek(0)
                 raise SystemExit(f"the server failed: {log.read()[-2000:]}") from None

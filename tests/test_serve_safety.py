@@ -122,13 +122,13 @@ def test_a_web_page_cannot_drive_a_server_without_a_key(setup):
         assert status == 401
 
 
-def test_the_command_warns_when_it_listens_beyond_this_machine_without_a_key(setup):
+def test_the_command_warns_when_it_listens_beyond_this_machine_and_bounds_connections(setup):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     command = [sys.executable, "-m", "reft_rs", "serve", "--model", str(setup.model), "--port", str(port)]
     process = subprocess.Popen(
-        command + ["--host", "0.0.0.0", "--log-level", "critical"],
+        command + ["--host", "0.0.0.0", "--log-level", "critical", "--max-connections", "2"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -143,6 +143,19 @@ def test_the_command_warns_when_it_listens_beyond_this_machine_without_a_key(set
                 assert process.poll() is None and time.monotonic() < deadline, "the server did not start"
                 time.sleep(0.1)
         assert status == 200
+        # Two connections held open (headers half sent): a third is refused.
+        held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]
+        for sock in held:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        time.sleep(0.5)
+        status, _, _ = send(port, "GET", "/health")
+        assert status == 503
+        for sock in held:
+            sock.close()
+        deadline = time.monotonic() + 10
+        while send(port, "GET", "/health")[0] != 200:
+            assert time.monotonic() < deadline, "the held connections were never let go"
+            time.sleep(0.1)
     finally:
         process.terminate()
         _, err = process.communicate(timeout=20)

@@ -73,6 +73,12 @@ def register(commands: Any) -> None:
         help="reply length of chat requests that name none (default: 256)",
     )
     serve.add_argument(
+        "--max-prefill-tokens",
+        type=int,
+        default=256,
+        help="prompt tokens prefilled per step (default: 256; a longer prompt runs alone)",
+    )
+    serve.add_argument(
         "--max-queue", type=int, default=256, help="requests waiting at most; more get 429 (default: 256)"
     )
     serve.add_argument(
@@ -141,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
         "max_tokens",
         "port",
         "max_queue",
+        "max_prefill_tokens",
         "max_request_tokens",
         "max_connections",
         "max_adapters",
@@ -190,6 +197,7 @@ def run(args: argparse.Namespace) -> int:
         kv_cache_mib=args.kv_cache_mib,
         default_max_tokens=args.max_tokens,
         max_waiting=args.max_queue,
+        max_prefill_tokens=args.max_prefill_tokens,
         max_request_tokens=args.max_request_tokens,
         max_adapters=args.max_adapters,
         max_adapter_mib=args.max_adapter_mib,

@@ -232,6 +232,7 @@ class _Server:
             max_batch=limits.max_batch,
             kv_cache_mib=limits.kv_cache_mib,
             max_waiting=limits.max_waiting,
+            max_prefill_tokens=limits.max_prefill_tokens,
         )
         self.worker = Worker(scheduler, on_failure=on_failure)
 
@@ -692,6 +693,7 @@ class Limits:
 
     max_batch: int = 32
     kv_cache_mib: int = 2048
+    max_prefill_tokens: int = 256
     max_waiting: int = 256
     max_request_tokens: int = 65536
     max_adapters: int = 64
@@ -707,6 +709,7 @@ def create_app(
     max_batch: int = 32,
     kv_cache_mib: int = 2048,
     default_max_tokens: int = 256,
+    max_prefill_tokens: int = 256,
     max_waiting: int = 256,
     max_request_tokens: int = 65536,
     max_adapters: int = 64,
@@ -727,6 +730,9 @@ def create_app(
             ``Authorization: Bearer <api_key>``. An empty key is refused
             (an unset variable must not open the server).
         max_batch, kv_cache_mib: Limits of the scheduler (see :class:`reft_rs.Scheduler`).
+        max_prefill_tokens: Prompt tokens prefilled per step: small steps
+            give the first requests their first token early and keep the
+            running ones decoding while a crowd of prompts comes in.
         default_max_tokens: Reply length of chat requests that name none
             (completions default to 16, as OpenAI's do).
         max_waiting: Requests queued at most; more get 429 with ``Retry-After``.
@@ -748,6 +754,7 @@ def create_app(
             "api_key is empty: an unset variable would leave the server open; pass None to run without a key"
         )
     for label, value in (
+        ("max_prefill_tokens", max_prefill_tokens),
         ("max_waiting", max_waiting),
         ("max_request_tokens", max_request_tokens),
         ("max_adapters", max_adapters),
@@ -763,6 +770,7 @@ def create_app(
     limits = Limits(
         max_batch=max_batch,
         kv_cache_mib=kv_cache_mib,
+        max_prefill_tokens=max_prefill_tokens,
         max_waiting=max_waiting,
         max_request_tokens=max_request_tokens,
         max_adapters=max_adapters,
