@@ -198,7 +198,20 @@ fn offsets(u: &Unpacked, sums: &[f32]) -> f32 {
 trait Dots {
     /// Whether the build unpacks with AVX2 and F16C.
     const SIMD: bool;
+    /// Whether the build reads 32-weight blocks (`Q4_0` … `Q8_0`) straight
+    /// from the row ([`Dots::row32`]) instead of unpacking it first.
+    const ROW32: bool = false;
     unsafe fn blocks<const C: usize>(u: &Unpacked, x: &Quantized, first: usize) -> [f32; C];
+    /// [`Dots::blocks`] of a row of 32-weight blocks read as stored: the
+    /// same operations in the same order, so the same bits.
+    unsafe fn row32<const C: usize>(
+        _t: BlockType,
+        _row: &[u8],
+        _x: &Quantized,
+        _first: usize,
+    ) -> [f32; C] {
+        unreachable!("only builds with ROW32 read rows as stored")
+    }
     unsafe fn halves<const C: usize>(
         row: &[u16],
         bf16: bool,
@@ -241,8 +254,10 @@ unsafe fn task<D: Dots>(
     out: &mut [f32],
 ) {
     let mut unpacked = Unpacked::new(if matches!(w, Rows::Blocks(..)) { k } else { 0 });
+    let direct = D::ROW32 && matches!(w, Rows::Blocks(t, _) if t.weights() == BLOCK);
     for (r, target) in out.chunks_exact_mut(m).enumerate() {
         let n = first_row + r;
+        let mut row: &[u8] = &[];
         if let Rows::Blocks(t, data) = w {
             let bytes = t.row_bytes(k);
             // The row PREFETCH_ROWS ahead on its way to the cache.
@@ -250,7 +265,10 @@ unsafe fn task<D: Dots>(
                 &data[((n + PREFETCH_ROWS) * bytes).min(data.len())..],
                 bytes,
             );
-            unpack_row(t, &data[n * bytes..(n + 1) * bytes], &mut unpacked, D::SIMD);
+            row = &data[n * bytes..(n + 1) * bytes];
+            if !direct {
+                unpack_row(t, row, &mut unpacked, D::SIMD);
+            }
         }
         let mut i = 0;
         while i < m {
@@ -258,6 +276,7 @@ unsafe fn task<D: Dots>(
             macro_rules! tile {
                 ($c:literal) => {{
                     let got: [f32; $c] = match w {
+                        Rows::Blocks(t, _) if direct => D::row32::<$c>(t, row, x, i),
                         Rows::Blocks(..) => D::blocks::<$c>(&unpacked, x, i),
                         Rows::F16(h) => D::halves::<$c>(&h[n * k..(n + 1) * k], false, xf, k, i),
                         Rows::Bf16(h) => D::halves::<$c>(&h[n * k..(n + 1) * k], true, xf, k, i),
@@ -437,10 +456,141 @@ mod x86 {
         }
     }
 
+    /// One 32-weight block as stored: its weights as unsigned bytes, its
+    /// scale and offset, and the layout's center (as `unpack_row` gives them).
+    #[inline(always)]
+    unsafe fn block32<const L: u8>(block: *const u8) -> (__m256i, f32, f32, i16) {
+        let half = |at: usize| -> f32 {
+            let bits = u16::from_le_bytes([*block.add(at), *block.add(at + 1)]);
+            _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+        };
+        let nibbles = |at: usize| -> __m256i {
+            let v = _mm_loadu_si128(block.add(at) as *const __m128i);
+            let mask = _mm_set1_epi8(0x0f);
+            _mm256_set_m128i(
+                _mm_and_si128(_mm_srli_epi16(v, 4), mask),
+                _mm_and_si128(v, mask),
+            )
+        };
+        let fifth = |at: usize| -> __m256i {
+            let bits = _mm256_set1_epi32(i32::from_le_bytes([
+                *block.add(at),
+                *block.add(at + 1),
+                *block.add(at + 2),
+                *block.add(at + 3),
+            ]));
+            let spread = _mm256_shuffle_epi8(
+                bits,
+                _mm256_set_epi64x(
+                    0x0303_0303_0303_0303,
+                    0x0202_0202_0202_0202,
+                    0x0101_0101_0101_0101,
+                    0,
+                ),
+            );
+            let select = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+            let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, select), select);
+            _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+        };
+        match L {
+            Q4_0 => (nibbles(2), half(0), 0.0, 8),
+            Q4_1 => (nibbles(4), half(0), half(2), 0),
+            Q5_0 => (_mm256_or_si256(nibbles(6), fifth(2)), half(0), 0.0, 16),
+            Q5_1 => (_mm256_or_si256(nibbles(8), fifth(4)), half(0), half(2), 0),
+            _ => (
+                _mm256_xor_si256(
+                    _mm256_loadu_si256(block.add(2) as *const __m256i),
+                    _mm256_set1_epi8(-128),
+                ),
+                half(0),
+                0.0,
+                128,
+            ),
+        }
+    }
+
+    // The 32-weight layouts, as constants for `block32`.
+    const Q4_0: u8 = 0;
+    const Q4_1: u8 = 1;
+    const Q5_0: u8 = 2;
+    const Q5_1: u8 = 3;
+    const Q8_0: u8 = 4;
+
+    /// [`Dots::row32`] of the AVX-512 build for layout `L`.
+    #[inline(always)]
+    #[allow(clippy::needless_range_loop)]
+    unsafe fn row32_of<const C: usize, const L: u8>(
+        bytes: usize,
+        row: &[u8],
+        x: &Quantized,
+        first: usize,
+    ) -> [f32; C] {
+        let k = x.k;
+        let blocks = k / BLOCK;
+        debug_assert_eq!(row.len(), blocks * bytes);
+        let groups = k / GROUP;
+        // `offsets`' accumulators: group g into g % 4, the groups past the
+        // last whole four into the first.
+        let whole = groups / 4 * 4;
+        let mut acc = [[_mm512_setzero_ps(); 2]; C];
+        let mut spread = [[0f32; 4]; C];
+        let qx = x.q.as_ptr().add(first * k);
+        let xd = x.d.as_ptr().add(first * k / BLOCK);
+        let sums = x.sums.as_ptr().add(first * groups);
+        let mut center = 0;
+        for b in 0..blocks {
+            let (q, d, offset, c0) = block32::<L>(row.as_ptr().add(b * bytes));
+            center = c0;
+            let w = _mm512_sub_epi16(_mm512_cvtepu8_epi16(q), _mm512_set1_epi16(c0));
+            let s = _mm512_set1_ps(d);
+            for c in 0..C {
+                let xv = _mm512_loadu_si512(qx.add(c * k + b * BLOCK) as *const __m512i);
+                let p = _mm512_cvtepi32_ps(_mm512_madd_epi16(w, xv));
+                let sd = _mm512_mul_ps(s, _mm512_set1_ps(*xd.add(c * k / BLOCK + b)));
+                acc[c][b & 1] = _mm512_fmadd_ps(p, sd, acc[c][b & 1]);
+                if c0 == 0 {
+                    for g in [2 * b, 2 * b + 1] {
+                        let j = if g < whole { g % 4 } else { 0 };
+                        spread[c][j] = offset.mul_add(*sums.add(c * groups + g), spread[c][j]);
+                    }
+                }
+            }
+        }
+        let mut out = [0f32; C];
+        for c in 0..C {
+            let offsets = if center != 0 {
+                0.0
+            } else {
+                (spread[c][0] + spread[c][1]) + (spread[c][2] + spread[c][3])
+            };
+            out[c] = _mm512_reduce_add_ps(_mm512_add_ps(acc[c][0], acc[c][1])) + offsets;
+        }
+        out
+    }
+
     pub(super) struct Avx512;
 
     impl Dots for Avx512 {
         const SIMD: bool = true;
+        const ROW32: bool = true;
+
+        #[inline(always)]
+        unsafe fn row32<const C: usize>(
+            t: BlockType,
+            row: &[u8],
+            x: &Quantized,
+            first: usize,
+        ) -> [f32; C] {
+            let bytes = t.bytes();
+            match t {
+                BlockType::Q4_0 => row32_of::<C, Q4_0>(bytes, row, x, first),
+                BlockType::Q4_1 => row32_of::<C, Q4_1>(bytes, row, x, first),
+                BlockType::Q5_0 => row32_of::<C, Q5_0>(bytes, row, x, first),
+                BlockType::Q5_1 => row32_of::<C, Q5_1>(bytes, row, x, first),
+                BlockType::Q8_0 => row32_of::<C, Q8_0>(bytes, row, x, first),
+                _ => unreachable!("a layout of 32-weight blocks"),
+            }
+        }
 
         #[inline(always)]
         #[allow(clippy::needless_range_loop)]
@@ -546,6 +696,25 @@ mod x86 {
         out: &mut [f32],
     ) {
         task::<Avx2>(w, x, xf, m, k, first_row, out)
+    }
+
+    /// `(row32, blocks)` of the AVX-512 build for 1 and 4 activation rows
+    /// from `first`: the row read as stored and the row unpacked.
+    #[cfg(test)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi2")]
+    pub(super) unsafe fn both_ways(
+        t: BlockType,
+        row: &[u8],
+        x: &Quantized,
+        first: usize,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let mut u = Unpacked::new(x.k);
+        unpack_row(t, row, &mut u, true);
+        let mut direct = Avx512::row32::<1>(t, row, x, first).to_vec();
+        direct.extend(Avx512::row32::<4>(t, row, x, first));
+        let mut unpacked = Avx512::blocks::<1>(&u, x, first).to_vec();
+        unpacked.extend(Avx512::blocks::<4>(&u, x, first));
+        (direct, unpacked)
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi2")]
@@ -785,6 +954,35 @@ mod tests {
                                 );
                             }
                         }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The AVX-512 build reads rows of 32-weight blocks as stored; it must
+    /// give the bits of the unpacked row, whatever the layout and the rows
+    /// (`k` of 11 blocks: an odd count and groups past the last whole four).
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn rows_read_as_stored_give_the_unpacked_rows_bits() {
+        if Isa::detect() != Isa::Avx512 {
+            println!("rows read as stored: skipped, this CPU has no AVX-512");
+            return;
+        }
+        let k = 11 * BLOCK;
+        let x = values(6 * k, 12);
+        for t in BLOCK_TYPES.into_iter().filter(|t| t.weights() == BLOCK) {
+            let data = random_blocks(t, 3, k, 13);
+            for levels in [i16::MAX, 127] {
+                let q = quantize(&x, k, levels);
+                for r in 0..3 {
+                    let row = &data[r * t.row_bytes(k)..(r + 1) * t.row_bytes(k)];
+                    for first in [0, 2] {
+                        // SAFETY: the CPU has AVX-512 (checked above).
+                        let (direct, unpacked) = unsafe { x86::both_ways(t, row, &q, first) };
+                        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(bits(&direct), bits(&unpacked), "{} row {r}", t.name());
                     }
                 }
             }
