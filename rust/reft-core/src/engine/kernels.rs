@@ -121,7 +121,7 @@ pub(crate) fn quantize(x: &[f32], k: usize, levels: i16) -> Quantized {
         let d = amax / top;
         let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
         for (q, &v) in q.iter_mut().zip(block) {
-            *q = (v * inv).round_ties_even().clamp(-top, top) as i16;
+            *q = round_even(v * inv).clamp(-top, top) as i16;
         }
         if levels == 127 {
             // llama.cpp's arithmetic (`Q8_0` / `Q8_1` blocks): the scale
@@ -146,6 +146,16 @@ pub(crate) fn quantize(x: &[f32], k: usize, levels: i16) -> Quantized {
         }
     }
     out
+}
+
+/// `v` rounded to the nearest integer, ties to even, for `|v| < 2^22`
+/// (what `round_ties_even` gives, without a call to the C library: adding
+/// and taking away 1.5 · 2^23 leaves no fraction bits, and the addition
+/// rounds to nearest even).
+#[inline(always)]
+fn round_even(v: f32) -> f32 {
+    const SHIFT: f32 = 12_582_912.0;
+    (v + SHIFT) - SHIFT
 }
 
 /// `v` rounded to the nearest float16 value (ties to even), as float32.
@@ -986,6 +996,30 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn rounding_without_the_c_library_is_round_ties_even() {
+        let mut v = -40000.0f32;
+        while v <= 40000.0 {
+            for x in [v, v + 0.5, v + 0.25, v + 0.75, v + 0.499_999_97, v - 0.5] {
+                assert_eq!(round_even(x), x.round_ties_even(), "{x}"); // -0 and 0 alike: both give 0
+            }
+            v += 1.0;
+        }
+        for x in [
+            0.5f32,
+            -0.5,
+            1.5,
+            2.5,
+            -2.5,
+            4_194_303.5,
+            -4_194_303.5,
+            1e-30,
+            -1e-30,
+        ] {
+            assert_eq!(round_even(x), x.round_ties_even(), "{x}");
         }
     }
 
