@@ -28,7 +28,7 @@
 
 use rayon::prelude::*;
 
-use super::quant::{unpack_row, BlockType, Unpacked, GROUP};
+use super::quant::{superblock_scales, unpack_row, BlockType, Unpacked, GROUP};
 
 /// Activation values per scale.
 pub(crate) const BLOCK: usize = 32;
@@ -208,8 +208,9 @@ fn offsets(u: &Unpacked, sums: &[f32]) -> f32 {
 trait Dots {
     /// Whether the build unpacks with AVX2 and F16C.
     const SIMD: bool;
-    /// Whether the build reads 32-weight blocks (`Q4_0` … `Q8_0`) straight
-    /// from the row ([`Dots::row32`]) instead of unpacking it first.
+    /// Whether the build reads 32-weight blocks (`Q4_0` … `Q8_0`) and
+    /// `Q4_K`, `Q5_K`, `Q6_K` blocks straight from the row ([`Dots::row32`])
+    /// instead of unpacking it first.
     const ROW32: bool = false;
     unsafe fn blocks<const C: usize>(u: &Unpacked, x: &Quantized, first: usize) -> [f32; C];
     /// [`Dots::blocks`] of a row of 32-weight blocks read as stored: the
@@ -229,6 +230,11 @@ trait Dots {
         k: usize,
         first: usize,
     ) -> [f32; C];
+}
+
+/// The layouts whose rows builds with [`Dots::ROW32`] read as stored.
+fn reads_as_stored(t: BlockType) -> bool {
+    t.weights() == BLOCK || matches!(t, BlockType::Q4K | BlockType::Q5K | BlockType::Q6K)
 }
 
 /// Weight rows between a row's prefetch and its unpacking.
@@ -264,7 +270,7 @@ unsafe fn task<D: Dots>(
     out: &mut [f32],
 ) {
     let mut unpacked = Unpacked::new(if matches!(w, Rows::Blocks(..)) { k } else { 0 });
-    let direct = D::ROW32 && matches!(w, Rows::Blocks(t, _) if t.weights() == BLOCK);
+    let direct = D::ROW32 && matches!(w, Rows::Blocks(t, _) if reads_as_stored(t));
     for (r, target) in out.chunks_exact_mut(m).enumerate() {
         let n = first_row + r;
         let mut row: &[u8] = &[];
@@ -519,6 +525,112 @@ mod x86 {
         }
     }
 
+    /// Weights `32 j .. 32 j + 32` of a `Q4_K`, `Q5_K` or `Q6_K` block as
+    /// stored, as unsigned bytes (what `unpack_row` writes there).
+    #[inline(always)]
+    unsafe fn chunk_k<const L: u8>(block: *const u8, j: usize) -> __m256i {
+        let low = _mm256_set1_epi8(0x0f);
+        let load = |at: usize| _mm256_loadu_si256(block.add(at) as *const __m256i);
+        // Each byte shifted right by `by`, `mask` keeping its own bits.
+        let shifted = |v: __m256i, by: i32, mask: __m256i| {
+            _mm256_and_si256(_mm256_srl_epi16(v, _mm_cvtsi32_si128(by)), mask)
+        };
+        match L {
+            Q4K | Q5K => {
+                let qs = if L == Q4K { 16 } else { 48 };
+                let v = load(qs + 32 * (j / 2));
+                let q = if j % 2 == 0 {
+                    _mm256_and_si256(v, low)
+                } else {
+                    shifted(v, 4, low)
+                };
+                if L == Q4K {
+                    q
+                } else {
+                    // Bit j of byte e of the 32 high bits, as bit 4 of weight e.
+                    let high = shifted(load(16), j as i32, _mm256_set1_epi8(1));
+                    _mm256_or_si256(q, _mm256_slli_epi16(high, 4))
+                }
+            }
+            _ => {
+                let (h, jj) = (j / 4, j % 4);
+                let v = load(64 * h + 32 * (jj % 2));
+                let q = if jj < 2 {
+                    _mm256_and_si256(v, low)
+                } else {
+                    shifted(v, 4, low)
+                };
+                let high = shifted(load(128 + 32 * h), 2 * jj as i32, _mm256_set1_epi8(3));
+                _mm256_or_si256(q, _mm256_slli_epi16(high, 4))
+            }
+        }
+    }
+
+    const Q4K: u8 = 5;
+    const Q5K: u8 = 6;
+    const Q6K: u8 = 7;
+
+    /// [`Dots::row32`] of the AVX-512 build for K-quant layout `L`: the
+    /// operations of `blocks` on the unpacked row, in its order.
+    #[inline(always)]
+    #[allow(clippy::needless_range_loop)]
+    unsafe fn row_k_of<const C: usize, const L: u8>(
+        t: BlockType,
+        row: &[u8],
+        x: &Quantized,
+        first: usize,
+    ) -> [f32; C] {
+        let k = x.k;
+        let bytes = t.bytes();
+        let blocks = k / BLOCK;
+        debug_assert_eq!(row.len(), k / 256 * bytes);
+        let groups = k / GROUP;
+        let whole = groups / 4 * 4;
+        let center: i16 = if L == Q6K { 32 } else { 0 };
+        let mut acc = [[_mm512_setzero_ps(); 2]; C];
+        let mut spread = [[0f32; 4]; C];
+        let qx = x.q.as_ptr().add(first * k);
+        let xd = x.d.as_ptr().add(first * k / BLOCK);
+        let sums = x.sums.as_ptr().add(first * groups);
+        let (mut scale, mut offset) = ([0f32; 16], [0f32; 16]);
+        for b in 0..blocks {
+            let (sb, j) = (b / 8, b % 8);
+            let block = &row[sb * bytes..(sb + 1) * bytes];
+            if j == 0 {
+                superblock_scales(t, block, &mut scale, &mut offset, true);
+            }
+            let q = chunk_k::<L>(block.as_ptr(), j);
+            let w = _mm512_sub_epi16(_mm512_cvtepu8_epi16(q), _mm512_set1_epi16(center));
+            let s = _mm512_insertf32x8(
+                _mm512_castps256_ps512(_mm256_set1_ps(scale[2 * j])),
+                _mm256_set1_ps(scale[2 * j + 1]),
+                1,
+            );
+            for c in 0..C {
+                let xv = _mm512_loadu_si512(qx.add(c * k + b * BLOCK) as *const __m512i);
+                let p = _mm512_cvtepi32_ps(_mm512_madd_epi16(w, xv));
+                let sd = _mm512_mul_ps(s, _mm512_set1_ps(*xd.add(c * k / BLOCK + b)));
+                acc[c][b & 1] = _mm512_fmadd_ps(p, sd, acc[c][b & 1]);
+                if center == 0 {
+                    for (g, o) in [(2 * b, offset[2 * j]), (2 * b + 1, offset[2 * j + 1])] {
+                        let at = if g < whole { g % 4 } else { 0 };
+                        spread[c][at] = o.mul_add(*sums.add(c * groups + g), spread[c][at]);
+                    }
+                }
+            }
+        }
+        let mut out = [0f32; C];
+        for c in 0..C {
+            let offsets = if center != 0 {
+                0.0
+            } else {
+                (spread[c][0] + spread[c][1]) + (spread[c][2] + spread[c][3])
+            };
+            out[c] = _mm512_reduce_add_ps(_mm512_add_ps(acc[c][0], acc[c][1])) + offsets;
+        }
+        out
+    }
+
     // The 32-weight layouts, as constants for `block32`.
     const Q4_0: u8 = 0;
     const Q4_1: u8 = 1;
@@ -598,7 +710,10 @@ mod x86 {
                 BlockType::Q5_0 => row32_of::<C, Q5_0>(bytes, row, x, first),
                 BlockType::Q5_1 => row32_of::<C, Q5_1>(bytes, row, x, first),
                 BlockType::Q8_0 => row32_of::<C, Q8_0>(bytes, row, x, first),
-                _ => unreachable!("a layout of 32-weight blocks"),
+                BlockType::Q4K => row_k_of::<C, Q4K>(t, row, x, first),
+                BlockType::Q5K => row_k_of::<C, Q5K>(t, row, x, first),
+                BlockType::Q6K => row_k_of::<C, Q6K>(t, row, x, first),
+                _ => unreachable!("a layout read as stored"),
             }
         }
 
@@ -970,9 +1085,10 @@ mod tests {
         }
     }
 
-    /// The AVX-512 build reads rows of 32-weight blocks as stored; it must
-    /// give the bits of the unpacked row, whatever the layout and the rows
-    /// (`k` of 11 blocks: an odd count and groups past the last whole four).
+    /// The AVX-512 build reads rows of 32-weight blocks and of `Q4_K`,
+    /// `Q5_K`, `Q6_K` blocks as stored; it must give the bits of the
+    /// unpacked row, whatever the layout and the rows (32-weight rows of 11
+    /// blocks: an odd count and groups past the last whole four).
     #[test]
     #[cfg(target_arch = "x86_64")]
     fn rows_read_as_stored_give_the_unpacked_rows_bits() {
@@ -980,9 +1096,13 @@ mod tests {
             println!("rows read as stored: skipped, this CPU has no AVX-512");
             return;
         }
-        let k = 11 * BLOCK;
-        let x = values(6 * k, 12);
-        for t in BLOCK_TYPES.into_iter().filter(|t| t.weights() == BLOCK) {
+        for t in BLOCK_TYPES.into_iter().filter(|&t| reads_as_stored(t)) {
+            let k = if t.weights() == BLOCK {
+                11 * BLOCK
+            } else {
+                3 * 256
+            };
+            let x = values(6 * k, 12);
             let data = random_blocks(t, 3, k, 13);
             for levels in [i16::MAX, 127] {
                 let q = quantize(&x, k, levels);

@@ -315,24 +315,18 @@ pub(crate) fn unpack_row(t: BlockType, row: &[u8], out: &mut Unpacked, simd: boo
         }),
         BlockType::Q4K => each_block!(row, out, 256, 144, |block, q, scale, offset| {
             k_nibbles(simd, part::<16, 144, 128>(block), q);
-            k_scales(simd, block, scale, offset);
+            superblock_scales(t, block, scale, offset, simd);
         }),
         BlockType::Q5K => each_block!(row, out, 256, 176, |block, q, scale, offset| {
             k_nibbles(simd, part::<48, 176, 128>(block), q);
             high_bits(simd, part::<16, 176, 32>(block), q, 4);
-            k_scales(simd, block, scale, offset);
+            superblock_scales(t, block, scale, offset, simd);
         }),
         BlockType::Q6K => each_block!(row, out, 256, 210, |block, q, scale, offset| {
             let ql = part::<0, 210, 128>(block);
             let qh = part::<128, 210, 64>(block);
-            let scales = part::<192, 210, 16>(block);
-            let d = half(simd, block, 208);
             q6_values(simd, ql, qh, q);
-            for g in 0..16 {
-                let s = d * (scales[g] as i8) as f32;
-                scale[g] = s;
-                offset[g] = 0.0;
-            }
+            superblock_scales(t, block, scale, offset, simd);
         }),
     }
 }
@@ -620,6 +614,33 @@ mod x86 {
     #[inline(always)]
     pub(super) unsafe fn flip_signs(qs: &[u8; 32], q: &mut [u8; 32]) {
         store(q, 0, _mm256_xor_si256(load(qs, 0), _mm256_set1_epi8(-128)));
+    }
+}
+
+/// The 16 scales and offsets of a `Q4_K`, `Q5_K` or `Q6_K` block (what
+/// [`unpack_row`] gives; also read by kernels that take rows as stored).
+#[inline(always)]
+pub(crate) fn superblock_scales(
+    t: BlockType,
+    block: &[u8],
+    scale: &mut [f32],
+    offset: &mut [f32],
+    simd: bool,
+) {
+    match t {
+        BlockType::Q4K | BlockType::Q5K => {
+            let block: &[u8; 16] = block[..16].try_into().expect("a K-quant block");
+            k_scales(simd, block, scale, offset)
+        }
+        BlockType::Q6K => {
+            let scales: &[u8; 16] = block[192..208].try_into().expect("a Q6_K block");
+            let d = half(simd, block, 208);
+            for g in 0..16 {
+                scale[g] = d * (scales[g] as i8) as f32;
+                offset[g] = 0.0;
+            }
+        }
+        _ => unreachable!("a K-quant layout with 16 scales"),
     }
 }
 
