@@ -539,7 +539,7 @@ mod x86 {
             Q4K | Q5K => {
                 let qs = if L == Q4K { 16 } else { 48 };
                 let v = load(qs + 32 * (j / 2));
-                let q = if j % 2 == 0 {
+                let q = if j.is_multiple_of(2) {
                     _mm256_and_si256(v, low)
                 } else {
                     shifted(v, 4, low)
