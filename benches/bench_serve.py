@@ -115,18 +115,21 @@ def start_server(
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log, text=True, env=env)
     api = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
     deadline = time.monotonic() + timeout
-    while True:
-        try:
-            api.models.list()
-            return process
-        except (openai.APIConnectionError, openai.InternalServerError):  # not up, or still loading (503)
-            if process.poll() is not None:
-                log.seek(0)
-                raise SystemExit(f"the server failed: {log.read()[-2000:]}") from None
-            if time.monotonic() > deadline:
-                process.kill()
-                raise SystemExit("the server did not start") from None
-            time.sleep(0.2)
+    try:
+        while True:
+            try:
+                api.models.list()
+                return process
+            except (openai.APIConnectionError, openai.InternalServerError):  # not up, or loading (503)
+                if process.poll() is not None:
+                    log.seek(0)
+                    raise SystemExit(f"the server failed: {log.read()[-2000:]}") from None
+                if time.monotonic() > deadline:
+                    raise SystemExit("the server did not start") from None
+                time.sleep(0.2)
+    except BaseException:
+        stop_server(process)  # never left running behind a failed start
+        raise
 
 
 def stop_server(process: subprocess.Popen) -> None:
