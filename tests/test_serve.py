@@ -522,8 +522,10 @@ def test_control_vectors_load_at_run_time_and_steer_only_their_requests(server, 
     and each gets what an engine loaded with that vector alone gives."""
     import numpy as np
 
-    gguf = pytest.importorskip("gguf")
+    pytest.importorskip("gguf")
     from reft_rs import control_vector
+
+    from .test_steering import write_repeng_style
 
     hidden = server.engine.hidden_size
     rng = np.random.default_rng(7)
@@ -534,15 +536,7 @@ def test_control_vectors_load_at_run_time_and_steer_only_their_requests(server, 
         "b": {1: 4 * rng.normal(size=hidden)},
     }
     for name, directions in vectors.items():
-        writer = gguf.GGUFWriter(str(folder / f"{name}.gguf"), "controlvector")
-        writer.add_string("controlvector.model_hint", "llama")
-        writer.add_uint32("controlvector.layer_count", len(directions))
-        for layer, vector in directions.items():
-            writer.add_tensor(f"direction.{layer}", np.asarray(vector, dtype=np.float32))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
+        write_repeng_style(folder / f"{name}.gguf", directions)
     for name in vectors:
         status, reply = raw(
             server, "POST", "/v1/adapters", {"name": f"cv-{name}", "path": f"vectors/{name}.gguf"}

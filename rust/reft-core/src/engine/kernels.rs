@@ -28,7 +28,7 @@
 
 use rayon::prelude::*;
 
-use super::quant::{superblock_scales, unpack_row, BlockType, Unpacked, GROUP};
+use super::quant::{self, superblock_scales, unpack_row, BlockType, Unpacked, GROUP};
 
 /// Activation values per scale.
 pub(crate) const BLOCK: usize = 32;
@@ -480,34 +480,9 @@ mod x86 {
             let bits = u16::from_le_bytes([*block.add(at), *block.add(at + 1)]);
             _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
         };
-        let nibbles = |at: usize| -> __m256i {
-            let v = _mm_loadu_si128(block.add(at) as *const __m128i);
-            let mask = _mm_set1_epi8(0x0f);
-            _mm256_set_m128i(
-                _mm_and_si128(_mm_srli_epi16(v, 4), mask),
-                _mm_and_si128(v, mask),
-            )
-        };
-        let fifth = |at: usize| -> __m256i {
-            let bits = _mm256_set1_epi32(i32::from_le_bytes([
-                *block.add(at),
-                *block.add(at + 1),
-                *block.add(at + 2),
-                *block.add(at + 3),
-            ]));
-            let spread = _mm256_shuffle_epi8(
-                bits,
-                _mm256_set_epi64x(
-                    0x0303_0303_0303_0303,
-                    0x0202_0202_0202_0202,
-                    0x0101_0101_0101_0101,
-                    0,
-                ),
-            );
-            let select = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
-            let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, select), select);
-            _mm256_and_si256(set, _mm256_set1_epi8(0x10))
-        };
+        let part = |at: usize| block.add(at);
+        let nibbles = |at: usize| quant::x86::nibbles_of(&*(part(at) as *const [u8; 16]));
+        let fifth = |at: usize| quant::x86::fifth_bits_of(&*(part(at) as *const [u8; 4]));
         match L {
             Q4_0 => (nibbles(2), half(0), 0.0, 8),
             Q4_1 => (nibbles(4), half(0), half(2), 0),
@@ -619,14 +594,25 @@ mod x86 {
                 }
             }
         }
+        finish(&acc, &spread, center)
+    }
+
+    /// Each row's lane sums plus its offset sums (`offsets`' order; none
+    /// for a layout with a center).
+    #[inline(always)]
+    unsafe fn finish<const C: usize>(
+        acc: &[[__m512; 2]; C],
+        spread: &[[f32; 4]; C],
+        center: i16,
+    ) -> [f32; C] {
         let mut out = [0f32; C];
-        for c in 0..C {
+        for (o, (acc, spread)) in out.iter_mut().zip(acc.iter().zip(spread)) {
             let offsets = if center != 0 {
                 0.0
             } else {
-                (spread[c][0] + spread[c][1]) + (spread[c][2] + spread[c][3])
+                (spread[0] + spread[1]) + (spread[2] + spread[3])
             };
-            out[c] = _mm512_reduce_add_ps(_mm512_add_ps(acc[c][0], acc[c][1])) + offsets;
+            *o = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) + offsets;
         }
         out
     }
@@ -678,16 +664,7 @@ mod x86 {
                 }
             }
         }
-        let mut out = [0f32; C];
-        for c in 0..C {
-            let offsets = if center != 0 {
-                0.0
-            } else {
-                (spread[c][0] + spread[c][1]) + (spread[c][2] + spread[c][3])
-            };
-            out[c] = _mm512_reduce_add_ps(_mm512_add_ps(acc[c][0], acc[c][1])) + offsets;
-        }
-        out
+        finish(&acc, &spread, center)
     }
 
     pub(super) struct Avx512;

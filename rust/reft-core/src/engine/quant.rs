@@ -497,7 +497,7 @@ fn flip_signs(simd: bool, qs: &[u8; 32], q: &mut [u8; 32]) {
 
 /// The same unpacking with AVX2 (32 bytes at a time) and F16C.
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
     #[inline(always)]
@@ -528,17 +528,31 @@ mod x86 {
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
     }
 
+    /// 16 bytes of nibbles as 32 weights in a register: low nibbles are
+    /// weights 0..16, high ones 16..32.
     #[inline(always)]
-    pub(super) unsafe fn nibbles(qs: &[u8; 16], q: &mut [u8; 32]) {
+    pub(crate) unsafe fn nibbles_of(qs: &[u8; 16]) -> __m256i {
         let v = _mm_loadu_si128(qs.as_ptr() as *const __m128i);
         let mask = _mm_set1_epi8(0x0f);
         let lo = _mm_and_si128(v, mask);
         let hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
-        store(q, 0, _mm256_set_m128i(hi, lo));
+        _mm256_set_m128i(hi, lo)
+    }
+
+    #[inline(always)]
+    pub(super) unsafe fn nibbles(qs: &[u8; 16], q: &mut [u8; 32]) {
+        store(q, 0, nibbles_of(qs));
     }
 
     #[inline(always)]
     pub(super) unsafe fn fifth_bits(qh: &[u8; 4], q: &mut [u8; 32]) {
+        or(q, 0, fifth_bits_of(qh));
+    }
+
+    /// The fifth bit of 32 weights (bit `j` of a little-endian `u32`) as
+    /// 0x10 in byte `j` of a register.
+    #[inline(always)]
+    pub(crate) unsafe fn fifth_bits_of(qh: &[u8; 4]) -> __m256i {
         let bits = _mm256_set1_epi32(i32::from_le_bytes(*qh));
         // Byte j takes source byte j / 8, then its bit j % 8.
         let spread = _mm256_shuffle_epi8(
@@ -552,7 +566,7 @@ mod x86 {
         );
         let select = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
         let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, select), select);
-        or(q, 0, _mm256_and_si256(set, _mm256_set1_epi8(0x10)));
+        _mm256_and_si256(set, _mm256_set1_epi8(0x10))
     }
 
     #[inline(always)]
