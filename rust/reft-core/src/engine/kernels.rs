@@ -878,7 +878,7 @@ pub(crate) fn matmul_with(
             }
             _ => x,
         };
-        return transpose(super::widened::matmul_transposed(isa, w, x, m, k, n), m, n);
+        return super::widened::matmul(isa, w, x, m, k, n);
     }
     let xq = match w {
         Rows::Blocks(..) => quantize(x, k, levels),
@@ -1122,20 +1122,28 @@ mod tests {
 
     #[test]
     fn half_products_follow_the_float_product() {
-        // k = 200: a tail past the last whole vector.
-        let (k, n) = (200, 13);
-        for m in [6, WIDENED_ROWS + 1] {
-            let x = values(m * k, 2);
-            let w = values(n * k, 8);
-            let f16: Vec<u16> = w.iter().map(|&v| to_f16(v)).collect();
-            let bf16: Vec<u16> = w.iter().map(|&v| (v.to_bits() >> 16) as u16).collect();
-            for rows in [Rows::F16(&f16), Rows::Bf16(&bf16)] {
-                let wide = dequantize(rows, n, k);
-                let want = plain(&wide, &x, m, k, n);
-                for isa in Isa::available() {
-                    let got = matmul_with(isa, rows, &x, m, k, n, i16::MAX);
-                    let err = largest(&got, &want);
-                    assert!(err < 1e-4, "{isa:?} m={m}: {err}");
+        // k = 200: a tail past the last whole vector; k = 203: a tail past
+        // the widened panels' last chunk of 4 steps as well.
+        for (k, n) in [(200, 13), (203, 14)] {
+            for m in [6, WIDENED_ROWS + 1] {
+                let x = values(m * k, 2);
+                let w = values(n * k, 8);
+                let f16: Vec<u16> = w.iter().map(|&v| to_f16(v)).collect();
+                let bf16: Vec<u16> = w.iter().map(|&v| (v.to_bits() >> 16) as u16).collect();
+                for rows in [Rows::F16(&f16), Rows::Bf16(&bf16)] {
+                    let wide = dequantize(rows, n, k);
+                    let want = plain(&wide, &x, m, k, n);
+                    let mut builds = Vec::new();
+                    for isa in Isa::available() {
+                        let got = matmul_with(isa, rows, &x, m, k, n, i16::MAX);
+                        let err = largest(&got, &want);
+                        assert!(err < 1e-4, "{isa:?} k={k} m={m}: {err}");
+                        builds.push(got);
+                    }
+                    if m >= WIDENED_ROWS {
+                        // Widened products: the same bits from every build.
+                        assert!(builds.windows(2).all(|p| p[0] == p[1]), "k={k}");
+                    }
                 }
             }
         }

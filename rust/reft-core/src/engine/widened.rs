@@ -1,13 +1,16 @@
 //! Products of many rows (prompts, large batches) with stored weights:
-//! each thread widens [`P`] weight rows at a time to float32 in a buffer
-//! that stays in L1, and multiplies them with the activations transposed
-//! (`[k][m]`, once per call): a register tile holds `P` weight rows × 32
-//! activation rows, and each step along `k` broadcasts one weight of each
-//! row against two vectors of 16 activation rows (outer products, as
-//! general matrix products are made; no sums across lanes). The weights
-//! are unpacked once per call and the products are float products with
-//! the values the blocks stand for (no rounding of the activations: the
-//! caller rounds them first for llama.cpp's arithmetic).
+//! each thread widens [`P`] weight rows at a time to float32 in a panel
+//! that stays in L1 (chunks of [`STEP`] steps along `k`, the rows side by
+//! side, so a tile finds every row at a fixed offset from one pointer), and
+//! multiplies them with the activations transposed (`[k][m]`, once per
+//! call): a register tile holds `P` weight rows × 32 activation rows, and
+//! each step along `k` broadcasts one weight of each row against two
+//! vectors of 16 activation rows (outer products, as general matrix
+//! products are made; no sums across lanes). The weights are unpacked once
+//! per call and the products are float products with the values the blocks
+//! stand for (no rounding of the activations: the caller rounds them first
+//! for llama.cpp's arithmetic). Each task writes the columns of its own
+//! weight rows straight into the `[m][n]` product.
 //!
 //! Each output is the fused multiply-adds along `k` in order, in its own
 //! lane, whatever the tile it falls in and whatever the build (AVX-512,
@@ -26,13 +29,32 @@ const LANES: usize = 16;
 /// Activation rows per block (a multiple of 2 · [`LANES`]).
 const BLOCK_ROWS: usize = 128;
 
-/// Row `n` of `w` as float32 into `out` (`k` values).
+/// Steps along `k` per chunk of a widened panel (the tiles' loops are
+/// written out for 4).
+const STEP: usize = 4;
+
+/// Where weight `t` of row `b` of a widened panel lies: the panel holds
+/// chunks of [`STEP`] steps, each the `P` rows' weights side by side
+/// (`[k / STEP][P][STEP]`), so that a tile reads every row of a chunk at a
+/// fixed offset from one pointer.
+#[inline(always)]
+fn at(b: usize, t: usize) -> usize {
+    (t / STEP) * P * STEP + b * STEP + t % STEP
+}
+
+/// Floats a widened panel of `k` steps holds.
+fn panel_len(k: usize) -> usize {
+    k.div_ceil(STEP) * P * STEP
+}
+
+/// Row `n` of `w` as float32 into row `b` of the panel `out` (see [`at`]).
 #[inline(always)]
 unsafe fn widen<T: Tile>(
     w: Rows<'_>,
     n: usize,
     k: usize,
     unpacked: &mut Unpacked,
+    b: usize,
     out: &mut [f32],
     simd: bool,
 ) {
@@ -41,24 +63,30 @@ unsafe fn widen<T: Tile>(
             let bytes = t.row_bytes(k);
             unpack_row(t, &data[n * bytes..(n + 1) * bytes], unpacked, simd);
             let center = unpacked.center as f32;
-            for (g, (out, q)) in out
-                .chunks_exact_mut(GROUP)
-                .zip(unpacked.q.chunks_exact(GROUP))
-                .enumerate()
-            {
-                let out: &mut [f32; GROUP] = out.try_into().expect("a group");
+            for (g, q) in unpacked.q.chunks_exact(GROUP).enumerate() {
                 let q: &[u8; GROUP] = q.try_into().expect("a group");
-                T::group(q, unpacked.scale[g], unpacked.offset[g], center, out);
+                let mut values = [0f32; GROUP];
+                T::group(
+                    q,
+                    unpacked.scale[g],
+                    unpacked.offset[g],
+                    center,
+                    &mut values,
+                );
+                for (c, part) in values.chunks_exact(STEP).enumerate() {
+                    let first = at(b, g * GROUP + c * STEP);
+                    out[first..first + STEP].copy_from_slice(part);
+                }
             }
         }
         Rows::F16(h) => {
-            for (v, &b) in out.iter_mut().zip(&h[n * k..(n + 1) * k]) {
-                *v = super::quant::f16_value(b);
+            for (t, &v) in h[n * k..(n + 1) * k].iter().enumerate() {
+                out[at(b, t)] = super::quant::f16_value(v);
             }
         }
         Rows::Bf16(h) => {
-            for (v, &b) in out.iter_mut().zip(&h[n * k..(n + 1) * k]) {
-                *v = super::quant::bf16_to_f32(b);
+            for (t, &v) in h[n * k..(n + 1) * k].iter().enumerate() {
+                out[at(b, t)] = super::quant::bf16_to_f32(v);
             }
         }
     }
@@ -129,7 +157,7 @@ impl Tile for Portable {
         for t in 0..k {
             let xs = &xt[t * mp + i..t * mp + i + V * LANES];
             for (b, lines) in acc.iter_mut().enumerate().take(p) {
-                let wv = w[b * k + t];
+                let wv = w[at(b, t)];
                 for (v, line) in lines.iter_mut().enumerate() {
                     for (lane, a) in line.iter_mut().enumerate() {
                         *a = xs[v * LANES + lane].mul_add(wv, *a);
@@ -185,28 +213,42 @@ mod x86 {
             let mut acc = [[_mm512_setzero_ps(); V]; P];
             let xp = xt.as_ptr().add(i);
             // Rows past `p` hold stale values; never stored.
+            // Whole chunks of STEP steps, then the tail, in order along k.
             let mut wp = w.as_ptr();
             let mut xr = xp;
-            for _ in 0..k {
-                let mut xv = [_mm512_setzero_ps(); V];
-                for v in 0..V {
-                    xv[v] = _mm512_loadu_ps(xr.add(v * LANES));
-                }
-                xr = xr.add(mp);
-                for b in 0..P {
-                    let wv = _mm512_set1_ps(*wp.add(b * k));
+            macro_rules! step {
+                ($u:expr) => {{
+                    let u = $u;
+                    let mut xv = [_mm512_setzero_ps(); V];
                     for v in 0..V {
-                        acc[b][v] = _mm512_fmadd_ps(xv[v], wv, acc[b][v]);
+                        xv[v] = _mm512_loadu_ps(xr.add(u * mp + v * LANES));
                     }
-                }
-                wp = wp.add(1);
+                    for b in 0..P {
+                        let wv = _mm512_set1_ps(*wp.add(b * STEP + u));
+                        for v in 0..V {
+                            acc[b][v] = _mm512_fmadd_ps(xv[v], wv, acc[b][v]);
+                        }
+                    }
+                }};
+            }
+            for _ in 0..k / STEP {
+                step!(0);
+                step!(1);
+                step!(2);
+                step!(3);
+                wp = wp.add(P * STEP);
+                xr = xr.add(STEP * mp);
+            }
+            for u in 0..k % STEP {
+                step!(u);
             }
             let rows = (limit - i).min(V * LANES);
-            for b in 0..p {
+            // Constant indices into `acc` keep it in registers.
+            for b in 0..P {
                 for v in 0..V {
                     let first = v * LANES;
-                    if first >= rows {
-                        break;
+                    if b >= p || first >= rows {
+                        continue;
                     }
                     let mask: __mmask16 = if rows - first >= LANES {
                         0xffff
@@ -268,18 +310,30 @@ mod x86 {
                     let count = (p - first_row).min(HALF);
                     let mut acc = [[_mm256_setzero_ps(); 2]; HALF];
                     let xp = xt.as_ptr().add(i + v * LANES);
-                    let mut wp = w.as_ptr().add(first_row * k);
+                    let mut wp = w.as_ptr().add(first_row * STEP);
                     let mut xr = xp;
-                    for _ in 0..k {
-                        let x0 = _mm256_loadu_ps(xr);
-                        let x1 = _mm256_loadu_ps(xr.add(8));
-                        xr = xr.add(mp);
-                        for b in 0..HALF {
-                            let wv = _mm256_set1_ps(*wp.add(b * k));
-                            acc[b][0] = _mm256_fmadd_ps(x0, wv, acc[b][0]);
-                            acc[b][1] = _mm256_fmadd_ps(x1, wv, acc[b][1]);
-                        }
-                        wp = wp.add(1);
+                    macro_rules! step {
+                        ($u:expr) => {{
+                            let u = $u;
+                            let x0 = _mm256_loadu_ps(xr.add(u * mp));
+                            let x1 = _mm256_loadu_ps(xr.add(u * mp + 8));
+                            for b in 0..HALF {
+                                let wv = _mm256_set1_ps(*wp.add(b * STEP + u));
+                                acc[b][0] = _mm256_fmadd_ps(x0, wv, acc[b][0]);
+                                acc[b][1] = _mm256_fmadd_ps(x1, wv, acc[b][1]);
+                            }
+                        }};
+                    }
+                    for _ in 0..k / STEP {
+                        step!(0);
+                        step!(1);
+                        step!(2);
+                        step!(3);
+                        wp = wp.add(P * STEP);
+                        xr = xr.add(STEP * mp);
+                    }
+                    for u in 0..k % STEP {
+                        step!(u);
                     }
                     let rows_here = (limit - i)
                         .min(V * LANES)
@@ -304,9 +358,10 @@ mod x86 {
         m: usize,
         k: usize,
         first: usize,
-        out: &mut [f32],
+        count: usize,
+        y: Output,
     ) {
-        task::<Avx512>(w, blocks, m, k, first, out, true)
+        task::<Avx512>(w, blocks, m, k, first, count, y, true)
     }
 
     #[target_feature(enable = "avx2,fma,f16c,bmi2")]
@@ -316,40 +371,48 @@ mod x86 {
         m: usize,
         k: usize,
         first: usize,
-        out: &mut [f32],
+        count: usize,
+        y: Output,
     ) {
-        task::<Avx2>(w, blocks, m, k, first, out, true)
+        task::<Avx2>(w, blocks, m, k, first, count, y, true)
     }
 }
 
-/// Fills `out` (`[rows of W][m]`, W rows from `first`) from the
-/// transposed activations in blocks of rows (each `[k][width]`).
+/// The product `[m][n]`, shared by the tasks: each writes the columns of
+/// its own weight rows.
+#[derive(Clone, Copy)]
+struct Output {
+    at: *mut f32,
+    n: usize,
+}
+
+// SAFETY: tasks write disjoint columns (their own weight rows).
+unsafe impl Send for Output {}
+unsafe impl Sync for Output {}
+
+/// Fills columns `first..first + count` of `y` from the transposed
+/// activations in blocks of rows (each `[k][width]`): each tile of `P`
+/// weight rows is summed into `panel` (`[p][m]`, in L1/L2) and copied out.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 unsafe fn task<T: Tile>(
     w: Rows<'_>,
     blocks: &[Vec<f32>],
     m: usize,
     k: usize,
     first: usize,
-    out: &mut [f32],
+    count: usize,
+    y: Output,
     simd: bool,
 ) {
-    let count = out.len() / m;
     let mut unpacked = Unpacked::new(if matches!(w, Rows::Blocks(..)) { k } else { 0 });
-    let mut rows = vec![0f32; P * k];
+    let mut rows = vec![0f32; panel_len(k)];
+    let mut panel = vec![0f32; P * m];
     for j in (0..count).step_by(P) {
         let p = (count - j).min(P);
         for b in 0..p {
-            widen::<T>(
-                w,
-                first + j + b,
-                k,
-                &mut unpacked,
-                &mut rows[b * k..(b + 1) * k],
-                simd,
-            );
+            widen::<T>(w, first + j + b, k, &mut unpacked, b, &mut rows, simd);
         }
-        let panel = &mut out[j * m..(j + p) * m];
         let mut base = 0;
         for xt in blocks {
             let mp = xt.len() / k;
@@ -366,22 +429,24 @@ unsafe fn task<T: Tile>(
             }
             base += mp;
         }
+        // SAFETY: row r's columns first + j .. first + j + p lie inside
+        // `y` ([m][n]) and belong to this task alone.
+        let from = panel.as_ptr();
+        for r in 0..m {
+            let line = y.at.add(r * y.n + first + j);
+            for b in 0..p {
+                *line.add(b) = *from.add(b * m + r);
+            }
+        }
     }
 }
 
 /// `y = x Wᵀ` (`[m, n]`) with the build `isa`, the weights widened
-/// [`P`] rows at a time; the result is transposed, `[n][m]`.
-pub(crate) fn matmul_transposed(
-    isa: Isa,
-    w: Rows<'_>,
-    x: &[f32],
-    m: usize,
-    k: usize,
-    n: usize,
-) -> Vec<f32> {
-    let mut transposed = vec![0f32; n * m];
+/// [`P`] rows at a time.
+pub(crate) fn matmul(isa: Isa, w: Rows<'_>, x: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+    let mut y = vec![0f32; m * n];
     if m == 0 || n == 0 {
-        return transposed;
+        return y;
     }
     // The activations as blocks of up to BLOCK_ROWS rows, each `[k][width]`
     // (the last padded with zeros to whole vectors), so that the block a
@@ -401,23 +466,26 @@ pub(crate) fn matmul_transposed(
         })
         .collect();
     let blocks = &blocks;
+    let out = Output {
+        at: y.as_mut_ptr(),
+        n,
+    };
     // Whole tiles of weight rows per task, enough tasks to balance.
     let per_task = (n / (rayon::current_num_threads() * 4)).clamp(P, 240) / P * P;
-    transposed
-        .par_chunks_mut(per_task * m)
-        .enumerate()
-        .for_each(|(t, out)| {
-            let first = t * per_task;
-            match isa {
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: `isa` names a build the CPU runs (Isa::detect).
-                Isa::Avx512 => unsafe { x86::task_avx512(w, blocks, m, k, first, out) },
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: as above.
-                Isa::Avx2 => unsafe { x86::task_avx2(w, blocks, m, k, first, out) },
-                // SAFETY: plain Rust.
-                _ => unsafe { task::<Portable>(w, blocks, m, k, first, out, false) },
-            }
-        });
-    transposed
+    (0..n.div_ceil(per_task)).into_par_iter().for_each(|t| {
+        let first = t * per_task;
+        let count = per_task.min(n - first);
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `isa` names a build the CPU runs (Isa::detect); the
+            // task writes its own columns of `y`, which outlives the loop.
+            Isa::Avx512 => unsafe { x86::task_avx512(w, blocks, m, k, first, count, out) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
+            Isa::Avx2 => unsafe { x86::task_avx2(w, blocks, m, k, first, count, out) },
+            // SAFETY: plain Rust; columns as above.
+            _ => unsafe { task::<Portable>(w, blocks, m, k, first, count, out, false) },
+        }
+    });
+    y
 }
