@@ -146,6 +146,22 @@ def test_saving_and_loading_named_adapters(tmp_path):
     assert loaded.adapter_names == ["first", "second"]
 
 
+@pytest.mark.parametrize("name", ["/abs", "a/b", "..", "a\\b", "c:x", "", "x\0y"])
+def test_adapter_names_that_are_paths_are_refused(tmp_path, name):
+    reft_model = get_reft_model(build("llama", seed=1), config_a())
+    reft_model.save_pretrained(tmp_path / "one")
+    outside = tmp_path / "outside"
+    with pytest.raises(ConfigError, match="adapter name"):
+        reft_model.add_adapter(name, config_b())
+    with pytest.raises(ConfigError, match="adapter name"):
+        reft_model.load_adapter(tmp_path / "one", name)
+    # Nothing registered under the name, so nothing can be saved under it.
+    assert reft_model.adapter_names == ["default"]
+    with pytest.raises(ConfigError, match="no adapter named"):
+        reft_model.save_pretrained(tmp_path / "out", adapter_names=["default", name])
+    assert not outside.exists() and not (tmp_path / "out").exists()
+
+
 def test_parameter_counts_and_attributes_of_the_base_model():
     model = build("llama", seed=1)
     reft_model = get_reft_model(model, ReftConfig.for_layers([0, 2], low_rank_dimension=2, positions="l1"))

@@ -135,6 +135,27 @@ def test_train_resumes_from_its_periodic_checkpoints(workspace, capsys):
     assert steps == sorted(set(steps))  # the resumed run went on from step 2
 
 
+def test_train_refuses_to_replace_an_earlier_run_unless_told(workspace, capsys):
+    output = workspace / "replace"
+    base = ["train", "--model", str(workspace / "model"), "--data", str(workspace / "train.jsonl")]
+    base += ["--output", str(output), "--max-steps", "1", *TRAIN]
+    assert main([*base, "--seed", "1"]) == 0
+    capsys.readouterr()
+    first = (output / "reft_model.safetensors").read_bytes()
+    code, _, err = run(capsys, *base, "--seed", "2")
+    assert code == 2 and "--resume" in err and "--overwrite" in err
+    assert (output / "reft_model.safetensors").read_bytes() == first  # untouched
+    code, _, err = run(capsys, *base, "--resume", "--overwrite")
+    assert code == 2 and "pick one" in err
+    assert main([*base, "--seed", "2", "--overwrite"]) == 0
+    assert (output / "reft_model.safetensors").read_bytes() != first
+    # The Trainer's periodic checkpoints alone count as a run too.
+    periodic = workspace / "periodic"
+    (periodic / "checkpoint-2").mkdir(parents=True)
+    code, _, err = run(capsys, *[str(periodic) if a == str(output) else a for a in base])
+    assert code == 2 and "earlier run" in err
+
+
 def test_train_streams_a_dataset_in_chunks(workspace):
     output = workspace / "streamed"
     code = main(

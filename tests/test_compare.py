@@ -14,6 +14,9 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("optuna")
 peft = pytest.importorskip("peft")
 
+import safetensors.torch as safetensors_torch  # noqa: E402
+
+import reft_rs  # noqa: E402
 from reft_rs import compare  # noqa: E402
 from reft_rs.cli import main  # noqa: E402
 from reft_rs.compare import _Baseline, bootstrap_interval  # noqa: E402
@@ -104,8 +107,30 @@ def test_classifiers_compare_on_accuracy_with_their_heads_reset(tmp_path):
         output=tmp_path, metric="accuracy", trials=2, seeds=1, space=space, batch_size=2, test=lambda: records, log=None,
     )  # fmt: skip
     assert [row["method"] for row in report["rows"]] == ["loreft", "lora", "zero-shot"]
-    assert all(0 <= row["test_score"] <= 1 for row in report["rows"])
     assert all(torch.equal(head[k], v) for k, v in model.score.state_dict().items())  # reset after every run
+    rows = {row["method"]: row for row in report["rows"]}
+    tok = tokenizer(chat=False)
+
+    def accuracy(module):
+        """Accuracy written plainly: the arg max of the logits of each text."""
+        hits = 0
+        for record in records:
+            with torch.no_grad():
+                logits = module(**tok(record["text"], return_tensors="pt")).logits
+            hits += int(logits[0].argmax().item() == int(record["label"]))
+        return hits / len(records)
+
+    assert rows["zero-shot"]["test_score"] == accuracy(model)
+    # Each tuned row: its kept checkpoint (interventions and trained head)
+    # scores what the table says.
+    reft_model = reft_rs.ReftModel.from_pretrained(model, tmp_path / "loreft" / "best")
+    assert rows["loreft"]["test_score"] == accuracy(reft_model)
+    reft_model.remove_hooks()
+    model.score.load_state_dict(safetensors_torch.load_file(tmp_path / "lora" / "best" / "head.safetensors"))
+    adapter = peft.PeftModel.from_pretrained(model, tmp_path / "lora" / "best")
+    assert rows["lora"]["test_score"] == accuracy(adapter)
+    adapter.unload()
+    model.score.load_state_dict(head)
 
 
 def test_reft_rs_compare_end_to_end(tmp_path, capsys):

@@ -498,9 +498,30 @@ def test_red_errors(tmp_path):
     assert not (tmp_path / "ours").exists()
 
 
+@pytest.mark.parametrize("version", ["2.5.1+cu124", "2.1.0", "1.13.1"])
+def test_tensor_files_are_refused_on_a_torch_whose_safe_loading_can_be_bypassed(
+    tmp_path, monkeypatch, version
+):
+    """torch.load(weights_only=True) runs code from a crafted file before
+    torch 2.6 (CVE-2025-32434): neither importer reads a .bin or .pth there."""
+    write_pyreft(tmp_path / "p", [("loreft", 0)])
+    torch.save(red_state(layers=(0,)), tmp_path / "delta_vector.pth")
+    loads = []
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a))
+    monkeypatch.setattr(torch, "__version__", version)
+    with pytest.raises(reft_rs.MissingDependencyError, match=r"torch >= 2\.6.*CVE-2025-32434"):
+        from_pyreft(tmp_path / "p", tmp_path / "a", base_model=build("llama"), positions="l1")
+    with pytest.raises(reft_rs.MissingDependencyError, match=r"torch >= 2\.6.*CVE-2025-32434"):
+        from_red(tmp_path, tmp_path / "b", base_model=build("llama"))
+    assert loads == [] and not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 def _tensor_mutations(state):
     """Each tensor of a saved state replaced by wrongly shaped, typed or
-    missing values, one at a time: what a damaged or hand-edited file holds."""
+    missing values, one at a time: what a damaged or hand-edited file holds.
+    A floating-point replacement of the original's shape (or of it without
+    a leading axis of 1: RED's ``[1, hidden]`` vectors read as ``[hidden]``)
+    is a valid value, not damage, and is left out."""
     for name, value in state.items():
         for label, replacement in [
             ("scalar", torch.tensor(1.0)),
@@ -513,50 +534,70 @@ def _tensor_mutations(state):
             ("booleans", value > 0),
             ("complex", value.to(torch.complex64)),
         ]:
+            same = replacement.shape in (value.shape, value.shape[1:] if value.shape[:1] == (1,) else None)
+            if same and replacement.is_floating_point():
+                continue
             yield f"{name} {label}", {**state, name: replacement}
         yield f"{name} missing", {k: v for k, v in state.items() if k != name}
 
 
+#: Tensors a file may lack: pyreft builds NoReFT's and NoDiReFT's projection
+#: with or without a bias (``add_bias``), and RED's halves are each optional
+#: (the missing one is filled with the identity; see the test above).
+OPTIONAL = {
+    ("noreft", "proj_layer.bias"),
+    ("nodireft", "proj_layer.bias"),
+    ("red", "activation_scaling"),
+    ("red", "activation_bias"),
+}
+
+
+def _optional(kind, label):
+    name, _, what = label.rpartition(" ")
+    return what == "missing" and any(k == kind and name.endswith(n) for k, n in OPTIONAL)
+
+
 @pytest.mark.parametrize("kind", list(CLASSES))
 def test_damaged_pyreft_tensors_give_invalid_checkpoint_errors(kind, tmp_path):
-    """Whatever shape, type or gap a tensor file has, the importer either
-    converts it (a replacement that is still a valid intervention) or
-    raises InvalidCheckpointError naming the file; nothing else escapes and
-    no checkpoint is left behind on failure."""
+    """Every shape, type or gap a damaged tensor file has is refused with an
+    InvalidCheckpointError naming the file, and no checkpoint is left behind;
+    only a tensor pyreft itself may leave out converts."""
     folder = tmp_path / "p"
     write_pyreft(folder, [(kind, 0)])
     [binary] = list(folder.glob("intkey_*.bin"))
     state = torch.load(binary, weights_only=True)
-    failures = 0
-    for index, (label, mutated) in enumerate(_tensor_mutations(state)):
+    mutations = list(_tensor_mutations(state))
+    assert len(mutations) >= 4 * len(state)
+    for index, (label, mutated) in enumerate(mutations):
         torch.save(mutated, binary)
         out = tmp_path / f"out{index}"
-        try:
+        if _optional(kind, label):
             from_pyreft(folder, out, base_model=build("llama"), positions="l1")
-        except InvalidCheckpointError as error:
-            failures += 1
-            assert binary.name in str(error) or "intkey_" in str(error), (label, error)
-            assert not out.exists(), label
-        else:
-            # A conversion that succeeds must load and run.
             model = ReftModel.from_pretrained(build("llama"), out)
             with torch.no_grad():
                 assert torch.isfinite(model(input_ids=random_ids(1, 6)).logits).all(), label
-    assert failures > 0
+            continue
+        with pytest.raises(InvalidCheckpointError) as caught:
+            from_pyreft(folder, out, base_model=build("llama"), positions="l1")
+        assert binary.name in str(caught.value) or "intkey_" in str(caught.value), (label, caught.value)
+        assert not out.exists(), label
 
 
 def test_damaged_red_tensors_give_invalid_checkpoint_errors(tmp_path):
     state = red_state(layers=(0,))
-    for index, (label, mutated) in enumerate(_tensor_mutations(state)):
+    mutations = list(_tensor_mutations(state))
+    assert len(mutations) >= 4 * len(state)
+    for index, (label, mutated) in enumerate(mutations):
         path = tmp_path / f"delta{index}.pth"
         torch.save(mutated, path)
         out = tmp_path / f"out{index}"
-        try:
+        if _optional("red", label):
             from_red(path, out, base_model=build("llama"))
-        except InvalidCheckpointError as error:
-            assert path.name in str(error), (label, error)
-            assert not out.exists(), label
-        else:
             model = ReftModel.from_pretrained(build("llama"), out)
             with torch.no_grad():
                 assert torch.isfinite(model(input_ids=random_ids(1, 6)).logits).all(), label
+            continue
+        with pytest.raises(InvalidCheckpointError) as caught:
+            from_red(path, out, base_model=build("llama"))
+        assert path.name in str(caught.value), (label, caught.value)
+        assert not out.exists(), label

@@ -311,6 +311,39 @@ def test_bad_locations():
         reft_model(input_ids=ids, locations=np.zeros((2, 2, 1)))
 
 
+@pytest.mark.parametrize("padding", ["right", "left"])
+def test_labels_over_the_whole_input_are_refused_with_the_fix(padding):
+    """labels = input_ids (the usual Hugging Face habit) leaves no prompt to
+    count positions from: a ConfigError that names the fix, not torch's
+    "does not require grad" at backward()."""
+    reft_model = get_reft_model(
+        build("llama"), ReftConfig.for_layers([0], low_rank_dimension=2, positions="f1+l1")
+    )
+    ids = random_ids(2, 6)
+    mask = torch.ones_like(ids)
+    if padding == "left":
+        mask[1, :2] = 0
+    with pytest.raises(ConfigError, match=r"row 0 cover its first token.*-100.*locations="):
+        reft_model(input_ids=ids, attention_mask=mask, labels=ids.clone())
+    # One row with a masked prompt is not enough: the other row is named.
+    labels = ids.clone()
+    labels[0, :3] = -100
+    with pytest.raises(ConfigError, match="row 1 cover"):
+        reft_model(input_ids=ids, attention_mask=mask, labels=labels)
+    # The fixes: the prompt masked in every row, or explicit locations.
+    labels[1, : 3 + (2 if padding == "left" else 0)] = -100
+    reft_model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    assert any(
+        p.grad is not None and p.grad.abs().sum() > 0 for p in reft_model.adapters["default"].parameters()
+    )
+    reft_model.zero_grad()
+    out = reft_model(input_ids=ids, attention_mask=mask, labels=ids.clone(), locations=np.full((2, 2, 1), 2))
+    out.loss.backward()
+    assert any(
+        p.grad is not None and p.grad.abs().sum() > 0 for p in reft_model.adapters["default"].parameters()
+    )
+
+
 def test_many_interventions_on_one_layer_apply_in_order():
     model = build("llama", dtype=torch.float64)
     config = ReftConfig(

@@ -79,13 +79,43 @@ def test_good_configs_pass_both_ways_with_the_same_defaults():
             InterventionConfig(layer=0, type="steer", **{field: float("nan")})
 
 
-def test_python_reads_its_tables_from_the_core():
+# The specification's tables (SPEC.md §1-§3), written out here: which
+# matrices each type trains (R: rotation, W/b: a learned source, W₂: a
+# projection) and where it applies by default.
+SPEC_TYPES = {
+    "loreft": (True, True, True, False, "l1"),
+    "noreft": (True, False, True, True, "l1"),
+    "direft": (True, True, True, False, "l1"),
+    "nodireft": (True, False, True, True, "l1"),
+    "consreft": (True, True, False, False, "l1"),
+    "lobireft": (True, True, False, False, "l1"),
+    "red": (False, False, False, False, "all"),
+    "steer": (False, False, False, False, "all"),
+}
+SPEC_COMPONENTS = ("block_output", "block_input", "mlp_output", "attention_output")
+SPEC_DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+def test_the_tables_are_the_specification_s():
+    """The core's tables (which Python reads) against the specification,
+    and each type's torch module against its row."""
     schema = _core.schema()
-    assert reft_rs.config.INTERVENTION_TYPES == tuple(schema["types"])
-    assert reft_rs.config.COMPONENTS == tuple(schema["components"])
-    assert reft_rs.config.ACTIVATIONS == tuple(schema["activations"])
-    assert reft_rs.config.DTYPES == tuple(schema["dtypes"])
+    fields = ("low_rank", "rotation", "source", "projection", "default_positions")
+    assert {name: tuple(row[f] for f in fields) for name, row in schema["types"].items()} == SPEC_TYPES
+    assert reft_rs.config.INTERVENTION_TYPES == tuple(SPEC_TYPES)
+    assert reft_rs.config.COMPONENTS == SPEC_COMPONENTS
+    assert reft_rs.config.DTYPES == SPEC_DTYPES
+    assert set(reft_rs.config.ACTIVATIONS) >= {"identity", "relu", "gelu", "silu", "tanh", "sigmoid"}
     assert reft_rs.FORMAT_VERSION == schema["format_version"] == 2
+    for name, (low_rank, rotation, source, projection, positions) in SPEC_TYPES.items():
+        config = InterventionConfig(layer=0, type=name, low_rank_dimension=4 if low_rank else None)
+        assert config.positions == positions, name
+        keys = {key.split(".", 1)[1] for key, _, _ in checkpoint.expected_tensors(
+            {"base_model": BASE, "interventions": [{**config.to_checkpoint(), "name": "a"}]}
+        )}  # fmt: skip
+        assert ("rotation" in keys) == rotation, (name, keys)
+        assert ("weight" in keys) == source, (name, keys)
+        assert ("projection_weight" in keys) == projection, (name, keys)
 
 
 def test_placement_checks_come_from_the_core():

@@ -103,6 +103,32 @@ def test_accuracy_is_the_classifier_argmax():
 # ---------------------------------------------------------------- the plain loop
 
 
+def test_the_loop_stops_after_patience_evaluations_without_a_strictly_better_score():
+    tok, reft_model, dataset = setup()
+    # best 0.1, 0.5; a tie and a drop (waited 2); a new best 0.6; three
+    # more without one: stop at the 8th evaluation, never reaching 0.9.
+    script = [0.1, 0.5, 0.5, 0.4, 0.6, 0.3, 0.2, 0.1, 0.9, 0.9, 0.9, 0.9]
+    scores = iter(script)
+    history = reft_rs.train(
+        reft_model, dataset, collator=ReftDataCollator(tok.pad_token_id), epochs=6, batch_size=2, learning_rate=1e-2,
+        progress=False, eval_dataset=dataset, eval_metric=lambda model: next(scores), greater_is_better=True,
+        eval_steps=1, early_stopping_patience=3,
+    )  # fmt: skip
+    assert [e["score"] for e in history.evaluations] == script[:8]
+    assert history.stopped_early and len(history) == 8
+    assert (history.best_step, history.best_score) == (5, 0.6)
+    # Lower is better: the same rule the other way round.
+    tok, reft_model, dataset = setup()
+    scores = iter([0.5, 0.4, 0.45, 0.4, 0.3, 0.35, 0.1])
+    history = reft_rs.train(
+        reft_model, dataset, collator=ReftDataCollator(tok.pad_token_id), epochs=6, batch_size=2, learning_rate=1e-2,
+        progress=False, eval_dataset=dataset, eval_metric=lambda model: next(scores), greater_is_better=False,
+        eval_steps=1, early_stopping_patience=2,
+    )  # fmt: skip
+    assert [e["score"] for e in history.evaluations] == [0.5, 0.4, 0.45, 0.4]
+    assert (history.best_step, history.best_score, history.stopped_early) == (2, 0.4, True)
+
+
 def test_the_loop_keeps_the_parameters_of_the_best_evaluation():
     tok, reft_model, dataset = setup()
     scores = iter([0.1, 0.5, 0.9, 0.4, 0.3, 0.2])
@@ -233,7 +259,15 @@ def test_reft_rs_train_stops_early_and_checks_its_options(files, tmp_path, capsy
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["stopped_early"] and len(metrics["losses"]) < 40
     scores = [e["score"] for e in metrics["evaluations"]]
-    assert all(s <= metrics["best_score"] for s in scores[-3:])
+    # The patience rule written plainly: stop at the third evaluation in a
+    # row that is not strictly better than the best so far.
+    best, waited, stop = None, 0, None
+    for index, score in enumerate(scores):
+        best, waited = (score, 0) if best is None or score > best else (best, waited + 1)
+        if waited == 3:
+            stop = index
+            break
+    assert stop == len(scores) - 1 and metrics["best_score"] == best
     capsys.readouterr()
     base = [
         "train",

@@ -74,6 +74,49 @@ def test_a_stopped_sweep_resumes_from_its_database(tmp_path):
     assert len(third["trials"]) == 4 and "nothing to run" in lines[0]
 
 
+def test_a_sweep_killed_before_best_is_updated_resumes_with_best_and_study_agreeing(tmp_path, monkeypatch):
+    space = SearchSpace(
+        layer_sets=[[0, 1, 2]], positions=["f3+l3"], ranks=[4], learning_rate=[1e-7, 3e-2], epochs=2
+    )
+    study = optuna.create_study(
+        storage=f"sqlite:///{tmp_path / 'study.db'}", study_name="reft-rs", direction="minimize"
+    )
+    for rate in (1e-7, 3e-2):  # the second trial learns: it becomes the best
+        study.enqueue_trial({"learning_rate": rate})
+    run(tmp_path, 1, metric="loss", space=space)
+    assert sweep._trial_of(tmp_path / "best") == 0
+    settle = sweep._settle_best
+
+    def killed(*args):
+        raise KeyboardInterrupt  # the process dies once Optuna has recorded trial 1
+
+    monkeypatch.setattr(sweep, "_settle_best", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, 2, metric="loss", space=space)
+    recorded = optuna.load_study(study_name="reft-rs", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    assert recorded.best_trial.number == 1
+    assert sweep._trial_of(tmp_path / "best") == 0  # stale: the kill came first
+    monkeypatch.setattr(sweep, "_settle_best", settle)
+    summary = run(tmp_path, 2, metric="loss", space=space)  # resumed: nothing left to run
+    assert summary["best"]["trial"] == 1
+    saved = json.loads((tmp_path / "sweep.json").read_text())
+    assert saved["best"]["trial"] == 1
+    reft_model = reft_rs.ReftModel.from_pretrained(build("llama", seed=1, init_range=0.5), tmp_path / "best")
+    assert reft_model.reft_config.metadata["sweep_trial"] == 1
+    assert not (tmp_path / "candidates").exists()
+
+
+def test_a_resumed_study_must_rank_by_the_same_metric_and_direction(tmp_path):
+    run(tmp_path / "a", 1, metric="loss")
+    with pytest.raises(reft_rs.ConfigError, match="ranked by dev loss, not exact_match"):
+        run(tmp_path / "a", 2, metric="exact_match")
+    optuna.create_study(storage=f"sqlite:///{tmp_path / 'b.db'}", study_name="reft-rs", direction="maximize")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b.db").rename(tmp_path / "b" / "study.db")
+    with pytest.raises(reft_rs.ConfigError, match="maximizes its metric, and loss needs to minimize"):
+        run(tmp_path / "b", 1, metric="loss")
+
+
 def test_the_pruner_stops_a_trial_that_falls_behind(tmp_path):
     space = SearchSpace(
         layer_sets=[[0, 1, 2]], positions=["f3+l3"], ranks=[4], learning_rate=[3e-2, 1e-7], epochs=6
@@ -108,7 +151,13 @@ def test_the_test_set_is_read_once_after_selection(tmp_path, monkeypatch):
         tmp_path, 3, metric="exact_match", test=read_test, log=lambda line: events.append(line.split()[0])
     )
     assert events == ["trial", "trial", "trial", "selection over", "test read", "test"]
-    assert result["test"]["examples"] == 3 and 0 <= result["test"]["score"] <= 1
+    assert result["test"]["examples"] == 3
+    # The test score is the kept checkpoint's, on the three test records.
+    reft_model = reft_rs.ReftModel.from_pretrained(build("llama", seed=1, init_range=0.5), tmp_path / "best")
+    test = Task(train=RECORDS, dev=RECORDS).dataset(tokenizer(), RECORDS[:3], reft_model.reft_config)
+    assert result["test"]["score"] == evaluate(
+        reft_model, test, "exact_match", tokenizer=tokenizer(), batch_size=2
+    )
 
 
 @pytest.fixture(scope="module")

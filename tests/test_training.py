@@ -176,6 +176,58 @@ def test_trainer_saves_full_checkpoints_and_resumes_exactly(tmp_path):
         assert torch.equal(restored.checkpoint_tensors()[key], value)
 
 
+def test_gradient_accumulation_steps_with_the_gradient_of_the_whole_batch(tmp_path):
+    """Two micro-batches of 2 make one step with the gradient of the mean
+    loss over all 4 examples' label tokens (transformers' num_items_in_batch),
+    written plainly below; the responses differ in length, so averaging the
+    two micro-batch means would give another step."""
+    tok = tokenizer()
+    config = ReftConfig.for_layers([0, 2], low_rank_dimension=2, positions="f1+l1")
+    responses = ["blue", "green and a much longer reply than the others", "hello world", "blue"]
+    dataset = make_dataset(tok, PROMPTS, responses, config=config)
+    collate = ReftDataCollator(tok.pad_token_id)
+
+    def fresh():
+        torch.manual_seed(3)
+        return get_reft_model(build("llama", seed=1), config)
+
+    def trained(accumulate, batch):
+        reft_model = fresh()
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / f"run{accumulate}"), max_steps=1, per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accumulate, learning_rate=1.0, optim="sgd", lr_scheduler_type="constant",
+            weight_decay=0.0, max_grad_norm=0.0, save_strategy="no", report_to=[], use_cpu=True, seed=0,
+            disable_tqdm=True,
+        )  # fmt: skip
+        reft_rs.ReftTrainer(model=reft_model, args=args, train_dataset=dataset, data_collator=collate).train()
+        return reft_model.checkpoint_tensors()
+
+    def sgd_step(batches, combine):
+        """One plain SGD step (rate 1) on ``combine`` of the batches' losses."""
+        reft_model = fresh()
+        before = {k: v.clone() for k, v in reft_model.checkpoint_tensors().items()}
+        combine([reft_model(**collate([dataset[i] for i in part])).loss for part in batches]).backward()
+        with torch.no_grad():
+            for parameter in reft_model.parameters():
+                if parameter.grad is not None:
+                    parameter -= parameter.grad
+        return before, reft_model.checkpoint_tensors()
+
+    # The reference: the mean loss over every label token of the 4 examples.
+    start, expected = sgd_step([[0, 1, 2, 3]], lambda losses: losses[0])
+    accumulated = trained(2, 2)
+    whole = trained(1, 4)
+    moved = False
+    for key in expected:
+        torch.testing.assert_close(accumulated[key], expected[key], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(whole[key], expected[key], rtol=1e-4, atol=1e-6)
+        moved |= not torch.equal(expected[key], start[key])
+    assert moved
+    # The mean of the two micro-batch means is a different step: the check above can fail.
+    _, naive = sgd_step([[0, 1], [2, 3]], lambda losses: (losses[0] + losses[1]) / 2)
+    assert any(not torch.allclose(naive[k], expected[k], rtol=1e-4, atol=1e-6) for k in expected)
+
+
 @pytest.mark.parametrize("family", ["llama", "bert"])
 def test_trainer_with_gradient_accumulation(tmp_path, family):
     trainer, reft_model = trainer_for(tmp_path, steps=4, accumulate=2, family=family)

@@ -44,6 +44,7 @@ from .errors import ConfigError, InvalidCheckpointError, MissingDependencyError
 
 __all__ = [
     "CONFIG_FILE",
+    "holds_checkpoint",
     "TENSORS_FILE",
     "FORMAT_VERSION",
     "save",
@@ -121,6 +122,12 @@ def _tensor_bytes(name: str, tensor: Any) -> tuple[str, list[int], np.ndarray]:
         array = array.astype(array.dtype.newbyteorder("<"))
     array = np.ascontiguousarray(array)
     return array.dtype.name, list(array.shape), array.reshape(-1).view(np.uint8)
+
+
+def holds_checkpoint(path: str | os.PathLike[str]) -> bool:
+    """Whether the folder ``path`` holds a checkpoint's files (complete or
+    not), so that writing one there would replace it."""
+    return any(os.path.exists(os.path.join(os.fspath(path), name)) for name in (CONFIG_FILE, TENSORS_FILE))
 
 
 def save(path: str | os.PathLike[str], config: Mapping[str, Any], tensors: Mapping[str, Any]) -> None:

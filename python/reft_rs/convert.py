@@ -34,7 +34,7 @@ from torch import nn
 from . import _core, checkpoint
 from .checkpoint import base_identity as _identity
 from .config import SOURCE_TYPES, InterventionConfig, ReftConfig
-from .errors import CheckpointNotFoundError, ConfigError, InvalidCheckpointError
+from .errors import CheckpointNotFoundError, ConfigError, InvalidCheckpointError, MissingDependencyError
 
 __all__ = ["from_pyreft", "from_red"]
 
@@ -49,7 +49,24 @@ _PYREFT_TYPES = {
 _PYREFT_FIELDS = ("layer", "component", "unit", "max_number_of_units", "low_rank_dimension")
 
 
+#: The first torch whose ``torch.load(weights_only=True)`` cannot be made to
+#: run code (CVE-2025-32434 bypasses it in earlier releases).
+SAFE_TORCH = (2, 6)
+
+
+def _torch_version(text: str) -> tuple[int, int]:
+    match = re.match(r"(\d+)\.(\d+)", text)
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+
+
 def _load_tensors(path: str) -> dict[str, torch.Tensor]:
+    if _torch_version(torch.__version__) < SAFE_TORCH:
+        raise MissingDependencyError(
+            f"reading {os.path.basename(path)} needs torch >= {SAFE_TORCH[0]}.{SAFE_TORCH[1]} "
+            f"(torch {torch.__version__} is installed): before it, torch.load(weights_only=True) "
+            "can be made to run code from the file (CVE-2025-32434). "
+            "pip install 'torch>=2.6', or convert the file on a machine that has it"
+        )
     if not os.path.exists(path):
         raise CheckpointNotFoundError(f"checkpoint file not found: {path}", path)
     try:
@@ -148,7 +165,12 @@ def _pyreft_tensors(kind: str, state: Mapping[str, torch.Tensor], where: str) ->
 def _pyreft_checked(kind: str, state: Mapping[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
     """The reft_rs tensors of one pyreft intervention, their shapes checked."""
     tensors = _pyreft_tensors(kind, state, where)
-    _check_pyreft_shapes(tensors, where)
+    unused = {}
+    if kind == "nodireft" and "proj_layer.bias" in state:
+        # pyreft's NoDiReFT builds this bias but its forward uses only the
+        # weight: a damaged one is still a damaged file.
+        unused["projection_bias"] = state["proj_layer.bias"]
+    _check_pyreft_shapes({**tensors, **unused}, where)
     return tensors
 
 

@@ -30,7 +30,7 @@ import torch
 from . import _core
 from .config import ReftConfig
 from .errors import ConfigError, ReftError
-from .positions import locate
+from .positions import IGNORE_INDEX, locate
 
 __all__ = [
     "IGNORE_INDEX",
@@ -47,7 +47,6 @@ __all__ = [
     "tokenize_pairs",
 ]
 
-IGNORE_INDEX = -100
 
 # Sentinels for finding where a chat template puts the message contents.
 _PROMPT_MARK = "\ue000reft-rs-prompt\ue001"

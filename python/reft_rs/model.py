@@ -39,12 +39,11 @@ from .config import InterventionConfig, ReftConfig
 from .errors import ConfigError, IncompatibleModelError, InvalidCheckpointError, LocationError, ShapeError
 from .interventions import Intervention, inference_call
 from .layout import HookSite, find_layers, model_dimensions, resolve
-from .positions import locate
+from .positions import IGNORE_INDEX, locate
 from .prefix_cache import PrefixCache, applies, cached_forward
 
 __all__ = ["ReftModel", "get_reft_model"]
 
-IGNORE_INDEX = -100
 _HEAD_NAMES = ("score", "classifier")
 
 
@@ -177,8 +176,13 @@ class ReftModel(nn.Module):
 
     def _add(self, name: str, config: ReftConfig, *, initialize: bool) -> None:
         """Builds and hooks an adapter (not made active)."""
-        if not isinstance(name, str) or not name or "." in name:
-            raise ConfigError(f"an adapter name must be a non-empty string without '.', found {name!r}")
+        if not isinstance(name, str) or not name or any(c in name for c in "./\\:\0"):
+            # save_pretrained writes adapter `name` to path/name: a name that
+            # is a path would write outside the folder.
+            raise ConfigError(
+                f"an adapter name must be a non-empty string without '.', '/', '\\', ':' "
+                f"or NUL (it names a subfolder when saved), found {name!r}"
+            )
         if name in self._configs:
             raise ConfigError(f"an adapter named {name!r} already exists; delete_adapter it first")
         model = self.model
@@ -1001,7 +1005,17 @@ def _prompt_lengths(
     labelled = (labels.detach().to("cpu").numpy() != IGNORE_INDEX) & mask
     first = np.where(labelled.any(axis=1), labelled.argmax(axis=1), length)
     start = length - sequence if left else np.zeros(batch, dtype=np.int64)
-    return (first - start).clip(min=0).astype(np.int64), padding_side, sequence
+    prompts = (first - start).clip(min=0).astype(np.int64)
+    empty = np.flatnonzero((prompts == 0) & (sequence > 0))
+    if empty.size:
+        raise ConfigError(
+            f"the labels of row {int(empty[0])} cover its first token, so it has no prompt: "
+            "the positions are counted from the end of the prompt (the tokens labelled -100), "
+            "so nothing would be edited and the loss would have no gradient. Mask the prompt "
+            "with -100 in the labels (labels = input_ids labels every token; make_dataset masks "
+            "the prompt), or pass locations= to choose the positions yourself"
+        )
+    return prompts, padding_side, sequence
 
 
 def _device_of(model: nn.Module) -> torch.device:

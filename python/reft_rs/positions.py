@@ -33,7 +33,11 @@ from . import _core
 from ._core import MASKED, PositionSpec
 from .errors import PositionError
 
-__all__ = ["MASKED", "PositionSpec", "locate", "locate_spans", "per_layer"]
+__all__ = ["IGNORE_INDEX", "MASKED", "PositionSpec", "locate", "locate_spans", "per_layer"]
+
+#: The label of a token the loss skips (transformers' and torch's
+#: ``ignore_index``): the prompt, whose end the positions are counted from.
+IGNORE_INDEX = -100
 
 PaddingSide = Literal["left", "right"]
 

@@ -31,9 +31,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from .positions import IGNORE_INDEX
+
 __all__ = ["PrefixCache", "applies", "cached_forward"]
 
-IGNORE_INDEX = -100
 _GIB = 1 << 30
 
 

@@ -468,6 +468,7 @@ def search(
     higher = greater_is_better(metric)
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
+    metric_name = metric if isinstance(metric, str) else getattr(metric, "__name__", "custom")
     study = optuna.create_study(
         storage=_storage(output),
         study_name=study_name,
@@ -476,10 +477,10 @@ def search(
         pruner=pruner or optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0),
         sampler=sampler or optuna.samplers.TPESampler(seed=seed),
     )
+    _check_resumed(study, output, metric_name, "maximize" if higher else "minimize")
     done = [t for t in study.trials if t.state.is_finished()]
     remaining = None if trials is None else max(0, trials - len(done))
     total = trials if trials is not None else "?"
-    metric_name = metric if isinstance(metric, str) else getattr(metric, "__name__", "custom")
     started = time.perf_counter()
     durations: list[float] = []
 
@@ -506,8 +507,13 @@ def search(
             finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
             best = None if not finished else study.best_value
             if best is None or (score > best if higher else score < best):
+                # A candidate until Optuna has recorded the trial: `best/`
+                # takes it only then (_settle_best), so that a sweep killed
+                # in between resumes with `best/` and the study agreeing.
+                candidate = _candidate(output, trial.number)
+                _remove_tree(candidate)
                 fitted.save(
-                    output / "best",
+                    candidate,
                     {
                         "sweep_trial": trial.number,
                         "selected_step": history.best_step,
@@ -516,11 +522,13 @@ def search(
                         "params": params,
                     },
                 )
+                (candidate / _TRIAL_FILE).write_text(json.dumps({"trial": trial.number}))
             return score
         finally:
             fitted.close()
 
     def progress(study: Any, trial: Any) -> None:
+        _settle_best(study, optuna, output)
         seconds = trial.user_attrs.get("seconds")
         if seconds is None and trial.datetime_complete and trial.datetime_start:
             seconds = (trial.datetime_complete - trial.datetime_start).total_seconds()
@@ -549,6 +557,7 @@ def search(
         study.optimize(objective, n_trials=remaining, timeout=timeout, callbacks=[progress], catch=())
     elif log is not None:
         log(f"the study in {output / 'study.db'} already has {len(done)} trials; nothing to run")
+    _settle_best(study, optuna, output)
     summary = _summary(study, optuna, metric_name, method.describe_space(), output)
     if summary["best"] is None:
         raise ConfigError("no trial completed; nothing to select")
@@ -556,6 +565,70 @@ def search(
         summary["plots"] = _plots(study, output)
     (output / "sweep.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+#: In a trial's checkpoint folder: the trial it comes from.
+_TRIAL_FILE = "sweep_trial.json"
+
+
+def _candidate(output: Path, number: int) -> Path:
+    return output / "candidates" / f"trial-{number}"
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+
+    if path.exists():
+        shutil.rmtree(path)
+
+
+def _trial_of(folder: Path) -> int | None:
+    try:
+        return int(json.loads((folder / _TRIAL_FILE).read_text())["trial"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _check_resumed(study: Any, output: Path, metric: str, direction: str) -> None:
+    """A study resumed from ``output/study.db`` must rank trials as this
+    search would: the same metric, the same direction."""
+    stored = study.user_attrs.get("metric")
+    if stored is not None and stored != metric:
+        raise ConfigError(
+            f"{output / 'study.db'} holds a study ranked by dev {stored}, not {metric}: "
+            "its trials cannot be compared; use another output folder or study name"
+        )
+    if study.direction.name.lower() != direction:
+        raise ConfigError(
+            f"{output / 'study.db'} holds a study that {study.direction.name.lower()}s its metric, "
+            f"and {metric} needs to {direction}: use another output folder or study name"
+        )
+    if stored is None:
+        study.set_user_attr("metric", metric)
+
+
+def _settle_best(study: Any, optuna: Any, output: Path) -> None:
+    """Makes ``best/`` the checkpoint of the study's best recorded trial
+    (promoting its candidate) and drops the other candidates; called
+    between trials."""
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not complete:
+        return
+    number = study.best_trial.number
+    best = output / "best"
+    if _trial_of(best) != number:
+        candidate = _candidate(output, number)
+        if _trial_of(candidate) == number:
+            # Each rename is atomic: best/ is the old or the new trial's.
+            retired = output / "candidates" / "retired"
+            _remove_tree(retired)
+            if best.exists():
+                os.replace(best, retired)
+            os.replace(candidate, best)
+            _remove_tree(retired)
+    # Trials run one at a time and this runs between them: any other
+    # candidate lost to a better trial or to a killed run.
+    _remove_tree(output / "candidates")
 
 
 def _duration(seconds: float) -> str:

@@ -81,6 +81,11 @@ def register(commands: Any) -> None:
     train.add_argument("--keep-checkpoints", type=int, default=3)
     train.add_argument("--log-steps", type=int, default=10)
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in an --output that holds a checkpoint, replacing it",
+    )
     train.add_argument("--stream", action="store_true", help="read the dataset chunk by chunk")
     train.add_argument("--chunk-size", type=int, default=16384)
     train.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -181,6 +186,15 @@ class _StreamedEpochs:
         )
 
 
+def _holds_a_run(output: str) -> bool:
+    """A checkpoint, or the Trainer's periodic ones, in ``output``."""
+    from ..checkpoint import holds_checkpoint
+
+    if not os.path.isdir(output):
+        return False
+    return holds_checkpoint(output) or any(name.startswith("checkpoint-") for name in os.listdir(output))
+
+
 def run(args: argparse.Namespace) -> int:
     require_torch()
     import transformers
@@ -191,6 +205,13 @@ def run(args: argparse.Namespace) -> int:
 
     if args.resume and args.stream:
         raise UsageError("--resume needs the Trainer's checkpoints; it does not combine with --stream")
+    if args.resume and args.overwrite:
+        raise UsageError("--resume continues the run in --output and --overwrite replaces it: pick one")
+    if not (args.resume or args.overwrite) and _holds_a_run(args.output):
+        raise UsageError(
+            f"{args.output} holds a checkpoint from an earlier run: pass --resume to continue it, "
+            "--overwrite to replace it, or another --output"
+        )
     device = device_for(args.device)
     if args.bf16 and device != "cuda":
         raise UsageError("--bf16 runs on a GPU; use it with --device cuda")

@@ -351,7 +351,10 @@ pub fn save_with_hook(
         write_synced(&temp_tensors, &tensor_bytes)?;
         write_synced(&temp_config, &config_bytes)?;
         step(SaveStep::TemporariesWritten)?;
-        if final_tensors.exists() {
+        // After an interrupted save the config on disk may match the kept
+        // previous tensors, not the current ones: those are then the only
+        // loadable pair, and stay.
+        if final_tensors.exists() && !previous_matches_the_config(dir) {
             match fs::remove_file(&previous) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -367,6 +370,8 @@ pub fn save_with_hook(
         }
         step(SaveStep::PreviousKept)?;
         fs::rename(&temp_tensors, &final_tensors).map_err(|e| Error::io(&final_tensors, e))?;
+        // The tensors' rename reaches the disk before the config's.
+        sync_dir(dir)?;
         step(SaveStep::TensorsRenamed)?;
         fs::rename(&temp_config, &final_config).map_err(|e| Error::io(&final_config, e))?;
         sync_dir(dir)?;
@@ -379,6 +384,22 @@ pub fn save_with_hook(
         let _ = fs::remove_file(&temp_config);
     }
     result
+}
+
+/// Whether the folder's config was saved with the kept previous tensors
+/// rather than the current ones (a save was cut off after its tensors'
+/// rename): `load` then reads the previous tensors.
+fn previous_matches_the_config(dir: &Path) -> bool {
+    let saved_with = fs::read(dir.join(CONFIG_FILE))
+        .ok()
+        .and_then(|text| serde_json::from_slice::<serde_json::Value>(&text).ok())
+        .and_then(|v| v.get("save_id")?.as_str().map(str::to_string));
+    let Some(saved_with) = saved_with else {
+        return false;
+    };
+    let id_of = |file: &str| Header::read(&dir.join(file)).ok().and_then(|h| h.save_id);
+    id_of(TENSORS_FILE).as_deref() != Some(saved_with.as_str())
+        && id_of(PREVIOUS_TENSORS_FILE).as_deref() == Some(saved_with.as_str())
 }
 
 /// Bytes a checkpoint's safetensors header may hold (a header lists a few

@@ -167,6 +167,67 @@ fn a_save_cut_off_at_any_step_leaves_a_loadable_checkpoint() {
     }
 }
 
+#[test]
+fn two_interrupted_saves_in_a_row_leave_a_loadable_checkpoint() {
+    // Three saves of different configs and tensors: the first completes, the
+    // next two are cut off at every pair of steps. The folder must load as
+    // the last save that completed its config rename, tensors and all.
+    let steps = [
+        SaveStep::TemporariesWritten,
+        SaveStep::PreviousKept,
+        SaveStep::TensorsRenamed,
+        SaveStep::ConfigRenamed,
+    ];
+    let kinds: [&[InterventionType]; 3] = [
+        &[InterventionType::LoReft],
+        &[InterventionType::LoReft, InterventionType::Red],
+        &[InterventionType::Steer],
+    ];
+    let saves: Vec<(ReftConfig, Vec<OwnedTensor>)> = kinds
+        .iter()
+        .enumerate()
+        .map(|(i, k)| {
+            let config = config_for(k, "float32");
+            let tensors = tensors_for(&config, i as u8 + 1);
+            (config, tensors)
+        })
+        .collect();
+    let crash_at = |step: SaveStep| {
+        move |done: SaveStep| {
+            if done == step {
+                Err(Error::Shape("simulated crash".into()))
+            } else {
+                Ok(())
+            }
+        }
+    };
+    for first in steps {
+        for second in steps {
+            let dir = tempfile::tempdir().unwrap();
+            save_all(dir.path(), &saves[0].0, &saves[0].1).unwrap();
+            let mut expected = 0;
+            for (save, step) in [(1, first), (2, second)] {
+                let refs = refs(&saves[save].1);
+                let result = save_with_hook(dir.path(), &saves[save].0, &refs, &mut crash_at(step));
+                assert!(result.is_err());
+                if step == SaveStep::ConfigRenamed {
+                    expected = save;
+                }
+            }
+            let label = format!("cut after {first:?}, then after {second:?}");
+            let loaded = checkpoint::load(dir.path()).unwrap_or_else(|e| panic!("{label}: {e}"));
+            assert_eq!(
+                loaded.config.interventions, saves[expected].0.interventions,
+                "{label}"
+            );
+            assert_eq!(loaded.tensors.len(), saves[expected].1.len(), "{label}");
+            for (key, _, _, bytes) in &saves[expected].1 {
+                assert_eq!(&loaded.tensors[key].data, bytes, "{label}: {key}");
+            }
+        }
+    }
+}
+
 fn saved_checkpoint() -> (tempfile::TempDir, ReftConfig) {
     let config = config_for(
         &[InterventionType::LoReft, InterventionType::Steer],

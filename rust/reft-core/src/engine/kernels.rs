@@ -48,7 +48,7 @@ pub(crate) enum Rows<'a> {
 }
 
 /// The instruction sets a kernel is built for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Isa {
     /// AVX-512 (F and BW) with FMA and F16C.
     Avx512,
@@ -80,12 +80,29 @@ impl Isa {
         Isa::Portable
     }
 
-    /// The builds this CPU runs, widest first.
+    /// The builds this CPU runs, widest first. The first call says on the
+    /// test log (past the test harness's capture) which builds the tests
+    /// compare and which this CPU cannot run.
     #[cfg(test)]
     pub(crate) fn available() -> Vec<Isa> {
         let all = [Isa::Avx512, Isa::Avx2, Isa::Portable];
         let widest = Isa::detect();
-        all.into_iter().skip_while(|&isa| isa != widest).collect()
+        let (skipped, run): (Vec<Isa>, Vec<Isa>) = all.into_iter().partition(|&isa| isa < widest);
+        static SAID: std::sync::Once = std::sync::Once::new();
+        SAID.call_once(|| {
+            let names = |list: &[Isa]| list.iter().map(|i| i.name()).collect::<Vec<_>>().join(", ");
+            let line = format!(
+                "kernel builds compared: {}; not run on this CPU: {}\n",
+                names(&run),
+                if skipped.is_empty() {
+                    "none".into()
+                } else {
+                    names(&skipped)
+                }
+            );
+            let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
+        });
+        run
     }
 
     /// `avx512`, `avx2` or `portable`.

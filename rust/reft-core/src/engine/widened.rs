@@ -79,14 +79,34 @@ unsafe fn widen<T: Tile>(
                 }
             }
         }
-        Rows::F16(h) => {
-            for (t, &v) in h[n * k..(n + 1) * k].iter().enumerate() {
-                out[at(b, t)] = super::quant::f16_value(v);
-            }
-        }
-        Rows::Bf16(h) => {
-            for (t, &v) in h[n * k..(n + 1) * k].iter().enumerate() {
-                out[at(b, t)] = super::quant::bf16_to_f32(v);
+        Rows::F16(h) | Rows::Bf16(h) => {
+            // Widened 64 at a time in a plain loop (vector conversions),
+            // then laid out in chunks.
+            let bf16 = matches!(w, Rows::Bf16(_));
+            let mut values = [0f32; 64];
+            for (c, part) in h[n * k..(n + 1) * k].chunks(64).enumerate() {
+                let values = &mut values[..part.len()];
+                if bf16 {
+                    for (v, &x) in values.iter_mut().zip(part) {
+                        *v = super::quant::bf16_to_f32(x);
+                    }
+                } else {
+                    for (v, &x) in values.iter_mut().zip(part) {
+                        *v = super::quant::f16_value(x);
+                    }
+                }
+                let quads = values.chunks_exact(STEP);
+                let tail = quads.remainder();
+                let whole = quads.len();
+                for (q, quad) in quads.enumerate() {
+                    let first = at(b, c * 64 + q * STEP);
+                    let quad: &[f32; STEP] = quad.try_into().expect("a chunk");
+                    out[first..first + STEP].copy_from_slice(quad);
+                }
+                if !tail.is_empty() {
+                    let first = at(b, c * 64 + whole * STEP);
+                    out[first..first + tail.len()].copy_from_slice(tail);
+                }
             }
         }
     }
