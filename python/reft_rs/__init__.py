@@ -51,6 +51,7 @@ from .errors import (
     UnsupportedModelError,
 )
 from .positions import PositionSpec
+from .sampling import SamplingParams
 from .scheduler import Scheduler
 
 if TYPE_CHECKING:
@@ -140,6 +141,7 @@ __all__ = [
     "MissingDependencyError",
     "Engine",
     "Scheduler",
+    "SamplingParams",
     "ModelLoadError",
     "ModelNotFoundError",
     "UnsupportedModelError",

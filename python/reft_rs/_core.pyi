@@ -10,6 +10,8 @@ from typing import Any, final
 import numpy as np
 import numpy.typing as npt
 
+from .sampling import SamplingParams
+
 __all__ = [
     "__version__",
     "FORMAT_VERSION",
@@ -121,8 +123,8 @@ def load_checkpoint(
 ) -> tuple[str, list[tuple[str, str, list[int], bytearray]], bool]: ...
 def _panic_for_tests(message: str) -> None: ...
 
-#: (max_new_tokens, temperature, top_k, top_p, seed, stop, intervene_on_generated, ignore_eos)
-_GenerateArgs = tuple[int, float, int | None, float | None, int | None, list[str] | None, bool, bool, float]
+#: A reft_rs.SamplingParams: its fields are read by name.
+_GenerateArgs = SamplingParams
 
 @final
 class Engine:

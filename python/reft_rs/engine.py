@@ -21,31 +21,11 @@ import numpy as np
 
 from . import _core
 from .errors import InvalidArgumentError
+from .sampling import SamplingParams, check_adapter, check_count, check_strength, check_token_ids
 
 __all__ = ["Engine", "kernel_isa", "read_gguf_tensor"]
 
 Messages = Sequence[Mapping[str, Any]]
-# (max_new_tokens, temperature, top_k, top_p, seed, stop, intervene_on_generated, ignore_eos, strength)
-_GenerateArgs = tuple[
-    int, float, "int | None", "float | None", "int | None", "list[str] | None", bool, bool, float
-]
-
-
-def _count(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise InvalidArgumentError(f"{name} must be an integer >= {minimum}, found {value!r}")
-    return int(value)
-
-
-def _token_ids(name: str, ids: Any) -> list[int]:
-    array = np.asarray(ids)
-    if array.ndim != 1 or not (array.size == 0 or np.issubdtype(array.dtype, np.integer)):
-        raise InvalidArgumentError(
-            f"{name} must be a flat sequence of token ids, found {array.dtype} {array.shape}"
-        )
-    if array.size and (array.min() < 0 or array.max() >= 2**32):
-        raise InvalidArgumentError(f"{name} holds a negative or too large token id")
-    return array.astype(np.uint32).tolist()
 
 
 class Engine:
@@ -89,7 +69,7 @@ class Engine:
         int8_activations: bool = False,
     ) -> None:
         if threads is not None:
-            threads = _count("threads", threads, 1)
+            threads = check_count("threads", threads, 1)
         self._engine = _core.Engine(
             os.fspath(model_path),
             None if reft is None else os.fspath(reft),
@@ -127,6 +107,12 @@ class Engine:
     def context_length(self) -> int:
         """Positions the model has: the longest prompt plus reply."""
         return self._engine.context_length
+
+    @property
+    def core(self) -> Any:
+        """The bindings' engine (``reft_rs._core.Engine``) this wraps, which a
+        :class:`reft_rs.Scheduler` shares."""
+        return self._engine
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -205,7 +191,7 @@ class Engine:
 
     def decode(self, token_ids: Sequence[int]) -> str:
         """Text of ``token_ids``, special tokens left out."""
-        return self._engine.decode(_token_ids("token_ids", token_ids))
+        return self._engine.decode(check_token_ids("token_ids", token_ids))
 
     def apply_chat_template(self, messages: Messages | str, add_generation_prompt: bool = True) -> str:
         """``messages`` rendered with the model's chat template."""
@@ -220,10 +206,10 @@ class Engine:
         interventions applied (the whole sequence counts as the prompt).
         ``adapter`` names a loaded adapter (default: the engine's own
         checkpoint); ``strength`` scales the edits as in :meth:`generate`."""
-        ids = _token_ids("token_ids", token_ids)
+        ids = check_token_ids("token_ids", token_ids)
         if not ids:
             raise InvalidArgumentError("token_ids is empty")
-        return self._engine.logits(ids, _adapter_name(adapter), _strength(strength))
+        return self._engine.logits(ids, check_adapter(adapter), check_strength(strength))
 
     def generate(
         self,
@@ -269,7 +255,7 @@ class Engine:
         texts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not all(isinstance(p, str) for p in texts):
             raise InvalidArgumentError("prompts must be strings; use generate_ids for token ids")
-        options = self._options(
+        options = SamplingParams(
             max_new_tokens,
             temperature,
             top_k,
@@ -299,8 +285,8 @@ class Engine:
     ) -> list[list[int]]:
         """As :meth:`generate`, on token ids: the new ids of each prompt
         (end-of-sequence tokens left out). Works without a tokenizer."""
-        ids = [_token_ids(f"prompts[{i}]", p) for i, p in enumerate(prompts)]
-        options = self._options(
+        ids = [check_token_ids(f"prompts[{i}]", p) for i, p in enumerate(prompts)]
+        options = SamplingParams(
             max_new_tokens,
             temperature,
             top_k,
@@ -335,8 +321,8 @@ class Engine:
         as soon as it is computed; joined, the pieces equal
         :meth:`generate`'s result.
         """
-        ids = self.encode(prompt) if isinstance(prompt, str) else _token_ids("prompt", prompt)
-        options = self._options(
+        ids = self.encode(prompt) if isinstance(prompt, str) else check_token_ids("prompt", prompt)
+        options = SamplingParams(
             max_new_tokens,
             temperature,
             top_k,
@@ -347,7 +333,7 @@ class Engine:
             ignore_eos,
             strength,
         )
-        stream = self._engine.stream_ids(ids, options, _adapter_name(adapter))
+        stream = self._engine.stream_ids(ids, options, check_adapter(adapter))
         if tokens:
             return (token for token, _ in stream)
         return (piece for _, piece in stream if piece)
@@ -389,57 +375,6 @@ class Engine:
             strength=strength,
         )[0]
 
-    @staticmethod
-    def _options(
-        max_new_tokens: int,
-        temperature: float,
-        top_k: int | None,
-        top_p: float | None,
-        seed: int | None,
-        stop: str | Sequence[str] | None,
-        intervene_on_generated: bool,
-        ignore_eos: bool,
-        strength: float = 1.0,
-    ) -> _GenerateArgs:
-        max_new_tokens = _count("max_new_tokens", max_new_tokens, 0)
-        if top_k is not None:
-            top_k = _count("top_k", top_k, 1)
-        if seed is not None:
-            seed = _count("seed", seed, 0)
-        try:
-            temperature = float(temperature)
-            top_p = None if top_p is None else float(top_p)
-        except (TypeError, ValueError) as error:
-            raise InvalidArgumentError(f"temperature and top_p must be numbers: {error}") from None
-        stops = [stop] if isinstance(stop, str) else (None if stop is None else [str(s) for s in stop])
-        return (
-            max_new_tokens,
-            temperature,
-            top_k,
-            top_p,
-            seed,
-            stops,
-            bool(intervene_on_generated),
-            bool(ignore_eos),
-            _strength(strength),
-        )
-
-
-def _strength(strength: Any) -> float:
-    try:
-        value = float(strength)
-    except (TypeError, ValueError):
-        raise InvalidArgumentError(f"strength must be a number, found {strength!r}") from None
-    if not np.isfinite(value):
-        raise InvalidArgumentError(f"strength must be a finite number, found {strength!r}")
-    return value
-
-
-def _adapter_name(adapter: Any) -> str | None:
-    if adapter is None or isinstance(adapter, str):
-        return adapter
-    raise InvalidArgumentError(f"adapter must be a name or None, found {type(adapter).__name__}")
-
 
 def _adapters(adapter: Any, count: int) -> list[str | None]:
     """One adapter name (or None) per prompt; [] when no prompt names one."""
@@ -447,7 +382,7 @@ def _adapters(adapter: Any, count: int) -> list[str | None]:
         return []
     if isinstance(adapter, str):
         return [adapter] * count
-    names = [_adapter_name(a) for a in adapter]
+    names = [check_adapter(a) for a in adapter]
     if len(names) != count:
         raise InvalidArgumentError(f"{len(names)} adapters given for {count} prompts")
     return names

@@ -24,7 +24,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _core
-from .engine import Engine, _adapter_name, _count, _token_ids
+from .engine import Engine
+from .errors import InvalidArgumentError
+from .sampling import SamplingParams, check_adapter, check_count, check_token_ids
 
 __all__ = ["Event", "Scheduler"]
 
@@ -93,15 +95,15 @@ class Scheduler:
             raise TypeError(f"engine must be a reft_rs.Engine, found {type(engine).__name__}")
         self.engine = engine
         self._scheduler = _core.Scheduler(
-            engine._engine,
-            _count("max_batch", max_batch, 1),
+            engine.core,
+            check_count("max_batch", max_batch, 1),
             (
-                _count("kv_cache_mib", kv_cache_mib, 1) << 20
+                check_count("kv_cache_mib", kv_cache_mib, 1) << 20
                 if kv_cache_bytes is None
-                else _count("kv_cache_bytes", kv_cache_bytes, 1)
+                else check_count("kv_cache_bytes", kv_cache_bytes, 1)
             ),
-            _count("max_prefill_tokens", max_prefill_tokens, 1),
-            _count("max_waiting", max_waiting, 1),
+            check_count("max_prefill_tokens", max_prefill_tokens, 1),
+            check_count("max_waiting", max_waiting, 1),
         )
 
     def submit(
@@ -120,6 +122,7 @@ class Scheduler:
         return_logits: bool = False,
         strength: float = 1.0,
         client: str | None = None,
+        sampling: SamplingParams | None = None,
     ) -> int:
         """Queues a request for ``prompt`` (token ids); returns its id.
 
@@ -130,29 +133,39 @@ class Scheduler:
         unknown adapter, bad sampling settings; ``BusyError`` when
         ``max_waiting`` requests wait already. ``strength`` scales the
         edits, h + α·(Φ(h) − h), this request alone. ``client`` names the
-        sender (a user, an address) for fair admission.
+        sender (a user, an address) for fair admission. ``sampling`` gives
+        the settings as one :class:`reft_rs.SamplingParams` instead.
         """
-        options = Engine._options(
-            max_new_tokens,
-            temperature,
-            top_k,
-            top_p,
-            seed,
-            stop,
-            intervene_on_generated,
-            ignore_eos,
-            strength,
-        )
+        if sampling is None:
+            sampling = SamplingParams(
+                max_new_tokens,
+                temperature,
+                top_k,
+                top_p,
+                seed,
+                stop,
+                intervene_on_generated,
+                ignore_eos,
+                strength,
+            )
+        elif not isinstance(sampling, SamplingParams):
+            raise InvalidArgumentError(f"sampling must be a SamplingParams, found {type(sampling).__name__}")
+        elif (max_new_tokens, temperature, top_k, top_p, seed, stop, intervene_on_generated, ignore_eos, strength) != (
+            64, 0.0, None, None, None, None, False, False, 1.0
+        ):  # fmt: skip
+            raise InvalidArgumentError(
+                "give the sampling settings either as sampling= or one by one, not both"
+            )
         if client is not None and not isinstance(client, str):
             raise TypeError(f"client must be a string or None, found {type(client).__name__}")
         return self._scheduler.submit(
-            _token_ids("prompt", prompt), options, _adapter_name(adapter), bool(return_logits), client
+            check_token_ids("prompt", prompt), sampling, check_adapter(adapter), bool(return_logits), client
         )
 
     def cancel(self, request_id: int) -> None:
         """Ends the request at the next step (its event says ``"cancelled"``)
         and frees its place; unknown or finished ids are ignored."""
-        self._scheduler.cancel(_count("request_id", request_id, 0))
+        self._scheduler.cancel(check_count("request_id", request_id, 0))
 
     def step(self) -> list[Event]:
         """Admits what fits, runs one forward pass, and returns the events
@@ -204,7 +217,7 @@ class Scheduler:
 
     def kv_bytes(self, tokens: int) -> int:
         """Bytes of key/value cache that a sequence of ``tokens`` tokens holds."""
-        return self._scheduler.kv_bytes(_count("tokens", tokens, 0))
+        return self._scheduler.kv_bytes(check_count("tokens", tokens, 0))
 
     def run(self) -> dict[int, list[int]]:
         """Steps until nothing is left; returns each finished request's tokens."""

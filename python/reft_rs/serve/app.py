@@ -78,7 +78,7 @@ class _Text:
     no piece of a stop string is ever sent.
     """
 
-    def __init__(self, engine: Engine, stops: list[str]) -> None:
+    def __init__(self, engine: Engine, stops: Sequence[str]) -> None:
         self.engine = engine
         self.stops = stops
         self.longest = max(map(len, stops), default=0)
@@ -320,7 +320,7 @@ class _Server:
                 code="context_length_exceeded",
             )
         try:
-            return self.worker.submit(ids, dict(sampling.options(), adapter=adapter, client=client))
+            return self.worker.submit(ids, sampling.params, adapter=adapter, client=client)
         except WorkerStopped:
             raise ApiError(
                 503, "the server cannot generate: its generation thread stopped", code="unavailable"

@@ -8,8 +8,11 @@ returns, so OpenAI clients raise their usual exceptions.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
+
+from ..errors import InvalidArgumentError
+from ..sampling import SamplingParams
 
 __all__ = ["ApiError", "Sampling", "parse_sampling", "parse_prompts", "parse_messages"]
 
@@ -62,34 +65,21 @@ def bad(message: str, param: str | None = None, code: str | None = None) -> ApiE
 
 @dataclass
 class Sampling:
-    """The generation fields of a completion or chat request."""
+    """The generation fields of a completion or chat request: the settings
+    the engine runs (:class:`reft_rs.SamplingParams`) and how the reply is
+    sent."""
 
-    max_new_tokens: int
-    temperature: float
-    top_p: float | None
-    top_k: int | None
-    seed: int | None
-    stop: list[str] = field(default_factory=list)
+    params: SamplingParams
     stream: bool = False
     include_usage: bool = False
-    intervene_on_generated: bool = False
-    ignore_eos: bool = False
-    #: The edit strength α (a reft_rs extension field, ``strength``).
-    strength: float = 1.0
 
-    def options(self) -> dict[str, Any]:
-        """Keyword arguments of :meth:`reft_rs.Scheduler.submit`."""
-        return dict(
-            max_new_tokens=self.max_new_tokens,
-            temperature=self.temperature,
-            top_k=self.top_k,
-            top_p=self.top_p,
-            seed=self.seed,
-            stop=self.stop or None,
-            intervene_on_generated=self.intervene_on_generated,
-            ignore_eos=self.ignore_eos,
-            strength=self.strength,
-        )
+    @property
+    def max_new_tokens(self) -> int:
+        return self.params.max_new_tokens
+
+    @property
+    def stop(self) -> tuple[str, ...]:
+        return self.params.stop  # type: ignore[return-value]
 
 
 def _integer(body: dict[str, Any], name: str, minimum: int, maximum: int) -> int | None:
@@ -169,20 +159,26 @@ def parse_sampling(body: dict[str, Any], *, default_max_tokens: int, chat: bool)
     if stream_options is not None and not isinstance(stream_options, dict):
         raise bad("stream_options must be an object", "stream_options")
     stream = _flag(body, "stream")
+    try:
+        params = SamplingParams(
+            max_new_tokens=default_max_tokens if max_tokens is None else max_tokens,
+            temperature=1.0 if temperature is None else temperature,
+            top_p=None if top_p in (None, 1.0) else top_p,
+            top_k=_integer(body, "top_k", 1, 1 << 30),
+            seed=None if body.get("seed") is None else _integer(body, "seed", 0, (1 << 63) - 1),
+            stop=stops,
+            intervene_on_generated=_flag(body, "intervene_on_generated"),
+            ignore_eos=_flag(body, "ignore_eos"),
+            strength=1.0
+            if body.get("strength") is None
+            else _number(body, "strength", -MAX_STRENGTH, MAX_STRENGTH),
+        )
+    except InvalidArgumentError as error:
+        raise bad(str(error)) from None
     return Sampling(
-        max_new_tokens=default_max_tokens if max_tokens is None else max_tokens,
-        temperature=1.0 if temperature is None else temperature,
-        top_p=None if top_p in (None, 1.0) else top_p,
-        top_k=_integer(body, "top_k", 1, 1 << 30),
-        seed=None if body.get("seed") is None else _integer(body, "seed", 0, (1 << 63) - 1),
-        stop=stops,
+        params,
         stream=stream,
         include_usage=bool(stream and stream_options and stream_options.get("include_usage")),
-        intervene_on_generated=_flag(body, "intervene_on_generated"),
-        ignore_eos=_flag(body, "ignore_eos"),
-        strength=1.0
-        if body.get("strength") is None
-        else _number(body, "strength", -MAX_STRENGTH, MAX_STRENGTH),
     )
 
 

@@ -14,9 +14,9 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from ..engine import Engine
+from ..sampling import SamplingParams
 from ..scheduler import Event, Scheduler
 
 __all__ = ["Worker", "WorkerStopped"]
@@ -65,10 +65,12 @@ class Worker:
     def alive(self) -> bool:
         return self._thread.is_alive() and self.failure is None
 
-    def submit(self, prompt: Sequence[int], options: dict[str, Any]) -> tuple[int, asyncio.Queue[Event]]:
-        """Queues one request (``options`` as :meth:`Scheduler.submit` takes
-        them); returns its id and the queue its events will arrive on.
-        Raises what ``submit`` raises for bad input."""
+    def submit(
+        self, prompt: Sequence[int], sampling: SamplingParams, *, adapter: str | None, client: str | None
+    ) -> tuple[int, asyncio.Queue[Event]]:
+        """Queues one request (as :meth:`Scheduler.submit`); returns its id
+        and the queue its events will arrive on. Raises what ``submit``
+        raises for bad input."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Event] = asyncio.Queue()
         # Registered under the lock that routing takes, so no event of the
@@ -76,7 +78,7 @@ class Worker:
         with self._lock:
             if self.failure is not None or not self._thread.is_alive():
                 raise WorkerStopped("the generation thread stopped")
-            request_id = self.scheduler.submit(prompt, **options)
+            request_id = self.scheduler.submit(prompt, sampling=sampling, adapter=adapter, client=client)
             self._sinks[request_id] = (loop, queue)
         return request_id, queue
 

@@ -21,22 +21,32 @@ pub struct PyEngine {
     inner: Arc<Engine>,
 }
 
-/// `(max_new_tokens, temperature, top_k, top_p, seed, stop,
-/// intervene_on_generated, ignore_eos, strength)`, as `reft_rs.Engine._options` builds it.
-type OptionArgs = (
-    usize,
-    f64,
-    Option<usize>,
-    Option<f64>,
-    Option<u64>,
-    Option<Vec<String>>,
-    bool,
-    bool,
-    f32,
-);
+/// A `reft_rs.SamplingParams`, read field by field by name (the Python
+/// dataclass has checked and normalised them).
+#[derive(FromPyObject)]
+pub(crate) struct OptionArgs {
+    #[pyo3(attribute)]
+    max_new_tokens: usize,
+    #[pyo3(attribute)]
+    temperature: f64,
+    #[pyo3(attribute)]
+    top_k: Option<usize>,
+    #[pyo3(attribute)]
+    top_p: Option<f64>,
+    #[pyo3(attribute)]
+    seed: Option<u64>,
+    #[pyo3(attribute)]
+    stop: Vec<String>,
+    #[pyo3(attribute)]
+    intervene_on_generated: bool,
+    #[pyo3(attribute)]
+    ignore_eos: bool,
+    #[pyo3(attribute)]
+    strength: f32,
+}
 
 fn options(args: OptionArgs) -> GenerateOptions {
-    let (
+    let OptionArgs {
         max_new_tokens,
         temperature,
         top_k,
@@ -46,7 +56,7 @@ fn options(args: OptionArgs) -> GenerateOptions {
         intervene_on_generated,
         ignore_eos,
         strength,
-    ) = args;
+    } = args;
     GenerateOptions {
         max_new_tokens,
         sampling: Sampling {
@@ -55,7 +65,7 @@ fn options(args: OptionArgs) -> GenerateOptions {
             top_p,
             seed,
         },
-        stop: stop.unwrap_or_default(),
+        stop,
         intervene_on_generated,
         ignore_eos,
         strength,
