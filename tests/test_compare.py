@@ -19,8 +19,9 @@ import safetensors.torch as safetensors_torch  # noqa: E402
 import reft_rs  # noqa: E402
 from reft_rs import compare  # noqa: E402
 from reft_rs.cli import main  # noqa: E402
-from reft_rs.compare import _Baseline, bootstrap_interval  # noqa: E402
+from reft_rs.compare import bootstrap_interval  # noqa: E402
 from reft_rs.evaluation import evaluate, example_scores  # noqa: E402
+from reft_rs.methods import Baseline  # noqa: E402
 from reft_rs.sweep import SearchSpace, Task  # noqa: E402
 
 from .tiny_models import build, config_for, tokenizer  # noqa: E402
@@ -76,7 +77,7 @@ def test_every_method_is_tuned_selected_and_tested_once(tmp_path):
     # zero-shot, by hand
     dev = Task(RECORDS, RECORDS).dataset(tokenizer(), RECORDS, None)
     assert rows["zero-shot"]["dev_score"] == evaluate(
-        _Baseline(model), dev, "exact_match", tokenizer=tokenizer()
+        Baseline(model), dev, "exact_match", tokenizer=tokenizer()
     )
     # the LoRA row: peft's own count, and its saved adapter scores what the table says
     lora = rows["lora"]
@@ -84,7 +85,7 @@ def test_every_method_is_tuned_selected_and_tested_once(tmp_path):
     assert lora["trainable_parameters"] == sum(
         p.numel() for n, p in adapter.named_parameters() if "lora_" in n
     )
-    scores = example_scores(_Baseline(adapter), dev, "exact_match", tokenizer=tokenizer(), batch_size=2)
+    scores = example_scores(Baseline(adapter), dev, "exact_match", tokenizer=tokenizer(), batch_size=2)
     assert scores.mean() == lora["test_score"]
     adapter.unload()
     table = (tmp_path / "compare.md").read_text()

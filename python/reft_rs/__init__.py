@@ -55,7 +55,7 @@ from .sampling import SamplingParams
 from .scheduler import Scheduler
 
 if TYPE_CHECKING:
-    from . import compare, convert, evaluation, metrics, plot, prefix_cache, subspace, sweep
+    from . import compare, convert, evaluation, methods, metrics, plot, prefix_cache, subspace, sweep
     from .data import ReftDataCollator, ReftDataset, make_dataset
     from .model import ReftModel, get_reft_model
     from .trainer import ReftTrainer, train
@@ -77,6 +77,7 @@ _LAZY = {
     "plot": None,
     "metrics": None,
     "sweep": None,
+    "methods": None,
     "compare": None,
     "subspace": None,
 }
@@ -117,6 +118,7 @@ __all__ = [
     "plot",
     "metrics",
     "sweep",
+    "methods",
     "compare",
     "subspace",
     "ConfigError",

@@ -29,16 +29,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
 
 from .config import INTERVENTION_TYPES, LOW_RANK_TYPES
-from .data import ReftDataCollator
-from .errors import ConfigError, MissingDependencyError
+from .errors import ConfigError
 from .evaluation import evaluate, example_scores
+from .methods import Baseline, Head, LoraMethod, ReftMethod, SearchSpace, Task
 from .metrics import Metric, greater_is_better
-from .sweep import Fitted, ReftMethod, SearchSpace, Task, _Head, _numeric, _pad, search
-from .trainer import train
+from .sweep import search
 
 __all__ = ["BASELINES", "LoraMethod", "bootstrap_interval", "run"]
 
@@ -58,182 +55,6 @@ def bootstrap_interval(
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(means, [tail, 100 - tail])
     return float(low), float(high)
-
-
-class _Baseline(nn.Module):
-    """A plain model (with or without LoRA) that trains and scores through
-    the same loop and metrics as a ReftModel: locations are dropped, it
-    generates through the model's own ``generate``."""
-
-    def __init__(self, inner: nn.Module) -> None:
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, **batch: Any) -> Any:
-        batch.pop("locations", None)
-        batch.pop("prefix_cache", None)
-        return self.inner(**batch)
-
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        return self.inner.generate(*args, **kwargs)
-
-    @property
-    def device(self) -> torch.device:
-        for parameter in self.inner.parameters():
-            return parameter.device
-        return torch.device("cpu")
-
-    def prefix_cache_blocker(self) -> str:
-        return "not a ReftModel"
-
-    def trainable_parameter_count(self) -> int:
-        return sum(p.numel() for p in self.inner.parameters() if p.requires_grad)
-
-
-class LoraMethod:
-    """Trials of peft's LoRA on the model's default target modules (for
-    Llama-style models ``q_proj`` and ``v_proj``, for GPT-2 ``c_attn``), with
-    ``lora_alpha = 2r``; a classifier's head trains beside it, as with
-    reft_rs."""
-
-    def __init__(
-        self,
-        model: Any,
-        tokenizer: Any,
-        task: Task,
-        *,
-        metric: Metric,
-        ranks: Sequence[int] = (4, 8, 16),
-        learning_rate: Any = (5e-5, 5e-3),
-        epochs: Any = (1, 3),
-        dropout: Any = 0.05,
-        batch_size: int = 8,
-        eval_steps: int | None = None,
-    ) -> None:
-        try:
-            import peft
-        except ImportError:
-            raise MissingDependencyError(
-                "the LoRA baseline needs peft: pip install peft (it comes with 'reft-rs[experiments]')"
-            ) from None
-        self.peft = peft
-        self.model, self.tokenizer, self.task = model, tokenizer, task
-        self.metric, self.batch_size, self.eval_steps = metric, batch_size, eval_steps
-        self.ranks, self.learning_rate, self.epochs, self.dropout = (
-            list(ranks),
-            learning_rate,
-            epochs,
-            dropout,
-        )
-        self.head = _Head(model)
-
-    def describe_space(self) -> dict[str, Any]:
-        def plain(value: Any) -> Any:
-            return list(value) if isinstance(value, (list, tuple)) else value
-
-        return {
-            "ranks": self.ranks,
-            "learning_rate": plain(self.learning_rate),
-            "epochs": plain(self.epochs),
-            "dropout": plain(self.dropout),
-        }
-
-    def suggest(self, trial: Any) -> dict[str, Any]:
-        rank = self.ranks[0] if len(self.ranks) == 1 else trial.suggest_categorical("rank", self.ranks)
-        return {
-            "type": "lora",
-            "rank": int(rank),
-            "learning_rate": _numeric(trial, "learning_rate", self.learning_rate, log=True),
-            "epochs": int(_numeric(trial, "epochs", self.epochs, integer=True)),
-            "dropout": _numeric(trial, "dropout", self.dropout),
-        }
-
-    def _wrap(self, params: Mapping[str, Any]) -> tuple[_Baseline, Callable[[], None]]:
-        self.head.reset()
-        config = self.peft.LoraConfig(
-            r=int(params["rank"]),
-            lora_alpha=2 * int(params["rank"]),
-            lora_dropout=float(params.get("dropout", 0.0)),
-            # No SEQ_CLS task type for a classifier: peft would swap the head for a
-            # trained copy on unloading; the head trains as a plain parameter instead.
-            task_type=None if self.task.classify else "CAUSAL_LM",
-        )
-        peft_model = self.peft.get_peft_model(self.model, config)
-        if self.task.classify and self.head.module is not None:
-            self.head.module.requires_grad_(True)  # the head trains with LoRA, as with reft_rs
-
-        def release() -> None:
-            peft_model.unload()  # the LoRA layers out, the base model as it was
-            if self.head.module is not None:
-                self.head.module.requires_grad_(False)
-            self.head.reset()
-
-        return _Baseline(peft_model), release
-
-    def fit(
-        self, params: Mapping[str, Any], seed: int, report: Callable[[int, float], None] | None
-    ) -> Fitted:
-        torch.manual_seed(seed)
-        wrapper, release = self._wrap(params)
-        try:
-            train_set = self.task.dataset(self.tokenizer, self.task.train, None)
-            dev_set = self.task.dataset(self.tokenizer, self.task.dev, None)
-            history = train(
-                wrapper,
-                train_set,
-                collator=ReftDataCollator(_pad(self.tokenizer)),
-                epochs=int(params["epochs"]),
-                batch_size=self.batch_size,
-                learning_rate=float(params["learning_rate"]),
-                seed=seed,
-                progress=False,
-                eval_dataset=dev_set,
-                eval_metric=self.metric,
-                eval_steps=self.eval_steps,
-                tokenizer=self.tokenizer,
-                eval_callback=report,
-            )
-        except BaseException:
-            release()
-            raise
-        return _LoraFitted(wrapper, history, release, self.head)
-
-    def test_scores(self, source: Fitted | Path, records: Sequence[Mapping[str, Any]]) -> np.ndarray:
-        if isinstance(source, Fitted):
-            return self._scores(source.model, records)
-        self.head.reset()
-        peft_model = self.peft.PeftModel.from_pretrained(self.model, source)
-        head_file = Path(source) / "head.safetensors"
-        if head_file.is_file() and self.head.module is not None:
-            from safetensors.torch import load_file
-
-            self.head.module.load_state_dict(load_file(head_file))
-        try:
-            return self._scores(_Baseline(peft_model), records)
-        finally:
-            peft_model.unload()
-            self.head.reset()
-
-    def _scores(self, model: Any, records: Sequence[Mapping[str, Any]]) -> np.ndarray:
-        dataset = self.task.dataset(self.tokenizer, records, None)
-        return example_scores(
-            model, dataset, self.metric, tokenizer=self.tokenizer, batch_size=self.batch_size
-        )
-
-
-class _LoraFitted(Fitted):
-    def __init__(self, model: _Baseline, history: Any, release: Callable[[], None], head: _Head) -> None:
-        super().__init__(model, history, release)
-        self.head = head
-
-    def save(self, path: Path, metadata: Mapping[str, Any]) -> None:
-        self.model.inner.save_pretrained(path)  # peft's adapter files (safetensors)
-        if self.head.module is not None:
-            from safetensors.torch import save_file
-
-            save_file({k: v.detach().contiguous() for k, v in self.head.module.state_dict().items()},
-                      str(Path(path) / "head.safetensors"))  # fmt: skip
-        (Path(path) / "selection.json").write_text(json.dumps(dict(metadata), indent=2))
 
 
 def _reft_space(kind: str, num_layers: int, space: SearchSpace | None) -> SearchSpace:
@@ -301,8 +122,8 @@ def run(
         if log is not None:
             log(f"== {name}")
         if name == "zero-shot":
-            wrapper = _Baseline(model)
-            head = _Head(model)
+            wrapper = Baseline(model)
+            head = Head(model)
             head.reset()
             dev = task.dataset(tokenizer, task.dev, None)
             score = evaluate(wrapper, dev, metric, tokenizer=tokenizer, batch_size=batch_size)
@@ -381,10 +202,10 @@ def _test(
     log: Callable[[str], None] | None,
 ) -> dict[str, Any]:
     if method is None:  # zero-shot: nothing trained, nothing to reseed
-        head = _Head(model)
+        head = Head(model)
         head.reset()
         dataset = task.dataset(tokenizer, records, None)
-        scores = example_scores(_Baseline(model), dataset, metric, tokenizer=tokenizer, batch_size=batch_size)
+        scores = example_scores(Baseline(model), dataset, metric, tokenizer=tokenizer, batch_size=batch_size)
         spread = [float(scores.mean())]
     else:
         scores = method.test_scores(output / name / "best", records)

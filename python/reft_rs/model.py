@@ -48,7 +48,7 @@ _HEAD_NAMES = ("score", "classifier")
 
 
 @dataclasses.dataclass
-class _CallState:
+class CallState:
     """What the hooks need during one call of the model (or one generate)."""
 
     #: Per intervention: absolute token positions ``(batch, positions)`` on the
@@ -133,7 +133,7 @@ class ReftModel(nn.Module):
         # The call in progress on each thread, by thread id: one model may be
         # called from several threads at once (a dict, not a threading.local,
         # so that a deep copy of the model works).
-        self._call_states: dict[int, _CallState] = {}
+        self._call_states: dict[int, CallState] = {}
         # (module, hook id) pairs of the hook on the whole model. The hooks are
         # objects that refer back to this model, so a deep copy of the
         # ReftModel carries working hooks of its own.
@@ -409,12 +409,12 @@ class ReftModel(nn.Module):
         return state.indices[key]
 
     @property
-    def _state(self) -> _CallState | None:
+    def _state(self) -> CallState | None:
         """This thread's call in progress."""
         return self._call_states.get(threading.get_ident())
 
     @contextlib.contextmanager
-    def _active(self, state: _CallState) -> Iterator[None]:
+    def _active(self, state: CallState) -> Iterator[None]:
         thread = threading.get_ident()
         if thread in self._call_states:
             raise RuntimeError("a ReftModel cannot be called from inside one of its own calls")
@@ -590,7 +590,7 @@ class ReftModel(nn.Module):
 
     def _call_model(self, sources: list[torch.Tensor | None], strength: float = 1.0, **kwargs: Any) -> Any:
         """The wrapped model called with the interventions active at ``sources``."""
-        with self._active(_CallState(sources, strength=strength)):
+        with self._active(CallState(sources, strength=strength)):
             return self.model(**kwargs)
 
     def prefix_cache_blocker(self) -> str | None:
@@ -631,7 +631,7 @@ class ReftModel(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         batch, length = input_ids.shape
         sources = self._prepare_sources(locations, batch, length, attention_mask, None, prompt_only=True)
-        state = _CallState(
+        state = CallState(
             sources, prompt_length=length, intervene_generated=intervene_on_generated, strength=strength
         )
         with self._active(state):

@@ -26,7 +26,7 @@ from .errors import ConfigError
 from .interventions import inference_call
 
 if TYPE_CHECKING:
-    from .model import ReftModel, _CallState
+    from .model import ReftModel, CallState
 
 __all__ = ["disable", "enable"]
 
@@ -60,7 +60,7 @@ class _Replaying:
 
 
 @contextlib.contextmanager
-def _restored(owner: ReftModel, state: _CallState) -> Iterator[None]:
+def _restored(owner: ReftModel, state: CallState) -> Iterator[None]:
     thread = threading.get_ident()
     owner._call_states[thread] = state
     try:
