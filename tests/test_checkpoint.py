@@ -234,6 +234,11 @@ def test_an_interrupted_save_keeps_the_previous_checkpoint(tmp_path):
     assert [i["type"] for i in config["interventions"]] == ["loreft"]
     for key, value in old_tensors.items():
         assert tensors[key].tobytes() == value.tobytes()
+    # The header-only reader (the command line's) reads the same, and says so.
+    with pytest.warns(RuntimeWarning, match="interrupted"):
+        layout_config, layout = checkpoint.read_layout(folder)
+    assert layout_config == config
+    assert sorted(layout) == sorted((k, str(v.dtype), v.shape) for k, v in old_tensors.items())
     # without the kept file, the mix is refused rather than loaded wrongly
     os.remove(folder / "reft_model.safetensors.previous")
     with pytest.raises(CorruptCheckpointError, match="different save"):

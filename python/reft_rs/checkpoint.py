@@ -45,6 +45,8 @@ from .errors import ConfigError, InvalidCheckpointError, MissingDependencyError
 __all__ = [
     "CONFIG_FILE",
     "holds_checkpoint",
+    "read_for_model",
+    "read_layout",
     "TENSORS_FILE",
     "FORMAT_VERSION",
     "save",
@@ -219,6 +221,62 @@ def load(
     return json.loads(config_json), tensors
 
 
+def read_for_model(
+    path: str | os.PathLike[str],
+    *,
+    hidden_size: int | None,
+    num_hidden_layers: int | None,
+    model_type: str | None,
+    strict: bool = True,
+    stacklevel: int = 2,
+) -> tuple[Any, dict[str, Any]]:
+    """A checkpoint for a model of these dimensions: its
+    :class:`reft_rs.ReftConfig` and torch tensors, checked against the model
+    by the engine's rule (sizes must agree; another model type is refused
+    unless ``strict=False``, then warned about). The one reader behind
+    ``ReftModel.from_pretrained``, ``load_adapter`` and the Trainer's resume.
+
+    Raises:
+        IncompatibleModelError: The checkpoint was made for another model.
+        CheckpointError: As :func:`load`.
+    """
+    from .config import ReftConfig
+
+    config, tensors = load(path, framework="torch")
+    base = config["base_model"]
+    # Converted checkpoints may only know a lower bound on the layer count.
+    inferred = bool(config.get("metadata", {}).get("base_model_inferred"))
+    for warning in _core.check_fits(
+        (base["name_or_path"], base["model_type"], base["hidden_size"], base["num_hidden_layers"]),
+        os.fspath(path),
+        inferred=inferred,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        model_type=model_type,
+        strict=strict,
+    ):
+        warnings.warn(warning, stacklevel=stacklevel)
+    reft_config = ReftConfig.from_checkpoint(config)
+    reft_config.metadata.pop("base_model_inferred", None)  # the model's identity is known now
+    return reft_config, tensors
+
+
+def read_layout(
+    path: str | os.PathLike[str],
+) -> tuple[dict[str, Any], list[tuple[str, str, tuple[int, ...]]]]:
+    """A checkpoint's config and its tensors' ``(key, dtype, shape)``,
+    checked as :func:`load` checks them (warning the same way after an
+    interrupted save) without keeping the tensors' bytes."""
+    config_json, raw, recovered = _core.load_checkpoint(os.fspath(path))
+    if recovered:
+        warnings.warn(
+            f"the last save to {os.fspath(path)} was interrupted; loaded the previous checkpoint",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return json.loads(config_json), [(key, dtype, tuple(shape)) for key, dtype, shape, _ in raw]
+
+
 def base_identity(
     base_model: Any, *, hidden_size: int, layers: int, model_type: str = ""
 ) -> tuple[dict[str, Any], bool]:
@@ -248,12 +306,15 @@ def base_identity(
             "num_hidden_layers": int(base_model["num_hidden_layers"]),
         }
         return identity, False
-    config = getattr(base_model, "config", base_model)
+    if hasattr(base_model, "config"):  # a model: the rule saved adapters use
+        from .layout import model_identity
+
+        return model_identity(base_model), False
     identity = {
-        "name_or_path": str(getattr(config, "_name_or_path", "") or ""),
-        "model_type": str(getattr(config, "model_type", "") or ""),
-        "hidden_size": int(config.hidden_size),
-        "num_hidden_layers": int(config.num_hidden_layers),
+        "name_or_path": str(getattr(base_model, "_name_or_path", "") or ""),
+        "model_type": str(getattr(base_model, "model_type", "") or ""),
+        "hidden_size": int(base_model.hidden_size),
+        "num_hidden_layers": int(base_model.num_hidden_layers),
     }
     return identity, False
 

@@ -12,6 +12,7 @@ blocks are its children with the conventional names (``mlp``,
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -43,6 +44,20 @@ def model_dimensions(model: nn.Module) -> tuple[int, int]:
             "the model has no config with hidden_size and num_hidden_layers; "
             "give every intervention a module_path and embed_dim"
         ) from None
+
+
+def model_identity(model: nn.Module) -> dict[str, Any]:
+    """What a checkpoint records about the base model (``base_model``): its
+    name or path, type and dimensions. The one rule, for saved adapters and
+    converted checkpoints alike."""
+    config = getattr(model, "config", None)
+    hidden_size, num_layers = model_dimensions(model)
+    return {
+        "name_or_path": str(getattr(config, "_name_or_path", "") or getattr(model, "name_or_path", "") or ""),
+        "model_type": str(getattr(config, "model_type", "") or type(model).__name__),
+        "hidden_size": hidden_size,
+        "num_hidden_layers": num_layers,
+    }
 
 
 def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:

@@ -26,7 +26,6 @@ import dataclasses
 import inspect
 import os
 import threading
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -38,7 +37,7 @@ from . import _core, checkpoint, merge, recompute
 from .config import InterventionConfig, ReftConfig
 from .errors import ConfigError, IncompatibleModelError, InvalidCheckpointError, LocationError, ShapeError
 from .interventions import Intervention, inference_call
-from .layout import HookSite, find_layers, model_dimensions, resolve
+from .layout import HookSite, find_layers, model_dimensions, model_identity, resolve
 from .positions import IGNORE_INDEX, locate
 from .prefix_cache import PrefixCache, applies, cached_forward
 
@@ -716,16 +715,7 @@ class ReftModel(nn.Module):
 
     def base_model_identity(self) -> dict[str, Any]:
         """What a checkpoint records about the model."""
-        config = self.model.config
-        hidden_size, num_layers = model_dimensions(self.model)
-        return {
-            "name_or_path": str(
-                getattr(config, "_name_or_path", "") or getattr(self.model, "name_or_path", "") or ""
-            ),
-            "model_type": str(getattr(config, "model_type", "") or type(self.model).__name__),
-            "hidden_size": hidden_size,
-            "num_hidden_layers": num_layers,
-        }
+        return model_identity(self.model)
 
     def checkpoint_tensors(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
         """Every saved tensor of an adapter (the active one by default) by
@@ -846,27 +836,16 @@ def _read_checkpoint(
     model: nn.Module, path: str | os.PathLike[str], strict: bool
 ) -> tuple[ReftConfig, dict[str, torch.Tensor]]:
     """A checkpoint's config and tensors, checked against ``model``."""
-    config, tensors = checkpoint.load(path, framework="torch")
-    base = config["base_model"]
-    # Converted checkpoints may only know a lower bound on the layer count.
-    inferred = bool(config.get("metadata", {}).get("base_model_inferred"))
     hidden_size, num_layers = _dimensions_or_none(model)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    # The engine's rule, from the same code: sizes must agree, and a
-    # different model type is refused unless strict=False.
-    for warning in _core.check_fits(
-        (base["name_or_path"], base["model_type"], base["hidden_size"], base["num_hidden_layers"]),
-        os.fspath(path),
-        inferred=inferred,
+    return checkpoint.read_for_model(
+        path,
         hidden_size=hidden_size,
         num_hidden_layers=num_layers,
         model_type=str(model_type) if model_type else None,
         strict=strict,
-    ):
-        warnings.warn(warning, stacklevel=3)
-    reft_config = ReftConfig.from_checkpoint(config)
-    reft_config.metadata.pop("base_model_inferred", None)  # this model's identity is known now
-    return reft_config, tensors
+        stacklevel=4,
+    )
 
 
 def _as_config(config: ReftConfig | InterventionConfig | Sequence[InterventionConfig]) -> ReftConfig:

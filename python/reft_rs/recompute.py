@@ -26,7 +26,7 @@ from .errors import ConfigError
 from .interventions import inference_call
 
 if TYPE_CHECKING:
-    from .model import ReftModel, CallState
+    from .model import CallState, ReftModel
 
 __all__ = ["disable", "enable"]
 

@@ -49,8 +49,15 @@ def _unwrap(model: Any) -> ReftModel:
 
 def load_into(reft_model: ReftModel, folder: str | os.PathLike[str]) -> None:
     """Loads a checkpoint saved from the same configuration into ``reft_model``."""
-    config, tensors = checkpoint.load(folder, framework="torch")
-    saved = [entry["name"] for entry in config["interventions"]]
+    identity = reft_model.base_model_identity()
+    config, tensors = checkpoint.read_for_model(
+        folder,
+        hidden_size=identity["hidden_size"],
+        num_hidden_layers=identity["num_hidden_layers"],
+        model_type=identity["model_type"],
+        stacklevel=3,
+    )
+    saved = [item.name for item in config.interventions]
     ours = [item.name for item in reft_model.reft_config.interventions]
     if saved != ours:
         raise IncompatibleModelError(

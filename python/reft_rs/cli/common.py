@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -161,10 +160,10 @@ class quiet_transformers:
 def read_checkpoint(checkpoint: str) -> tuple[dict[str, Any], tuple[tuple[str, str, tuple[int, ...]], ...]]:
     """A checkpoint's config and its tensors' ``(key, dtype, shape)``, read
     and checked once per command (the tensors' bytes are not kept)."""
-    from .. import _core
+    from ..checkpoint import read_layout
 
-    config_json, raw, _ = _core.load_checkpoint(os.fspath(checkpoint))
-    return json.loads(config_json), tuple((key, dtype, tuple(shape)) for key, dtype, shape, _ in raw)
+    config, layout = read_layout(checkpoint)
+    return config, tuple(layout)
 
 
 def checkpoint_metadata(checkpoint: str | None) -> dict[str, Any]:
