@@ -383,3 +383,41 @@ def test_the_last_token_rule_of_training_is_kept_by_every_path(include_last, tmp
         got = engine.logits(prompt)
         assert np.abs(got - here).max() <= 1e-4
         assert np.abs(got - there).max() > 1e-3
+
+
+def test_training_arguments_select_on_dev_as_the_command_does(tmp_path):
+    args, callbacks = reft_rs.trainer.training_arguments(
+        tmp_path, metric="exact_match", eval_steps=5, early_stopping=2, batch_size=3, use_cpu=True
+    )
+    assert (args.eval_strategy, args.eval_steps, args.save_strategy, args.save_steps) == (
+        "steps",
+        5,
+        "steps",
+        5,
+    )
+    assert args.load_best_model_at_end and args.metric_for_best_model == "eval_exact_match"
+    assert args.greater_is_better and args.per_device_eval_batch_size == 3
+    [stopper] = callbacks
+    assert isinstance(stopper, transformers.EarlyStoppingCallback) and stopper.early_stopping_patience == 2
+    args, _ = reft_rs.trainer.training_arguments(tmp_path, metric="loss", use_cpu=True)
+    assert args.eval_strategy == "epoch" and args.greater_is_better is False
+    args, callbacks = reft_rs.trainer.training_arguments(tmp_path, save_steps=0, use_cpu=True)
+    assert args.save_strategy == "no" and not args.load_best_model_at_end and callbacks == []
+
+
+def test_streamed_epochs_read_the_whole_file_every_pass(tmp_path):
+    tok = tokenizer()
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(
+        "".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in zip(PROMPTS, RESPONSES))
+    )
+    config = ReftConfig.for_layers([0], low_rank_dimension=2, positions="f1+l1")
+    epochs = reft_rs.data.StreamedEpochs(path, tok, 2, config=config, chunk_size=3, seed=1)
+    whole = make_dataset(tok, PROMPTS, RESPONSES, config=config)
+    want = sorted(tuple(whole[i]["input_ids"].tolist()) for i in range(len(PROMPTS)))
+    for _ in range(2):
+        rows = []
+        for batch in epochs:
+            for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
+                rows.append(tuple(ids[mask.bool()].tolist()))
+        assert sorted(rows) == want

@@ -20,6 +20,7 @@ Example::
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +44,7 @@ __all__ = [
     "encode_pairs",
     "length_grouped_batches",
     "make_dataset",
+    "StreamedEpochs",
     "stream_batches",
     "tokenize_pairs",
 ]
@@ -768,3 +770,50 @@ class ReftDataCollator:
                 locations = np.where(locations >= 0, locations + shift, locations)
             out["locations"] = torch.from_numpy(np.ascontiguousarray(locations))
         return out
+
+
+class StreamedEpochs:
+    """The batches of a dataset file, read afresh chunk by chunk every time
+    it is iterated (an epoch of :func:`reft_rs.train`), shuffled within the
+    file's chunks with ``seed``. Records are prompt/response pairs, or
+    text/label ones taught as prompt → label.
+
+    The other arguments are those of :func:`stream_batches`.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        tokenizer: Any,
+        batch_size: int,
+        *,
+        config: ReftConfig | None = None,
+        chunk_size: int = 16384,
+        seed: int = 0,
+        max_length: int | None = None,
+        system_prompt: str | None = None,
+        chat_template: bool | None = None,
+    ) -> None:
+        self.path, self.tokenizer, self.batch_size = path, tokenizer, batch_size
+        self.config, self.chunk_size, self.seed = config, chunk_size, seed
+        self.max_length, self.system_prompt, self.chat_template = max_length, system_prompt, chat_template
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        from .records import read_records
+
+        records = (
+            r if "response" in r else {"prompt": r["text"], "response": str(r["label"])}
+            for r in read_records(self.path)
+        )
+        yield from stream_batches(
+            self.tokenizer,
+            records,
+            self.batch_size,
+            config=self.config,
+            chunk_size=self.chunk_size,
+            shuffle=True,
+            seed=self.seed,
+            max_length=self.max_length,
+            system_prompt=self.system_prompt,
+            chat_template=self.chat_template,
+        )

@@ -25,10 +25,11 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import MissingDependencyError
+from .errors import MissingDependencyError, ModelNotFoundError
 
 __all__ = [
     "GEMMA3_INSTALL_COMMAND",
@@ -37,6 +38,7 @@ __all__ = [
     "gemma3_270m_gguf",
     "gemma3_270m_path",
     "load_gemma3_270m",
+    "load_model",
     "load_smollm2",
     "smollm2_gguf",
     "smollm2_path",
@@ -215,3 +217,67 @@ def load_gemma3_270m(*, dtype: Any = None, device: Any = None) -> tuple[Any, Any
         model = model.to(device)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     return model.eval(), tokenizer
+
+
+def load_model(
+    path: str | os.PathLike[str],
+    *,
+    device: Any = "cpu",
+    bf16: bool = False,
+    labels: Sequence[str] | None = None,
+) -> tuple[Any, Any]:
+    """The model and tokenizer at ``path`` (a Hugging Face folder or a GGUF
+    file, expanded by transformers): a causal LM, or with ``labels`` a
+    sequence classifier over them (its head new unless saved with it). A
+    tokenizer without a pad token pads with its end-of-sequence token; the
+    model's config records ``path`` as the name checkpoints keep.
+
+    Raises:
+        ModelNotFoundError: Nothing loadable at ``path``.
+    """
+    import torch
+    import transformers
+
+    path = Path(path)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    auto: Any = transformers.AutoModelForCausalLM
+    try:
+        if path.is_file():
+            kwargs: dict[str, Any] = {"gguf_file": path.name}
+            folder: Path | str = path.parent
+        else:
+            kwargs, folder = {}, path
+        if labels is not None:
+            auto = transformers.AutoModelForSequenceClassification
+            kwargs["num_labels"] = len(labels)
+            kwargs["id2label"] = dict(enumerate(labels))
+            kwargs["label2id"] = {label: index for index, label in enumerate(labels)}
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
+            folder, **{k: v for k, v in kwargs.items() if k == "gguf_file"}
+        )
+        with _quiet_transformers():
+            model = auto.from_pretrained(folder, dtype=dtype, **kwargs)
+    except (OSError, ValueError) as error:
+        raise ModelNotFoundError(f"cannot load a model from {path}: {str(error).splitlines()[0]}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if labels is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id  # finds each row's last token
+    model.config._name_or_path = str(path)  # what checkpoints record as the base model
+    return model.to(device).eval(), tokenizer
+
+
+class _quiet_transformers:
+    """Silences transformers' notice that a new classification head was
+    initialized: reft_rs trains it and says so."""
+
+    def __enter__(self) -> None:
+        import transformers
+
+        self.level = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()
+
+    def __exit__(self, *exc: Any) -> None:
+        import transformers
+
+        transformers.logging.set_verbosity(self.level)

@@ -36,7 +36,7 @@ from .metrics import greater_is_better as _greater_is_better
 from .model import ReftModel
 from .prefix_cache import PrefixCache
 
-__all__ = ["ReftTrainer", "TrainingHistory", "train"]
+__all__ = ["ReftTrainer", "TrainingHistory", "train", "training_arguments"]
 
 
 def _unwrap(model: Any) -> ReftModel:
@@ -437,3 +437,64 @@ def _progress(total: int | None, enabled: bool) -> Callable[[int | None, float |
             print()
 
     return plain
+
+
+def training_arguments(
+    output_dir: str | os.PathLike[str],
+    *,
+    epochs: float = 3.0,
+    max_steps: int | None = None,
+    batch_size: int = 8,
+    learning_rate: float = 1e-2,
+    keep_checkpoints: int | None = 3,
+    log_steps: int = 10,
+    bf16: bool = False,
+    use_cpu: bool = False,
+    seed: int = 0,
+    save_steps: int | None = None,
+    metric: Metric | None = None,
+    eval_steps: int | None = None,
+    early_stopping: int | None = None,
+) -> tuple[transformers.TrainingArguments, list[Any]]:
+    """``TrainingArguments`` and callbacks for :class:`ReftTrainer` as
+    ``reft-rs train`` runs it: a linear schedule; with a dev ``metric``, an
+    evaluation every ``eval_steps`` steps (or epoch), a checkpoint at each,
+    the best kept at the end and, with ``early_stopping``, a stop after that
+    many evaluations without a better score; without one, a checkpoint every
+    ``save_steps`` steps (none when 0 or None)."""
+    callbacks: list[Any] = []
+    if metric is not None:
+        strategy = "steps" if eval_steps else "epoch"
+        name = metric if isinstance(metric, str) else getattr(metric, "__name__", "custom")
+        selection: dict[str, Any] = {
+            "eval_strategy": strategy,
+            "eval_steps": eval_steps,
+            "save_strategy": strategy,
+            "save_steps": eval_steps or 500,
+            "per_device_eval_batch_size": batch_size,
+            "load_best_model_at_end": True,
+            "metric_for_best_model": f"eval_{name}",
+            "greater_is_better": _greater_is_better(metric) if isinstance(metric, str) else True,
+        }
+        if early_stopping:
+            callbacks.append(transformers.EarlyStoppingCallback(early_stopping_patience=early_stopping))
+    else:
+        selection = {"save_strategy": "steps" if save_steps else "no", "save_steps": save_steps or 500}
+    arguments = transformers.TrainingArguments(
+        output_dir=str(output_dir),
+        num_train_epochs=epochs,
+        max_steps=max_steps or -1,
+        per_device_train_batch_size=batch_size,
+        learning_rate=learning_rate,
+        lr_scheduler_type="linear",
+        save_total_limit=keep_checkpoints,
+        logging_steps=max(1, log_steps),
+        bf16=bf16,
+        use_cpu=use_cpu,
+        seed=seed,
+        report_to=[],
+        remove_unused_columns=False,
+        dataloader_pin_memory=False,
+        **selection,
+    )
+    return arguments, callbacks

@@ -106,54 +106,11 @@ def model_path(model: str | None, checkpoint: str | None = None, *, for_engine: 
 def load_torch_model(
     path: Path, device: str, bf16: bool, labels: Sequence[str] | None = None
 ) -> tuple[Any, Any]:
-    """The model and tokenizer at ``path``: a causal LM, or with ``labels``
-    a sequence classifier over them (its head new unless saved with it)."""
+    """:func:`reft_rs.pretrained.load_model`, after checking torch is there."""
     require_torch()
-    import torch
-    import transformers
+    from ..pretrained import load_model
 
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    auto: Any = transformers.AutoModelForCausalLM
-    try:
-        if path.is_file():
-            kwargs: dict[str, Any] = {"gguf_file": path.name}
-            folder: Path | str = path.parent
-        else:
-            kwargs, folder = {}, path
-        if labels is not None:
-            auto = transformers.AutoModelForSequenceClassification
-            kwargs["num_labels"] = len(labels)
-            kwargs["id2label"] = dict(enumerate(labels))
-            kwargs["label2id"] = {label: index for index, label in enumerate(labels)}
-        tokenizer = transformers.AutoTokenizer.from_pretrained(
-            folder, **{k: v for k, v in kwargs.items() if k == "gguf_file"}
-        )
-        with quiet_transformers():
-            model = auto.from_pretrained(folder, dtype=dtype, **kwargs)
-    except (OSError, ValueError) as error:
-        raise ModelNotFoundError(f"cannot load a model from {path}: {str(error).splitlines()[0]}") from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if labels is not None:
-        model.config.pad_token_id = tokenizer.pad_token_id  # finds each row's last token
-    model.config._name_or_path = str(path)  # what checkpoints record as the base model
-    return model.to(device).eval(), tokenizer
-
-
-class quiet_transformers:
-    """Silences transformers' notice that a new classification head was
-    initialized: reft-rs trains it and says so."""
-
-    def __enter__(self) -> None:
-        import transformers
-
-        self.level = transformers.logging.get_verbosity()
-        transformers.logging.set_verbosity_error()
-
-    def __exit__(self, *exc: Any) -> None:
-        import transformers
-
-        transformers.logging.set_verbosity(self.level)
+    return load_model(path, device=device, bf16=bf16, labels=labels)
 
 
 @functools.lru_cache(maxsize=4)

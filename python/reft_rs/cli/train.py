@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -156,34 +155,6 @@ def _training_data(
     return make_dataset(
         tokenizer, [r["text"] for r in records], [str(r["label"]) for r in records], **options
     )
-
-
-class _StreamedEpochs:
-    """Batches read from the dataset file afresh every epoch."""
-
-    def __init__(self, args: argparse.Namespace, tokenizer: Any, config: Any) -> None:
-        self.args, self.tokenizer, self.config = args, tokenizer, config
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        from ..data import stream_batches
-        from ..records import read_records
-
-        records = (
-            r if "response" in r else {"prompt": r["text"], "response": str(r["label"])}
-            for r in read_records(self.args.data)
-        )
-        yield from stream_batches(
-            self.tokenizer,
-            records,
-            self.args.batch_size,
-            config=self.config,
-            chunk_size=self.args.chunk_size,
-            shuffle=True,
-            seed=self.args.seed,
-            max_length=self.args.max_length,
-            system_prompt=self.args.system_prompt,
-            chat_template=False if self.args.no_chat_template else None,
-        )
 
 
 def _holds_a_run(output: str) -> bool:
@@ -356,6 +327,7 @@ def _train_streamed(
     dev: Any,
     metric: str,
 ) -> dict[str, Any]:
+    from ..data import StreamedEpochs
     from ..trainer import train
 
     def save_periodically(step: int, loss: float) -> None:
@@ -364,7 +336,17 @@ def _train_streamed(
 
     history = train(
         reft_model,
-        _StreamedEpochs(args, tokenizer, config),
+        StreamedEpochs(
+            args.data,
+            tokenizer,
+            args.batch_size,
+            config=config,
+            chunk_size=args.chunk_size,
+            seed=args.seed,
+            max_length=args.max_length,
+            system_prompt=args.system_prompt,
+            chat_template=False if args.no_chat_template else None,
+        ),
         epochs=max(1, round(args.epochs)),
         learning_rate=args.learning_rate,
         max_steps=args.max_steps,
@@ -398,49 +380,25 @@ def _train_with_trainer(
     output: Path,
     device: str,
 ) -> dict[str, Any]:
-    import transformers
 
     from ..data import ReftDataCollator
-    from ..metrics import greater_is_better
-    from ..trainer import ReftTrainer
+    from ..trainer import ReftTrainer, training_arguments
 
-    selection: dict[str, Any] = {}
-    callbacks = []
-    if dev is not None:
-        strategy = "steps" if args.eval_steps else "epoch"
-        selection = {
-            "eval_strategy": strategy,
-            "eval_steps": args.eval_steps,
-            "save_strategy": strategy,
-            "save_steps": args.eval_steps or 500,
-            "per_device_eval_batch_size": args.batch_size,
-            "load_best_model_at_end": True,
-            "metric_for_best_model": f"eval_{metric}",
-            "greater_is_better": greater_is_better(metric),
-        }
-        if args.early_stopping:
-            callbacks.append(transformers.EarlyStoppingCallback(early_stopping_patience=args.early_stopping))
-    else:
-        selection = {
-            "save_strategy": "steps" if args.save_steps else "no",
-            "save_steps": args.save_steps or 500,
-        }
-    training_args = transformers.TrainingArguments(
-        output_dir=str(output),
-        num_train_epochs=args.epochs,
-        max_steps=args.max_steps or -1,
-        per_device_train_batch_size=args.batch_size,
+    training_args, callbacks = training_arguments(
+        output,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
         learning_rate=args.learning_rate,
-        lr_scheduler_type="linear",
-        save_total_limit=args.keep_checkpoints,
-        logging_steps=max(1, args.log_steps),
+        keep_checkpoints=args.keep_checkpoints,
+        log_steps=args.log_steps,
         bf16=args.bf16,
         use_cpu=device == "cpu",
         seed=args.seed,
-        report_to=[],
-        remove_unused_columns=False,
-        dataloader_pin_memory=False,
-        **selection,
+        save_steps=args.save_steps,
+        metric=metric if dev is not None else None,
+        eval_steps=args.eval_steps,
+        early_stopping=args.early_stopping,
     )
     trainer = ReftTrainer(
         model=reft_model,

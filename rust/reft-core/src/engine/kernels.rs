@@ -1191,6 +1191,9 @@ mod tests {
                     (20, 17),
                     (100, 60),
                     (250, 50),
+                    // A second block of 2 or 8 rows: the narrow tiles.
+                    (150, 130),
+                    (4, 136),
                 ];
                 for (from, count) in cases {
                     let whole = if count < WIDENED_ROWS { &few } else { &many };

@@ -137,6 +137,25 @@ trait Tile {
         limit: usize,
         out: &mut [f32],
     );
+
+    /// [`Tile::tile`] for at most 8 activation rows from `i` (a block of
+    /// 8 rows or fewer): the same sums in the same order, on half vectors
+    /// where the build has them.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile8(
+        xt: &[f32],
+        mp: usize,
+        i: usize,
+        w: &[f32],
+        p: usize,
+        k: usize,
+        m: usize,
+        limit: usize,
+        out: &mut [f32],
+    ) {
+        Self::tile::<1>(xt, mp, i, w, p, k, m, limit, out)
+    }
 }
 
 /// Writes `acc[b][row]` to `out[b·m + i + row]` for `b < p`, rows below `m`.
@@ -197,6 +216,21 @@ mod x86 {
     pub(super) struct Avx512;
 
     impl Tile for Avx512 {
+        #[inline(always)]
+        unsafe fn tile8(
+            xt: &[f32],
+            mp: usize,
+            i: usize,
+            w: &[f32],
+            p: usize,
+            k: usize,
+            m: usize,
+            limit: usize,
+            out: &mut [f32],
+        ) {
+            Avx512::narrow(xt, mp, i, w, p, k, m, limit, out)
+        }
+
         #[inline(always)]
         unsafe fn group(
             q: &[u8; GROUP],
@@ -276,6 +310,57 @@ mod x86 {
                         (1u16 << (rows - first)) - 1
                     };
                     _mm512_mask_storeu_ps(out.as_mut_ptr().add(b * m + i + first), mask, acc[b][v]);
+                }
+            }
+        }
+    }
+
+    impl Avx512 {
+        /// 8 activation rows on 256-bit vectors (AVX-512VL gives 32 of
+        /// them): `P` accumulators, no lanes of padding.
+        #[inline(always)]
+        #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+        pub(super) unsafe fn narrow(
+            xt: &[f32],
+            mp: usize,
+            i: usize,
+            w: &[f32],
+            p: usize,
+            k: usize,
+            m: usize,
+            limit: usize,
+            out: &mut [f32],
+        ) {
+            debug_assert!(xt.len() >= k * mp && i + 8 <= mp && w.len() >= P * k);
+            let mut acc = [_mm256_setzero_ps(); P];
+            let mut wp = w.as_ptr();
+            let mut xr = xt.as_ptr().add(i);
+            macro_rules! step {
+                ($u:expr) => {{
+                    let u = $u;
+                    let xv = _mm256_loadu_ps(xr.add(u * mp));
+                    for b in 0..P {
+                        let wv = _mm256_set1_ps(*wp.add(b * STEP + u));
+                        acc[b] = _mm256_fmadd_ps(xv, wv, acc[b]);
+                    }
+                }};
+            }
+            for _ in 0..k / STEP {
+                step!(0);
+                step!(1);
+                step!(2);
+                step!(3);
+                wp = wp.add(P * STEP);
+                xr = xr.add(STEP * mp);
+            }
+            for u in 0..k % STEP {
+                step!(u);
+            }
+            let rows = (limit - i).min(8);
+            let mask: __mmask8 = if rows >= 8 { 0xff } else { (1u8 << rows) - 1 };
+            for b in 0..P {
+                if b < p {
+                    _mm256_mask_storeu_ps(out.as_mut_ptr().add(b * m + i), mask, acc[b]);
                 }
             }
         }
@@ -442,6 +527,9 @@ unsafe fn task<T: Tile>(
                 if mp - i >= 2 * LANES {
                     T::tile::<2>(xt, mp, i, &rows, p, k, m, limit, out);
                     i += 2 * LANES;
+                } else if limit - i <= LANES / 2 {
+                    T::tile8(xt, mp, i, &rows, p, k, m, limit, out);
+                    i += LANES;
                 } else {
                     T::tile::<1>(xt, mp, i, &rows, p, k, m, limit, out);
                     i += LANES;
