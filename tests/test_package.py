@@ -147,3 +147,27 @@ def test_the_rust_engine_never_changes_the_environment():
     with open(os.path.join(root, "reft-core", "src", "engine", "mod.rs"), encoding="utf-8") as handle:
         text = handle.read()
     assert "configure_threads_env()" not in text.split("pub fn configure_threads_env()")[1]
+
+
+def test_no_module_imports_another_module_s_private_names():
+    """The issue's measure: no ``from .x import _name`` between the package's
+    modules (the extension ``_core`` and ``_environment`` are modules, not names)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(reft_rs.__file__).parent
+    found = []
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level > 0:
+                for alias in node.names:
+                    dunder = alias.name.startswith("__") and alias.name.endswith("__")
+                    if (
+                        alias.name.startswith("_")
+                        and not dunder
+                        and alias.name not in {"_core", "_environment"}
+                    ):
+                        found.append(
+                            f"{path.relative_to(root)}: from {'.' * node.level}{node.module or ''} import {alias.name}"
+                        )
+    assert found == []

@@ -60,6 +60,24 @@ def model_identity(model: nn.Module) -> dict[str, Any]:
     }
 
 
+#: Where Hugging Face sequence classifiers keep their head.
+HEAD_NAMES = ("score", "classifier")
+
+
+def find_head(model: nn.Module) -> nn.Module:
+    """A sequence classifier's head (``score`` or ``classifier``)."""
+    from .errors import ConfigError
+
+    for name in HEAD_NAMES:
+        head = getattr(model, name, None)
+        if isinstance(head, nn.Module):
+            return head
+    raise ConfigError(
+        f"trainable_head is set but {type(model).__name__} has no classification head "
+        f"(looked for: {', '.join(HEAD_NAMES)})"
+    )
+
+
 def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The model's stack of transformer layers and its dotted path."""
     _, num_layers = model_dimensions(model)

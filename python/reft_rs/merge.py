@@ -133,7 +133,7 @@ def merge_and_unload(reft_model: ReftModel) -> nn.Module:
     refusals = [reason for reason in map(_refusal, config.interventions) if reason]
     if refusals:
         raise ConfigError("cannot merge this adapter into the weights: " + "; ".join(refusals))
-    paths = [reft_model._sites[index] for index in range(len(config.interventions))]
+    paths = reft_model.site_paths()
     sites = {path: reft_model.model.get_submodule(path) for path in dict.fromkeys(paths)}
     projections = _output_projection(reft_model, sites)
     # In the order the hooks apply them, each edit after the previous one.

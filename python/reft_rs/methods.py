@@ -225,10 +225,10 @@ class Head:
     (a trial trains the head with the interventions)."""
 
     def __init__(self, model: Any) -> None:
-        from .model import _find_head
+        from .layout import find_head
 
         try:
-            self.module = _find_head(model)
+            self.module = find_head(model)
         except ConfigError:
             self.module = None
         self.state = (

@@ -37,13 +37,11 @@ from . import _core, checkpoint, merge, recompute
 from .config import InterventionConfig, ReftConfig
 from .errors import ConfigError, IncompatibleModelError, InvalidCheckpointError, LocationError, ShapeError
 from .interventions import Intervention, inference_call
-from .layout import HookSite, find_layers, model_dimensions, model_identity, resolve
+from .layout import HookSite, find_head, find_layers, model_dimensions, model_identity, resolve
 from .positions import IGNORE_INDEX, locate
 from .prefix_cache import PrefixCache, applies, cached_forward
 
 __all__ = ["ReftModel", "get_reft_model"]
-
-_HEAD_NAMES = ("score", "classifier")
 
 
 @dataclasses.dataclass
@@ -203,7 +201,7 @@ class ReftModel(nn.Module):
         self._configs[name] = config
         self._trainable[name] = True
         if config.trainable_head:
-            self.head = _find_head(model)
+            self.head = find_head(model)
         self._register_hooks(name)
 
     def add_adapter(
@@ -412,6 +410,51 @@ class ReftModel(nn.Module):
         """This thread's call in progress."""
         return self._call_states.get(threading.get_ident())
 
+    # ------------------------------------------------------------------ for the package's helpers
+    # Gradient checkpointing (recompute.py), merging (merge.py) and prefix
+    # caching (prefix_cache.py) work through these, not the private state.
+
+    @property
+    def current_call(self) -> CallState | None:
+        """This thread's call of the model in progress, if any."""
+        return self._state
+
+    @contextlib.contextmanager
+    def replaying(self, state: CallState) -> Iterator[None]:
+        """Runs with ``state`` as this thread's call: a checkpointed layer
+        recomputed in the backward pass edits as it did in the forward one
+        (each hook computing its own R)."""
+        thread = threading.get_ident()
+        self._call_states[thread] = state
+        try:
+            with inference_call([]):
+                yield
+        finally:
+            self._call_states.pop(thread, None)
+
+    @property
+    def recomputing(self) -> bool:
+        """Whether the wrapped model recomputes layers in the backward pass
+        (gradient checkpointing, set by :mod:`reft_rs.recompute`)."""
+        return self._recomputing
+
+    @recomputing.setter
+    def recomputing(self, value: bool) -> None:
+        self._recomputing = bool(value)
+
+    def site_paths(self) -> list[str]:
+        """The module path each intervention of the active adapter edits, in
+        config order."""
+        return [self._sites[index] for index in range(len(self.reft_config.interventions))]
+
+    def call_with_edits(
+        self, sources: list[torch.Tensor | None], strength: float = 1.0, **kwargs: Any
+    ) -> Any:
+        """The wrapped model called with the interventions active at
+        ``sources`` (per intervention: absolute positions, or ``None``)."""
+        with self._active(CallState(sources, strength=strength)):
+            return self.model(**kwargs)
+
     @contextlib.contextmanager
     def _active(self, state: CallState) -> Iterator[None]:
         thread = threading.get_ident()
@@ -583,14 +626,9 @@ class ReftModel(nn.Module):
             out = cached_forward(self, input_ids, attention_mask, labels, sources, store, extra)
             if out is not None:
                 return out
-        return self._call_model(
+        return self.call_with_edits(
             sources, input_ids=input_ids, attention_mask=attention_mask, strength=strength, **kwargs
         )
-
-    def _call_model(self, sources: list[torch.Tensor | None], strength: float = 1.0, **kwargs: Any) -> Any:
-        """The wrapped model called with the interventions active at ``sources``."""
-        with self._active(CallState(sources, strength=strength)):
-            return self.model(**kwargs)
 
     def prefix_cache_blocker(self) -> str | None:
         """Why prefix caching cannot run on this model, or ``None`` when it can."""
@@ -1019,14 +1057,3 @@ def _validate_against_model(model: nn.Module, config: ReftConfig) -> None:
         # Without a recognised layout only explicit module paths are used.
         layers = num_layers if num_layers is not None else item.layer + 1
         _core.check_placement(item.name, item.layer, item.low_rank_dimension, width, layers)
-
-
-def _find_head(model: nn.Module) -> nn.Module:
-    for name in _HEAD_NAMES:
-        head = getattr(model, name, None)
-        if isinstance(head, nn.Module):
-            return head
-    raise ConfigError(
-        f"trainable_head is set but {type(model).__name__} has no classification head "
-        f"(looked for: {', '.join(_HEAD_NAMES)})"
-    )

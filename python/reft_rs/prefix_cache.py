@@ -264,7 +264,7 @@ def cached_forward(
     moved = [
         None if source is None else torch.where(source >= 0, source + shift, source) for source in sources
     ]
-    return reft_model._call_model(
+    return reft_model.call_with_edits(
         moved,
         input_ids=suffix_ids,
         attention_mask=mask,

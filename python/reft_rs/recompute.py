@@ -16,17 +16,14 @@ runs the same operations as the first pass. Both of torch's modes work
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
-from .interventions import inference_call
 
 if TYPE_CHECKING:
-    from .model import CallState, ReftModel
+    from .model import ReftModel
 
 __all__ = ["disable", "enable"]
 
@@ -42,7 +39,7 @@ class _Replaying:
 
     def __call__(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         owner = self.owner
-        state = owner._state
+        state = owner.current_call
         if state is None:
             return self.inner(function, *args, **kwargs)
         # The indices computed so far are shared; any computed inside the
@@ -50,24 +47,13 @@ class _Replaying:
         saved = dataclasses.replace(state, indices=dict(state.indices))
 
         def run(*inner_args: Any, **inner_kwargs: Any) -> Any:
-            if owner._state is not None:  # the first pass, inside the call
+            if owner.current_call is not None:  # the first pass, inside the call
                 return function(*inner_args, **inner_kwargs)
             self.replays += 1
-            with _restored(owner, saved):
+            with owner.replaying(saved):
                 return function(*inner_args, **inner_kwargs)
 
         return self.inner(run, *args, **kwargs)
-
-
-@contextlib.contextmanager
-def _restored(owner: ReftModel, state: CallState) -> Iterator[None]:
-    thread = threading.get_ident()
-    owner._call_states[thread] = state
-    try:
-        with inference_call([]):
-            yield
-    finally:
-        owner._call_states.pop(thread, None)
 
 
 def enable(owner: ReftModel, options: dict[str, Any] | None, extra: dict[str, Any]) -> None:
@@ -100,7 +86,7 @@ def enable(owner: ReftModel, options: dict[str, Any] | None, extra: dict[str, An
         wrapped += 1
     if not wrapped:
         raise ConfigError(f"{type(model).__name__} set no checkpointing function on its layers")
-    owner._recomputing = True
+    owner.recomputing = True
 
 
 def disable(owner: ReftModel) -> None:
@@ -109,4 +95,4 @@ def disable(owner: ReftModel) -> None:
         model.activation_checkpointing_disable()
     elif hasattr(model, "gradient_checkpointing_disable"):
         model.gradient_checkpointing_disable()
-    owner._recomputing = False
+    owner.recomputing = False
