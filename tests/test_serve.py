@@ -9,6 +9,7 @@ same checkpoint (or none), run one request at a time.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import http.client
 import json
 import os
@@ -16,6 +17,7 @@ import shutil
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from types import SimpleNamespace
 
 import pytest
@@ -80,16 +82,12 @@ def setup(folders, tmp_path_factory):  # noqa: F811
     return SimpleNamespace(root=root, model=root / "model", adapters=adapters)
 
 
-@pytest.fixture(scope="module")
-def server(setup):
-    engine = reft_rs.Engine(setup.model)
-    engine.add_adapter("loreft", setup.adapters / "loreft")
-    engine.add_adapter("steer", setup.adapters / "steer")
-    app = create_app(
-        engine, model_name="tiny", adapter_dir=setup.adapters, api_key=KEY, max_batch=8, default_max_tokens=24
-    )
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
-    served = uvicorn.Server(config)
+@contextlib.contextmanager
+def running(app, **config) -> Iterator[SimpleNamespace]:
+    """``app`` served on 127.0.0.1 (a free port) for the ``with`` block, in
+    a thread; stopped after it (``config``: more of uvicorn's settings)."""
+    settings = {"log_level": "critical", **config}
+    served = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, **settings))
     thread = threading.Thread(target=served.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -98,16 +96,27 @@ def server(setup):
         assert thread.is_alive(), "the server thread died"
         time.sleep(0.02)
     port = served.servers[0].sockets[0].getsockname()[1]
-    yield SimpleNamespace(
-        port=port,
-        url=f"http://127.0.0.1:{port}/v1",
-        app=app,
-        worker=app.state.server.worker,
-        engine=engine,
+    try:
+        yield SimpleNamespace(
+            port=port, url=f"http://127.0.0.1:{port}/v1", app=app, worker=app.state.server.worker
+        )
+    finally:
+        served.should_exit = True
+        thread.join(15)
+        assert not thread.is_alive()
+
+
+@pytest.fixture(scope="module")
+def server(setup):
+    engine = reft_rs.Engine(setup.model)
+    engine.add_adapter("loreft", setup.adapters / "loreft")
+    engine.add_adapter("steer", setup.adapters / "steer")
+    app = create_app(
+        engine, model_name="tiny", adapter_dir=setup.adapters, api_key=KEY, max_batch=8, default_max_tokens=24
     )
-    served.should_exit = True
-    thread.join(15)
-    assert not thread.is_alive()
+    with running(app, log_level="warning", lifespan="on") as served:
+        served.engine = engine
+        yield served
 
 
 def client(server, key=KEY):

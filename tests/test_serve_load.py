@@ -16,7 +16,6 @@ import random
 import socket
 import threading
 import time
-from types import SimpleNamespace
 
 import pytest
 
@@ -30,7 +29,7 @@ from reft_rs.serve import create_app  # noqa: E402
 from reft_rs.serve.app import MAX_BODY_BYTES  # noqa: E402
 
 from .test_engine import folders  # noqa: E402, F401
-from .test_serve import CONTEXT, KEY, PROMPTS, raw, reference, setup  # noqa: E402, F401
+from .test_serve import CONTEXT, KEY, PROMPTS, raw, reference, running, setup  # noqa: E402, F401
 
 REQUESTS = 300
 CONCURRENCY = 16
@@ -46,17 +45,8 @@ def server(setup):  # noqa: F811
     engine.add_adapter("loreft", setup.adapters / "loreft")
     engine.add_adapter("steer", setup.adapters / "steer")
     app = create_app(engine, model_name="tiny", api_key=KEY, max_batch=8, kv_cache_mib=BUDGET_MIB)
-    served = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error"))
-    thread = threading.Thread(target=served.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not served.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.02)
-    port = served.servers[0].sockets[0].getsockname()[1]
-    yield SimpleNamespace(port=port, url=f"http://127.0.0.1:{port}/v1", worker=app.state.server.worker)
-    served.should_exit = True
-    thread.join(15)
+    with running(app, log_level="error") as served:
+        yield served
 
 
 def send_raw(port: int, head: bytes, body: bytes, timeout: float = 60) -> tuple[int, dict]:

@@ -10,7 +10,6 @@ time, and every server is stopped at the end of its test.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import http.client
 import json
 import os
@@ -20,8 +19,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from types import SimpleNamespace
 
 import pytest
 
@@ -34,26 +31,7 @@ import reft_rs  # noqa: E402
 from reft_rs.serve import create_app  # noqa: E402
 
 from .test_engine import folders  # noqa: E402, F401
-from .test_serve import CONTEXT, KEY, PROMPTS, reference, setup  # noqa: E402, F401
-
-
-@contextlib.contextmanager
-def running(app) -> Iterator[SimpleNamespace]:
-    """``app`` served on 127.0.0.1 (a free port) for the ``with`` block."""
-    served = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="critical"))
-    thread = threading.Thread(target=served.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not served.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.02)
-    port = served.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield SimpleNamespace(port=port, url=f"http://127.0.0.1:{port}/v1", worker=app.state.server.worker)
-    finally:
-        served.should_exit = True
-        thread.join(15)
-        assert not thread.is_alive()
+from .test_serve import CONTEXT, KEY, PROMPTS, reference, running, setup  # noqa: E402, F401
 
 
 def send(port, method, path, body=None, headers=None, timeout=30):
