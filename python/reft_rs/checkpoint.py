@@ -174,6 +174,19 @@ def _numpy_dtype(name: str) -> np.dtype:
     return np.dtype(ml_dtypes.bfloat16)
 
 
+def _read(path: str | os.PathLike[str]) -> tuple[str, list[Any], bool]:
+    """The core's checked read of a checkpoint, warning (at the caller's
+    caller) when an interrupted save left the previous one to be read."""
+    config_json, raw, recovered = _core.load_checkpoint(os.fspath(path))
+    if recovered:
+        warnings.warn(
+            f"the last save to {os.fspath(path)} was interrupted; loaded the previous checkpoint",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return config_json, raw, recovered
+
+
 def load(
     path: str | os.PathLike[str], *, framework: Literal["numpy", "torch"] = "numpy"
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -198,13 +211,7 @@ def load(
     """
     if framework not in ("numpy", "torch"):
         raise ValueError(f"framework must be 'numpy' or 'torch', found {framework!r}")
-    config_json, raw, recovered = _core.load_checkpoint(os.fspath(path))
-    if recovered:
-        warnings.warn(
-            f"the last save to {os.fspath(path)} was interrupted; loaded the previous checkpoint",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+    config_json, raw, recovered = _read(path)
     tensors: dict[str, Any] = {}
     if framework == "torch":
         import torch
@@ -267,13 +274,7 @@ def read_layout(
     """A checkpoint's config and its tensors' ``(key, dtype, shape)``,
     checked as :func:`load` checks them (warning the same way after an
     interrupted save) without keeping the tensors' bytes."""
-    config_json, raw, recovered = _core.load_checkpoint(os.fspath(path))
-    if recovered:
-        warnings.warn(
-            f"the last save to {os.fspath(path)} was interrupted; loaded the previous checkpoint",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+    config_json, raw, _ = _read(path)
     return json.loads(config_json), [(key, dtype, tuple(shape)) for key, dtype, shape, _ in raw]
 
 

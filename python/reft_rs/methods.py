@@ -181,7 +181,7 @@ class Task:
     def classify(self) -> bool:
         return self.labels is not None
 
-    def dataset(self, tokenizer: Any, records: Sequence[Mapping[str, Any]], config: ReftConfig) -> Any:
+    def dataset(self, tokenizer: Any, records: Sequence[Mapping[str, Any]], config: ReftConfig | None) -> Any:
         """The :class:`reft_rs.ReftDataset` of ``records`` for ``config``'s positions."""
         if self.labels is not None:
             index = {label: i for i, label in enumerate(self.labels)}
@@ -297,23 +297,7 @@ class ReftMethod:
         config = build_config(params, self.task.classify)
         reft_model = get_reft_model(self.model, config)
         try:
-            train_set = self.task.dataset(self.tokenizer, self.task.train, config)
-            dev_set = self.task.dataset(self.tokenizer, self.task.dev, config)
-            history = train(
-                reft_model,
-                train_set,
-                collator=ReftDataCollator(pad_id(self.tokenizer)),
-                epochs=int(params["epochs"]),
-                batch_size=self.batch_size,
-                learning_rate=float(params["learning_rate"]),
-                seed=seed,
-                progress=False,
-                eval_dataset=dev_set,
-                eval_metric=self.metric,
-                eval_steps=self.eval_steps,
-                tokenizer=self.tokenizer,
-                eval_callback=report,
-            )
+            history = _train_trial(self, reft_model, config, params, seed, report)
         except BaseException:
             self._release(reft_model)
             raise
@@ -344,6 +328,35 @@ class ReftMethod:
             if release is not None:
                 release()
                 self.head.reset()
+
+
+def _train_trial(
+    method: Any,
+    model: Any,
+    config: ReftConfig | None,
+    params: Mapping[str, Any],
+    seed: int,
+    report: Callable[[int, float], None] | None,
+) -> Any:
+    """One trial of ``method`` (a :class:`ReftMethod` or :class:`LoraMethod`):
+    ``model`` trained on the task's training set with the trial's epochs and
+    learning rate, scored on dev as it goes (``report``), best step kept."""
+    task, tokenizer = method.task, method.tokenizer
+    return train(
+        model,
+        task.dataset(tokenizer, task.train, config),
+        collator=ReftDataCollator(pad_id(tokenizer)),
+        epochs=int(params["epochs"]),
+        batch_size=method.batch_size,
+        learning_rate=float(params["learning_rate"]),
+        seed=seed,
+        progress=False,
+        eval_dataset=task.dataset(tokenizer, task.dev, config),
+        eval_metric=method.metric,
+        eval_steps=method.eval_steps,
+        tokenizer=tokenizer,
+        eval_callback=report,
+    )
 
 
 def pad_id(tokenizer: Any) -> int:
@@ -466,23 +479,7 @@ class LoraMethod:
         torch.manual_seed(seed)
         wrapper, release = self._wrap(params)
         try:
-            train_set = self.task.dataset(self.tokenizer, self.task.train, None)
-            dev_set = self.task.dataset(self.tokenizer, self.task.dev, None)
-            history = train(
-                wrapper,
-                train_set,
-                collator=ReftDataCollator(pad_id(self.tokenizer)),
-                epochs=int(params["epochs"]),
-                batch_size=self.batch_size,
-                learning_rate=float(params["learning_rate"]),
-                seed=seed,
-                progress=False,
-                eval_dataset=dev_set,
-                eval_metric=self.metric,
-                eval_steps=self.eval_steps,
-                tokenizer=self.tokenizer,
-                eval_callback=report,
-            )
+            history = _train_trial(self, wrapper, None, params, seed, report)
         except BaseException:
             release()
             raise

@@ -130,31 +130,19 @@ def _training_data(
     config: Any,
     labels: list[str] | None,
 ) -> Any:
-    from ..data import make_dataset
+    """The dataset of ``records`` as the options ask (classified when
+    ``labels`` are given, else taught as prompt → response or text → label)."""
+    from ..methods import Task
 
-    if labels is not None:
-        index = {label: i for i, label in enumerate(labels)}
-        return make_dataset(
-            tokenizer,
-            [r["text"] for r in records],
-            labels=[index[str(r["label"])] for r in records],
-            config=config,
-            max_length=args.max_length,
-        )
-    options = {
-        "config": config,
-        "max_length": args.max_length,
-        "system_prompt": args.system_prompt,
-        "chat_template": False if args.no_chat_template else None,
-    }
-    if "response" in records[0]:
-        return make_dataset(
-            tokenizer, [r["prompt"] for r in records], [r["response"] for r in records], **options
-        )
-    # Labelled texts for a causal LM: learn to answer with the label.
-    return make_dataset(
-        tokenizer, [r["text"] for r in records], [str(r["label"]) for r in records], **options
+    task = Task(
+        records,
+        [],
+        labels=labels,
+        max_length=args.max_length,
+        system_prompt=args.system_prompt,
+        chat_template=False if args.no_chat_template else None,
     )
+    return task.dataset(tokenizer, records, config)
 
 
 def _holds_a_run(output: str) -> bool:

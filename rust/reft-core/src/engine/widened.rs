@@ -112,6 +112,26 @@ unsafe fn widen<T: Tile>(
     }
 }
 
+/// Runs `$step!(u)` for every step along `k`, in order: whole chunks of
+/// [`STEP`] steps (written out, so that the sums stay in registers) with
+/// the weight pointer `$wp` and the activation pointer `$xr` moved past
+/// each, then the tail.
+macro_rules! along_k {
+    ($k:expr, $mp:expr, $wp:ident, $xr:ident, $step:ident) => {{
+        for _ in 0..$k / STEP {
+            $step!(0);
+            $step!(1);
+            $step!(2);
+            $step!(3);
+            $wp = $wp.add(P * STEP);
+            $xr = $xr.add(STEP * $mp);
+        }
+        for u in 0..$k % STEP {
+            $step!(u);
+        }
+    }};
+}
+
 /// One build's tile: `V` × [`LANES`] activation rows from `i` (of a block
 /// of the transposed, padded activations, `xt` as `[k][mp]`) against the
 /// `p ≤ P` widened rows of `w` (rows of `k`); writes `out[b·m + row]` for
@@ -267,7 +287,6 @@ mod x86 {
             let mut acc = [[_mm512_setzero_ps(); V]; P];
             let xp = xt.as_ptr().add(i);
             // Rows past `p` hold stale values; never stored.
-            // Whole chunks of STEP steps, then the tail, in order along k.
             let mut wp = w.as_ptr();
             let mut xr = xp;
             macro_rules! step {
@@ -285,17 +304,7 @@ mod x86 {
                     }
                 }};
             }
-            for _ in 0..k / STEP {
-                step!(0);
-                step!(1);
-                step!(2);
-                step!(3);
-                wp = wp.add(P * STEP);
-                xr = xr.add(STEP * mp);
-            }
-            for u in 0..k % STEP {
-                step!(u);
-            }
+            along_k!(k, mp, wp, xr, step);
             let rows = (limit - i).min(V * LANES);
             // Constant indices into `acc` keep it in registers.
             for b in 0..P {
@@ -345,17 +354,7 @@ mod x86 {
                     }
                 }};
             }
-            for _ in 0..k / STEP {
-                step!(0);
-                step!(1);
-                step!(2);
-                step!(3);
-                wp = wp.add(P * STEP);
-                xr = xr.add(STEP * mp);
-            }
-            for u in 0..k % STEP {
-                step!(u);
-            }
+            along_k!(k, mp, wp, xr, step);
             let rows = (limit - i).min(8);
             let mask: __mmask8 = if rows >= 8 { 0xff } else { (1u8 << rows) - 1 };
             for b in 0..P {
@@ -429,17 +428,7 @@ mod x86 {
                             }
                         }};
                     }
-                    for _ in 0..k / STEP {
-                        step!(0);
-                        step!(1);
-                        step!(2);
-                        step!(3);
-                        wp = wp.add(P * STEP);
-                        xr = xr.add(STEP * mp);
-                    }
-                    for u in 0..k % STEP {
-                        step!(u);
-                    }
+                    along_k!(k, mp, wp, xr, step);
                     let rows_here = (limit - i)
                         .min(V * LANES)
                         .saturating_sub(v * LANES)
