@@ -34,8 +34,8 @@ config = {
 }
 vector = np.array([0.5, -1.25, 3.0], np.float32)
 with tempfile.TemporaryDirectory() as folder:
-    reft_rs.checkpoint.save(folder, config, {"s.vector": vector})
-    assert np.array_equal(reft_rs.checkpoint.load(folder)[1]["s.vector"], vector)
+    reft_rs.io.checkpoint.save(folder, config, {"s.vector": vector})
+    assert np.array_equal(reft_rs.io.checkpoint.load(folder)[1]["s.vector"], vector)
 
 # The engine on a tiny model: greedy decoding is deterministic and batch-free.
 engine = reft_rs.Engine(model, threads=1)

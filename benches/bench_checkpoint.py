@@ -7,7 +7,7 @@ per intervention plus a config, read back with ``torch.load``. Both run in
 this process on the same tensors; loads are checked bit-exact and
 dtype-exact (pyreft itself turns float32 W and b into bfloat16 on reload).
 
-Rows: the checkpoint files alone (``reft_rs.checkpoint``), and the whole
+Rows: the checkpoint files alone (``reft_rs.io.checkpoint``), and the whole
 ``ReftModel.save_pretrained`` / ``ReftModel.from_pretrained`` round trip on
 the real model (attaching hooks included).
 
@@ -27,7 +27,7 @@ import time
 import torch
 
 import reft_rs
-from reft_rs.pretrained import load_smollm2
+from reft_rs.io.pretrained import load_smollm2
 
 
 def median_ms(action, repeats: int) -> float:
@@ -83,11 +83,13 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="reft-bench-")
     try:
         ours, theirs = os.path.join(work, "reft_rs"), os.path.join(work, "pickles")
-        save_ours = median_ms(lambda: reft_rs.checkpoint.save(ours, checkpoint_config, tensors), args.repeats)
-        load_ours = median_ms(lambda: reft_rs.checkpoint.load(ours, framework="torch"), args.repeats)
+        save_ours = median_ms(
+            lambda: reft_rs.io.checkpoint.save(ours, checkpoint_config, tensors), args.repeats
+        )
+        load_ours = median_ms(lambda: reft_rs.io.checkpoint.load(ours, framework="torch"), args.repeats)
         save_theirs = median_ms(lambda: pickle_layout_save(theirs, checkpoint_config, tensors), args.repeats)
         load_theirs = median_ms(lambda: pickle_layout_load(theirs), args.repeats)
-        _, loaded = reft_rs.checkpoint.load(ours, framework="torch")
+        _, loaded = reft_rs.io.checkpoint.load(ours, framework="torch")
         exact = all(loaded[k].dtype == v.dtype and torch.equal(loaded[k], v) for k, v in tensors.items())
         files = {name: len(os.listdir(path)) for name, path in (("reft_rs", ours), ("pickles", theirs))}
 
@@ -104,7 +106,7 @@ def main() -> None:
     count = len(config.interventions)
     print(f"{count} LoReFT interventions, rank 4, width 576; median of {args.repeats}")
     print(f"{'':<34} {'save ms':>9} {'load ms':>9} {'files':>6}")
-    print(f"{'reft_rs.checkpoint':<34} {save_ours:>9.2f} {load_ours:>9.2f} {files['reft_rs']:>6}")
+    print(f"{'reft_rs.io.checkpoint':<34} {save_ours:>9.2f} {load_ours:>9.2f} {files['reft_rs']:>6}")
     print(
         f"{'pickle per intervention (pyreft)':<34} {save_theirs:>9.2f} {load_theirs:>9.2f} {files['pickles']:>6}"
     )

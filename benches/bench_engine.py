@@ -75,7 +75,7 @@ def measure(run, batch: int, repeats: int) -> dict[str, float]:
 
 
 def worker(kind: str, batch: int, threads: int, repeats: int, checkpoint: str, launched: float) -> dict:
-    from reft_rs import pretrained
+    from reft_rs.io import pretrained
 
     if kind == "torch":
         import torch
@@ -138,7 +138,7 @@ def make_checkpoint(path: str) -> None:
     import torch
 
     import reft_rs
-    from reft_rs import pretrained
+    from reft_rs.io import pretrained
 
     model, _ = pretrained.load_smollm2()
     config = reft_rs.ReftConfig.for_layers([3, 9, 18, 24], low_rank_dimension=4, positions="f5+l5")

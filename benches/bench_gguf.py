@@ -45,7 +45,7 @@ from bench_engine import NEW, PROMPT, prompts_for  # noqa: E402
 
 def files() -> dict[str, tuple[Path, str]]:
     """Name → (GGUF file, family) of every benchmarked file."""
-    from reft_rs import pretrained
+    from reft_rs.io import pretrained
 
     made = llamacpp_build.smollm2_files()
     out = {"smollm2-q4_1": (Path(pretrained.smollm2_gguf()), "smollm2")}
@@ -61,7 +61,7 @@ def make_checkpoint(family: str, path: str) -> None:
     import torch
 
     import reft_rs
-    from reft_rs import pretrained
+    from reft_rs.io import pretrained
 
     if family == "smollm2":
         model, _ = pretrained.load_smollm2()

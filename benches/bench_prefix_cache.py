@@ -31,7 +31,7 @@ import torch
 from bench_preprocess import synthetic_pairs
 
 import reft_rs
-from reft_rs.pretrained import load_smollm2
+from reft_rs.io.pretrained import load_smollm2
 
 LAYERS = [3, 9, 18, 24]
 

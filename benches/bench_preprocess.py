@@ -35,8 +35,8 @@ import transformers
 from bench_positions import best_time, python_locations
 
 import reft_rs
-from reft_rs.data import IGNORE_INDEX, make_dataset
-from reft_rs.pretrained import smollm2_path
+from reft_rs.io.pretrained import smollm2_path
+from reft_rs.training.data import IGNORE_INDEX, make_dataset
 
 PYREFT_EXAMPLES_PER_SECOND = 1 / (1 / 970 + 1 / 5100)
 LAYERS = [3, 9, 18, 24]

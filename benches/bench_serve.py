@@ -58,7 +58,7 @@ def make_adapters(root: str) -> list[str]:
     import torch
 
     import reft_rs
-    from reft_rs import pretrained
+    from reft_rs.io import pretrained
 
     paths = []
     for seed in range(ADAPTERS):
@@ -220,7 +220,7 @@ def main() -> None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import llamacpp_build
 
-    from reft_rs import pretrained
+    from reft_rs.io import pretrained
 
     bin_dir = llamacpp_build.build()
     paths = {"q4_1": str(pretrained.smollm2_gguf())}

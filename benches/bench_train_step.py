@@ -23,7 +23,7 @@ import time
 import torch
 
 import reft_rs
-from reft_rs.pretrained import load_smollm2
+from reft_rs.io.pretrained import load_smollm2
 
 
 def batch_for(vocab: int, batch: int, length: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -106,8 +106,8 @@ def reft_step(model, batch, layers):
 def edit_strategies(batch: int, length: int, width: int, steps: int) -> dict[str, float]:
     """Forward + backward time of editing 10 positions per example in a hook
     with a LoReFT intervention, three ways."""
-    from reft_rs.interventions import Intervention
-    from reft_rs.model import _edit_rows
+    from reft_rs.model.interventions import Intervention
+    from reft_rs.model.reft_model import _edit_rows
 
     torch.manual_seed(0)
     hidden = torch.randn(batch, length, width, requires_grad=True)

@@ -75,7 +75,7 @@ def main() -> None:
     import transformers
 
     import reft_rs
-    from reft_rs import pretrained
+    from reft_rs.io import pretrained
 
     gguf, folder = pretrained.gemma3_270m_gguf(), pretrained.gemma3_270m_path()
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)

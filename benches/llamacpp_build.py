@@ -140,7 +140,7 @@ def smollm2_files(types: tuple[str, ...] = QUANTS) -> dict[str, Path]:
     them: llama.cpp's ``convert_hf_to_gguf.py`` (the sdist's own ``gguf-py``
     on the path) turns the float32 folder into an F16 file, and
     ``llama-quantize`` makes the others from it. Cached with the build."""
-    from reft_rs import pretrained
+    from reft_rs.io import pretrained
 
     out = cache_dir() / f"smollm2-gguf-{VERSION}"
     files = {t: out / f"SmolLM2-135M-Instruct.{t}.gguf" for t in ("F16", *types)}

@@ -1,4 +1,4 @@
-"""reft_rs.checkpoint: exact round trips, atomic saves, clear errors."""
+"""reft_rs.io.checkpoint: exact round trips, atomic saves, clear errors."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 import reft_rs
-from reft_rs import checkpoint
 from reft_rs.errors import (
     CheckpointIOError,
     CheckpointNotFoundError,
@@ -21,6 +20,7 @@ from reft_rs.errors import (
     MissingDependencyError,
     UnsupportedFormatError,
 )
+from reft_rs.io import checkpoint
 
 TYPES = ["loreft", "noreft", "direft", "nodireft", "consreft", "lobireft", "red", "steer"]
 LOW_RANK = {"loreft", "noreft", "direft", "nodireft", "consreft", "lobireft"}

@@ -52,7 +52,7 @@ def test_train_writes_a_checkpoint_that_learned(workspace):
     metrics = json.loads((workspace / "run" / "metrics.json").read_text())
     assert metrics["trainable_parameters"] > 0
     assert metrics["losses"][-1] < 0.5 * metrics["losses"][0]
-    config, tensors = reft_rs.checkpoint.load(workspace / "run")
+    config, tensors = reft_rs.io.checkpoint.load(workspace / "run")
     assert [i["layer"] for i in config["interventions"]] == [0, 1, 2, 0, 1, 2]
     assert config["metadata"]["dataset"] == "train.jsonl"
 
@@ -112,7 +112,7 @@ def test_eval_reports_exact_match_of_the_replies(workspace, capsys):
 def test_inspect_lists_interventions_and_parameter_counts(workspace, capsys):
     code, out, _ = run(capsys, "inspect", str(workspace / "run"))
     assert code == 0
-    config, tensors = reft_rs.checkpoint.load(workspace / "run")
+    config, tensors = reft_rs.io.checkpoint.load(workspace / "run")
     total = sum(int(np.prod(t.shape)) for k, t in tensors.items() if k not in config["extra_tensors"])
     assert f"{total:,} trained parameters" in out
     for entry in config["interventions"]:
@@ -183,12 +183,12 @@ def test_convert_pyreft_and_red(workspace, capsys, tmp_path):
         "f1+l1",
     )
     assert code == 0 and "converted 2 interventions" in out
-    config, _ = reft_rs.checkpoint.load(tmp_path / "ours")
+    config, _ = reft_rs.io.checkpoint.load(tmp_path / "ours")
     assert config["base_model"]["hidden_size"] == 32
     torch.save(red_state(), tmp_path / "delta_vector.pth")
     code, out, _ = run(capsys, "convert", "red", str(tmp_path / "delta_vector.pth"), str(tmp_path / "red"))
     assert code == 0
-    assert [i["type"] for i in reft_rs.checkpoint.load(tmp_path / "red")[0]["interventions"]] == [
+    assert [i["type"] for i in reft_rs.io.checkpoint.load(tmp_path / "red")[0]["interventions"]] == [
         "red",
         "red",
     ]
@@ -282,7 +282,7 @@ def test_training_is_reproducible_with_a_seed(workspace):
         argv = ["train", "--model", str(workspace / "model"), "--data", str(workspace / "train.jsonl")]
         argv += ["--output", str(workspace / name), "--max-steps", "2", "--seed", "5", *TRAIN]
         assert main(argv) == 0
-        outputs.append(reft_rs.checkpoint.load(workspace / name)[1])
+        outputs.append(reft_rs.io.checkpoint.load(workspace / name)[1])
     assert outputs[0].keys() == outputs[1].keys()
     for key in outputs[0]:
         assert np.array_equal(outputs[0][key], outputs[1][key]), key
@@ -308,7 +308,7 @@ def test_labelled_data_trains_a_classifier_and_eval_reports_its_accuracy(workspa
     argv = ["train", "--model", str(workspace / "model"), "--data", str(data), "--output", str(output)]
     argv += [*TRAIN, "--epochs", "40", "--learning-rate", "3e-2", "--positions", "l1"]
     assert main(argv) == 0
-    config, tensors = reft_rs.checkpoint.load(output)
+    config, tensors = reft_rs.io.checkpoint.load(output)
     assert config["metadata"]["task"] == "classify"
     assert config["metadata"]["labels"] == ["animal", "colour", "number"]
     assert any(key.startswith("head.") for key in tensors)
@@ -348,7 +348,7 @@ def test_training_without_the_last_token_is_recorded_and_followed(workspace, cap
         + ["--output", str(output), "--epochs", "20", "--learning-rate", "3e-2", "--exclude-last", *TRAIN]
     )
     assert code == 0
-    config, _ = reft_rs.checkpoint.load(output)
+    config, _ = reft_rs.io.checkpoint.load(output)
     assert [i["include_last"] for i in config["interventions"]] == [False] * 6
     capsys.readouterr()
     code, out, _ = run(capsys, "inspect", str(output))
@@ -369,9 +369,9 @@ def test_training_without_the_last_token_is_recorded_and_followed(workspace, cap
     assert code == 0 and rust_out == torch_out
     # the rule is what the engine follows: the same weights read with the other rule differ
     flipped = workspace / "no-last-flipped"
-    _, tensors = reft_rs.checkpoint.load(output)
+    _, tensors = reft_rs.io.checkpoint.load(output)
     config["interventions"] = [{**entry, "include_last": True} for entry in config["interventions"]]
-    reft_rs.checkpoint.save(flipped, config, tensors)
+    reft_rs.io.checkpoint.save(flipped, config, tensors)
     ids = reft_rs.Engine(workspace / "model").encode("what colour is the sky")
     kept = reft_rs.Engine(workspace / "model", reft=output).logits(ids)
     moved = reft_rs.Engine(workspace / "model", reft=flipped).logits(ids)
@@ -395,7 +395,7 @@ def test_an_unexpected_error_is_one_line_and_exit_1(monkeypatch, capsys):
 
 
 def test_steer_writes_vectors_that_generate_and_convert_use(workspace, capsys, tmp_path):
-    """``reft-rs steer`` equals reft_rs.steering on the same pairs; the
+    """``reft-rs steer`` equals reft_rs.experiments.steering on the same pairs; the
     checkpoint runs in both engines at a --strength, and goes out to a
     llama.cpp control vector and back unchanged."""
     pairs = [("hey what's up", "Good afternoon."), ("lol sure", "Certainly."), ("yeah cool", "Very well.")]
@@ -422,7 +422,7 @@ def test_steer_writes_vectors_that_generate_and_convert_use(workspace, capsys, t
     )
     assert code == 0 and "layers 1, 2" in stdout
     hf = transformers.AutoModelForCausalLM.from_pretrained(model)
-    expected = reft_rs.steering.compute_steering_vectors(
+    expected = reft_rs.experiments.steering.compute_steering_vectors(
         hf,
         transformers.AutoTokenizer.from_pretrained(model),
         [p for p, _ in pairs],
@@ -430,7 +430,7 @@ def test_steer_writes_vectors_that_generate_and_convert_use(workspace, capsys, t
         [1, 2],
         method="pca",
     )
-    config, tensors = reft_rs.checkpoint.load(out)
+    config, tensors = reft_rs.io.checkpoint.load(out)
     for item in config["interventions"]:
         np.testing.assert_allclose(tensors[f"{item['name']}.vector"], expected[item["layer"]], atol=1e-6)
     common = [
@@ -462,7 +462,7 @@ def test_steer_writes_vectors_that_generate_and_convert_use(workspace, capsys, t
         model,
     )
     assert code == 0
-    back_config, back = reft_rs.checkpoint.load(tmp_path / "back")
+    back_config, back = reft_rs.io.checkpoint.load(tmp_path / "back")
     assert [i["layer"] for i in back_config["interventions"]] == [1, 2]
     assert back_config["base_model"]["hidden_size"] == config["base_model"]["hidden_size"]
     for a, b in zip(config["interventions"], back_config["interventions"]):

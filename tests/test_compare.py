@@ -17,12 +17,12 @@ peft = pytest.importorskip("peft")
 import safetensors.torch as safetensors_torch  # noqa: E402
 
 import reft_rs  # noqa: E402
-from reft_rs import compare  # noqa: E402
 from reft_rs.cli import main  # noqa: E402
-from reft_rs.compare import bootstrap_interval  # noqa: E402
-from reft_rs.evaluation import evaluate, example_scores  # noqa: E402
-from reft_rs.methods import Baseline  # noqa: E402
-from reft_rs.sweep import SearchSpace, Task  # noqa: E402
+from reft_rs.experiments import compare  # noqa: E402
+from reft_rs.experiments.compare import bootstrap_interval  # noqa: E402
+from reft_rs.experiments.methods import Baseline  # noqa: E402
+from reft_rs.experiments.sweep import SearchSpace, Task  # noqa: E402
+from reft_rs.training.evaluation import evaluate, example_scores  # noqa: E402
 
 from .tiny_models import build, config_for, tokenizer  # noqa: E402
 

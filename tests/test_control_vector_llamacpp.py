@@ -23,7 +23,8 @@ pytest.importorskip("llama_cpp")
 torch = pytest.importorskip("torch")
 
 import reft_rs  # noqa: E402
-from reft_rs import control_vector, pretrained, steering  # noqa: E402
+from reft_rs.experiments import steering  # noqa: E402
+from reft_rs.io import control_vector, pretrained  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +35,7 @@ LLAMA_CPP = r"""
 import ctypes, json, sys
 import numpy as np
 import llama_cpp
-from reft_rs import control_vector
+from reft_rs.io import control_vector
 
 model, vector, prompt, new = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 llm = llama_cpp.Llama(

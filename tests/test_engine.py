@@ -529,8 +529,8 @@ def test_interventions_without_bias_match_the_torch_path(folders, family, tmp_pa
     )
     reft_model, _ = both_paths_agree(folders, family, config, tmp_path / "reft")
     assert all(i.bias is None for i in reft_model.interventions)
-    saved, _ = reft_rs.checkpoint.load(tmp_path / "reft")
-    assert not any(key.endswith(".bias") for key, _, _ in reft_rs.checkpoint.expected_tensors(saved))
+    saved, _ = reft_rs.io.checkpoint.load(tmp_path / "reft")
+    assert not any(key.endswith(".bias") for key, _, _ in reft_rs.io.checkpoint.expected_tensors(saved))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -540,7 +540,7 @@ def test_parameter_dtypes_match_the_torch_path(folders, family, dtype, tmp_path)
         [intervention(kind, "block_output", layer=i % 3, dtype=dtype) for i, kind in enumerate(TYPES)]
     )
     both_paths_agree(folders, family, config, tmp_path / "reft")
-    saved, tensors = reft_rs.checkpoint.load(tmp_path / "reft", framework="torch")
+    saved, tensors = reft_rs.io.checkpoint.load(tmp_path / "reft", framework="torch")
     assert {str(t.dtype) for t in tensors.values()} == {f"torch.{dtype}"}
 
 
@@ -567,9 +567,9 @@ def test_several_interventions_on_one_site_apply_in_order(folders, family, tmp_p
     ]
     reft_model, engine = both_paths_agree(folders, family, ReftConfig(items), tmp_path / "reft")
     # the same checkpoint with its order reversed gives other logits, in both paths
-    saved, tensors = reft_rs.checkpoint.load(tmp_path / "reft")
+    saved, tensors = reft_rs.io.checkpoint.load(tmp_path / "reft")
     saved["interventions"] = saved["interventions"][::-1]
-    reft_rs.checkpoint.save(tmp_path / "reversed", saved, tensors)
+    reft_rs.io.checkpoint.save(tmp_path / "reversed", saved, tensors)
     ids = random_ids(1, 11, seed=1)[0].tolist()
     reversed_engine = reft_rs.Engine(folders[family], reft=tmp_path / "reversed")
     reversed_torch = ReftModel.from_pretrained(load_model(folders, family), tmp_path / "reversed")

@@ -17,7 +17,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("gguf")
 
 import reft_rs  # noqa: E402
-from reft_rs import InterventionConfig, ReftConfig, get_reft_model, pretrained  # noqa: E402
+from reft_rs import InterventionConfig, ReftConfig, get_reft_model  # noqa: E402
+from reft_rs.io import pretrained  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

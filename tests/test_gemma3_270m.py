@@ -1,7 +1,7 @@
 """The engine on the real Gemma 3 270M Q4_K_M file (slow).
 
 The reference is transformers on the same file, dequantized to float32 by
-transformers' own GGUF reader (``reft_rs.pretrained.gemma3_270m_path``),
+transformers' own GGUF reader (``reft_rs.io.pretrained.gemma3_270m_path``),
 run over a few hundred positions of English prose (``data/prose.txt``).
 The engine must tokenize as transformers does, equal it when the file is
 expanded to float32, and stay as close to it on the quantized weights as
@@ -24,7 +24,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("gguf")
 
 import reft_rs  # noqa: E402
-from reft_rs import pretrained  # noqa: E402
+from reft_rs.io import pretrained  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from reft_rs import ConfigError, InterventionConfig, ReftConfig  # noqa: E402
-from reft_rs.interventions import Intervention, orthonormalize  # noqa: E402
+from reft_rs.model.interventions import Intervention, orthonormalize  # noqa: E402
 
 TYPES = ["loreft", "noreft", "direft", "nodireft", "consreft", "lobireft", "red", "steer"]
 LOW_RANK = {"loreft", "noreft", "direft", "nodireft", "consreft", "lobireft"}
@@ -135,7 +135,7 @@ def test_rotation_stays_orthonormal_through_training(kind):
 
 
 def test_rotation_is_computed_once_per_forward_and_once_per_inference_call(monkeypatch):
-    from reft_rs import interventions as module
+    from reft_rs.model import interventions as module
 
     calls = []
     original = module.orthonormalize
@@ -167,7 +167,7 @@ def test_a_fused_optimizer_step_is_seen_by_inference():
     optimizer = torch.optim.AdamW(intervention.parameters(), lr=0.1, fused=True)
     for _ in range(2):
         with torch.no_grad():
-            from reft_rs.interventions import inference_call
+            from reft_rs.model.interventions import inference_call
 
             with inference_call():
                 before = intervention.rotation()

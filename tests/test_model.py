@@ -22,7 +22,7 @@ from reft_rs import (  # noqa: E402
     ShapeError,
     get_reft_model,
 )
-from reft_rs.layout import resolve  # noqa: E402
+from reft_rs.model.layout import resolve  # noqa: E402
 
 from .tiny_models import DECODERS, ENCODERS, FAMILIES, HIDDEN, build, random_ids  # noqa: E402
 

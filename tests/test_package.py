@@ -70,8 +70,8 @@ def test_core_features_work_without_torch(tmp_path):
         assert reft_rs.spans.gather(hidden, loc).shape == (2, 2, 2, 3)
         config = {{"base_model": {{"name_or_path": "m", "model_type": "gpt2", "hidden_size": 3, "num_hidden_layers": 1}},
                    "interventions": [{{"name": "s", "type": "steer", "layer": 0, "component": "block_output", "positions": "all"}}]}}
-        reft_rs.checkpoint.save({str(tmp_path)!r}, config, {{"s.vector": np.ones(3, np.float32)}})
-        assert reft_rs.checkpoint.load({str(tmp_path)!r})[1]["s.vector"].tolist() == [1, 1, 1]
+        reft_rs.io.checkpoint.save({str(tmp_path)!r}, config, {{"s.vector": np.ones(3, np.float32)}})
+        assert reft_rs.io.checkpoint.load({str(tmp_path)!r})[1]["s.vector"].tolist() == [1, 1, 1]
         assert "torch" not in sys.modules and "transformers" not in sys.modules
         print("ok")
         """
@@ -171,3 +171,114 @@ def test_no_module_imports_another_module_s_private_names():
                             f"{path.relative_to(root)}: from {'.' * node.level}{node.module or ''} import {alias.name}"
                         )
     assert found == []
+
+
+def _package_imports():
+    """Each module of the package and the package modules it imports (at
+    any depth of the file, ``TYPE_CHECKING`` blocks included)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(reft_rs.__file__).parent
+    modules = {}
+    for path in root.rglob("*.py"):
+        parts = ["reft_rs", *path.relative_to(root).with_suffix("").parts]
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        modules[".".join(parts)] = path
+    graph = {"reft_rs._core": set()}  # the extension imports nothing of the package
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    source = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    source = node.module or ""
+                for alias in node.names:
+                    full = f"{source}.{alias.name}"
+                    targets.add(full if full in modules or full.endswith("._core") else source)
+            elif isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+        graph[name] = targets
+    return {name: {t for t in targets if t in graph and t != name} for name, targets in graph.items()}
+
+
+def test_the_package_modules_import_one_another_without_a_circle():
+    graph = _package_imports()
+    assert len(graph) > 40  # the walk found the package
+    assert graph["reft_rs.model.reft_model"] >= {"reft_rs.model.hooks", "reft_rs.model.merge"}
+    # Depth-first search for a path back to a module on the current path.
+    circles = []
+    state: dict[str, str] = {}
+
+    def visit(name, path):
+        state[name] = "open"
+        for target in sorted(graph[name]):
+            if state.get(target) == "open":
+                circles.append(path[path.index(target) :] + [target])
+            elif target not in state:
+                visit(target, [*path, target])
+        state[name] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    assert circles == []
+
+
+def test_at_most_a_dozen_modules_at_the_top_of_the_package():
+    from pathlib import Path
+
+    root = Path(reft_rs.__file__).parent
+    modules = sorted(p.name for p in root.glob("*.py"))
+    assert len(modules) <= 12, modules
+    folders = sorted(p.name for p in root.iterdir() if (p / "__init__.py").exists())
+    assert folders == ["cli", "engine", "experiments", "io", "model", "serve", "training"]
+
+
+def test_the_flat_paths_of_release_0_1_still_import_with_a_deprecation_warning():
+    script = BLOCK_TORCH + textwrap.dedent(
+        """
+        import importlib.util, warnings
+        import reft_rs
+        import reft_rs.io.checkpoint, reft_rs.engine.sampling, reft_rs.io.records
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import reft_rs.checkpoint
+            from reft_rs.sampling import SamplingParams
+            records = reft_rs.records
+        messages = [str(w.message) for w in caught if w.category is DeprecationWarning]
+        assert reft_rs.checkpoint is reft_rs.io.checkpoint
+        assert SamplingParams is reft_rs.engine.sampling.SamplingParams
+        assert records is reft_rs.io.records
+        assert any("reft_rs.checkpoint is now reft_rs.io.checkpoint" in m for m in messages), messages
+        assert any("reft_rs.sampling is now reft_rs.engine.sampling" in m for m in messages), messages
+        assert any("reft_rs.records is now reft_rs.io.records" in m for m in messages), messages
+        for old, new in reft_rs.MOVED.items():
+            assert importlib.util.find_spec("reft_rs." + new) is not None, new
+        try:
+            import reft_rs.no_such_module
+        except ModuleNotFoundError:
+            pass
+        else:
+            raise AssertionError("an unknown name imported")
+        print("ok")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="the torch path")
+def test_the_old_torch_paths_are_the_same_modules(recwarn):
+    import reft_rs.model.gradient_checkpointing
+    import reft_rs.recompute
+    import reft_rs.sweep
+
+    assert reft_rs.recompute is reft_rs.model.gradient_checkpointing
+    assert reft_rs.sweep.run is reft_rs.experiments.sweep.run
+    assert any(issubclass(w.category, DeprecationWarning) for w in recwarn)

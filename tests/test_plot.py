@@ -10,7 +10,7 @@ matplotlib = pytest.importorskip("matplotlib")
 from matplotlib import image  # noqa: E402
 
 from reft_rs import ConfigError  # noqa: E402
-from reft_rs.plot import training_curves  # noqa: E402
+from reft_rs.training.plot import training_curves  # noqa: E402
 
 
 def read_png(path):

@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 
 import reft_rs  # noqa: E402
 from reft_rs import InterventionConfig, ReftConfig, ReftDataCollator, get_reft_model, make_dataset  # noqa: E402
-from reft_rs.prefix_cache import PrefixCache, applies  # noqa: E402
+from reft_rs.model.prefix_cache import PrefixCache, applies  # noqa: E402
 
 from .tiny_models import build, config_for, tokenizer  # noqa: E402
 
@@ -132,7 +132,7 @@ def test_a_store_within_its_budget_holds_what_fits():
     assert 0 < len(store) < len(PROMPTS) and store.full and store.stored_bytes <= 6_000
     assert_same(full, loss_and_grads(reft_model, batch, prefix_cache=store))  # mixed hits and misses
     assert "budget full" in store.describe()
-    assert reft_rs.prefix_cache.PrefixCache(memory=0).memory == 0
+    assert reft_rs.model.prefix_cache.PrefixCache(memory=0).memory == 0
 
 
 def trained(prefix_cache, trainer=False, tmp_path=None):

@@ -10,8 +10,8 @@ pytest.importorskip("torch")
 pytest.importorskip("gguf")
 
 import reft_rs  # noqa: E402
-from reft_rs import pretrained  # noqa: E402
 from reft_rs.cli import main  # noqa: E402
+from reft_rs.io import pretrained  # noqa: E402
 
 from .test_plot import read_png  # noqa: E402
 

@@ -286,6 +286,42 @@ def test_zero_new_tokens_and_stop_reasons(folders):  # noqa: F811
     got = [e.token for e in events if e.token is not None]
     assert got == free[: len(got)] and len(got) < 12
     assert stop in engine.decode(got) and stop not in engine.decode(got[:-1])
+    # The events' text, joined, is the reply cut before the stop string, the
+    # text generate gives, and the stream's pieces: the rule is in one place.
+    cut = text[: text.find(stop)]
+    assert "".join(e.text for e in events) == cut
+    assert engine.generate(engine.decode(prompt), 12, stop=stop, ignore_eos=True)[0] == cut or (
+        engine.encode(engine.decode(prompt)) != prompt
+    )
+    assert "".join(engine.stream(prompt, 12, stop=stop, ignore_eos=True)) == cut
+
+
+def test_event_text_holds_back_a_possible_stop_string_and_flushes_it_at_the_end(folders):  # noqa: F811
+    engine = reft_rs.Engine(folders["llama"])
+    prompt = random_ids(1, 5, seed=3)[0].tolist()
+    free = engine.generate_ids([prompt], 16, ignore_eos=True)[0]
+    text = engine.decode(free)
+    # A stop string that the reply's end begins but never completes.
+    tail = text[-2:]
+    stop = tail + "\x00never"
+    scheduler = reft_rs.Scheduler(engine)
+    request = scheduler.submit(prompt, 16, stop=stop, ignore_eos=True)
+    events = [e for e in (scheduler.step() for _ in range(30)) for e in e if e.id == request]
+    assert events[-1].finish == "length"
+    pieces = [e.text for e in events]
+    assert "".join(pieces) == text  # the held characters came out on the last event
+    # After each earlier event, what went out is the text so far less its
+    # longest end that begins the stop string (the rule written plainly).
+    for k in range(1, len(events)):
+        so_far = engine.decode(free[:k])
+        if so_far.endswith("\ufffd"):
+            continue  # an incomplete character: nothing new goes out
+        held = max(
+            (n for n in range(1, min(len(stop), len(so_far) + 1)) if stop.startswith(so_far[-n:])), default=0
+        )
+        assert "".join(pieces[:k]) == so_far[: len(so_far) - held], k
+    assert pieces[-1].endswith(tail)
+    assert all("\ufffd" not in piece for piece in pieces) or "\ufffd" in text
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 import reft_rs
-from reft_rs import ConfigError, InterventionConfig, ReftConfig, _core, checkpoint
+from reft_rs import ConfigError, InterventionConfig, ReftConfig, _core
 from reft_rs.errors import IncompatibleModelError, InvalidCheckpointError
+from reft_rs.io import checkpoint
 
 BASE = {"name_or_path": "tiny", "model_type": "llama", "hidden_size": 32, "num_hidden_layers": 3}
 
@@ -139,7 +140,7 @@ def test_placement_checks_come_from_the_core():
 
 torch = pytest.importorskip("torch")
 
-from reft_rs.interventions import Intervention  # noqa: E402
+from reft_rs.model.interventions import Intervention  # noqa: E402
 
 
 @pytest.mark.parametrize(

@@ -15,8 +15,8 @@ transformers = pytest.importorskip("transformers")
 import reft_rs  # noqa: E402
 from reft_rs import ConfigError, ReftConfig, ReftDataCollator, get_reft_model, make_dataset  # noqa: E402
 from reft_rs.cli import main  # noqa: E402
-from reft_rs.evaluation import evaluate  # noqa: E402
-from reft_rs.trainer import ReftTrainer  # noqa: E402
+from reft_rs.training.evaluation import evaluate  # noqa: E402
+from reft_rs.training.trainer import ReftTrainer  # noqa: E402
 
 from .tiny_models import build, tokenizer  # noqa: E402
 
@@ -200,7 +200,7 @@ def test_reft_trainer_selects_on_the_dev_metric(metric, tmp_path):
     assert len(scores) == 8
     best = max(scores, key=lambda s: s[1]) if metric != "loss" else min(scores, key=lambda s: s[1])
     assert trainer.state.best_model_checkpoint.endswith(f"checkpoint-{best[0]}")
-    _, saved = reft_rs.checkpoint.load(trainer.state.best_model_checkpoint, framework="torch")
+    _, saved = reft_rs.io.checkpoint.load(trainer.state.best_model_checkpoint, framework="torch")
     held = reft_model.checkpoint_tensors()
     assert all(torch.equal(held[key], saved[key]) for key in saved)  # the best step's weights are loaded
     assert evaluate(reft_model, dataset, metric, tokenizer=tok) == pytest.approx(best[1], rel=1e-5)
@@ -238,11 +238,11 @@ def test_reft_rs_train_keeps_the_best_checkpoint_on_the_dev_set(files, tmp_path,
     assert metrics["best_score"] == max(scores)
     assert metrics["best_step"] == metrics["evaluations"][scores.index(max(scores))]["step"]
     assert f"at step {metrics['best_step']} of 20" in printed
-    config, tensors = reft_rs.checkpoint.load(out)
+    config, tensors = reft_rs.io.checkpoint.load(out)
     assert config["metadata"]["selected_step"] == metrics["best_step"]
     assert config["metadata"]["dev_metric"] == "exact_match"
     if not stream:  # the Trainer's checkpoint of that step is what --output holds
-        _, best = reft_rs.checkpoint.load(out / f"checkpoint-{metrics['best_step']}")
+        _, best = reft_rs.io.checkpoint.load(out / f"checkpoint-{metrics['best_step']}")
         assert all(np.array_equal(best[k], tensors[k]) for k in tensors)
     assert (out / "training.png").read_bytes()[:4] == b"\x89PNG"
     engine = reft_rs.Engine(files / "model", reft=out)

@@ -533,7 +533,7 @@ def test_control_vectors_load_at_run_time_and_steer_only_their_requests(server, 
     import numpy as np
 
     pytest.importorskip("gguf")
-    from reft_rs import control_vector
+    from reft_rs.io import control_vector
 
     from .test_steering import write_repeng_style
 

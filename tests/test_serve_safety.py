@@ -250,10 +250,10 @@ def test_a_dead_generation_thread_fails_requests_and_stops_the_command(setup):
     # The command exits non-zero, so a supervisor restarts it.
     code = f"""
 import sys, threading, time, urllib.request, json
-import reft_rs.scheduler
+import reft_rs.engine.scheduler
 def broken(self):
     raise RuntimeError("the device fell over")
-reft_rs.scheduler.Scheduler.step = broken
+reft_rs.engine.scheduler.Scheduler.step = broken
 from reft_rs.cli import main
 def poke():
     for _ in range(600):
@@ -346,7 +346,7 @@ def test_adapters_loaded_at_run_time_are_bounded_in_number_and_size(setup):
         assert status == 409 and "MiB" in reply["error"]["message"]
 
 
-def test_a_stream_never_sends_part_of_a_stop_string_and_decodes_each_token_once(setup):
+def test_a_stream_never_sends_part_of_a_stop_string_and_the_server_never_decodes(setup):
     engine = reft_rs.Engine(setup.model)
     prompt = PROMPTS[1]
     text = reference(setup, None).generate(prompt, 40, ignore_eos=True)[0]
@@ -371,12 +371,12 @@ def test_a_stream_never_sends_part_of_a_stop_string_and_decodes_each_token_once(
         assert whole.choices[0].text == expected and whole.choices[0].finish_reason == "stop"
         pieces = [c.choices[0].text for c in api.completions.create(**options, stop=[stop], stream=True)]
         assert "".join(pieces) == expected  # nothing of the stop string went out first
-        # A long reply decodes a few tokens per token, not the whole reply each time.
-        decoded.clear()
         long = dict(options, max_tokens=CONTEXT // 4)
         chunks = list(api.completions.create(**long, stream=True))
         assert (
             "".join(c.choices[0].text for c in chunks)
             == reference(setup, None).generate(prompt, CONTEXT // 4, ignore_eos=True)[0]
         )
-        assert sum(decoded) < 16 * (CONTEXT // 4), sum(decoded)
+        # The text comes with the scheduler's events (decoded in Rust, a few
+        # tokens per token): the server itself decodes nothing.
+        assert decoded == []

@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("gguf")
 
 import reft_rs  # noqa: E402
-from reft_rs import pretrained  # noqa: E402
+from reft_rs.io import pretrained  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -13,12 +13,11 @@ from reft_rs import (  # noqa: E402
     InterventionConfig,
     ReftConfig,
     ReftModel,
-    checkpoint,
-    control_vector,
     get_reft_model,
-    steering,
 )
 from reft_rs.errors import ConfigError, InvalidCheckpointError  # noqa: E402
+from reft_rs.experiments import steering  # noqa: E402
+from reft_rs.io import checkpoint, control_vector  # noqa: E402
 
 from .tiny_models import HIDDEN, build, random_ids, tokenizer  # noqa: E402
 

@@ -10,7 +10,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("gguf")
 
 import reft_rs  # noqa: E402
-from reft_rs import ReftModel, pretrained, steering  # noqa: E402
+from reft_rs import ReftModel  # noqa: E402
+from reft_rs.experiments import steering  # noqa: E402
+from reft_rs.io import pretrained  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -13,8 +13,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import reft_rs  # noqa: E402
-from reft_rs import InterventionConfig, ReftConfig, get_reft_model, make_dataset, subspace  # noqa: E402
+from reft_rs import InterventionConfig, ReftConfig, get_reft_model, make_dataset  # noqa: E402
 from reft_rs.cli import main  # noqa: E402
+from reft_rs.experiments import subspace  # noqa: E402
 
 from .tiny_models import build, tokenizer  # noqa: E402
 
@@ -128,4 +129,4 @@ def test_reft_rs_inspect_subspace(tmp_path, capsys):
     assert all(e["states"] == 2 * len(PROMPTS) for e in report["edits"])
     assert main(["inspect", str(tmp_path / "a"), "--data", str(tmp_path / "data.jsonl")]) == 2
     assert "--data goes with --subspace" in capsys.readouterr().err
-    reft_rs.checkpoint.load(tmp_path / "a")  # untouched
+    reft_rs.io.checkpoint.load(tmp_path / "a")  # untouched

@@ -13,10 +13,10 @@ transformers = pytest.importorskip("transformers")
 optuna = pytest.importorskip("optuna")
 
 import reft_rs  # noqa: E402
-from reft_rs import sweep  # noqa: E402
 from reft_rs.cli import main  # noqa: E402
-from reft_rs.evaluation import evaluate  # noqa: E402
-from reft_rs.sweep import SearchSpace, Task  # noqa: E402
+from reft_rs.experiments import sweep  # noqa: E402
+from reft_rs.experiments.sweep import SearchSpace, Task  # noqa: E402
+from reft_rs.training.evaluation import evaluate  # noqa: E402
 
 from .tiny_models import build, tokenizer  # noqa: E402
 
@@ -173,10 +173,10 @@ def files(tmp_path_factory):
 
 
 def test_reft_rs_sweep_reads_the_test_file_only_after_selection(files, tmp_path, capsys, monkeypatch):
-    import reft_rs.records
+    import reft_rs.io.records
 
     selection = {"over": False}
-    original_summary, original_read = sweep._summary, reft_rs.records.read_records
+    original_summary, original_read = sweep._summary, reft_rs.io.records.read_records
 
     def summary_after_search(*args, **kwargs):
         selection["over"] = True
@@ -188,7 +188,7 @@ def test_reft_rs_sweep_reads_the_test_file_only_after_selection(files, tmp_path,
         return original_read(path, *args, **kwargs)
 
     monkeypatch.setattr(sweep, "_summary", summary_after_search)
-    monkeypatch.setattr(reft_rs.records, "read_records", guarded_read)
+    monkeypatch.setattr(reft_rs.io.records, "read_records", guarded_read)
     out = tmp_path / "sweep"
     argv = ["sweep", "--model", str(files / "model"), "--data", str(files / "train.jsonl"),
             "--eval-data", str(files / "dev.jsonl"), "--test-data", str(files / "test.jsonl"), "--output", str(out),

@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 
 import reft_rs  # noqa: E402
 from reft_rs import ReftConfig, ReftDataCollator, ReftModel, get_reft_model, make_dataset  # noqa: E402
-from reft_rs.data import IGNORE_INDEX  # noqa: E402
+from reft_rs.training.data import IGNORE_INDEX  # noqa: E402
 
 from . import reference  # noqa: E402
 from .tiny_models import build, tokenizer  # noqa: E402
@@ -248,7 +248,7 @@ def test_resuming_into_a_different_config_is_refused(tmp_path):
     trainer.train()
     other = get_reft_model(build("llama"), ReftConfig.for_layers([1], low_rank_dimension=2, positions="l1"))
     with pytest.raises(reft_rs.IncompatibleModelError, match="holds interventions"):
-        reft_rs.trainer.load_into(other, tmp_path / "checkpoint-2")
+        reft_rs.training.trainer.load_into(other, tmp_path / "checkpoint-2")
 
 
 @pytest.mark.parametrize(
@@ -341,7 +341,7 @@ def test_the_last_token_rule_of_training_is_kept_by_every_path(include_last, tmp
     reft_rs.train(reft_model, dataset, collator=ReftDataCollator(tok.pad_token_id), epochs=2, batch_size=2,
                   learning_rate=1e-2, progress=False)  # fmt: skip
     reft_model.save_pretrained(tmp_path / "reft")
-    saved, _ = reft_rs.checkpoint.load(tmp_path / "reft")
+    saved, _ = reft_rs.io.checkpoint.load(tmp_path / "reft")
     assert saved["interventions"][0]["include_last"] is include_last
 
     loaded = ReftModel.from_pretrained(
@@ -386,7 +386,7 @@ def test_the_last_token_rule_of_training_is_kept_by_every_path(include_last, tmp
 
 
 def test_training_arguments_select_on_dev_as_the_command_does(tmp_path):
-    args, callbacks = reft_rs.trainer.training_arguments(
+    args, callbacks = reft_rs.training.trainer.training_arguments(
         tmp_path, metric="exact_match", eval_steps=5, early_stopping=2, batch_size=3, use_cpu=True
     )
     assert (args.eval_strategy, args.eval_steps, args.save_strategy, args.save_steps) == (
@@ -399,9 +399,9 @@ def test_training_arguments_select_on_dev_as_the_command_does(tmp_path):
     assert args.greater_is_better and args.per_device_eval_batch_size == 3
     [stopper] = callbacks
     assert isinstance(stopper, transformers.EarlyStoppingCallback) and stopper.early_stopping_patience == 2
-    args, _ = reft_rs.trainer.training_arguments(tmp_path, metric="loss", use_cpu=True)
+    args, _ = reft_rs.training.trainer.training_arguments(tmp_path, metric="loss", use_cpu=True)
     assert args.eval_strategy == "epoch" and args.greater_is_better is False
-    args, callbacks = reft_rs.trainer.training_arguments(tmp_path, save_steps=0, use_cpu=True)
+    args, callbacks = reft_rs.training.trainer.training_arguments(tmp_path, save_steps=0, use_cpu=True)
     assert args.save_strategy == "no" and not args.load_best_model_at_end and callbacks == []
 
 
@@ -412,7 +412,7 @@ def test_streamed_epochs_read_the_whole_file_every_pass(tmp_path):
         "".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in zip(PROMPTS, RESPONSES))
     )
     config = ReftConfig.for_layers([0], low_rank_dimension=2, positions="f1+l1")
-    epochs = reft_rs.data.StreamedEpochs(path, tok, 2, config=config, chunk_size=3, seed=1)
+    epochs = reft_rs.training.data.StreamedEpochs(path, tok, 2, config=config, chunk_size=3, seed=1)
     whole = make_dataset(tok, PROMPTS, RESPONSES, config=config)
     want = sorted(tuple(whole[i]["input_ids"].tolist()) for i in range(len(PROMPTS)))
     for _ in range(2):

@@ -10,7 +10,7 @@ from typing import Any, final
 import numpy as np
 import numpy.typing as npt
 
-from .sampling import SamplingParams
+from .engine.sampling import SamplingParams
 
 __all__ = [
     "__version__",
@@ -172,7 +172,7 @@ class Engine:
     def reft_config_json(self) -> str | None: ...
 
 #: (id, token, finish, error, logits)
-_Event = tuple[int, int | None, str | None, str | None, npt.NDArray[np.float32] | None]
+_Event = tuple[int, int | None, str | None, str | None, npt.NDArray[np.float32] | None, str]
 
 @final
 class Scheduler:
@@ -206,7 +206,7 @@ class Scheduler:
 @final
 class TokenStream:
     def __iter__(self) -> TokenStream: ...
-    def __next__(self) -> tuple[int, str]: ...
+    def __next__(self) -> tuple[int | None, str]: ...
 
 @final
 class BatchTokenizer:

@@ -78,7 +78,7 @@ def model_path(model: str | None, checkpoint: str | None = None, *, for_engine: 
     if model is None and checkpoint is not None:
         config, _ = read_checkpoint(checkpoint)
         name = config["base_model"].get("name_or_path") or ""
-        from ..pretrained import SMOLLM2_NAME
+        from ..io.pretrained import SMOLLM2_NAME
 
         if name and name != SMOLLM2_NAME and os.path.exists(name):
             model = name
@@ -87,7 +87,7 @@ def model_path(model: str | None, checkpoint: str | None = None, *, for_engine: 
                 f"the checkpoint was trained on {name!r}, which is not a local folder or file; pass --model"
             )
     if model is None or model == DEFAULT_MODEL:
-        from ..pretrained import cache_dir, smollm2_gguf, smollm2_path
+        from ..io.pretrained import cache_dir, smollm2_gguf, smollm2_path
 
         converted = cache_dir() / "SmolLM2-135M-Instruct"
         if for_engine and not (converted / "model.safetensors").is_file():
@@ -106,9 +106,9 @@ def model_path(model: str | None, checkpoint: str | None = None, *, for_engine: 
 def load_torch_model(
     path: Path, device: str, bf16: bool, labels: Sequence[str] | None = None
 ) -> tuple[Any, Any]:
-    """:func:`reft_rs.pretrained.load_model`, after checking torch is there."""
+    """:func:`reft_rs.io.pretrained.load_model`, after checking torch is there."""
     require_torch()
-    from ..pretrained import load_model
+    from ..io.pretrained import load_model
 
     return load_model(path, device=device, bf16=bf16, labels=labels)
 
@@ -117,7 +117,7 @@ def load_torch_model(
 def read_checkpoint(checkpoint: str) -> tuple[dict[str, Any], tuple[tuple[str, str, tuple[int, ...]], ...]]:
     """A checkpoint's config and its tensors' ``(key, dtype, shape)``, read
     and checked once per command (the tensors' bytes are not kept)."""
-    from ..checkpoint import read_layout
+    from ..io.checkpoint import read_layout
 
     config, layout = read_layout(checkpoint)
     return config, tuple(layout)

@@ -49,7 +49,7 @@ def register(commands: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     require_torch()
-    from .. import compare
+    from ..experiments import compare
 
     if args.trials is not None and args.time_budget is not None:
         raise UsageError("give one budget: --trials or --time-budget")

@@ -48,7 +48,7 @@ def register(commands: Any) -> None:
 
 def _control_vector(args: argparse.Namespace) -> int:
     """Both directions of llama.cpp control vectors: no torch needed."""
-    from .. import control_vector
+    from ..io import control_vector
 
     if args.kind == "to-controlvector":
         written = control_vector.export_control_vector(args.source, args.output)
@@ -57,8 +57,8 @@ def _control_vector(args: argparse.Namespace) -> int:
     base: Any = None
     if args.model is not None:
         # The model's identity as the engine reads it (a folder or a GGUF file).
-        from ..engine import Engine
-        from ..pretrained import SMOLLM2_NAME
+        from ..engine.engine import Engine
+        from ..io.pretrained import SMOLLM2_NAME
 
         path = model_path(args.model, for_engine=True)
         engine = Engine(path)
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     if args.kind in ("controlvector", "to-controlvector"):
         return _control_vector(args)
     require_torch()
-    from .. import convert
+    from ..io import convert
 
     base: Any = None
     if args.model is not None:

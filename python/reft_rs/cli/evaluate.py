@@ -10,16 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DatasetError
-from ..metrics import normalize_answer
-from .common import (
-    UsageError,
-    add_command,
-    checkpoint_metadata,
-    device_for,
-    load_torch_model,
-    model_path,
-)
-from .generation import generation_options, generator_for
+from ..training.metrics import normalize_answer
+from .common import UsageError, add_command, checkpoint_metadata, device_for, load_torch_model, model_path
+from .generators import generation_options, generator_for
 
 EXAMPLES = """examples:
   reft-rs eval --checkpoint runs/style --data test.jsonl
@@ -45,8 +38,8 @@ def _eval_classifier(args: argparse.Namespace, labels: list[str], records: list[
     import numpy as np
     import torch
 
-    from ..data import make_dataset
-    from ..model import ReftModel
+    from ..model.reft_model import ReftModel
+    from ..training.data import make_dataset
 
     if args.engine == "rust":
         raise UsageError("classification checkpoints run on the torch engine; drop --engine rust")
@@ -90,7 +83,7 @@ def _eval_classifier(args: argparse.Namespace, labels: list[str], records: list[
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..records import read_records
+    from ..io.records import read_records
 
     records = list(read_records(args.data))
     metadata = checkpoint_metadata(args.checkpoint)

@@ -7,7 +7,7 @@ import argparse
 from typing import Any
 
 from ..errors import DatasetError
-from ..metrics import METRICS
+from ..training.metrics import METRICS
 from .common import DEFAULT_MODEL, UsageError, device_for, load_torch_model, model_path
 
 
@@ -75,8 +75,8 @@ def add_space_options(parser: argparse.ArgumentParser) -> None:
 
 
 def space_from(args: argparse.Namespace, num_layers: int) -> Any:
-    """The :class:`reft_rs.sweep.SearchSpace` the options describe."""
-    from ..sweep import SearchSpace
+    """The :class:`reft_rs.experiments.sweep.SearchSpace` the options describe."""
+    from ..experiments.sweep import SearchSpace
 
     changes: dict[str, Any] = {}
     if args.types:
@@ -109,10 +109,10 @@ def space_from(args: argparse.Namespace, num_layers: int) -> Any:
 
 
 def read_task(args: argparse.Namespace) -> tuple[Any, str]:
-    """The :class:`reft_rs.sweep.Task` of ``--data``/``--eval-data`` (the test
+    """The :class:`reft_rs.experiments.sweep.Task` of ``--data``/``--eval-data`` (the test
     file is not read here) and the task name."""
-    from ..records import read_records
-    from ..sweep import Task
+    from ..experiments.sweep import Task
+    from ..io.records import read_records
 
     train = list(read_records(args.data))
     dev = list(read_records(args.eval_data))
@@ -164,7 +164,7 @@ def test_reader(args: argparse.Namespace) -> Any:
         raise DatasetError(f"{args.test_data}: no such test file")
 
     def read() -> list[dict[str, Any]]:
-        from ..records import read_records
+        from ..io.records import read_records
 
         return list(read_records(args.test_data))
 

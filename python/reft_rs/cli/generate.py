@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from .common import UsageError, add_command, checkpoint_metadata
-from .generation import generation_options, generator_for, interactive, prompts_from
+from .generators import generation_options, generator_for, interactive, prompts_from
 
 EXAMPLES = """examples:
   reft-rs generate --checkpoint runs/style --prompt "What is the capital of France?"

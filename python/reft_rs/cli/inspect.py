@@ -122,8 +122,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _subspace(args: argparse.Namespace) -> int:
     require_torch()
-    from .. import subspace
-    from ..model import ReftModel
+    from ..experiments import subspace
+    from ..model.reft_model import ReftModel
 
     config, _ = read_checkpoint(args.checkpoint)
     labels = (config.get("metadata") or {}).get("labels")
@@ -165,8 +165,8 @@ def _subspace(args: argparse.Namespace) -> int:
 
 
 def _batches(args: argparse.Namespace, reft_model: Any, tokenizer: Any, config: dict[str, Any]) -> Any:
-    from ..records import read_records
-    from ..sweep import Task
+    from ..experiments.sweep import Task
+    from ..io.records import read_records
 
     records = []
     for record in read_records(args.data):

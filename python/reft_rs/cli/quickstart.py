@@ -14,7 +14,7 @@ EXAMPLES = """examples:
 
 
 def register(commands: Any) -> None:
-    from ..quickstart import MODELS
+    from ..experiments.quickstart import MODELS
 
     quick = add_command(
         commands, "quickstart", "train LoReFT on SmolLM2-135M-Instruct and show the result", EXAMPLES
@@ -30,7 +30,7 @@ def register(commands: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     require_torch()
-    from .. import quickstart
+    from ..experiments import quickstart
 
     argv = ["--output-dir", args.output_dir, "--epochs", str(args.epochs), "--seed", str(args.seed)]
     return quickstart.main([*argv, "--model", args.model])

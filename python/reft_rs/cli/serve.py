@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
         raise MissingDependencyError(
             f"reft-rs serve needs uvicorn and Starlette ({error.name} is missing): pip install 'reft-rs[serve]'"
         ) from None
-    from ..engine import Engine
+    from ..engine.engine import Engine
 
     for name in (
         "max_batch",

@@ -73,7 +73,8 @@ def read_pairs(path: str) -> tuple[list[str], list[str]]:
 
 def run(args: argparse.Namespace) -> int:
     require_torch()
-    from .. import control_vector, steering
+    from ..experiments import steering
+    from ..io import control_vector
 
     positive, negative = read_pairs(args.pairs)
     model, tokenizer = load_torch_model(model_path(args.model), device_for(args.device), False)

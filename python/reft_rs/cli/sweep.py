@@ -35,7 +35,7 @@ def register(commands: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     require_torch()
-    from .. import sweep
+    from ..experiments import sweep
 
     task, _ = read_task(args)
     test = test_reader(args)

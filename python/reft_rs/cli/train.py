@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DatasetError
-from ..metrics import METRICS
+from ..training.metrics import METRICS
 from .common import (
     DEFAULT_MODEL,
     UsageError,
@@ -132,7 +132,7 @@ def _training_data(
 ) -> Any:
     """The dataset of ``records`` as the options ask (classified when
     ``labels`` are given, else taught as prompt → response or text → label)."""
-    from ..methods import Task
+    from ..experiments.methods import Task
 
     task = Task(
         records,
@@ -147,7 +147,7 @@ def _training_data(
 
 def _holds_a_run(output: str) -> bool:
     """A checkpoint, or the Trainer's periodic ones, in ``output``."""
-    from ..checkpoint import holds_checkpoint
+    from ..io.checkpoint import holds_checkpoint
 
     if not os.path.isdir(output):
         return False
@@ -159,8 +159,8 @@ def run(args: argparse.Namespace) -> int:
     import transformers
 
     from ..config import ReftConfig
-    from ..model import get_reft_model
-    from ..records import read_records
+    from ..io.records import read_records
+    from ..model.reft_model import get_reft_model
 
     if args.resume and args.stream:
         raise UsageError("--resume needs the Trainer's checkpoints; it does not combine with --stream")
@@ -240,7 +240,7 @@ def run(args: argparse.Namespace) -> int:
     }
     (output / "metrics.json").write_text(json.dumps(summary, indent=2))
     if losses:
-        from ..plot import training_curves
+        from ..training.plot import training_curves
 
         training_curves(
             output / "training.png",
@@ -315,8 +315,8 @@ def _train_streamed(
     dev: Any,
     metric: str,
 ) -> dict[str, Any]:
-    from ..data import StreamedEpochs
-    from ..trainer import train
+    from ..training.data import StreamedEpochs
+    from ..training.trainer import train
 
     def save_periodically(step: int, loss: float) -> None:
         if args.save_steps and step % args.save_steps == 0:
@@ -369,8 +369,8 @@ def _train_with_trainer(
     device: str,
 ) -> dict[str, Any]:
 
-    from ..data import ReftDataCollator
-    from ..trainer import ReftTrainer, training_arguments
+    from ..training.data import ReftDataCollator
+    from ..training.trainer import ReftTrainer, training_arguments
 
     training_args, callbacks = training_arguments(
         output,

@@ -42,7 +42,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from ..engine import Engine
+from ..engine.engine import Engine
+from ..engine.scheduler import Event, Scheduler
 from ..errors import (
     BusyError,
     CheckpointError,
@@ -54,7 +55,6 @@ from ..errors import (
     ReftMemoryError,
     TokenizerError,
 )
-from ..scheduler import Event, Scheduler
 from .protocol import ApiError, Sampling, bad, parse_messages, parse_prompts, parse_sampling
 from .worker import Worker, WorkerStopped
 
@@ -66,70 +66,6 @@ MAX_BODY_BYTES = 4 << 20
 RETRY_AFTER_S = 1
 
 _log = logging.getLogger("reft_rs.serve")
-
-
-class _Text:
-    """The text of a growing list of tokens, handed out in new pieces.
-
-    Decoding is incremental: each token decodes a window from the last
-    complete character on, so a reply of n tokens costs O(n), not O(n²).
-    Stop strings are searched in the new text only, and a stream holds back
-    the end of the text while it could be the start of a stop string, so
-    no piece of a stop string is ever sent.
-    """
-
-    def __init__(self, engine: Engine, stops: Sequence[str]) -> None:
-        self.engine = engine
-        self.stops = stops
-        self.longest = max(map(len, stops), default=0)
-        self.tokens: list[int] = []
-        self.text = ""  # the complete characters so far (cut at a stop string)
-        self.emitted = 0
-        self.stopped = False
-        self._prefix = 0  # tokens before the decoding window
-        self._read = 0  # tokens whose text is in self.text
-
-    def _extend(self, final: bool) -> None:
-        before = self.engine.decode(self.tokens[self._prefix : self._read])
-        after = self.engine.decode(self.tokens[self._prefix :])
-        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
-            searched = len(self.text)
-            self.text += after[len(before) :]
-            self._prefix, self._read = self._read, len(self.tokens)
-            if self.stops:
-                start = max(0, searched - self.longest + 1)
-                ends = [e for e in (self.text.find(s, start) for s in self.stops) if e >= 0]
-                if ends:
-                    self.text = self.text[: min(ends)]
-                    self.stopped = True
-
-    def add(self, token: int | None, final: bool) -> str:
-        """The text to send after ``token`` (``final``: the reply's last event)."""
-        if token is not None and not self.stopped:
-            self.tokens.append(token)
-            self._extend(final)
-        elif final and not self.stopped and self._read < len(self.tokens):
-            self._extend(True)
-        end = len(self.text)
-        if not (final or self.stopped):
-            end -= self._held(self.text[self.emitted :])
-        piece = self.text[self.emitted : end]
-        self.emitted = max(self.emitted, end)
-        return piece
-
-    def _held(self, pending: str) -> int:
-        """Characters at the end of ``pending`` that may begin a stop string."""
-        for size in range(min(len(pending), self.longest - 1), 0, -1):
-            tail = pending[-size:]
-            if any(stop.startswith(tail) for stop in self.stops):
-                return size
-        return 0
-
-    def whole(self) -> str:
-        """The reply's text, cut at a stop string."""
-        if not self.stopped and self._read < len(self.tokens):
-            self._extend(True)
-        return self.text
 
 
 #: An absolute path in a message (POSIX or Windows), which error bodies drop.
@@ -496,14 +432,15 @@ class _Server:
     async def collect(
         self, request_id: int, queue: asyncio.Queue[Event], gone: asyncio.Future[None], sampling: Sampling
     ) -> tuple[str, str, int]:
-        text = _Text(self.engine, sampling.stop)
+        pieces: list[str] = []
+        tokens = 0
         finish = "length"
         async for event in self.events(request_id, queue, gone):
-            if event.token is not None:
-                text.tokens.append(event.token)
+            tokens += event.token is not None
+            pieces.append(event.text)
             if event.finish is not None:
                 finish = "stop" if event.finish == "stop" else "length"
-        return text.whole(), finish, len(text.tokens)
+        return "".join(pieces), finish, tokens
 
     async def stream(
         self,
@@ -549,7 +486,7 @@ class _Server:
             except (ApiError, ConnectionAbortedError) as error:
                 merged.put_nowait((index, error))
 
-        texts = [_Text(self.engine, sampling.stop) for _ in submitted]
+        tokens = [0] * len(submitted)
         pumps = [asyncio.ensure_future(pump(i, rid, q)) for i, (rid, q) in enumerate(submitted)]
         try:
             if chat:
@@ -565,15 +502,13 @@ class _Server:
                     continue
                 if isinstance(item, BaseException):
                     raise item
-                final = item.finish is not None
-                piece = texts[index].add(item.token, final)
-                if piece:
-                    yield chunk(index, piece, None)
-                if final:
+                tokens[index] += item.token is not None
+                if item.text:
+                    yield chunk(index, item.text, None)
+                if item.finish is not None:
                     yield chunk(index, None if chat else "", "stop" if item.finish == "stop" else "length")
             if sampling.include_usage:
-                completion = sum(len(t.tokens) for t in texts)
-                yield chunk(0, None, None, _usage(sum(map(len, prompts)), completion))
+                yield chunk(0, None, None, _usage(sum(map(len, prompts)), sum(tokens)))
             yield "data: [DONE]\n\n"
         except ApiError as error:
             yield f"data: {json.dumps(_error_body(error))}\n\n"

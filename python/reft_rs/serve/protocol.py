@@ -11,8 +11,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from ..engine.sampling import SamplingParams
 from ..errors import InvalidArgumentError
-from ..sampling import SamplingParams
 
 __all__ = ["ApiError", "Sampling", "parse_sampling", "parse_prompts", "parse_messages"]
 

@@ -15,9 +15,9 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 
-from ..engine import Engine
-from ..sampling import SamplingParams
-from ..scheduler import Event, Scheduler
+from ..engine.engine import Engine
+from ..engine.sampling import SamplingParams
+from ..engine.scheduler import Event, Scheduler
 
 __all__ = ["Worker", "WorkerStopped"]
 

@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use numpy::{IntoPyArray, PyArray1, PyArray2};
 use pyo3::prelude::*;
 use reft_core::engine::{
-    cut_at_stop, Activations, Engine, Finish, GenerateOptions, LoadOptions, Request, Sampling,
-    Scheduler, SchedulerOptions, Session,
+    Activations, Engine, Finish, GenerateOptions, LoadOptions, Request, Sampling, Scheduler,
+    SchedulerOptions, Session,
 };
 use reft_core::Error;
 
@@ -187,12 +187,7 @@ impl PyEngine {
                 .iter()
                 .map(|p| text.encode(p, add_special_tokens))
                 .collect::<Result<Vec<_>, _>>()?;
-            let out = self
-                .inner
-                .generate_streaming(&ids, &adapters, &options, |_, _| {})?;
-            out.iter()
-                .map(|tokens| Ok(cut_at_stop(&text.decode(tokens)?, &options.stop).to_string()))
-                .collect()
+            self.inner.generate_text(&ids, &adapters, &options)
         })
         .into_py_result()
     }
@@ -206,7 +201,6 @@ impl PyEngine {
         adapter: Option<String>,
     ) -> PyResult<PyStream> {
         let options = self::options(options);
-        let stop = options.stop.clone();
         let session = Session::new(
             Arc::clone(&self.inner),
             vec![prompt],
@@ -215,11 +209,9 @@ impl PyEngine {
         )
         .into_py_result()?;
         Ok(PyStream {
-            engine: Arc::clone(&self.inner),
             state: Mutex::new(StreamState {
                 session,
                 emitted: 0,
-                stop,
                 finished: false,
             }),
         })
@@ -297,16 +289,14 @@ impl PyEngine {
 
 struct StreamState {
     session: Session,
-    /// Bytes of decoded text already handed out.
+    /// Bytes of the reply's text already handed out.
     emitted: usize,
-    stop: Vec<String>,
     finished: bool,
 }
 
 /// Iterator over `(token_id, text)` pieces of one generation.
 #[pyclass(module = "reft_rs._core", name = "TokenStream", frozen)]
 pub struct PyStream {
-    engine: Arc<Engine>,
     state: Mutex<StreamState>,
 }
 
@@ -316,10 +306,12 @@ impl PyStream {
         slf
     }
 
-    /// The next `(token_id, new_text)`; `new_text` is empty while a
-    /// character is still incomplete, or when the model has no tokenizer.
-    fn __next__(&self, py: Python<'_>) -> PyResult<Option<(u32, String)>> {
-        crate::errors::detach(py, || -> Result<Option<(u32, String)>, Error> {
+    /// The next `(token_id, new_text)`: `new_text` is empty while a
+    /// character is incomplete or could begin a stop string, or when the
+    /// model has no tokenizer; `token_id` is `None` on the last piece of a
+    /// reply that ended with an end-of-sequence token.
+    fn __next__(&self, py: Python<'_>) -> PyResult<Option<(Option<u32>, String)>> {
+        crate::errors::detach(py, || -> Result<Option<(Option<u32>, String)>, Error> {
             let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
             loop {
                 if state.finished {
@@ -329,36 +321,29 @@ impl PyStream {
                     state.finished = true;
                     return Ok(None);
                 };
-                let Some(token) = step[0] else {
-                    continue; // end of sequence: the next call finishes
-                };
-                let Some(text) = self.engine.text() else {
-                    return Ok(Some((token, String::new())));
-                };
-                let decoded = text.decode(&state.session.generated()[0])?;
-                let visible = cut_at_stop(&decoded, &state.stop);
-                if visible.len() < decoded.len() {
-                    state.finished = true; // a stop string appeared
+                state.finished = state.session.is_done();
+                let text = &state.session.texts()[0];
+                let piece = text.get(state.emitted..).unwrap_or("").to_string();
+                state.emitted = text.len();
+                match step[0] {
+                    Some(token) => return Ok(Some((Some(token), piece))),
+                    None if !piece.is_empty() => return Ok(Some((None, piece))),
+                    None => continue,
                 }
-                if visible.ends_with('\u{fffd}') && !state.finished {
-                    return Ok(Some((token, String::new())));
-                }
-                let piece = visible.get(state.emitted..).unwrap_or("").to_string();
-                state.emitted = state.emitted.max(visible.len());
-                return Ok(Some((token, piece)));
             }
         })
         .into_py_result()
     }
 }
 
-/// `(id, token, finish, error, logits)` of one request in one step.
+/// `(id, token, finish, error, logits, text)` of one request in one step.
 type PyEvent<'py> = (
     u64,
     Option<u32>,
     Option<&'static str>,
     Option<String>,
     Option<Bound<'py, PyArray1<f32>>>,
+    String,
 );
 
 /// Continuous batching over an engine (see `reft_rs.Scheduler`).
@@ -430,7 +415,7 @@ impl PyScheduler {
                     None => (None, None),
                 };
                 let logits = event.logits.map(|values| values.into_pyarray(py));
-                (event.id, event.token, finish, error, logits)
+                (event.id, event.token, finish, error, logits, event.text)
             })
             .collect())
     }

@@ -26,6 +26,7 @@ mod gemm;
 mod kernels;
 mod model;
 mod quant;
+mod reply;
 mod rope;
 mod sample;
 mod scheduler;
@@ -40,6 +41,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 pub use config::{same_architecture, Family, ModelConfig, RopeStyle};
 pub use kernels::Isa;
+pub use reply::ReplyText;
 pub use rope::{Rope, RopeScaling};
 pub use sample::Sampling;
 pub use scheduler::{Event, Finish, Request, Scheduler, SchedulerOptions, Session};
@@ -493,28 +495,28 @@ impl Engine {
         }
         Ok(session.into_generated())
     }
-}
 
-/// `text` cut before the first of `stop` it contains.
-pub fn cut_at_stop<'a>(text: &'a str, stop: &[String]) -> &'a str {
-    let end = stop
-        .iter()
-        .filter(|s| !s.is_empty())
-        .filter_map(|s| text.find(s.as_str()))
-        .min()
-        .unwrap_or(text.len());
-    &text[..end]
-}
-
-#[cfg(test)]
-mod tests {
-    use super::cut_at_stop;
-
-    #[test]
-    fn text_is_cut_before_the_first_stop() {
-        let stops = vec!["END".to_string(), "\n\n".to_string(), String::new()];
-        assert_eq!(cut_at_stop("one\n\ntwo END", &stops), "one");
-        assert_eq!(cut_at_stop("no stop here", &stops), "no stop here");
-        assert_eq!(cut_at_stop("xEND\n\n", &stops), "x");
+    /// The text of each prompt's reply, cut before its first stop string
+    /// (one adapter per prompt, as in [`Engine::generate_streaming`]).
+    /// Needs the model's tokenizer.
+    pub fn generate_text(
+        self: &Arc<Self>,
+        prompts: &[Vec<u32>],
+        adapters: &[Option<String>],
+        options: &GenerateOptions,
+    ) -> Result<Vec<String>> {
+        if self.text().is_none() {
+            return Err(Error::InvalidArgument(
+                "text generation needs a tokenizer, and the model has none".into(),
+            ));
+        }
+        let mut session = Session::new(
+            Arc::clone(self),
+            prompts.to_vec(),
+            adapters.to_vec(),
+            options.clone(),
+        )?;
+        while session.step()?.is_some() {}
+        Ok(session.into_texts())
     }
 }

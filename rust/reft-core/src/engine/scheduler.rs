@@ -32,6 +32,7 @@ use std::time::Duration;
 
 use super::edits::{BatchEdits, EditSet, Span};
 use super::model::SeqCache;
+use super::reply::ReplyText;
 use super::weights::with_rows;
 use super::{sample, Engine, GenerateOptions};
 use crate::error::{Error, Result};
@@ -91,6 +92,11 @@ pub struct Event {
     pub finish: Option<Finish>,
     /// The logits the token was chosen from, when the request asked.
     pub logits: Option<Vec<f32>>,
+    /// The reply's text to hand out now (see [`ReplyText`]): empty while a
+    /// character is incomplete or could begin a stop string, and when the
+    /// model has no tokenizer. Joined, a request's pieces are its reply,
+    /// cut before the first stop string.
+    pub text: String,
 }
 
 /// Limits of a [`Scheduler`].
@@ -144,6 +150,8 @@ struct Running {
     cache: SeqCache,
     rng: sample::Rng,
     generated: Vec<u32>,
+    /// The reply's text (`None`: the model has no tokenizer).
+    reply: Option<ReplyText>,
     /// The token to feed next; `None` before the prompt is prefilled.
     next: Option<u32>,
 }
@@ -390,6 +398,7 @@ impl Scheduler {
                 token: None,
                 finish: Some(Finish::Cancelled),
                 logits: None,
+                text: String::new(),
             };
             state.waiting.retain(|w| {
                 let keep = !cancel.contains(&w.id);
@@ -460,6 +469,7 @@ impl Scheduler {
                     token: None,
                     finish: Some(Finish::Length),
                     logits: None,
+                    text: String::new(),
                 });
                 departed.push(w.client.clone());
             }
@@ -509,6 +519,10 @@ impl Scheduler {
                 cache: SeqCache::new(layers, width, capacity),
                 rng: sample::Rng::new(request.options.sampling.seed),
                 generated: Vec::with_capacity(request.max_new),
+                reply: self
+                    .engine
+                    .text()
+                    .map(|_| ReplyText::new(&request.options.stop)),
                 next: None,
                 request,
             });
@@ -593,6 +607,7 @@ impl Scheduler {
                     token: None,
                     finish: Some(Finish::Error(message.clone())),
                     logits: None,
+                    text: String::new(),
                 });
             }
         }
@@ -622,47 +637,36 @@ impl Scheduler {
                 seq.request.prompt = Vec::new(); // prefilled: the cache holds it
             }
             seq.next = Some(token);
-            if !options.ignore_eos && eos.contains(&token) {
-                finished.push(index);
-                events.push(Event {
-                    id: seq.request.id,
-                    token: None,
-                    finish: Some(Finish::Stop),
-                    logits: values,
-                });
-                continue;
+            let eos_token = !options.ignore_eos && eos.contains(&token);
+            if !eos_token {
+                seq.generated.push(token);
             }
-            seq.generated.push(token);
-            let mut finish = None;
-            if !options.stop.is_empty() {
-                if let Some(text) = engine.text() {
-                    // A stop string that ends in the new token lies within
-                    // the last `longest` tokens (each gives a byte or more);
-                    // a few more keep the window's first token out of it.
-                    let longest = options.stop.iter().map(String::len).max().unwrap_or(0);
-                    let from = seq.generated.len().saturating_sub(longest + 4);
-                    match text.decode(&seq.generated[from..]) {
-                        Ok(decoded)
-                            if options.stop.iter().any(|s| decoded.contains(s.as_str())) =>
-                        {
-                            finish = Some(Finish::Stop)
-                        }
-                        Ok(_) => {}
-                        Err(error) => finish = Some(Finish::Error(error.to_string())),
-                    }
+            let mut finish = if eos_token {
+                Some(Finish::Stop)
+            } else if seq.generated.len() >= seq.request.max_new {
+                Some(Finish::Length)
+            } else {
+                None
+            };
+            let mut piece = String::new();
+            if let (Some(reply), Some(text)) = (seq.reply.as_mut(), engine.text()) {
+                match reply.advance(text, &seq.generated, finish.is_some()) {
+                    Ok(new) => piece = new,
+                    Err(error) => finish = Some(Finish::Error(error.to_string())),
                 }
-            }
-            if finish.is_none() && seq.generated.len() >= seq.request.max_new {
-                finish = Some(Finish::Length);
+                if reply.stopped() && !matches!(finish, Some(Finish::Error(_))) {
+                    finish = Some(Finish::Stop);
+                }
             }
             if finish.is_some() {
                 finished.push(index);
             }
             events.push(Event {
                 id: seq.request.id,
-                token: Some(token),
+                token: (!eos_token).then_some(token),
                 finish,
                 logits: values,
+                text: piece,
             });
         }
         for &index in finished.iter().rev() {
@@ -678,6 +682,8 @@ pub struct Session {
     scheduler: Scheduler,
     ids: Vec<u64>,
     generated: Vec<Vec<u32>>,
+    /// Each reply's text so far (empty without a tokenizer).
+    texts: Vec<String>,
     done: Vec<bool>,
 }
 
@@ -737,6 +743,7 @@ impl Session {
             scheduler,
             ids,
             generated: vec![Vec::new(); n],
+            texts: vec![String::new(); n],
             done: vec![false; n],
         })
     }
@@ -749,6 +756,17 @@ impl Session {
     /// The tokens generated, per prompt.
     pub fn into_generated(self) -> Vec<Vec<u32>> {
         self.generated
+    }
+
+    /// Each reply's text so far, cut before its first stop string; a
+    /// finished reply's text is whole. Empty when the model has no tokenizer.
+    pub fn texts(&self) -> &[String] {
+        &self.texts
+    }
+
+    /// The replies' texts (see [`Session::texts`]).
+    pub fn into_texts(self) -> Vec<String> {
+        self.texts
     }
 
     /// Whether every prompt has finished.
@@ -770,6 +788,7 @@ impl Session {
                 self.generated[row].push(token);
                 out[row] = Some(token);
             }
+            self.texts[row].push_str(&event.text);
             if let Some(finish) = event.finish {
                 self.done[row] = true;
                 if let Finish::Error(message) = finish {

@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 if TYPE_CHECKING:
-    from .model import ReftModel
+    from .hooks import Hooked
 
 __all__ = ["merge_and_unload"]
 
@@ -53,7 +53,7 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
-def _output_projection(reft_model: ReftModel, sites: dict[str, nn.Module]) -> dict[str, nn.Module]:
+def _output_projection(reft_model: Hooked, sites: dict[str, nn.Module]) -> dict[str, nn.Module]:
     """For each block, the linear layer whose output is exactly the block's."""
     model = reft_model.model
     seen: dict[tuple[str, str], torch.Tensor] = {}
@@ -127,7 +127,7 @@ def _fold(projection: nn.Module, scale: torch.Tensor | None, shift: torch.Tensor
         bias.copy_(c.to(bias.dtype))
 
 
-def merge_and_unload(reft_model: ReftModel) -> nn.Module:
+def merge_and_unload(reft_model: Hooked) -> nn.Module:
     """See :meth:`reft_rs.ReftModel.merge_and_unload`."""
     config = reft_model.reft_config
     refusals = [reason for reason in map(_refusal, config.interventions) if reason]

@@ -22,10 +22,8 @@ token and need no locations.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import inspect
 import os
-import threading
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -33,61 +31,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import _core, checkpoint, merge, recompute
-from .config import InterventionConfig, ReftConfig
-from .errors import ConfigError, IncompatibleModelError, InvalidCheckpointError, LocationError, ShapeError
+from .. import _core
+from ..config import InterventionConfig, ReftConfig
+from ..errors import ConfigError, IncompatibleModelError, InvalidCheckpointError, LocationError, ShapeError
+from ..io import checkpoint
+from ..positions import IGNORE_INDEX, locate
+from . import gradient_checkpointing, merge
+from .hooks import Calls, CallState, Hook
 from .interventions import Intervention, inference_call
 from .layout import HookSite, find_head, find_layers, model_dimensions, model_identity, resolve
-from .positions import IGNORE_INDEX, locate
 from .prefix_cache import PrefixCache, applies, cached_forward
 
 __all__ = ["ReftModel", "get_reft_model"]
-
-
-@dataclasses.dataclass
-class CallState:
-    """What the hooks need during one call of the model (or one generate)."""
-
-    #: Per intervention: absolute token positions ``(batch, positions)`` on the
-    #: model's device, -1 for unused slots; ``None`` for every-token interventions.
-    sources: list[torch.Tensor | None]
-    #: Generation: the padded prompt length; later tokens are generated ones.
-    #: Generation is inference: dropout is off whatever the training mode.
-    prompt_length: int | None = None
-    intervene_generated: bool = False
-    #: Edit strength α: each edited state becomes h + α·(Φ(h) − h).
-    strength: float = 1.0
-    #: The tokens of the current forward call start at this position...
-    offset: int = 0
-    #: ...and this call's flat gather indices, by source tensor.
-    indices: dict[int, torch.Tensor | None] = dataclasses.field(default_factory=dict)
-
-
-def _hidden_of(value: Any) -> torch.Tensor:
-    return value[0] if isinstance(value, tuple) else value
-
-
-def _with_hidden(value: Any, hidden: torch.Tensor) -> Any:
-    return (hidden, *value[1:]) if isinstance(value, tuple) else hidden
-
-
-def _cache_length(kwargs: Mapping[str, Any]) -> int:
-    """Tokens already in the KV cache when a forward call starts.
-
-    The cache is ``past_key_values`` up to transformers 5.23 and ``cache``
-    from 5.24 on (which also stops passing ``cache_position``)."""
-    cache = kwargs.get("past_key_values")
-    if cache is None:
-        cache = kwargs.get("cache")
-    if cache is not None:
-        if hasattr(cache, "get_seq_length"):
-            return int(cache.get_seq_length())
-        if isinstance(cache, (tuple, list)) and cache and cache[0] is not None:
-            return int(cache[0][0].shape[-2])
-    position = kwargs.get("cache_position")
-    if isinstance(position, torch.Tensor) and position.numel():
-        return int(position.reshape(-1)[0])
-    return 0
 
 
 class ReftModel(nn.Module):
@@ -102,7 +57,7 @@ class ReftModel(nn.Module):
     Attributes:
         model: The wrapped Hugging Face model (frozen).
         reft_config: The :class:`ReftConfig`.
-        interventions: One :class:`reft_rs.interventions.Intervention` per
+        interventions: One :class:`reft_rs.model.interventions.Intervention` per
             config entry, in order.
     """
 
@@ -124,13 +79,10 @@ class ReftModel(nn.Module):
         self._trainable: dict[str, bool] = {}
         self._active_name = adapter_name
         self._disabled = False
-        # Activation checkpointing is on (see reft_rs.recompute).
-        self._recomputing = False
         self.head: nn.Module | None = None
-        # The call in progress on each thread, by thread id: one model may be
-        # called from several threads at once (a dict, not a threading.local,
-        # so that a deep copy of the model works).
-        self._call_states: dict[int, CallState] = {}
+        #: The call in progress on each thread (one model may be called from
+        #: several threads at once), read by the hooks.
+        self.calls = Calls()
         # (module, hook id) pairs of the hook on the whole model. The hooks are
         # objects that refer back to this model, so a deep copy of the
         # ReftModel carries working hooks of its own.
@@ -138,7 +90,7 @@ class ReftModel(nn.Module):
         self._add(adapter_name, config, initialize=initialize)  # checks the config first
         for parameter in model.parameters():
             parameter.requires_grad_(False)
-        handle = self.model.register_forward_pre_hook(_Hook(self, "call", [], None), with_kwargs=True)
+        handle = self.model.register_forward_pre_hook(Hook(self, "call", [], None), with_kwargs=True)
         self._hook_ids.append((self.model, handle.id))
         self._set_trainable()
         parameters = inspect.signature(model.forward).parameters
@@ -307,19 +259,19 @@ class ReftModel(nn.Module):
         """Turns on the wrapped model's gradient (activation) checkpointing so
         that the edits are replayed exactly when layers are recomputed
         (what ``TrainingArguments(gradient_checkpointing=True)`` calls)."""
-        recompute.enable(self, gradient_checkpointing_kwargs, kwargs)
+        gradient_checkpointing.enable(self, gradient_checkpointing_kwargs, kwargs)
 
     def activation_checkpointing_enable(
         self, activation_checkpointing_kwargs: dict[str, Any] | None = None, **kwargs: Any
     ) -> None:
         """The newer name of :meth:`gradient_checkpointing_enable` (transformers 5.x)."""
-        recompute.enable(self, activation_checkpointing_kwargs, kwargs)
+        gradient_checkpointing.enable(self, activation_checkpointing_kwargs, kwargs)
 
     def gradient_checkpointing_disable(self) -> None:
-        recompute.disable(self)
+        gradient_checkpointing.disable(self)
 
     def activation_checkpointing_disable(self) -> None:
-        recompute.disable(self)
+        gradient_checkpointing.disable(self)
 
     # ------------------------------------------------------------------ attributes
 
@@ -347,7 +299,7 @@ class ReftModel(nn.Module):
             sites.setdefault(key, (site, []))[1].append(index)
         handles = self._adapter_hooks.setdefault(name, [])
         for site, indices in sites.values():
-            hook = _Hook(self, "input" if site.edits_input else "output", indices, name)
+            hook = Hook(self, "input" if site.edits_input else "output", indices, name)
             if site.edits_input:
                 handle = site.module.register_forward_pre_hook(hook, with_kwargs=True)
             else:
@@ -357,11 +309,6 @@ class ReftModel(nn.Module):
             index: site.path for site, indices in sites.values() for index in indices
         }
 
-    def _edit(self, indices: list[int], hidden: torch.Tensor) -> torch.Tensor:
-        for index in indices:
-            hidden = self._apply_one(index, hidden)
-        return hidden
-
     def _apply_one(self, index: int, hidden: torch.Tensor) -> torch.Tensor:
         intervention = self.interventions[index]
         if hidden.shape[-1] != intervention.dim:
@@ -369,7 +316,7 @@ class ReftModel(nn.Module):
                 f"{intervention.config.name}: {self._sites[index]} gives states of width "
                 f"{hidden.shape[-1]}, but the intervention edits width {intervention.dim}"
             )
-        state = self._state
+        state = self.calls.current
         assert state is not None
         dropout = state.prompt_length is None  # never while generating
         strength = state.strength
@@ -392,7 +339,7 @@ class ReftModel(nn.Module):
         """Rows of the flattened ``(batch * length, d)`` states that ``source``
         chooses in this forward call, or ``None`` if none. Computed once per
         call for each group (one host sync on an accelerator)."""
-        state = self._state
+        state = self.calls.current
         key = id(source)
         if key not in state.indices:
             if state.prompt_length is not None and state.offset >= state.prompt_length:
@@ -405,42 +352,10 @@ class ReftModel(nn.Module):
                 state.indices[key] = chosen if chosen.numel() else None
         return state.indices[key]
 
-    @property
-    def _state(self) -> CallState | None:
-        """This thread's call in progress."""
-        return self._call_states.get(threading.get_ident())
-
     # ------------------------------------------------------------------ for the package's helpers
-    # Gradient checkpointing (recompute.py), merging (merge.py) and prefix
-    # caching (prefix_cache.py) work through these, not the private state.
-
-    @property
-    def current_call(self) -> CallState | None:
-        """This thread's call of the model in progress, if any."""
-        return self._state
-
-    @contextlib.contextmanager
-    def replaying(self, state: CallState) -> Iterator[None]:
-        """Runs with ``state`` as this thread's call: a checkpointed layer
-        recomputed in the backward pass edits as it did in the forward one
-        (each hook computing its own R)."""
-        thread = threading.get_ident()
-        self._call_states[thread] = state
-        try:
-            with inference_call([]):
-                yield
-        finally:
-            self._call_states.pop(thread, None)
-
-    @property
-    def recomputing(self) -> bool:
-        """Whether the wrapped model recomputes layers in the backward pass
-        (gradient checkpointing, set by :mod:`reft_rs.recompute`)."""
-        return self._recomputing
-
-    @recomputing.setter
-    def recomputing(self, value: bool) -> None:
-        self._recomputing = bool(value)
+    # The hooks, gradient checkpointing (gradient_checkpointing.py), merging
+    # (merge.py) and prefix caching (prefix_cache.py) work through these and
+    # ``calls``: the interface hooks.Hooked names.
 
     def site_paths(self) -> list[str]:
         """The module path each intervention of the active adapter edits, in
@@ -455,22 +370,19 @@ class ReftModel(nn.Module):
         with self._active(CallState(sources, strength=strength)):
             return self.model(**kwargs)
 
-    @contextlib.contextmanager
-    def _active(self, state: CallState) -> Iterator[None]:
-        thread = threading.get_ident()
-        if thread in self._call_states:
-            raise RuntimeError("a ReftModel cannot be called from inside one of its own calls")
-        self._call_states[thread] = state
-        try:
-            rotations = [i.rotation for i in self.interventions if i.rotation is not None]
-            if self._recomputing and torch.is_grad_enabled():
-                # Each hook computes its R, so that a recomputed layer runs
-                # exactly the operations it ran the first time.
-                rotations = []
-            with inference_call(rotations):
-                yield
-        finally:
-            del self._call_states[thread]
+    def edit_hidden(self, adapter: str, indices: list[int], hidden: torch.Tensor) -> torch.Tensor | None:
+        """``hidden`` edited by the interventions at ``indices`` of ``adapter``,
+        or ``None`` when that adapter is not the active one or adapters are
+        disabled."""
+        if self._disabled or adapter != self._active_name:
+            return None
+        for index in indices:
+            hidden = self._apply_one(index, hidden)
+        return hidden
+
+    def _active(self, state: CallState) -> contextlib.AbstractContextManager[None]:
+        rotations = [i.rotation for i in self.interventions if i.rotation is not None]
+        return self.calls.running(state, rotations)
 
     # ------------------------------------------------------------------ locations
 
@@ -589,14 +501,14 @@ class ReftModel(nn.Module):
                 When ``None``, the prompt is taken to be the tokens before the
                 first label (or the whole input without labels) and
                 positions are chosen from each intervention's spec.
-            prefix_cache: ``True`` (or a :class:`reft_rs.prefix_cache.PrefixCache`
+            prefix_cache: ``True`` (or a :class:`reft_rs.model.prefix_cache.PrefixCache`
                 keeping prefixes across calls) runs the columns that no
                 intervention edits, up to each row's last prompt token,
                 through the frozen model without gradients and the rest
-                with them (:mod:`reft_rs.prefix_cache`): the same loss and
+                with them (:mod:`reft_rs.model.prefix_cache`): the same loss and
                 gradients, for much less work. The output's logits then
                 cover the columns after the cached prefix. Ignored where it
-                does not apply (see :func:`reft_rs.prefix_cache.applies`).
+                does not apply (see :func:`reft_rs.model.prefix_cache.applies`).
             strength: The edit strength α: each edited state becomes
                 h + α·(Φ(h) − h) (1 the trained edit, 0 the base model,
                 negative reverses a steering vector).
@@ -781,7 +693,7 @@ class ReftModel(nn.Module):
         """Saves an adapter's interventions (and a trainable head) as a reft_rs checkpoint.
 
         The folder gets ``reft_config.json`` and ``reft_model.safetensors``,
-        written atomically; see :mod:`reft_rs.checkpoint`. Besides each R the
+        written atomically; see :mod:`reft_rs.io.checkpoint`. Besides each R the
         file keeps the unconstrained matrix it is computed from (declared as
         an extra tensor), so reloading reproduces outputs bit for bit and
         training resumes exactly.
@@ -935,39 +847,6 @@ def get_reft_model(
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-class _Hook:
-    """A hook of a ReftModel: ``call`` (a pre-hook on the whole model) notes
-    where each forward call's tokens start; ``output`` and ``input`` edit a
-    module's output or input for one adapter, while it is the active one."""
-
-    def __init__(self, owner: ReftModel, kind: str, indices: list[int], adapter: str | None) -> None:
-        self.owner = owner
-        self.kind = kind
-        self.indices = indices
-        self.adapter = adapter
-
-    def __call__(self, module: nn.Module, args: tuple, *rest: Any) -> Any:
-        owner = self.owner
-        state = owner._state
-        if state is None:
-            return None
-        if self.kind == "call":
-            state.offset = _cache_length(rest[0])
-            state.indices.clear()
-            return None
-        if owner._disabled or self.adapter != owner._active_name:
-            return None
-        if self.kind == "output":
-            output = rest[0]
-            return _with_hidden(output, owner._edit(self.indices, _hidden_of(output)))
-        kwargs = rest[0]
-        if args:
-            return (owner._edit(self.indices, args[0]), *args[1:]), kwargs
-        kwargs = dict(kwargs)
-        kwargs["hidden_states"] = owner._edit(self.indices, kwargs["hidden_states"])
-        return args, kwargs
 
 
 def _scaled(hidden: torch.Tensor, edited: torch.Tensor, strength: float) -> torch.Tensor:

@@ -23,7 +23,7 @@ def prompts_from(args: argparse.Namespace) -> list[str] | None:
     if not os.path.isfile(path):
         raise DatasetError(f"{path}: no such prompts file")
     if path.endswith((".jsonl", ".json", ".csv")):
-        from ..records import read_records
+        from ..io.records import read_records
 
         return [r.get("prompt", r.get("text")) for r in read_records(path)]
     with open(path, encoding="utf-8") as handle:
@@ -51,7 +51,7 @@ class TorchGenerator:
             model_path(args.model, args.checkpoint), device_for(args.device), args.bf16
         )
         if args.checkpoint:
-            from ..model import ReftModel
+            from ..model.reft_model import ReftModel
 
             model = ReftModel.from_pretrained(model, args.checkpoint)
         self.model = model
@@ -124,7 +124,7 @@ class RustGenerator:
     """Generation with the Rust CPU engine: no torch involved."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        from ..engine import Engine
+        from ..engine.engine import Engine
 
         self.engine = Engine(
             model_path(args.model, args.checkpoint, for_engine=True),

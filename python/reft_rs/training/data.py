@@ -28,10 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import _core
-from .config import ReftConfig
-from .errors import ConfigError, ReftError
-from .positions import IGNORE_INDEX, locate
+from .. import _core
+from ..config import ReftConfig
+from ..errors import ConfigError, ReftError
+from ..positions import IGNORE_INDEX, locate
 
 __all__ = [
     "IGNORE_INDEX",
@@ -655,7 +655,7 @@ def stream_batches(
 
     Args:
         records: Mappings with ``prompt`` and ``response``, or ``text`` and
-            ``label`` (see :func:`reft_rs.records.read_records`).
+            ``label`` (see :func:`reft_rs.io.records.read_records`).
         batch_size, chunk_size: Examples per batch and per chunk.
         pad_token_id: By default the tokenizer's pad token (else its EOS).
         Others: as in :func:`make_dataset` and :meth:`ReftDataset.batches`.
@@ -799,7 +799,7 @@ class StreamedEpochs:
         self.max_length, self.system_prompt, self.chat_template = max_length, system_prompt, chat_template
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        from .records import read_records
+        from ..io.records import read_records
 
         records = (
             r if "response" in r else {"prompt": r["text"], "response": str(r["label"])}

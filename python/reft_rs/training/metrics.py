@@ -1,5 +1,5 @@
 """Metrics and their direction, with no torch: shared by training-time
-selection (:mod:`reft_rs.evaluation`), ``reft-rs eval`` and comparisons.
+selection (:mod:`reft_rs.training.evaluation`), ``reft-rs eval`` and comparisons.
 
 | metric | scores | better |
 |---|---|---|
@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = ["METRICS", "Metric", "greater_is_better", "normalize_answer", "reply_matches"]
 

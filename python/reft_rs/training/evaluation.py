@@ -1,6 +1,6 @@
 """Scoring a :class:`ReftModel` on a development or test set.
 
-The metrics are those of :mod:`reft_rs.metrics`: ``loss`` (the model's own,
+The metrics are those of :mod:`reft_rs.training.metrics`: ``loss`` (the model's own,
 per label token for language modelling and per example for classification),
 ``accuracy`` (a classifier's), ``exact_match`` and ``contains`` (greedy
 replies to each prompt against the reference response, as text), or any
@@ -8,7 +8,7 @@ callable ``metric(reft_model) -> float``.
 
 Example::
 
-    score = reft_rs.evaluation.evaluate(reft_model, dev, "exact_match", tokenizer=tokenizer)
+    score = reft_rs.training.evaluation.evaluate(reft_model, dev, "exact_match", tokenizer=tokenizer)
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import ConfigError
 from .data import IGNORE_INDEX, ReftDataset
-from .errors import ConfigError
 from .metrics import Metric, greater_is_better, reply_matches
 
 __all__ = ["evaluate", "example_scores", "generate_replies"]
@@ -40,7 +40,7 @@ def evaluate(
     Args:
         reft_model: A :class:`reft_rs.ReftModel`.
         dataset: A :class:`reft_rs.ReftDataset` made like the training set.
-        metric: A name of :data:`reft_rs.metrics.METRICS` or a callable of the model.
+        metric: A name of :data:`reft_rs.training.metrics.METRICS` or a callable of the model.
         tokenizer: Needed by ``exact_match`` and ``contains`` (to read the
             replies as text) and for its pad token.
         batch_size: Examples per forward pass or generation batch.

@@ -13,7 +13,7 @@ Example::
     b = scheduler.submit(engine.encode("Hello"), max_new_tokens=20)
     while scheduler.has_work:
         for event in scheduler.step():
-            ...  # event.id, event.token, event.finish
+            ...  # event.id, event.token, event.text, event.finish
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import _core
+from .. import _core
+from ..errors import InvalidArgumentError
 from .engine import Engine
-from .errors import InvalidArgumentError
 from .sampling import SamplingParams, check_adapter, check_count, check_token_ids
 
 __all__ = ["Event", "Scheduler"]
@@ -46,6 +46,11 @@ class Event:
         error: The reason, when ``finish == "error"``.
         logits: The float32 logits the token was chosen from, when the
             request asked for them.
+        text: The reply's text to hand out now: empty while a character is
+            incomplete or could begin a stop string (and when the model has
+            no tokenizer). Joined, a request's pieces are its reply, cut
+            before the first stop string, the same text
+            :meth:`Engine.generate` gives.
     """
 
     id: int
@@ -53,6 +58,7 @@ class Event:
     finish: str | None
     error: str | None = None
     logits: np.ndarray | None = None
+    text: str = ""
 
 
 class Scheduler:

@@ -16,8 +16,8 @@ from typing import Any
 
 from torch import nn
 
-from .config import InterventionConfig
-from .errors import IncompatibleModelError
+from ..config import InterventionConfig
+from ..errors import IncompatibleModelError
 
 __all__ = ["HookSite", "find_layers", "resolve"]
 
@@ -66,7 +66,7 @@ HEAD_NAMES = ("score", "classifier")
 
 def find_head(model: nn.Module) -> nn.Module:
     """A sequence classifier's head (``score`` or ``classifier``)."""
-    from .errors import ConfigError
+    from ..errors import ConfigError
 
     for name in HEAD_NAMES:
         head = getattr(model, name, None)

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from . import _core
-from .errors import InvalidArgumentError
+from .. import _core
+from ..errors import InvalidArgumentError
 from .sampling import SamplingParams, check_adapter, check_count, check_strength, check_token_ids
 
 __all__ = ["Engine", "kernel_isa", "read_gguf_tensor"]
@@ -146,7 +146,7 @@ class Engine:
 
         ``path`` may also be a llama.cpp control-vector file (``.gguf``,
         needs the ``gguf`` package): its directions become ``steer`` edits
-        on this model, as :func:`reft_rs.control_vector.import_control_vector`
+        on this model, as :func:`reft_rs.io.control_vector.import_control_vector`
         writes them, so one request can be steered by it while the next uses
         another vector or none (llama.cpp applies one vector to every
         request).
@@ -160,7 +160,7 @@ class Engine:
             raise InvalidArgumentError(f"adapter name must be a string, found {type(name).__name__}")
         path = os.fspath(path)
         if os.path.isfile(path) and path.lower().endswith(".gguf"):
-            from .control_vector import import_control_vector
+            from ..io.control_vector import import_control_vector
 
             model = {
                 "hidden_size": self.hidden_size,
@@ -335,7 +335,7 @@ class Engine:
         )
         stream = self._engine.stream_ids(ids, options, check_adapter(adapter))
         if tokens:
-            return (token for token, _ in stream)
+            return (token for token, _ in stream if token is not None)
         return (piece for _, piece in stream if piece)
 
     def chat(

@@ -26,19 +26,22 @@ nothing is cached. :func:`applies` says why not.
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from .positions import IGNORE_INDEX
+from ..positions import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    from .hooks import Hooked
 
 __all__ = ["PrefixCache", "applies", "cached_forward"]
 
 _GIB = 1 << 30
 
 
-def applies(reft_model: Any) -> str | None:
+def applies(reft_model: Hooked) -> str | None:
     """``None`` when prefix caching can run on ``reft_model``, else the reason it cannot."""
     config = reft_model.reft_config
     if any(item.every_token for item in config.interventions):
@@ -193,7 +196,7 @@ def _storable(cache: Any) -> bool:
 
 
 def cached_forward(
-    reft_model: Any,
+    reft_model: Hooked,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     labels: torch.Tensor | None,
@@ -299,7 +302,7 @@ def _right_align(keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor
 
 
 def _from_store(
-    reft_model: Any,
+    reft_model: Hooked,
     prefix_ids: torch.Tensor,
     keep: torch.Tensor,
     cached: torch.Tensor,

@@ -20,10 +20,10 @@ import dataclasses
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 if TYPE_CHECKING:
-    from .model import ReftModel
+    from .hooks import Hooked
 
 __all__ = ["disable", "enable"]
 
@@ -31,7 +31,7 @@ __all__ = ["disable", "enable"]
 class _Replaying:
     """A model's checkpointing function, wrapped to replay the edits."""
 
-    def __init__(self, owner: ReftModel, inner: Callable[..., Any]) -> None:
+    def __init__(self, owner: Hooked, inner: Callable[..., Any]) -> None:
         self.owner = owner
         self.inner = inner
         #: Layers replayed with the edits so far.
@@ -39,7 +39,7 @@ class _Replaying:
 
     def __call__(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         owner = self.owner
-        state = owner.current_call
+        state = owner.calls.current
         if state is None:
             return self.inner(function, *args, **kwargs)
         # The indices computed so far are shared; any computed inside the
@@ -47,16 +47,16 @@ class _Replaying:
         saved = dataclasses.replace(state, indices=dict(state.indices))
 
         def run(*inner_args: Any, **inner_kwargs: Any) -> Any:
-            if owner.current_call is not None:  # the first pass, inside the call
+            if owner.calls.current is not None:  # the first pass, inside the call
                 return function(*inner_args, **inner_kwargs)
             self.replays += 1
-            with owner.replaying(saved):
+            with owner.calls.replaying(saved):
                 return function(*inner_args, **inner_kwargs)
 
         return self.inner(run, *args, **kwargs)
 
 
-def enable(owner: ReftModel, options: dict[str, Any] | None, extra: dict[str, Any]) -> None:
+def enable(owner: Hooked, options: dict[str, Any] | None, extra: dict[str, Any]) -> None:
     """Turns checkpointing on in the wrapped model and wraps its functions."""
     model = owner.model
     if not getattr(model, "supports_gradient_checkpointing", False):
@@ -86,13 +86,13 @@ def enable(owner: ReftModel, options: dict[str, Any] | None, extra: dict[str, An
         wrapped += 1
     if not wrapped:
         raise ConfigError(f"{type(model).__name__} set no checkpointing function on its layers")
-    owner.recomputing = True
+    owner.calls.recomputing = True
 
 
-def disable(owner: ReftModel) -> None:
+def disable(owner: Hooked) -> None:
     model = owner.model
     if hasattr(model, "activation_checkpointing_disable"):
         model.activation_checkpointing_disable()
     elif hasattr(model, "gradient_checkpointing_disable"):
         model.gradient_checkpointing_disable()
-    owner.recomputing = False
+    owner.calls.recomputing = False

@@ -21,7 +21,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from .errors import DatasetError
+from ..errors import DatasetError
 
 __all__ = ["FIELDS", "read_records", "record_kind"]
 

@@ -49,9 +49,9 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from . import _core
-from .config import DTYPES, InterventionConfig
-from .errors import ConfigError
+from .. import _core
+from ..config import DTYPES, InterventionConfig
+from ..errors import ConfigError
 
 __all__ = ["Intervention", "OrthonormalRows", "build_intervention", "inference_call", "orthonormalize"]
 

@@ -31,10 +31,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import checkpoint
-from .config import InterventionConfig, ReftConfig
-from .errors import ConfigError
-from .layout import find_layers, model_dimensions, resolve
+from ..config import InterventionConfig, ReftConfig
+from ..errors import ConfigError
+from ..io import checkpoint
+from ..model.layout import find_layers, model_dimensions, resolve
 
 __all__ = ["compute_steering_vectors", "save_steering_vectors", "steering_checkpoint"]
 

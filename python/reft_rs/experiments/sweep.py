@@ -9,10 +9,10 @@ lives in a SQLite file, so a sweep that is stopped resumes where it was.
 After the search the best trial's checkpoint is kept, and only then is the
 test set, if any, read and scored once.
 
-    result = reft_rs.sweep.run(model, tokenizer, task, SearchSpace.default(30), output="sweep/",
+    result = reft_rs.experiments.sweep.run(model, tokenizer, task, SearchSpace.default(30), output="sweep/",
                                metric="exact_match", trials=20)
 
-``reft-rs sweep`` is the command-line face; :mod:`reft_rs.compare` runs one
+``reft-rs sweep`` is the command-line face; :mod:`reft_rs.experiments.compare` runs one
 sweep per method under one budget.
 """
 
@@ -27,9 +27,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, MissingDependencyError
+from ..errors import ConfigError, MissingDependencyError
+from ..training.metrics import Metric, greater_is_better
 from .methods import Fitted, ReftMethod, SearchSpace, Task
-from .metrics import Metric, greater_is_better
 
 __all__ = ["Fitted", "ReftMethod", "SearchSpace", "Task", "run", "search"]
 
@@ -76,7 +76,7 @@ def run(
         output: A folder: ``study.db`` (Optuna's SQLite storage; an existing
             one is resumed), ``best/`` (the best trial's checkpoint, at its
             best step), ``sweep.json`` and the plots.
-        metric: The dev metric (:mod:`reft_rs.metrics`).
+        metric: The dev metric (:mod:`reft_rs.training.metrics`).
         trials: Trials the study should have in all (earlier runs count);
             ``None`` runs until ``timeout``.
         timeout: Seconds this call may search for.

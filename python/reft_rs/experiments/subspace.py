@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import IncompatibleModelError
+from ..errors import IncompatibleModelError
 
 __all__ = ["basis", "edit_statistics", "logit_lens", "overlap", "principal_angles"]
 
@@ -207,7 +207,7 @@ def overlap_matrix(
 
 def heatmap(names: Sequence[str], matrix: np.ndarray, path: Any, *, title: str) -> Any:
     """The overlap matrix as a PNG heatmap."""
-    from .plot import figure
+    from ..training.plot import figure
 
     fig = figure()
     ax = fig.add_subplot()

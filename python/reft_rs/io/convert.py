@@ -31,10 +31,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _core, checkpoint
+from .. import _core
+from ..config import SOURCE_TYPES, InterventionConfig, ReftConfig
+from ..errors import CheckpointNotFoundError, ConfigError, InvalidCheckpointError, MissingDependencyError
+from . import checkpoint
 from .checkpoint import base_identity as _identity
-from .config import SOURCE_TYPES, InterventionConfig, ReftConfig
-from .errors import CheckpointNotFoundError, ConfigError, InvalidCheckpointError, MissingDependencyError
 
 __all__ = ["from_pyreft", "from_red"]
 

@@ -4,14 +4,14 @@ selection on dev, the test set read once after every selection, seeds.
 Methods: any reft_rs intervention type (``loreft``, ``direft``, ``red``,
 ...), ``lora`` (peft's LoRA, an optional dependency) and ``zero-shot`` (the
 frozen model as it is). Each tuned method gets its own Optuna sweep
-(:func:`reft_rs.sweep.search`) with the same budget: a number of trials or
+(:func:`reft_rs.experiments.sweep.search`) with the same budget: a number of trials or
 seconds of searching. When every selection is made, the test records are
 read; each method's selected checkpoint is scored on them (with a 95%
 bootstrap interval over the test examples), and its selected configuration
 is trained again with further seeds (best step chosen on dev each time) to
 show the spread that seeds alone cause.
 
-    report = reft_rs.compare.run(model, tokenizer, task, ["loreft", "red", "lora", "zero-shot"],
+    report = reft_rs.experiments.compare.run(model, tokenizer, task, ["loreft", "red", "lora", "zero-shot"],
                                  output="compare/", metric="accuracy", trials=10, seeds=3,
                                  test=lambda: test_records)
 
@@ -30,11 +30,11 @@ from typing import Any
 
 import numpy as np
 
-from .config import INTERVENTION_TYPES, LOW_RANK_TYPES
-from .errors import ConfigError
-from .evaluation import evaluate, example_scores
+from ..config import INTERVENTION_TYPES, LOW_RANK_TYPES
+from ..errors import ConfigError
+from ..training.evaluation import evaluate, example_scores
+from ..training.metrics import Metric, greater_is_better
 from .methods import Baseline, Head, LoraMethod, ReftMethod, SearchSpace, Task
-from .metrics import Metric, greater_is_better
 from .sweep import search
 
 __all__ = ["BASELINES", "LoraMethod", "bootstrap_interval", "run"]
@@ -266,7 +266,7 @@ def markdown(report: Mapping[str, Any]) -> str:
 def plot(report: Mapping[str, Any], path: Path) -> Any:
     """Test score against trainable parameters (log scale), with intervals;
     the zero-shot score, which trains nothing, as a dashed line."""
-    from .plot import figure
+    from ..training.plot import figure
 
     fig = figure()
     ax = fig.add_subplot()

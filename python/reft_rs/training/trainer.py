@@ -27,14 +27,14 @@ from typing import Any
 import torch
 import transformers
 
-from . import checkpoint
+from ..errors import ConfigError, IncompatibleModelError
+from ..io import checkpoint
+from ..model.prefix_cache import PrefixCache
+from ..model.reft_model import ReftModel
 from .data import ReftDataCollator
-from .errors import ConfigError, IncompatibleModelError
 from .evaluation import evaluate as _evaluate
 from .metrics import Metric
 from .metrics import greater_is_better as _greater_is_better
-from .model import ReftModel
-from .prefix_cache import PrefixCache
 
 __all__ = ["ReftTrainer", "TrainingHistory", "train", "training_arguments"]
 
@@ -78,7 +78,7 @@ class ReftTrainer(transformers.Trainer):
 
     With an ``eval_dataset`` the Trainer's evaluation scores the loss by
     default; ``eval_metric`` (``accuracy``, ``exact_match``, ``contains``
-    or a callable of the model, see :mod:`reft_rs.metrics`) scores that
+    or a callable of the model, see :mod:`reft_rs.training.metrics`) scores that
     instead, logged as ``eval_<metric>``, so that
     ``metric_for_best_model="eval_exact_match"``, ``load_best_model_at_end``
     and ``EarlyStoppingCallback`` select on it::
@@ -259,7 +259,7 @@ def train(
             the model is scored on it every ``eval_steps`` optimizer steps
             (by default at the end of every epoch) and after the last step.
         eval_metric: ``loss``, ``accuracy``, ``exact_match``, ``contains``
-            (see :mod:`reft_rs.metrics`) or a callable of the model, with
+            (see :mod:`reft_rs.training.metrics`) or a callable of the model, with
             ``greater_is_better`` beside it.
         eval_batch_size: Batch size of the evaluations (default ``batch_size``).
         tokenizer: For the metrics that read replies as text.
@@ -273,7 +273,7 @@ def train(
         prefix_cache: Where every intervention edits only the end of the
             prompt, run the untouched prefix through the frozen model
             without gradients and keep its keys and values across epochs
-            (:mod:`reft_rs.prefix_cache`): the same losses and gradients, far
+            (:mod:`reft_rs.model.prefix_cache`): the same losses and gradients, far
             less work. ``True`` by default (off where it does not apply);
             ``False`` turns it off; a :class:`PrefixCache` is used as given.
         prefix_cache_memory: Bytes the kept prefixes may take (default

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import MissingDependencyError, ModelNotFoundError
+from ..errors import MissingDependencyError, ModelNotFoundError
 
 __all__ = [
     "GEMMA3_INSTALL_COMMAND",

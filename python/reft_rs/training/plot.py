@@ -5,7 +5,7 @@ no global pyplot state or display is involved and threads may plot at once.
 
 Example::
 
-    reft_rs.plot.training_curves("training.png", history, metric="exact_match")
+    reft_rs.training.plot.training_curves("training.png", history, metric="exact_match")
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .errors import ConfigError, MissingDependencyError
+from ..errors import ConfigError, MissingDependencyError
 
 __all__ = ["figure", "training_curves"]
 

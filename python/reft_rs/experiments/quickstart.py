@@ -40,7 +40,7 @@ def plain_prompt(question: str) -> str:
 
 @dataclass(frozen=True)
 class QuickstartModel:
-    """A model the quickstart can teach: the :mod:`reft_rs.pretrained`
+    """A model the quickstart can teach: the :mod:`reft_rs.io.pretrained`
     functions that load it in torch and give the engine its file, the
     layers to edit, and whether prompts go through a chat template (else
     :func:`plain_prompt`)."""
@@ -52,12 +52,12 @@ class QuickstartModel:
     chat: bool
 
     def load(self) -> tuple[Any, Any]:
-        from . import pretrained
+        from ..io import pretrained
 
         return getattr(pretrained, self.loader)()
 
     def engine_model(self) -> Path:
-        from . import pretrained
+        from ..io import pretrained
 
         return getattr(pretrained, self.engine_file)()
 
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
 
     output = Path(args.output_dir)
     reft_model.save_pretrained(output / "checkpoint", metadata={"task": "pirate_style"})
-    from reft_rs.plot import training_curves
+    from reft_rs.training.plot import training_curves
 
     training_curves(output / "loss.png", losses, title=f"LoReFT training loss ({spec.label})")
     where = "" if spec.chat else " on the Q4_K_M file"

@@ -1,8 +1,8 @@
 """The methods a search tunes and compares, in one place: what each draws
 from a trial (:class:`SearchSpace` for reft_rs interventions,
 :class:`LoraMethod` for peft's LoRA), how it trains, and what a trained
-trial leaves (:class:`Fitted`). :mod:`reft_rs.sweep` searches one method;
-:mod:`reft_rs.compare` searches several under one budget.
+trial leaves (:class:`Fitted`). :mod:`reft_rs.experiments.sweep` searches one method;
+:mod:`reft_rs.experiments.compare` searches several under one budget.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import LOW_RANK_TYPES, ReftConfig
-from .data import ReftDataCollator, make_dataset
-from .errors import ConfigError, MissingDependencyError
-from .evaluation import example_scores
-from .metrics import Metric
-from .model import get_reft_model
-from .trainer import train
+from ..config import LOW_RANK_TYPES, ReftConfig
+from ..errors import ConfigError, MissingDependencyError
+from ..model.reft_model import get_reft_model
+from ..training.data import ReftDataCollator, make_dataset
+from ..training.evaluation import example_scores
+from ..training.metrics import Metric
+from ..training.trainer import train
 
 __all__ = [
     "Baseline",
@@ -160,7 +160,7 @@ def suggest_number(trial: Any, name: str, value: Any, *, log: bool = False, inte
 
 @dataclasses.dataclass
 class Task:
-    """The data of an experiment, as records (:func:`reft_rs.records.read_records`).
+    """The data of an experiment, as records (:func:`reft_rs.io.records.read_records`).
 
     Attributes:
         train, dev: ``prompt``/``response`` records (the model learns the
@@ -225,7 +225,7 @@ class Head:
     (a trial trains the head with the interventions)."""
 
     def __init__(self, model: Any) -> None:
-        from .layout import find_head
+        from ..model.layout import find_head
 
         try:
             self.module = find_head(model)
@@ -310,8 +310,8 @@ class ReftMethod:
 
     def test_scores(self, source: Fitted | Path, records: Sequence[Mapping[str, Any]]) -> Any:
         """Per-example test scores of a fitted model or a saved checkpoint."""
-        from .evaluation import example_scores
-        from .model import ReftModel
+        from ..model.reft_model import ReftModel
+        from ..training.evaluation import example_scores
 
         if isinstance(source, Fitted):
             reft_model, release = source.model, None

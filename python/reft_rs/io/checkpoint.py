@@ -38,9 +38,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from . import _core
-from ._core import CONFIG_FILE, FORMAT_VERSION, TENSORS_FILE
-from .errors import ConfigError, InvalidCheckpointError, MissingDependencyError
+from .. import _core
+from .._core import CONFIG_FILE, FORMAT_VERSION, TENSORS_FILE
+from ..errors import ConfigError, InvalidCheckpointError, MissingDependencyError
 
 __all__ = [
     "CONFIG_FILE",
@@ -247,7 +247,7 @@ def read_for_model(
         IncompatibleModelError: The checkpoint was made for another model.
         CheckpointError: As :func:`load`.
     """
-    from .config import ReftConfig
+    from ..config import ReftConfig
 
     config, tensors = load(path, framework="torch")
     base = config["base_model"]
@@ -308,7 +308,7 @@ def base_identity(
         }
         return identity, False
     if hasattr(base_model, "config"):  # a model: the rule saved adapters use
-        from .layout import model_identity
+        from ..model.layout import model_identity
 
         return model_identity(base_model), False
     identity = {

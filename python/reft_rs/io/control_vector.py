@@ -29,9 +29,9 @@ from typing import Any
 
 import numpy as np
 
+from ..config import InterventionConfig, ReftConfig
+from ..errors import ConfigError, InvalidCheckpointError, MissingDependencyError
 from . import checkpoint
-from .config import InterventionConfig, ReftConfig
-from .errors import ConfigError, InvalidCheckpointError, MissingDependencyError
 
 __all__ = ["export_control_vector", "import_control_vector", "read_control_vector"]
 
