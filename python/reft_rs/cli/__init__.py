@@ -19,7 +19,8 @@ from torch or a fault of reft_rs included, with one line and exit status 1
 (``REFT_RS_TRACEBACK=1`` prints the traceback instead).
 
 One module per subcommand (``register`` adds its parser, ``run`` runs it);
-``common`` and ``generation`` hold what they share.
+``common`` (arguments, checkpoint lookup) and ``generators`` (the torch and
+Rust reply generators of ``generate`` and ``eval``) hold what they share.
 """
 
 from __future__ import annotations
