@@ -480,12 +480,7 @@ impl Engine {
         options: &GenerateOptions,
         mut on_token: impl FnMut(usize, u32),
     ) -> Result<Vec<Vec<u32>>> {
-        let mut session = Session::new(
-            Arc::clone(self),
-            prompts.to_vec(),
-            adapters.to_vec(),
-            options.clone(),
-        )?;
+        let mut session = self.session(prompts, adapters, options)?;
         while let Some(tokens) = session.step()? {
             for (row, token) in tokens.into_iter().enumerate() {
                 if let Some(token) = token {
@@ -510,13 +505,22 @@ impl Engine {
                 "text generation needs a tokenizer, and the model has none".into(),
             ));
         }
-        let mut session = Session::new(
+        let mut session = self.session(prompts, adapters, options)?;
+        while session.step()?.is_some() {}
+        Ok(session.into_texts())
+    }
+
+    fn session(
+        self: &Arc<Self>,
+        prompts: &[Vec<u32>],
+        adapters: &[Option<String>],
+        options: &GenerateOptions,
+    ) -> Result<Session> {
+        Session::new(
             Arc::clone(self),
             prompts.to_vec(),
             adapters.to_vec(),
             options.clone(),
-        )?;
-        while session.step()?.is_some() {}
-        Ok(session.into_texts())
+        )
     }
 }
