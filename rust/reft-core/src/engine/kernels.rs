@@ -585,31 +585,48 @@ mod x86 {
         let xd = x.d.as_ptr().add(first * k / BLOCK);
         let sums = x.sums.as_ptr().add(first * groups);
         let (mut scale, mut offset) = ([0f32; 16], [0f32; 16]);
-        for b in 0..blocks {
-            let (sb, j) = (b / 8, b % 8);
-            let block = &row[sb * bytes..(sb + 1) * bytes];
-            if j == 0 {
-                superblock_scales(t, block, &mut scale, &mut offset, true);
-            }
-            let q = chunk_k::<L>(block.as_ptr(), j);
-            let w = _mm512_sub_epi16(_mm512_cvtepu8_epi16(q), _mm512_set1_epi16(center));
-            let s = _mm512_insertf32x8(
-                _mm512_castps256_ps512(_mm256_set1_ps(scale[2 * j])),
-                _mm256_set1_ps(scale[2 * j + 1]),
-                1,
-            );
-            for c in 0..C {
-                let xv = _mm512_loadu_si512(qx.add(c * k + b * BLOCK) as *const __m512i);
-                let p = _mm512_cvtepi32_ps(_mm512_madd_epi16(w, xv));
-                let sd = _mm512_mul_ps(s, _mm512_set1_ps(*xd.add(c * k / BLOCK + b)));
-                acc[c][b & 1] = _mm512_fmadd_ps(p, sd, acc[c][b & 1]);
-                if center == 0 {
-                    for (g, o) in [(2 * b, offset[2 * j]), (2 * b + 1, offset[2 * j + 1])] {
-                        let at = if g < whole { g % 4 } else { 0 };
-                        spread[c][at] = o.mul_add(*sums.add(c * groups + g), spread[c][at]);
+        // Block `b` into accumulator `$lane` and its groups' offsets into
+        // `spread[$at]`: constant indices, so that everything stays in
+        // registers (an index `b & 1` put the accumulators on the stack).
+        macro_rules! block {
+            ($b:expr, $lane:literal, $at:literal) => {{
+                let b = $b;
+                let (sb, j) = (b / 8, b % 8);
+                let block = &row[sb * bytes..(sb + 1) * bytes];
+                let q = chunk_k::<L>(block.as_ptr(), j);
+                let w = _mm512_sub_epi16(_mm512_cvtepu8_epi16(q), _mm512_set1_epi16(center));
+                let s = _mm512_insertf32x8(
+                    _mm512_castps256_ps512(_mm256_set1_ps(scale[2 * j])),
+                    _mm256_set1_ps(scale[2 * j + 1]),
+                    1,
+                );
+                for c in 0..C {
+                    let xv = _mm512_loadu_si512(qx.add(c * k + b * BLOCK) as *const __m512i);
+                    let p = _mm512_cvtepi32_ps(_mm512_madd_epi16(w, xv));
+                    let sd = _mm512_mul_ps(s, _mm512_set1_ps(*xd.add(c * k / BLOCK + b)));
+                    acc[c][$lane] = _mm512_fmadd_ps(p, sd, acc[c][$lane]);
+                    if center == 0 {
+                        let (g, at) = (2 * b, $at);
+                        spread[c][at] =
+                            offset[2 * j].mul_add(*sums.add(c * groups + g), spread[c][at]);
+                        spread[c][at + 1] = offset[2 * j + 1]
+                            .mul_add(*sums.add(c * groups + g + 1), spread[c][at + 1]);
                     }
                 }
+            }};
+        }
+        // A row holds whole superblocks: 8 blocks each, so whole pairs, and
+        // every group lies below `whole` (group g into g % 4).
+        debug_assert!(blocks.is_multiple_of(8) && whole == groups);
+        let mut b = 0;
+        while b < blocks {
+            if b % 8 == 0 {
+                let block = &row[b / 8 * bytes..(b / 8 + 1) * bytes];
+                superblock_scales(t, block, &mut scale, &mut offset, true);
             }
+            block!(b, 0, 0);
+            block!(b + 1, 1, 2);
+            b += 2;
         }
         finish(&acc, &spread, center)
     }
@@ -662,24 +679,50 @@ mod x86 {
         let qx = x.q.as_ptr().add(first * k);
         let xd = x.d.as_ptr().add(first * k / BLOCK);
         let sums = x.sums.as_ptr().add(first * groups);
-        let mut center = 0;
-        for b in 0..blocks {
-            let (q, d, offset, c0) = block32::<L>(row.as_ptr().add(b * bytes));
-            center = c0;
-            let w = _mm512_sub_epi16(_mm512_cvtepu8_epi16(q), _mm512_set1_epi16(c0));
-            let s = _mm512_set1_ps(d);
-            for c in 0..C {
-                let xv = _mm512_loadu_si512(qx.add(c * k + b * BLOCK) as *const __m512i);
-                let p = _mm512_cvtepi32_ps(_mm512_madd_epi16(w, xv));
-                let sd = _mm512_mul_ps(s, _mm512_set1_ps(*xd.add(c * k / BLOCK + b)));
-                acc[c][b & 1] = _mm512_fmadd_ps(p, sd, acc[c][b & 1]);
-                if c0 == 0 {
-                    for g in [2 * b, 2 * b + 1] {
-                        let j = if g < whole { g % 4 } else { 0 };
-                        spread[c][j] = offset.mul_add(*sums.add(c * groups + g), spread[c][j]);
+        // What block32 gives as each block's center.
+        let center: i16 = match L {
+            Q4_0 => 8,
+            Q5_0 => 16,
+            Q4_1 | Q5_1 => 0,
+            _ => 128,
+        };
+        // Block `b` into accumulator `$lane`, its two groups' offsets into
+        // `spread[$at]` and `spread[$at + $step]`: constant indices, so that
+        // everything stays in registers.
+        macro_rules! block {
+            ($b:expr, $lane:literal, $at:literal, $step:literal) => {{
+                let b = $b;
+                let (q, d, offset, c0) = block32::<L>(row.as_ptr().add(b * bytes));
+                debug_assert_eq!(c0, center);
+                let w = _mm512_sub_epi16(_mm512_cvtepu8_epi16(q), _mm512_set1_epi16(center));
+                let s = _mm512_set1_ps(d);
+                for c in 0..C {
+                    let xv = _mm512_loadu_si512(qx.add(c * k + b * BLOCK) as *const __m512i);
+                    let p = _mm512_cvtepi32_ps(_mm512_madd_epi16(w, xv));
+                    let sd = _mm512_mul_ps(s, _mm512_set1_ps(*xd.add(c * k / BLOCK + b)));
+                    acc[c][$lane] = _mm512_fmadd_ps(p, sd, acc[c][$lane]);
+                    if center == 0 {
+                        let at = $at;
+                        spread[c][at] =
+                            offset.mul_add(*sums.add(c * groups + 2 * b), spread[c][at]);
+                        let at = $at + $step;
+                        spread[c][at] =
+                            offset.mul_add(*sums.add(c * groups + 2 * b + 1), spread[c][at]);
                     }
                 }
-            }
+            }};
+        }
+        // Pairs of blocks cover groups 4i .. 4i + 3 (group g into g % 4); a
+        // last odd block's two groups lie past `whole`, into spread[0].
+        let mut b = 0;
+        while b + 2 <= blocks {
+            block!(b, 0, 0, 1);
+            block!(b + 1, 1, 2, 1);
+            b += 2;
+        }
+        if b < blocks {
+            debug_assert!(2 * b >= whole);
+            block!(b, 0, 0, 0);
         }
         finish(&acc, &spread, center)
     }
