@@ -23,7 +23,7 @@ programs come from ``llamacpp_build.py build`` (``-DGGML_NATIVE=OFF`` plus
 the CPU's AVX2/AVX-512 flags); the CPU features and the engine's kernel
 build are printed with the figures.
 
-    python benches/bench_gguf.py [--threads 2] [--files q4_k_m,gemma3] [--batches 1,4,16,64]
+    python benches/bench_gguf.py [--threads 2] [--files q4_k_m,gemma3] [--batches 1,4,16,64] [--int8-activations]
 """
 
 from __future__ import annotations
@@ -77,10 +77,10 @@ def make_checkpoint(family: str, path: str) -> None:
     reft_model.save_pretrained(path)
 
 
-def engine_worker(path: str, checkpoint: str, threads: int, batches: list[int]) -> dict:
+def engine_worker(path: str, checkpoint: str, threads: int, batches: list[int], int8: bool) -> dict:
     import reft_rs
 
-    engine = reft_rs.Engine(path, reft=checkpoint, threads=threads)
+    engine = reft_rs.Engine(path, reft=checkpoint, threads=threads, int8_activations=int8)
     out = {"isa": reft_rs.engine.kernel_isa()}
     for batch in batches:
         prompts = prompts_for(engine.encode, batch)
@@ -169,11 +169,20 @@ def main() -> None:
     parser.add_argument("--files", default="")
     parser.add_argument("--batches", default="1,4,16,64")
     parser.add_argument("--worker", nargs=2)
+    parser.add_argument(
+        "--int8-activations",
+        action="store_true",
+        help="the engine rounds activations to 8-bit blocks, as llama.cpp does (default: 16-bit)",
+    )
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     if args.worker:
         os.environ.setdefault("RAYON_NUM_THREADS", str(args.threads))
-        print(json.dumps(engine_worker(args.worker[0], args.worker[1], args.threads, batches)))
+        print(
+            json.dumps(
+                engine_worker(args.worker[0], args.worker[1], args.threads, batches, args.int8_activations)
+            )
+        )
         return
     binaries = llamacpp_build.build()
     chosen = files()
@@ -206,6 +215,7 @@ def main() -> None:
                     "--worker",
                     str(path),
                     checkpoints[family],
+                    *(["--int8-activations"] if args.int8_activations else []),
                 ],
                 capture_output=True,
                 text=True,
@@ -217,7 +227,11 @@ def main() -> None:
             single = llama_bench(binaries, path, args.threads)
             batched = batched_bench(binaries, path, args.threads, batches)
             assert single["tokens_prefill_tok_s"] == PROMPT and single["tokens_decode_tok_s"] == NEW
-            print(f"\n{name} ({path.name}); engine kernels: {engine['isa']}, with a LoReFT checkpoint loaded")
+            bits = 8 if args.int8_activations else 16
+            print(
+                f"\n{name} ({path.name}); engine kernels: {engine['isa']}, {bits}-bit activations, "
+                "with a LoReFT checkpoint loaded"
+            )
             e1 = engine["1"]
             print(
                 f"  batch 1   engine prefill {e1['prefill_tok_s']:7.0f} decode {e1['decode_tok_s']:6.1f} | "

@@ -13,6 +13,10 @@
 //! an offset per 16 weights, and dotted in integer products of 32 weights
 //! (`vpmaddwd`), scaled in float. The offsets meet each group's float sum
 //! of the activations (the rounded sums with 8 bits, as llama.cpp).
+//! With 8 bits, the x86 builds sum the products of 4 weights in integers
+//! (`vpdpbusd` on AVX512-VNNI, `vpmaddubsw` + `vpmaddwd` otherwise: the
+//! same integers), 8 lanes a block, each lane scaled in float
+//! ([`Dots::blocks8`]).
 //!
 //! Float16 / bfloat16. Each 16 weights are widened in registers and meet
 //! the float32 activations.
@@ -118,6 +122,9 @@ impl Isa {
 /// Activations as integers: `x ≈ d[block] · q`, with each group's float sum.
 pub(crate) struct Quantized {
     q: Vec<i16>,
+    /// `q` as bytes when it holds 8-bit values (`levels` 127), else empty:
+    /// the products then sum four weights at a time ([`Dots::blocks8`]).
+    q8: Vec<i8>,
     d: Vec<f32>,
     sums: Vec<f32>,
     k: usize,
@@ -128,6 +135,7 @@ pub(crate) struct Quantized {
 pub(crate) fn quantize(x: &[f32], k: usize, levels: i16) -> Quantized {
     let mut out = Quantized {
         q: vec![0; x.len()],
+        q8: Vec::new(),
         d: Vec::with_capacity(x.len() / BLOCK),
         sums: Vec::with_capacity(x.len() / GROUP),
         k,
@@ -161,6 +169,9 @@ pub(crate) fn quantize(x: &[f32], k: usize, levels: i16) -> Quantized {
                 out.sums.push(group.iter().sum());
             }
         }
+    }
+    if levels == 127 {
+        out.q8 = out.q.iter().map(|&v| v as i8).collect();
     }
     out
 }
@@ -230,6 +241,24 @@ trait Dots {
     /// instead of unpacking it first.
     const ROW32: bool = false;
     unsafe fn blocks<const C: usize>(u: &Unpacked, x: &Quantized, first: usize) -> [f32; C];
+    /// [`Dots::blocks`] with 8-bit activations (`x.q8`): in every build,
+    /// lane l of block b is the integer sum of weights `32 b + 4 l .. + 4`
+    /// times their activations; it meets its group's scale (group
+    /// `2 b + l / 4`) times the block's activation scale in float, into
+    /// accumulator `b % 2` (8 lanes each); a row's result is [`lanes8`] of
+    /// its accumulators plus its offsets. Four products per integer lane is
+    /// what `vpdpbusd` computes.
+    unsafe fn blocks8<const C: usize>(u: &Unpacked, x: &Quantized, first: usize) -> [f32; C];
+    /// [`Dots::blocks8`] of a row of [`reads_as_stored8`] blocks read as
+    /// stored: the same operations in the same order, so the same bits.
+    unsafe fn row8<const C: usize>(
+        _t: BlockType,
+        _row: &[u8],
+        _x: &Quantized,
+        _first: usize,
+    ) -> [f32; C] {
+        unreachable!("only builds with ROW32 read rows as stored")
+    }
     /// [`Dots::blocks`] of a row of 32-weight blocks read as stored: the
     /// same operations in the same order, so the same bits.
     unsafe fn row32<const C: usize>(
@@ -252,6 +281,32 @@ trait Dots {
 /// The layouts whose rows builds with [`Dots::ROW32`] read as stored.
 fn reads_as_stored(t: BlockType) -> bool {
     t.weights() == BLOCK || matches!(t, BlockType::Q4K | BlockType::Q5K | BlockType::Q6K)
+}
+
+/// The layouts whose products with 8-bit activations sum 4 weights at a
+/// time ([`Dots::blocks8`]): where that is faster on this project's
+/// measurements (`kernel_speeds`, 4 rows: Q4_0 32 → 51, Q5_0 43 → 50, Q2_K
+/// 31 → 39, Q3_K 34 → 39 GMAC/s). Q8_0 and Q6_K rows read as stored are
+/// as fast or faster with `vpmaddwd`; the other layouts gain nothing.
+fn sums_quads(t: BlockType) -> bool {
+    matches!(
+        t,
+        BlockType::Q4_0 | BlockType::Q5_0 | BlockType::Q2K | BlockType::Q3K
+    )
+}
+
+/// The layouts of [`sums_quads`] whose rows builds with [`Dots::ROW32`]
+/// read as stored.
+fn reads_as_stored8(t: BlockType) -> bool {
+    matches!(t, BlockType::Q4_0 | BlockType::Q5_0)
+}
+
+/// The sum of 8-lane accumulators `acc[0] + acc[1]`, in the order of a
+/// 256-bit horizontal sum.
+#[inline(always)]
+fn lanes8(acc: &[[f32; 8]; 2]) -> f32 {
+    let t: [f32; 8] = std::array::from_fn(|l| acc[0][l] + acc[1][l]);
+    ((t[0] + t[4]) + (t[2] + t[6])) + ((t[1] + t[5]) + (t[3] + t[7]))
 }
 
 /// Weight rows between a row's prefetch and its unpacking.
@@ -287,7 +342,9 @@ unsafe fn task<D: Dots>(
     out: &mut [f32],
 ) {
     let mut unpacked = Unpacked::new(if matches!(w, Rows::Blocks(..)) { k } else { 0 });
-    let direct = D::ROW32 && matches!(w, Rows::Blocks(t, _) if reads_as_stored(t));
+    let int8 = !x.q8.is_empty() && matches!(w, Rows::Blocks(t, _) if sums_quads(t));
+    let direct = D::ROW32
+        && matches!(w, Rows::Blocks(t, _) if if int8 { reads_as_stored8(t) } else { reads_as_stored(t) });
     for (r, target) in out.chunks_exact_mut(m).enumerate() {
         let n = first_row + r;
         let mut row: &[u8] = &[];
@@ -309,7 +366,9 @@ unsafe fn task<D: Dots>(
             macro_rules! tile {
                 ($c:literal) => {{
                     let got: [f32; $c] = match w {
+                        Rows::Blocks(t, _) if direct && int8 => D::row8::<$c>(t, row, x, i),
                         Rows::Blocks(t, _) if direct => D::row32::<$c>(t, row, x, i),
+                        Rows::Blocks(..) if int8 => D::blocks8::<$c>(&unpacked, x, i),
                         Rows::Blocks(..) => D::blocks::<$c>(&unpacked, x, i),
                         Rows::F16(h) => D::halves::<$c>(&h[n * k..(n + 1) * k], false, xf, k, i),
                         Rows::Bf16(h) => D::halves::<$c>(&h[n * k..(n + 1) * k], true, xf, k, i),
@@ -332,6 +391,32 @@ struct Portable;
 
 impl Dots for Portable {
     const SIMD: bool = false;
+
+    #[inline(always)]
+    #[allow(clippy::needless_range_loop)]
+    unsafe fn blocks8<const C: usize>(u: &Unpacked, x: &Quantized, first: usize) -> [f32; C] {
+        let k = x.k;
+        let mut out = [0f32; C];
+        for (c, o) in out.iter_mut().enumerate() {
+            let row = first + c;
+            let xq = &x.q8[row * k..(row + 1) * k];
+            let xd = &x.d[row * k / BLOCK..];
+            let mut acc = [[0f32; 8]; 2];
+            for b in 0..k / BLOCK {
+                for l in 0..8 {
+                    let at = b * BLOCK + 4 * l;
+                    let dot: i32 = (at..at + 4)
+                        .map(|i| (u.q[i] as i32 - u.center as i32) * xq[i] as i32)
+                        .sum();
+                    let scale = u.scale[2 * b + l / 4] * xd[b];
+                    acc[b % 2][l] = (dot as f32).mul_add(scale, acc[b % 2][l]);
+                }
+            }
+            let sums = &x.sums[row * k / GROUP..(row + 1) * k / GROUP];
+            *o = lanes8(&acc) + offsets(u, sums);
+        }
+        out
+    }
 
     #[inline(always)]
     unsafe fn blocks<const C: usize>(u: &Unpacked, x: &Quantized, first: usize) -> [f32; C] {
@@ -400,10 +485,131 @@ mod x86 {
         _mm_cvtss_f32(s)
     }
 
+    /// Where [`dots8`] reads a weight row's blocks: block `b` as signed
+    /// bytes and its lanes' weight scales (group `2 b` in lanes 0–3,
+    /// `2 b + 1` in 4–7). A trait, not a closure: a closure's body is built
+    /// without its function's CPU features.
+    trait Blocks8 {
+        unsafe fn block(&mut self, b: usize) -> (__m256i, __m256);
+    }
+
+    /// An unpacked row.
+    struct UnpackedRow<'a>(&'a Unpacked);
+
+    impl Blocks8 for UnpackedRow<'_> {
+        #[inline(always)]
+        unsafe fn block(&mut self, b: usize) -> (__m256i, __m256) {
+            let u = self.0;
+            let q = _mm256_loadu_si256(u.q.as_ptr().add(b * BLOCK) as *const __m256i);
+            let w = _mm256_sub_epi8(q, _mm256_set1_epi8(u.center as i8));
+            let s = _mm256_set_m128(
+                _mm_set1_ps(*u.scale.get_unchecked(2 * b + 1)),
+                _mm_set1_ps(*u.scale.get_unchecked(2 * b)),
+            );
+            (w, s)
+        }
+    }
+
+    /// A row of 32-weight blocks of layout `L`, one with a center.
+    struct Stored32<'a, const L: u8> {
+        row: &'a [u8],
+        bytes: usize,
+    }
+
+    impl<const L: u8> Blocks8 for Stored32<'_, L> {
+        #[inline(always)]
+        unsafe fn block(&mut self, b: usize) -> (__m256i, __m256) {
+            let (q, d, _, center) = block32::<L>(self.row.as_ptr().add(b * self.bytes));
+            (
+                _mm256_sub_epi8(q, _mm256_set1_epi8(center as i8)),
+                _mm256_set1_ps(d),
+            )
+        }
+    }
+
+    /// [`Dots::blocks8`]'s accumulators of `C` rows from `first`, the
+    /// weights of block `b` given by `weights(b)` (signed bytes, lane
+    /// scales). `VNNI`: one `vpdpbusd` per product of 32 (the CPU must have
+    /// AVX512-VNNI), else `vpmaddubsw` and `vpmaddwd`: the same integers
+    /// (|w| ≤ 128 and |x| ≤ 127, so no pair sum saturates).
+    #[inline(always)]
+    unsafe fn dots8<const C: usize, const VNNI: bool>(
+        x: &Quantized,
+        first: usize,
+        weights: &mut impl Blocks8,
+    ) -> [[__m256; 2]; C] {
+        let k = x.k;
+        let qx = x.q8.as_ptr().add(first * k);
+        let xd = x.d.as_ptr().add(first * k / BLOCK);
+        let mut acc = [[_mm256_setzero_ps(); 2]; C];
+        macro_rules! block {
+            ($b:expr, $lane:literal) => {{
+                let b = $b;
+                let (w, s) = weights.block(b);
+                let magnitude = _mm256_abs_epi8(w);
+                for c in 0..C {
+                    let xv = _mm256_loadu_si256(qx.add(c * k + b * BLOCK) as *const __m256i);
+                    // |w| · (x with w's sign) = w · x, unsigned times signed.
+                    let signed = _mm256_sign_epi8(xv, w);
+                    let dot = if VNNI {
+                        _mm256_dpbusd_epi32(_mm256_setzero_si256(), magnitude, signed)
+                    } else {
+                        _mm256_madd_epi16(
+                            _mm256_maddubs_epi16(magnitude, signed),
+                            _mm256_set1_epi16(1),
+                        )
+                    };
+                    let scale = _mm256_mul_ps(s, _mm256_set1_ps(*xd.add(c * k / BLOCK + b)));
+                    acc[c][$lane] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[c][$lane]);
+                }
+            }};
+        }
+        let blocks = k / BLOCK;
+        let mut b = 0;
+        while b + 2 <= blocks {
+            block!(b, 0);
+            block!(b + 1, 1);
+            b += 2;
+        }
+        if b < blocks {
+            block!(b, 0);
+        }
+        acc
+    }
+
+    /// [`dots8`]'s accumulators of one row summed as [`lanes8`] sums them.
+    #[inline(always)]
+    unsafe fn lanes8_of(acc: &[__m256; 2]) -> f32 {
+        hsum256(_mm256_add_ps(acc[0], acc[1]))
+    }
+
+    /// [`Dots::blocks8`] of an unpacked row, for the AVX2 and AVX-512 builds.
+    #[inline(always)]
+    unsafe fn blocks8_unpacked<const C: usize, const VNNI: bool>(
+        u: &Unpacked,
+        x: &Quantized,
+        first: usize,
+    ) -> [f32; C] {
+        let acc = dots8::<C, VNNI>(x, first, &mut UnpackedRow(u));
+        let k = x.k;
+        let mut out = [0f32; C];
+        for (c, o) in out.iter_mut().enumerate() {
+            let row = first + c;
+            let sums = &x.sums[row * k / GROUP..(row + 1) * k / GROUP];
+            *o = lanes8_of(&acc[c]) + offsets(u, sums);
+        }
+        out
+    }
+
     pub(super) struct Avx2;
 
     impl Dots for Avx2 {
         const SIMD: bool = true;
+
+        #[inline(always)]
+        unsafe fn blocks8<const C: usize>(u: &Unpacked, x: &Quantized, first: usize) -> [f32; C] {
+            blocks8_unpacked::<C, false>(u, x, first)
+        }
 
         #[inline(always)]
         #[allow(clippy::needless_range_loop)]
@@ -727,11 +933,32 @@ mod x86 {
         finish(&acc, &spread, center)
     }
 
-    pub(super) struct Avx512;
+    /// The AVX-512 build; `VNNI`: the CPU has AVX512-VNNI too.
+    pub(super) struct Avx512<const VNNI: bool>;
 
-    impl Dots for Avx512 {
+    impl<const VNNI: bool> Dots for Avx512<VNNI> {
         const SIMD: bool = true;
         const ROW32: bool = true;
+
+        #[inline(always)]
+        unsafe fn blocks8<const C: usize>(u: &Unpacked, x: &Quantized, first: usize) -> [f32; C] {
+            blocks8_unpacked::<C, VNNI>(u, x, first)
+        }
+
+        #[inline(always)]
+        unsafe fn row8<const C: usize>(
+            t: BlockType,
+            row: &[u8],
+            x: &Quantized,
+            first: usize,
+        ) -> [f32; C] {
+            let bytes = t.bytes();
+            let acc = match t {
+                BlockType::Q4_0 => dots8::<C, VNNI>(x, first, &mut Stored32::<Q4_0> { row, bytes }),
+                _ => dots8::<C, VNNI>(x, first, &mut Stored32::<Q5_0> { row, bytes }),
+            };
+            std::array::from_fn(|c| lanes8_of(&acc[c]))
+        }
 
         #[inline(always)]
         unsafe fn row32<const C: usize>(
@@ -872,10 +1099,22 @@ mod x86 {
     ) -> (Vec<f32>, Vec<f32>) {
         let mut u = Unpacked::new(x.k);
         unpack_row(t, row, &mut u, true);
-        let mut direct = Avx512::row32::<1>(t, row, x, first).to_vec();
-        direct.extend(Avx512::row32::<4>(t, row, x, first));
-        let mut unpacked = Avx512::blocks::<1>(&u, x, first).to_vec();
-        unpacked.extend(Avx512::blocks::<4>(&u, x, first));
+        type Build = Avx512<false>;
+        let quads = !x.q8.is_empty() && reads_as_stored8(t);
+        let (mut direct, mut unpacked) = if !quads {
+            let direct = Build::row32::<1>(t, row, x, first).to_vec();
+            (direct, Build::blocks::<1>(&u, x, first).to_vec())
+        } else {
+            let direct = Build::row8::<1>(t, row, x, first).to_vec();
+            (direct, Build::blocks8::<1>(&u, x, first).to_vec())
+        };
+        if !quads {
+            direct.extend(Build::row32::<4>(t, row, x, first));
+            unpacked.extend(Build::blocks::<4>(&u, x, first));
+        } else {
+            direct.extend(Build::row8::<4>(t, row, x, first));
+            unpacked.extend(Build::blocks8::<4>(&u, x, first));
+        }
         (direct, unpacked)
     }
 
@@ -889,7 +1128,20 @@ mod x86 {
         first_row: usize,
         out: &mut [f32],
     ) {
-        task::<Avx512>(w, x, xf, m, k, first_row, out)
+        task::<Avx512<false>>(w, x, xf, m, k, first_row, out)
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c,bmi2")]
+    pub(super) unsafe fn task_avx512_vnni(
+        w: Rows<'_>,
+        x: &Quantized,
+        xf: &[f32],
+        m: usize,
+        k: usize,
+        first_row: usize,
+        out: &mut [f32],
+    ) {
+        task::<Avx512<true>>(w, x, xf, m, k, first_row, out)
     }
 }
 
@@ -944,11 +1196,14 @@ pub(crate) fn matmul_with(
         Rows::Blocks(..) => quantize(x, k, levels),
         _ => Quantized {
             q: Vec::new(),
+            q8: Vec::new(),
             d: Vec::new(),
             sums: Vec::new(),
             k,
         },
     };
+    // 8-bit activations take `vpdpbusd` where the CPU has it.
+    let vnni = !xq.q8.is_empty() && has_vnni();
     let mut transposed = vec![0f32; n * m];
     // Enough rows per task to amortise scheduling, enough tasks to balance.
     let per_task = (n / (rayon::current_num_threads() * 8)).clamp(4, 256);
@@ -959,7 +1214,13 @@ pub(crate) fn matmul_with(
             let first = t * per_task;
             match isa {
                 #[cfg(target_arch = "x86_64")]
-                // SAFETY: `isa` names a build the CPU runs (Isa::detect).
+                // SAFETY: `isa` names a build the CPU runs (Isa::detect),
+                // and the CPU has AVX512-VNNI (has_vnni).
+                Isa::Avx512 if vnni => unsafe {
+                    x86::task_avx512_vnni(w, &xq, x, m, k, first, out)
+                },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `isa` names a build the CPU runs.
                 Isa::Avx512 => unsafe { x86::task_avx512(w, &xq, x, m, k, first, out) },
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: as above.
@@ -969,6 +1230,18 @@ pub(crate) fn matmul_with(
             }
         });
     transpose(transposed, m, n)
+}
+
+/// Whether the CPU has AVX512-VNNI (8-bit products of 4 in one step).
+fn has_vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx512vnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }
 
 /// The float32 values of `n` rows of `k` weights.
@@ -1214,13 +1487,21 @@ mod tests {
         let (k, n) = (256, 19);
         let x = values(300 * k, 4);
         let blocks = random_blocks(BlockType::Q4K, n, k, 3);
+        let stored = random_blocks(BlockType::Q5_0, n, k, 5);
         let half: Vec<u16> = values(n * k, 6).iter().map(|&v| to_f16(v)).collect();
-        for w in [Rows::Blocks(BlockType::Q4K, &blocks), Rows::F16(&half)] {
+        // 16-bit and 8-bit activations; Q4_K rows unpacked and Q5_0 rows
+        // read as stored with 8-bit ones.
+        for (w, levels) in [
+            (Rows::Blocks(BlockType::Q4K, &blocks), i16::MAX),
+            (Rows::Blocks(BlockType::Q4K, &blocks), 127),
+            (Rows::Blocks(BlockType::Q5_0, &stored), 127),
+            (Rows::F16(&half), i16::MAX),
+        ] {
             let mut widened = Vec::new();
             for isa in Isa::available() {
                 // Below WIDENED_ROWS rows against 7, from there on against 300.
-                let few = matmul_with(isa, w, &x[..7 * k], 7, k, n, i16::MAX);
-                let many = matmul_with(isa, w, &x, 300, k, n, i16::MAX);
+                let few = matmul_with(isa, w, &x[..7 * k], 7, k, n, levels);
+                let many = matmul_with(isa, w, &x, 300, k, n, levels);
                 let cases = [
                     (0, 1),
                     (3, 1),
@@ -1247,12 +1528,12 @@ mod tests {
                         count,
                         k,
                         n,
-                        i16::MAX,
+                        levels,
                     );
                     assert_eq!(
                         some,
                         whole[from * n..(from + count) * n],
-                        "{isa:?}: {count} rows from {from}"
+                        "{isa:?} {levels}: {count} rows from {from}"
                     );
                 }
                 widened.push(many);
@@ -1281,7 +1562,10 @@ mod timing {
             None => panic!("REFT_KERNEL_SHAPE is n,k"),
         };
         let x: Vec<f32> = (0..128 * k).map(|i| ((i * 7) % 13) as f32 - 6.0).collect();
-        println!("kernels: {}", Isa::detect().name());
+        // REFT_KERNEL_LEVELS=127 times the 8-bit activations' products.
+        let levels: i16 =
+            std::env::var("REFT_KERNEL_LEVELS").map_or(i16::MAX, |v| v.parse().unwrap());
+        println!("kernels: {}, levels {levels}", Isa::detect().name());
         for t in BLOCK_TYPES {
             let data: Vec<u8> = (0..n * t.row_bytes(k))
                 .map(|i| (i * 31 % 251) as u8 & 0x3b)
@@ -1321,7 +1605,7 @@ mod timing {
                         m,
                         k,
                         n,
-                        i16::MAX,
+                        levels,
                     ));
                 }
                 let s = start.elapsed().as_secs_f64() / reps as f64;
