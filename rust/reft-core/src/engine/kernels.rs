@@ -315,7 +315,7 @@ const PREFETCH_ROWS: usize = 8;
 /// Asks for the first `bytes` of `data` (as far as it goes) to be brought
 /// into the cache.
 #[inline(always)]
-fn prefetch(data: &[u8], bytes: usize) {
+pub(crate) fn prefetch(data: &[u8], bytes: usize) {
     #[cfg(target_arch = "x86_64")]
     for at in (0..bytes.min(data.len())).step_by(64) {
         // SAFETY: a prefetch of an address inside `data`; it reads nothing.
@@ -475,6 +475,7 @@ fn half_value(h: u16, bf16: bool) -> f32 {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::*;
+    use quant::x86::{block32, chunk_k, Q4K, Q4_0, Q4_1, Q5K, Q5_0, Q5_1, Q6K, Q8_0};
     use std::arch::x86_64::*;
 
     #[inline(always)]
@@ -695,79 +696,6 @@ mod x86 {
         }
     }
 
-    /// One 32-weight block as stored: its weights as unsigned bytes, its
-    /// scale and offset, and the layout's center (as `unpack_row` gives them).
-    #[inline(always)]
-    unsafe fn block32<const L: u8>(block: *const u8) -> (__m256i, f32, f32, i16) {
-        let half = |at: usize| -> f32 {
-            let bits = u16::from_le_bytes([*block.add(at), *block.add(at + 1)]);
-            _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
-        };
-        let part = |at: usize| block.add(at);
-        let nibbles = |at: usize| quant::x86::nibbles_of(&*(part(at) as *const [u8; 16]));
-        let fifth = |at: usize| quant::x86::fifth_bits_of(&*(part(at) as *const [u8; 4]));
-        match L {
-            Q4_0 => (nibbles(2), half(0), 0.0, 8),
-            Q4_1 => (nibbles(4), half(0), half(2), 0),
-            Q5_0 => (_mm256_or_si256(nibbles(6), fifth(2)), half(0), 0.0, 16),
-            Q5_1 => (_mm256_or_si256(nibbles(8), fifth(4)), half(0), half(2), 0),
-            _ => (
-                _mm256_xor_si256(
-                    _mm256_loadu_si256(block.add(2) as *const __m256i),
-                    _mm256_set1_epi8(-128),
-                ),
-                half(0),
-                0.0,
-                128,
-            ),
-        }
-    }
-
-    /// Weights `32 j .. 32 j + 32` of a `Q4_K`, `Q5_K` or `Q6_K` block as
-    /// stored, as unsigned bytes (what `unpack_row` writes there).
-    #[inline(always)]
-    unsafe fn chunk_k<const L: u8>(block: *const u8, j: usize) -> __m256i {
-        let low = _mm256_set1_epi8(0x0f);
-        let load = |at: usize| _mm256_loadu_si256(block.add(at) as *const __m256i);
-        // Each byte shifted right by `by`, `mask` keeping its own bits.
-        let shifted = |v: __m256i, by: i32, mask: __m256i| {
-            _mm256_and_si256(_mm256_srl_epi16(v, _mm_cvtsi32_si128(by)), mask)
-        };
-        match L {
-            Q4K | Q5K => {
-                let qs = if L == Q4K { 16 } else { 48 };
-                let v = load(qs + 32 * (j / 2));
-                let q = if j.is_multiple_of(2) {
-                    _mm256_and_si256(v, low)
-                } else {
-                    shifted(v, 4, low)
-                };
-                if L == Q4K {
-                    q
-                } else {
-                    // Bit j of byte e of the 32 high bits, as bit 4 of weight e.
-                    let high = shifted(load(16), j as i32, _mm256_set1_epi8(1));
-                    _mm256_or_si256(q, _mm256_slli_epi16(high, 4))
-                }
-            }
-            _ => {
-                let (h, jj) = (j / 4, j % 4);
-                let v = load(64 * h + 32 * (jj % 2));
-                let q = if jj < 2 {
-                    _mm256_and_si256(v, low)
-                } else {
-                    shifted(v, 4, low)
-                };
-                let high = shifted(load(128 + 32 * h), 2 * jj as i32, _mm256_set1_epi8(3));
-                _mm256_or_si256(q, _mm256_slli_epi16(high, 4))
-            }
-        }
-    }
-
-    const Q4K: u8 = 5;
-    const Q5K: u8 = 6;
-    const Q6K: u8 = 7;
-
     /// [`Dots::row32`] of the AVX-512 build for K-quant layout `L`: the
     /// operations of `blocks` on the unpacked row, in its order.
     #[inline(always)]
@@ -856,13 +784,6 @@ mod x86 {
         }
         out
     }
-
-    // The 32-weight layouts, as constants for `block32`.
-    const Q4_0: u8 = 0;
-    const Q4_1: u8 = 1;
-    const Q5_0: u8 = 2;
-    const Q5_1: u8 = 3;
-    const Q8_0: u8 = 4;
 
     /// [`Dots::row32`] of the AVX-512 build for layout `L`.
     #[inline(always)]
@@ -1368,9 +1289,13 @@ mod tests {
                 let data = random_blocks(t, n, k, 9);
                 let w = dequantize(Rows::Blocks(t, &data), n, k);
                 let want = plain(&w, &x, m, k, n);
+                let mut widened = Vec::new();
                 for isa in Isa::available() {
                     for levels in [i16::MAX, 127] {
                         let got = matmul_with(isa, Rows::Blocks(t, &data), &x, m, k, n, levels);
+                        if m >= WIDENED_ROWS {
+                            widened.push((levels, got.clone()));
+                        }
                         for i in 0..m {
                             for j in 0..n {
                                 let bound: f64 = (0..k)
@@ -1390,6 +1315,16 @@ mod tests {
                             }
                         }
                     }
+                }
+                // Widened products (rows unpacked, or widened straight from
+                // the blocks as stored): the same bits from every build.
+                for levels in [i16::MAX, 127] {
+                    let bits: Vec<_> = widened.iter().filter(|(l, _)| *l == levels).collect();
+                    assert!(
+                        bits.windows(2).all(|p| p[0].1 == p[1].1),
+                        "{} m={m}",
+                        t.name()
+                    );
                 }
             }
         }
@@ -1595,8 +1530,15 @@ mod timing {
                 let ns = start.elapsed().as_secs_f64() / (n * k) as f64 * 1e9;
                 line += &format!(" unpack (simd {simd}) {ns:.3} ns/w;");
             }
-            for m in [1, 4, 32, 128] {
-                let reps = (400_000_000 / (m * n * k)).max(5);
+            // REFT_KERNEL_M=4,16 picks the activation rows.
+            let rows: Vec<usize> =
+                std::env::var("REFT_KERNEL_M").map_or(vec![1, 4, 16, 32, 64], |v| {
+                    v.split(',')
+                        .map(|m| m.parse().expect("REFT_KERNEL_M lists row counts"))
+                        .collect()
+                });
+            for m in rows {
+                let reps = (4_000_000_000 / (m * n * k)).max(5);
                 let start = std::time::Instant::now();
                 for _ in 0..reps {
                     std::hint::black_box(matmul(

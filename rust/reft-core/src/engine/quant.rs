@@ -629,6 +629,86 @@ pub(crate) mod x86 {
     pub(super) unsafe fn flip_signs(qs: &[u8; 32], q: &mut [u8; 32]) {
         store(q, 0, _mm256_xor_si256(load(qs, 0), _mm256_set1_epi8(-128)));
     }
+
+    // The 32-weight layouts, as constants for `block32`.
+    pub(crate) const Q4_0: u8 = 0;
+    pub(crate) const Q4_1: u8 = 1;
+    pub(crate) const Q5_0: u8 = 2;
+    pub(crate) const Q5_1: u8 = 3;
+    pub(crate) const Q8_0: u8 = 4;
+
+    /// One 32-weight block as stored: its weights as unsigned bytes, its
+    /// scale and offset, and the layout's center (as `unpack_row` gives them).
+    #[inline(always)]
+    pub(crate) unsafe fn block32<const L: u8>(block: *const u8) -> (__m256i, f32, f32, i16) {
+        let half = |at: usize| -> f32 {
+            let bits = u16::from_le_bytes([*block.add(at), *block.add(at + 1)]);
+            _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+        };
+        let part = |at: usize| block.add(at);
+        let nibbles = |at: usize| nibbles_of(&*(part(at) as *const [u8; 16]));
+        let fifth = |at: usize| fifth_bits_of(&*(part(at) as *const [u8; 4]));
+        match L {
+            Q4_0 => (nibbles(2), half(0), 0.0, 8),
+            Q4_1 => (nibbles(4), half(0), half(2), 0),
+            Q5_0 => (_mm256_or_si256(nibbles(6), fifth(2)), half(0), 0.0, 16),
+            Q5_1 => (_mm256_or_si256(nibbles(8), fifth(4)), half(0), half(2), 0),
+            _ => (
+                _mm256_xor_si256(
+                    _mm256_loadu_si256(block.add(2) as *const __m256i),
+                    _mm256_set1_epi8(-128),
+                ),
+                half(0),
+                0.0,
+                128,
+            ),
+        }
+    }
+
+    /// Weights `32 j .. 32 j + 32` of a `Q4_K`, `Q5_K` or `Q6_K` block as
+    /// stored, as unsigned bytes (what `unpack_row` writes there).
+    #[inline(always)]
+    pub(crate) unsafe fn chunk_k<const L: u8>(block: *const u8, j: usize) -> __m256i {
+        let low = _mm256_set1_epi8(0x0f);
+        let load = |at: usize| _mm256_loadu_si256(block.add(at) as *const __m256i);
+        // Each byte shifted right by `by`, `mask` keeping its own bits.
+        let shifted = |v: __m256i, by: i32, mask: __m256i| {
+            _mm256_and_si256(_mm256_srl_epi16(v, _mm_cvtsi32_si128(by)), mask)
+        };
+        match L {
+            Q4K | Q5K => {
+                let qs = if L == Q4K { 16 } else { 48 };
+                let v = load(qs + 32 * (j / 2));
+                let q = if j.is_multiple_of(2) {
+                    _mm256_and_si256(v, low)
+                } else {
+                    shifted(v, 4, low)
+                };
+                if L == Q4K {
+                    q
+                } else {
+                    // Bit j of byte e of the 32 high bits, as bit 4 of weight e.
+                    let high = shifted(load(16), j as i32, _mm256_set1_epi8(1));
+                    _mm256_or_si256(q, _mm256_slli_epi16(high, 4))
+                }
+            }
+            _ => {
+                let (h, jj) = (j / 4, j % 4);
+                let v = load(64 * h + 32 * (jj % 2));
+                let q = if jj < 2 {
+                    _mm256_and_si256(v, low)
+                } else {
+                    shifted(v, 4, low)
+                };
+                let high = shifted(load(128 + 32 * h), 2 * jj as i32, _mm256_set1_epi8(3));
+                _mm256_or_si256(q, _mm256_slli_epi16(high, 4))
+            }
+        }
+    }
+
+    pub(crate) const Q4K: u8 = 5;
+    pub(crate) const Q5K: u8 = 6;
+    pub(crate) const Q6K: u8 = 7;
 }
 
 /// The 16 scales and offsets of a `Q4_K`, `Q5_K` or `Q6_K` block (what

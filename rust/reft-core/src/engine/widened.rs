@@ -6,8 +6,11 @@
 //! call): a register tile holds `P` weight rows × 32 activation rows, and
 //! each step along `k` broadcasts one weight of each row against two
 //! vectors of 16 activation rows (outer products, as general matrix
-//! products are made; no sums across lanes). The weights are unpacked once
-//! per call and the products are float products with the values the blocks
+//! products are made; no sums across lanes). The weights are widened once
+//! per call (the AVX-512 build straight from the blocks as stored for the
+//! layouts the few-rows products read that way, a group of 16 weights to
+//! one run of the panel; the others through `unpack_row`), with the next
+//! panel's rows prefetched, and the products are float products with the values the blocks
 //! stand for (no rounding of the activations: the caller rounds them first
 //! for llama.cpp's arithmetic). Each task writes the columns of its own
 //! weight rows straight into the `[m][n]` product.
@@ -19,7 +22,7 @@
 
 use rayon::prelude::*;
 
-use super::kernels::{Isa, Rows};
+use super::kernels::{prefetch, Isa, Rows};
 use super::quant::{unpack_row, Unpacked, GROUP};
 
 /// Weight rows per tile.
@@ -29,9 +32,10 @@ const LANES: usize = 16;
 /// Activation rows per block (a multiple of 2 · [`LANES`]).
 const BLOCK_ROWS: usize = 128;
 
-/// Steps along `k` per chunk of a widened panel (the tiles' loops are
-/// written out for 4).
-const STEP: usize = 4;
+/// Steps along `k` per chunk of a widened panel: one group of weights
+/// ([`GROUP`], a scale each), so that a group widens into one run of the
+/// panel (the tiles' loops are written out for 16).
+const STEP: usize = GROUP;
 
 /// Where weight `t` of row `b` of a widened panel lies: the panel holds
 /// chunks of [`STEP`] steps, each the `P` rows' weights side by side
@@ -58,6 +62,14 @@ unsafe fn widen<T: Tile>(
     out: &mut [f32],
     simd: bool,
 ) {
+    if let Rows::Blocks(t, data) = w {
+        // The same row of the next panel on its way to the cache.
+        let bytes = t.row_bytes(k);
+        prefetch(&data[((n + P) * bytes).min(data.len())..], bytes);
+    }
+    if T::stored(w, n, k, b, out) {
+        return;
+    }
     match w {
         Rows::Blocks(t, data) => {
             let bytes = t.row_bytes(k);
@@ -65,18 +77,11 @@ unsafe fn widen<T: Tile>(
             let center = unpacked.center as f32;
             for (g, q) in unpacked.q.chunks_exact(GROUP).enumerate() {
                 let q: &[u8; GROUP] = q.try_into().expect("a group");
-                let mut values = [0f32; GROUP];
-                T::group(
-                    q,
-                    unpacked.scale[g],
-                    unpacked.offset[g],
-                    center,
-                    &mut values,
-                );
-                for (c, part) in values.chunks_exact(STEP).enumerate() {
-                    let first = at(b, g * GROUP + c * STEP);
-                    out[first..first + STEP].copy_from_slice(part);
-                }
+                let first = at(b, g * GROUP);
+                let run: &mut [f32; GROUP] = (&mut out[first..first + GROUP])
+                    .try_into()
+                    .expect("a group's run");
+                T::group(q, unpacked.scale[g], unpacked.offset[g], center, run);
             }
         }
         Rows::F16(h) | Rows::Bf16(h) => {
@@ -123,6 +128,18 @@ macro_rules! along_k {
             $step!(1);
             $step!(2);
             $step!(3);
+            $step!(4);
+            $step!(5);
+            $step!(6);
+            $step!(7);
+            $step!(8);
+            $step!(9);
+            $step!(10);
+            $step!(11);
+            $step!(12);
+            $step!(13);
+            $step!(14);
+            $step!(15);
             $wp = $wp.add(P * STEP);
             $xr = $xr.add(STEP * $mp);
         }
@@ -143,6 +160,14 @@ trait Tile {
         for j in 0..GROUP {
             out[j] = scale * (q[j] as f32 - center) + offset;
         }
+    }
+
+    /// Widens row `n` of `w` into row `b` of the panel straight from its
+    /// blocks as stored, with the values [`Tile::group`] gives from the
+    /// unpacked row, where the build can; false where it cannot.
+    #[inline(always)]
+    unsafe fn stored(_w: Rows<'_>, _n: usize, _k: usize, _b: usize, _out: &mut [f32]) -> bool {
+        false
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -231,11 +256,90 @@ impl Tile for Portable {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::*;
+    use crate::engine::quant::x86::{
+        block32, chunk_k, Q4K, Q4_0, Q4_1, Q5K, Q5_0, Q5_1, Q6K, Q8_0,
+    };
+    use crate::engine::quant::{superblock_scales, BlockType};
     use std::arch::x86_64::*;
 
     pub(super) struct Avx512;
 
+    /// 16 weights as unsigned bytes widened as [`Tile::group`] widens them
+    /// (`scale · (q − center) + offset`, a product then a sum), into `out`.
+    #[inline(always)]
+    unsafe fn group16(q: __m128i, scale: __m512, offset: __m512, center: __m512, out: *mut f32) {
+        let v = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q)), center);
+        _mm512_storeu_ps(out, _mm512_add_ps(_mm512_mul_ps(v, scale), offset));
+    }
+
+    /// A row of 32-weight blocks of layout `L` (`bytes` each) widened.
+    #[inline(always)]
+    unsafe fn stored32<const L: u8>(row: &[u8], bytes: usize, k: usize, b: usize, out: &mut [f32]) {
+        debug_assert!(row.len() == k / 32 * bytes && out.len() >= panel_len(k));
+        let out = out.as_mut_ptr();
+        for blk in 0..k / 32 {
+            let (q, d, offset, center) = block32::<L>(row.as_ptr().add(blk * bytes));
+            let (s, o) = (_mm512_set1_ps(d), _mm512_set1_ps(offset));
+            let c = _mm512_set1_ps(center as f32);
+            group16(_mm256_castsi256_si128(q), s, o, c, out.add(at(b, 32 * blk)));
+            group16(
+                _mm256_extracti128_si256(q, 1),
+                s,
+                o,
+                c,
+                out.add(at(b, 32 * blk + 16)),
+            );
+        }
+    }
+
+    /// A row of `Q4_K`, `Q5_K` or `Q6_K` blocks (layout `L`) widened.
+    #[inline(always)]
+    unsafe fn stored_k<const L: u8>(t: BlockType, row: &[u8], k: usize, b: usize, out: &mut [f32]) {
+        let bytes = t.bytes();
+        debug_assert!(row.len() == k / 256 * bytes && out.len() >= panel_len(k));
+        let out = out.as_mut_ptr();
+        let c = _mm512_set1_ps(if L == Q6K { 32.0 } else { 0.0 });
+        let (mut scale, mut offset) = ([0f32; 16], [0f32; 16]);
+        for sb in 0..k / 256 {
+            let block = &row[sb * bytes..(sb + 1) * bytes];
+            superblock_scales(t, block, &mut scale, &mut offset, true);
+            for j in 0..8 {
+                let q = chunk_k::<L>(block.as_ptr(), j);
+                for (h, half) in [_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1)]
+                    .into_iter()
+                    .enumerate()
+                {
+                    let g = 2 * j + h;
+                    let (s, o) = (_mm512_set1_ps(scale[g]), _mm512_set1_ps(offset[g]));
+                    group16(half, s, o, c, out.add(at(b, 256 * sb + 16 * g)));
+                }
+            }
+        }
+    }
+
     impl Tile for Avx512 {
+        #[inline(always)]
+        unsafe fn stored(w: Rows<'_>, n: usize, k: usize, b: usize, out: &mut [f32]) -> bool {
+            let Rows::Blocks(t, data) = w else {
+                return false;
+            };
+            let bytes = t.row_bytes(k);
+            let row = &data[n * bytes..(n + 1) * bytes];
+            let block = t.bytes();
+            match t {
+                BlockType::Q4_0 => stored32::<Q4_0>(row, block, k, b, out),
+                BlockType::Q4_1 => stored32::<Q4_1>(row, block, k, b, out),
+                BlockType::Q5_0 => stored32::<Q5_0>(row, block, k, b, out),
+                BlockType::Q5_1 => stored32::<Q5_1>(row, block, k, b, out),
+                BlockType::Q8_0 => stored32::<Q8_0>(row, block, k, b, out),
+                BlockType::Q4K => stored_k::<Q4K>(t, row, k, b, out),
+                BlockType::Q5K => stored_k::<Q5K>(t, row, k, b, out),
+                BlockType::Q6K => stored_k::<Q6K>(t, row, k, b, out),
+                _ => return false,
+            }
+            true
+        }
+
         #[inline(always)]
         unsafe fn tile8(
             xt: &[f32],
