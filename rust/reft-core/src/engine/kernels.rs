@@ -243,9 +243,9 @@ trait Dots {
     unsafe fn blocks<const C: usize>(u: &Unpacked, x: &Quantized, first: usize) -> [f32; C];
     /// [`Dots::blocks`] with 8-bit activations (`x.q8`): in every build,
     /// lane l of block b is the integer sum of weights `32 b + 4 l .. + 4`
-    /// times their activations; it meets its group's scale (group
-    /// `2 b + l / 4`) times the block's activation scale in float, into
-    /// accumulator `b % 2` (8 lanes each); a row's result is [`lanes8`] of
+    /// times their activations; in float it is multiplied by the block's
+    /// activation scale, then multiply-added with its group's scale (group
+    /// `2 b + l / 4`) into accumulator `b % 2` (8 lanes each); a row's result is [`lanes8`] of
     /// its accumulators plus its offsets. Four products per integer lane is
     /// what `vpdpbusd` computes.
     unsafe fn blocks8<const C: usize>(u: &Unpacked, x: &Quantized, first: usize) -> [f32; C];
@@ -408,8 +408,8 @@ impl Dots for Portable {
                     let dot: i32 = (at..at + 4)
                         .map(|i| (u.q[i] as i32 - u.center as i32) * xq[i] as i32)
                         .sum();
-                    let scale = u.scale[2 * b + l / 4] * xd[b];
-                    acc[b % 2][l] = (dot as f32).mul_add(scale, acc[b % 2][l]);
+                    let scale = u.scale[2 * b + l / 4];
+                    acc[b % 2][l] = (dot as f32 * xd[b]).mul_add(scale, acc[b % 2][l]);
                 }
             }
             let sums = &x.sums[row * k / GROUP..(row + 1) * k / GROUP];
@@ -434,7 +434,7 @@ impl Dots for Portable {
                     .zip(&xq[span])
                     .map(|(&w, &v)| (w as i32 - u.center as i32) * v as i32)
                     .sum();
-                acc[g & 1] = (u.scale[g] * xd[g / 2]).mul_add(isum as f32, acc[g & 1]);
+                acc[g & 1] = (isum as f32 * xd[g / 2]).mul_add(u.scale[g], acc[g & 1]);
             }
             let sums = &x.sums[row * k / GROUP..(row + 1) * k / GROUP];
             *o = (acc[0] + acc[1]) + offsets(u, sums);
@@ -560,8 +560,11 @@ mod x86 {
                             _mm256_set1_epi16(1),
                         )
                     };
-                    let scale = _mm256_mul_ps(s, _mm256_set1_ps(*xd.add(c * k / BLOCK + b)));
-                    acc[c][$lane] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[c][$lane]);
+                    let dx = _mm256_mul_ps(
+                        _mm256_cvtepi32_ps(dot),
+                        _mm256_set1_ps(*xd.add(c * k / BLOCK + b)),
+                    );
+                    acc[c][$lane] = _mm256_fmadd_ps(dx, s, acc[c][$lane]);
                 }
             }};
         }
@@ -629,12 +632,12 @@ mod x86 {
                         )),
                         center,
                     );
-                    let s = *u.scale.get_unchecked(g);
+                    let s = _mm256_set1_ps(*u.scale.get_unchecked(g));
                     for c in 0..C {
                         let xv = _mm256_loadu_si256(qx.add(c * k + g * GROUP) as *const __m256i);
                         let p = _mm256_cvtepi32_ps(_mm256_madd_epi16(w, xv));
-                        let sd = _mm256_set1_ps(s * *xd.add(c * k / BLOCK + g / 2));
-                        acc[c][$lane] = _mm256_fmadd_ps(p, sd, acc[c][$lane]);
+                        let px = _mm256_mul_ps(p, _mm256_set1_ps(*xd.add(c * k / BLOCK + g / 2)));
+                        acc[c][$lane] = _mm256_fmadd_ps(px, s, acc[c][$lane]);
                     }
                 }};
             }
@@ -737,8 +740,8 @@ mod x86 {
                 for c in 0..C {
                     let xv = _mm512_loadu_si512(qx.add(c * k + b * BLOCK) as *const __m512i);
                     let p = _mm512_cvtepi32_ps(_mm512_madd_epi16(w, xv));
-                    let sd = _mm512_mul_ps(s, _mm512_set1_ps(*xd.add(c * k / BLOCK + b)));
-                    acc[c][$lane] = _mm512_fmadd_ps(p, sd, acc[c][$lane]);
+                    let px = _mm512_mul_ps(p, _mm512_set1_ps(*xd.add(c * k / BLOCK + b)));
+                    acc[c][$lane] = _mm512_fmadd_ps(px, s, acc[c][$lane]);
                     if center == 0 {
                         let (g, at) = (2 * b, $at);
                         spread[c][at] =
@@ -826,8 +829,8 @@ mod x86 {
                 for c in 0..C {
                     let xv = _mm512_loadu_si512(qx.add(c * k + b * BLOCK) as *const __m512i);
                     let p = _mm512_cvtepi32_ps(_mm512_madd_epi16(w, xv));
-                    let sd = _mm512_mul_ps(s, _mm512_set1_ps(*xd.add(c * k / BLOCK + b)));
-                    acc[c][$lane] = _mm512_fmadd_ps(p, sd, acc[c][$lane]);
+                    let px = _mm512_mul_ps(p, _mm512_set1_ps(*xd.add(c * k / BLOCK + b)));
+                    acc[c][$lane] = _mm512_fmadd_ps(px, s, acc[c][$lane]);
                     if center == 0 {
                         let at = $at;
                         spread[c][at] =
@@ -928,8 +931,11 @@ mod x86 {
                     for c in 0..C {
                         let xv = _mm512_loadu_si512(qx.add(c * k + b * BLOCK) as *const __m512i);
                         let p = _mm512_cvtepi32_ps(_mm512_madd_epi16(w, xv));
-                        let sd = _mm512_mul_ps(s, _mm512_set1_ps(*xd.add(c * k / BLOCK + b)));
-                        acc[c][$lane] = _mm512_fmadd_ps(p, sd, acc[c][$lane]);
+                        // The activation scale first, broadcast from memory
+                        // into the product; the weight scale, shared by the
+                        // rows, in the multiply-add.
+                        let px = _mm512_mul_ps(p, _mm512_set1_ps(*xd.add(c * k / BLOCK + b)));
+                        acc[c][$lane] = _mm512_fmadd_ps(px, s, acc[c][$lane]);
                     }
                 }};
             }
