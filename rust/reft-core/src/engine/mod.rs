@@ -294,12 +294,20 @@ impl Engine {
 
     /// Runs `work` on the engine's threads: its own pool, rayon's global
     /// pool, or, in a process forked from the one that used those, a pool
-    /// built for this process on first use.
+    /// built for this process on first use; on one of the pool's workers,
+    /// with the others waiting for its jobs awake
+    /// ([`crate::parallel::with_waiting_workers`]).
     fn run<T: Send>(&self, work: impl FnOnce() -> Result<T> + Send) -> Result<T> {
         let pid = std::process::id();
         match &self.pool {
-            Some(pool) if pid == self.created_by => return pool.install(work),
-            None if crate::parallel::parallelism_available() => return work(),
+            Some(pool) if pid == self.created_by => {
+                return pool.install(|| crate::parallel::with_waiting_workers(work))
+            }
+            // On one of the global pool's workers, so that the others can
+            // wait for its jobs (`with_waiting_workers`).
+            None if crate::parallel::parallelism_available() => {
+                return rayon::scope(|_| crate::parallel::with_waiting_workers(work))
+            }
             _ => {}
         }
         let pool = {
@@ -320,7 +328,7 @@ impl Engine {
                 }
             }
         };
-        pool.install(work)
+        pool.install(|| crate::parallel::with_waiting_workers(work))
     }
 
     /// The model's architecture settings.
