@@ -120,20 +120,33 @@ impl Activation {
             _ => Activation::GeluTanh, // gelu_new, gelu_pytorch_tanh
         }
     }
+    /// The activation of one value where it is written with `exp` alone:
+    /// SiLU `x / (1 + e^-x)`, ReLU, and the tanh form of GELU, since
+    /// `0.5 x (1 + tanh u) = x / (1 + e^-2u)` with `u = √(2/π) (x + 0.044715 x³)`.
+    /// The erf form of GELU has none.
+    fn of_value(self) -> Option<fn(f32) -> f32> {
+        match self {
+            Activation::Silu => Some(|g| g / (1.0 + (-g).exp())),
+            Activation::Relu => Some(|g| g.max(0.0)),
+            Activation::GeluTanh => Some(|g| {
+                const SQRT_TWO_OVER_PI: f32 = 0.797_884_6;
+                let u = SQRT_TWO_OVER_PI * g * (1.0 + 0.044_715 * g * g);
+                g / (1.0 + (-2.0 * u).exp())
+            }),
+            Activation::GeluErf => None,
+        }
+    }
+
     /// `act(gate) * up` for rows holding `[gate | up]` side by side, each
     /// `width` values.
     fn gated(self, gate_up: &[f32], width: usize) -> Result<Vec<f32>> {
         let rows = gate_up.len() / (2 * width).max(1);
-        if let Activation::Silu | Activation::Relu = self {
+        if let Some(act) = self.of_value() {
             let mut out = vec![0f32; rows * width];
             let row = |(row, out): (&[f32], &mut [f32])| {
                 let (gate, up) = row.split_at(width);
                 for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
-                    let a = match self {
-                        Activation::Silu => g / (1.0 + (-g).exp()),
-                        _ => g.max(0.0),
-                    };
-                    *o = a * u;
+                    *o = act(g) * u;
                 }
             };
             if out.len() >= PARALLEL_VALUES {
@@ -157,12 +170,19 @@ impl Activation {
     }
 
     fn apply(self, x: &Tensor) -> Result<Tensor> {
-        Ok(match self {
-            Activation::Silu => x.silu()?,
-            Activation::GeluTanh => x.gelu()?,
-            Activation::GeluErf => x.gelu_erf()?,
-            Activation::Relu => x.relu()?,
-        })
+        if let Some(act) = self.of_value() {
+            let mut values = x.flatten_all()?.to_vec1::<f32>()?;
+            if values.len() >= PARALLEL_VALUES {
+                use rayon::prelude::*;
+                values
+                    .par_chunks_mut(4096)
+                    .for_each(|c| c.iter_mut().for_each(|v| *v = act(*v)));
+            } else {
+                values.iter_mut().for_each(|v| *v = act(*v));
+            }
+            return Ok(Tensor::from_vec(values, x.shape(), &Device::Cpu)?);
+        }
+        Ok(x.gelu_erf()?)
     }
 }
 
@@ -1005,5 +1025,59 @@ pub(crate) mod tests {
                 assert!((*got as f64 - want).abs() < 1e-5, "{got} against {want}");
             }
         }
+    }
+
+    #[test]
+    fn activations_of_one_value_match_their_textbook_formulas() {
+        let gelu_tanh = |x: f64| {
+            0.5 * x
+                * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh())
+        };
+        let silu = |x: f64| x / (1.0 + (-x).exp());
+        let cases: [(Activation, &dyn Fn(f64) -> f64); 3] = [
+            (Activation::GeluTanh, &gelu_tanh),
+            (Activation::Silu, &silu),
+            (Activation::Relu, &|x: f64| x.max(0.0)),
+        ];
+        let mut points: Vec<f32> = (-4000..=4000).map(|i| i as f32 / 100.0).collect();
+        points.extend([-1e4, -200.0, 200.0, 1e4, 1e-30, -1e-30]);
+        for (act, reference) in cases {
+            let f = act.of_value().expect("written with exp");
+            for &x in &points {
+                let (got, want) = (f(x) as f64, reference(x as f64));
+                assert!(got.is_finite(), "{act:?}({x}) = {got}");
+                assert!(
+                    (got - want).abs() <= 1e-6 * want.abs().max(1e-3),
+                    "{act:?}({x}) = {got} against {want}"
+                );
+            }
+        }
+        assert!(Activation::GeluErf.of_value().is_none());
+        let x = Tensor::from_vec(vec![-1.5f32, 0.0, 0.5, 2.0], (2, 2), &Device::Cpu).unwrap();
+        let erf = Activation::GeluErf
+            .apply(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        for (got, x) in erf.iter().zip([-1.5f64, 0.0, 0.5, 2.0]) {
+            let want = x * 0.5 * (1.0 + erf_series(x / std::f64::consts::SQRT_2));
+            assert!(
+                (*got as f64 - want).abs() < 1e-6,
+                "gelu_erf({x}) = {got} against {want}"
+            );
+        }
+    }
+
+    /// erf by its series (enough terms for |x| < 2).
+    fn erf_series(x: f64) -> f64 {
+        let mut term = x;
+        let mut sum = x;
+        for n in 1..60 {
+            term *= -x * x / n as f64;
+            sum += term / (2 * n + 1) as f64;
+        }
+        sum * 2.0 / std::f64::consts::PI.sqrt()
     }
 }
