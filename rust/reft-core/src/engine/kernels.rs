@@ -315,13 +315,13 @@ const PREFETCH_ROWS: usize = 8;
 /// Asks for the first `bytes` of `data` (as far as it goes) to be brought
 /// into the cache.
 #[inline(always)]
-pub(crate) fn prefetch(data: &[u8], bytes: usize) {
+pub(crate) fn prefetch<T>(data: &[T], bytes: usize) {
     #[cfg(target_arch = "x86_64")]
-    for at in (0..bytes.min(data.len())).step_by(64) {
+    for at in (0..bytes.min(std::mem::size_of_val(data))).step_by(64) {
         // SAFETY: a prefetch of an address inside `data`; it reads nothing.
         unsafe {
             std::arch::x86_64::_mm_prefetch(
-                data.as_ptr().add(at) as *const i8,
+                (data.as_ptr() as *const i8).add(at),
                 std::arch::x86_64::_MM_HINT_T0,
             )
         };
@@ -359,6 +359,9 @@ unsafe fn task<D: Dots>(
             if !direct {
                 unpack_row(t, row, &mut unpacked, D::SIMD);
             }
+        }
+        if let Rows::F16(h) | Rows::Bf16(h) = w {
+            prefetch(&h[((n + PREFETCH_ROWS) * k).min(h.len())..], 2 * k);
         }
         let mut i = 0;
         while i < m {
