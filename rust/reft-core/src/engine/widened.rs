@@ -67,6 +67,9 @@ unsafe fn widen<T: Tile>(
         let bytes = t.row_bytes(k);
         prefetch(&data[((n + P) * bytes).min(data.len())..], bytes);
     }
+    if let Rows::F16(h) | Rows::Bf16(h) = w {
+        prefetch(&h[((n + P) * k).min(h.len())..], 2 * k);
+    }
     if T::stored(w, n, k, b, out) {
         return;
     }
@@ -317,11 +320,33 @@ mod x86 {
         }
     }
 
+    /// A row of float16 or bfloat16 weights (a whole number of chunks)
+    /// widened, 16 to a store; the conversions are exact.
+    #[inline(always)]
+    unsafe fn stored_halves(row: &[u16], bf16: bool, b: usize, out: &mut [f32]) {
+        debug_assert!(row.len() % STEP == 0 && out.len() >= panel_len(row.len()));
+        let out = out.as_mut_ptr();
+        for (c, chunk) in row.chunks_exact(STEP).enumerate() {
+            let raw = _mm256_loadu_si256(chunk.as_ptr() as *const __m256i);
+            let wide = if bf16 {
+                _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16))
+            } else {
+                _mm512_cvtph_ps(raw)
+            };
+            _mm512_storeu_ps(out.add(at(b, c * STEP)), wide);
+        }
+    }
+
     impl Tile for Avx512 {
         #[inline(always)]
         unsafe fn stored(w: Rows<'_>, n: usize, k: usize, b: usize, out: &mut [f32]) -> bool {
-            let Rows::Blocks(t, data) = w else {
-                return false;
+            let (t, data) = match w {
+                Rows::Blocks(t, data) => (t, data),
+                Rows::F16(h) | Rows::Bf16(h) if k % STEP == 0 => {
+                    stored_halves(&h[n * k..(n + 1) * k], matches!(w, Rows::Bf16(_)), b, out);
+                    return true;
+                }
+                _ => return false,
             };
             let bytes = t.row_bytes(k);
             let row = &data[n * bytes..(n + 1) * bytes];
