@@ -324,7 +324,7 @@ mod x86 {
     /// widened, 16 to a store; the conversions are exact.
     #[inline(always)]
     unsafe fn stored_halves(row: &[u16], bf16: bool, b: usize, out: &mut [f32]) {
-        debug_assert!(row.len() % STEP == 0 && out.len() >= panel_len(row.len()));
+        debug_assert!(row.len().is_multiple_of(STEP) && out.len() >= panel_len(row.len()));
         let out = out.as_mut_ptr();
         for (c, chunk) in row.chunks_exact(STEP).enumerate() {
             let raw = _mm256_loadu_si256(chunk.as_ptr() as *const __m256i);
@@ -342,7 +342,7 @@ mod x86 {
         unsafe fn stored(w: Rows<'_>, n: usize, k: usize, b: usize, out: &mut [f32]) -> bool {
             let (t, data) = match w {
                 Rows::Blocks(t, data) => (t, data),
-                Rows::F16(h) | Rows::Bf16(h) if k % STEP == 0 => {
+                Rows::F16(h) | Rows::Bf16(h) if k.is_multiple_of(STEP) => {
                     stored_halves(&h[n * k..(n + 1) * k], matches!(w, Rows::Bf16(_)), b, out);
                     return true;
                 }
