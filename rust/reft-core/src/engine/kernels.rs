@@ -478,7 +478,9 @@ fn half_value(h: u16, bf16: bool) -> f32 {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::*;
-    use quant::x86::{block32, chunk_k, Q4K, Q4_0, Q4_1, Q5K, Q5_0, Q5_1, Q6K, Q8_0};
+    use quant::x86::{
+        block32, chunk_k, splat_half, splat_half512, Q4K, Q4_0, Q4_1, Q5K, Q5_0, Q5_1, Q6K, Q8_0,
+    };
     use std::arch::x86_64::*;
 
     #[inline(always)]
@@ -526,7 +528,7 @@ mod x86 {
             let (q, d, _, center) = block32::<L>(self.row.as_ptr().add(b * self.bytes));
             (
                 _mm256_sub_epi8(q, _mm256_set1_epi8(center as i8)),
-                _mm256_set1_ps(d),
+                splat_half(d),
             )
         }
     }
@@ -828,7 +830,7 @@ mod x86 {
                 let (q, d, offset, c0) = block32::<L>(row.as_ptr().add(b * bytes));
                 debug_assert_eq!(c0, center);
                 let w = _mm512_sub_epi16(_mm512_cvtepu8_epi16(q), _mm512_set1_epi16(center));
-                let s = _mm512_set1_ps(d);
+                let s = splat_half512(d);
                 for c in 0..C {
                     let xv = _mm512_loadu_si512(qx.add(c * k + b * BLOCK) as *const __m512i);
                     let p = _mm512_cvtepi32_ps(_mm512_madd_epi16(w, xv));
@@ -1511,7 +1513,12 @@ mod timing {
         let levels: i16 =
             std::env::var("REFT_KERNEL_LEVELS").map_or(i16::MAX, |v| v.parse().unwrap());
         println!("kernels: {}, levels {levels}", Isa::detect().name());
+        // REFT_KERNEL_TYPES=Q5_0,Q4_K picks the layouts.
+        let names = std::env::var("REFT_KERNEL_TYPES").unwrap_or_default();
         for t in BLOCK_TYPES {
+            if !names.is_empty() && !names.split(',').any(|name| name == t.name()) {
+                continue;
+            }
             let data: Vec<u8> = (0..n * t.row_bytes(k))
                 .map(|i| (i * 31 % 251) as u8 & 0x3b)
                 .collect();

@@ -637,32 +637,46 @@ pub(crate) mod x86 {
     pub(crate) const Q5_1: u8 = 3;
     pub(crate) const Q8_0: u8 = 4;
 
-    /// One 32-weight block as stored: its weights as unsigned bytes, its
-    /// scale and offset, and the layout's center (as `unpack_row` gives them).
+    /// One 32-weight block as stored: its weights as unsigned bytes, the
+    /// bits of its float16 scale (for [`splat_half`] or [`splat_half512`]),
+    /// its offset and the layout's center (as `unpack_row` gives them).
     #[inline(always)]
-    pub(crate) unsafe fn block32<const L: u8>(block: *const u8) -> (__m256i, f32, f32, i16) {
-        let half = |at: usize| -> f32 {
-            let bits = u16::from_le_bytes([*block.add(at), *block.add(at + 1)]);
-            _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
-        };
+    pub(crate) unsafe fn block32<const L: u8>(block: *const u8) -> (__m256i, u16, f32, i16) {
+        let bits = |at: usize| u16::from_le_bytes([*block.add(at), *block.add(at + 1)]);
+        let half = |at: usize| -> f32 { _mm256_cvtss_f32(splat_half(bits(at))) };
         let part = |at: usize| block.add(at);
         let nibbles = |at: usize| nibbles_of(&*(part(at) as *const [u8; 16]));
         let fifth = |at: usize| fifth_bits_of(&*(part(at) as *const [u8; 4]));
         match L {
-            Q4_0 => (nibbles(2), half(0), 0.0, 8),
-            Q4_1 => (nibbles(4), half(0), half(2), 0),
-            Q5_0 => (_mm256_or_si256(nibbles(6), fifth(2)), half(0), 0.0, 16),
-            Q5_1 => (_mm256_or_si256(nibbles(8), fifth(4)), half(0), half(2), 0),
+            Q4_0 => (nibbles(2), bits(0), 0.0, 8),
+            Q4_1 => (nibbles(4), bits(0), half(2), 0),
+            Q5_0 => (_mm256_or_si256(nibbles(6), fifth(2)), bits(0), 0.0, 16),
+            Q5_1 => (_mm256_or_si256(nibbles(8), fifth(4)), bits(0), half(2), 0),
             _ => (
                 _mm256_xor_si256(
                     _mm256_loadu_si256(block.add(2) as *const __m256i),
                     _mm256_set1_epi8(-128),
                 ),
-                half(0),
+                bits(0),
                 0.0,
                 128,
             ),
         }
+    }
+
+    /// The float16 `bits` as float32 in every lane. Converted from a
+    /// broadcast, so that the conversion reads no other register: a
+    /// scalar conversion may be given any register to fill its other
+    /// lanes from, and waits for whatever last wrote it.
+    #[inline(always)]
+    pub(crate) unsafe fn splat_half(bits: u16) -> __m256 {
+        _mm256_cvtph_ps(_mm_set1_epi16(bits as i16))
+    }
+
+    /// [`splat_half`] in 16 lanes (AVX-512 callers).
+    #[inline(always)]
+    pub(crate) unsafe fn splat_half512(bits: u16) -> __m512 {
+        _mm512_cvtph_ps(_mm256_set1_epi16(bits as i16))
     }
 
     /// Weights `32 j .. 32 j + 32` of a `Q4_K`, `Q5_K` or `Q6_K` block as

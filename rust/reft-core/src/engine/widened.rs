@@ -260,7 +260,7 @@ impl Tile for Portable {
 mod x86 {
     use super::*;
     use crate::engine::quant::x86::{
-        block32, chunk_k, Q4K, Q4_0, Q4_1, Q5K, Q5_0, Q5_1, Q6K, Q8_0,
+        block32, chunk_k, splat_half512, Q4K, Q4_0, Q4_1, Q5K, Q5_0, Q5_1, Q6K, Q8_0,
     };
     use crate::engine::quant::{superblock_scales, BlockType};
     use std::arch::x86_64::*;
@@ -282,7 +282,7 @@ mod x86 {
         let out = out.as_mut_ptr();
         for blk in 0..k / 32 {
             let (q, d, offset, center) = block32::<L>(row.as_ptr().add(blk * bytes));
-            let (s, o) = (_mm512_set1_ps(d), _mm512_set1_ps(offset));
+            let (s, o) = (splat_half512(d), _mm512_set1_ps(offset));
             let c = _mm512_set1_ps(center as f32);
             group16(_mm256_castsi256_si128(q), s, o, c, out.add(at(b, 32 * blk)));
             group16(
