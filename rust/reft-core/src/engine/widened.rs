@@ -696,8 +696,13 @@ pub(crate) fn matmul(isa: Isa, w: Rows<'_>, x: &[f32], m: usize, k: usize, n: us
         at: y.as_mut_ptr(),
         n,
     };
-    // Whole tiles of weight rows per task, enough tasks to balance.
-    let per_task = (n / (rayon::current_num_threads() * 4)).clamp(P, 240) / P * P;
+    // Whole tiles of weight rows per task, at most 20 (240 rows), and a
+    // count of tasks that is a multiple of the threads with tasks of
+    // near-equal size, so that no thread is left with one task more.
+    let threads = rayon::current_num_threads().max(1);
+    let tiles = n.div_ceil(P);
+    let tasks = threads * tiles.div_ceil(20 * threads).max(4);
+    let per_task = tiles.div_ceil(tasks).max(1) * P;
     (0..n.div_ceil(per_task)).into_par_iter().for_each(|t| {
         let first = t * per_task;
         let count = per_task.min(n - first);
