@@ -1504,7 +1504,7 @@ mod timing {
     fn kernel_speeds() {
         // REFT_KERNEL_SHAPE=n,k picks the weight shape (SmolLM2's is 1536,576).
         let shape = std::env::var("REFT_KERNEL_SHAPE").unwrap_or("1536,2304".into());
-        let (n, k) = match shape.split_once(',') {
+        let (n, k): (usize, usize) = match shape.split_once(',') {
             Some((n, k)) => (n.parse().unwrap(), k.parse().unwrap()),
             None => panic!("REFT_KERNEL_SHAPE is n,k"),
         };
@@ -1517,6 +1517,14 @@ mod timing {
         let names = std::env::var("REFT_KERNEL_TYPES").unwrap_or_default();
         for t in BLOCK_TYPES {
             if !names.is_empty() && !names.split(',').any(|name| name == t.name()) {
+                continue;
+            }
+            if !k.is_multiple_of(t.weights()) {
+                println!(
+                    "{:5} skipped: k = {k} is not whole blocks of {}",
+                    t.name(),
+                    t.weights()
+                );
                 continue;
             }
             let data: Vec<u8> = (0..n * t.row_bytes(k))
