@@ -7,7 +7,7 @@
 //! out holds back its end while it could be the start of a stop string, and
 //! while a character is incomplete, so no piece of a stop string (and no
 //! U+FFFD of half a character) is ever handed out; joined, the pieces are
-//! the whole reply, cut before its first stop string.
+//! the whole reply, cut before the first stop string it completes.
 
 use super::text::Text;
 use crate::error::Result;
@@ -165,15 +165,39 @@ mod tests {
         (dir, text)
     }
 
-    /// The plain rule: the whole text cut before the earliest stop string.
+    /// The plain rule, as generation meets the text a character at a time:
+    /// the shortest prefix that holds a stop string, cut before the earliest
+    /// stop string in it. (Generation ends there, so a longer stop string
+    /// that starts earlier but would end later never completes: with stop
+    /// strings "✓é " and "é", the reply "✓é " gives "✓".)
     fn cut(text: &str, stop: &[String]) -> String {
-        let end = stop
-            .iter()
-            .filter(|s| !s.is_empty())
-            .filter_map(|s| text.find(s.as_str()))
-            .min()
-            .unwrap_or(text.len());
-        text[..end].to_string()
+        let ends = text.char_indices().map(|(at, c)| at + c.len_utf8());
+        for end in ends {
+            let prefix = &text[..end];
+            let first = stop
+                .iter()
+                .filter(|s| !s.is_empty())
+                .filter_map(|s| prefix.find(s.as_str()))
+                .min();
+            if let Some(at) = first {
+                return text[..at].to_string();
+            }
+        }
+        text.to_string()
+    }
+
+    #[test]
+    fn a_stop_string_inside_a_longer_one_ends_the_reply_first() {
+        let (_dir, text) = bytes_tokenizer();
+        let stop = vec!["✓é ".to_string(), "é".to_string()];
+        let (out, stopped) = pieces(&text, "✓é ", &stop);
+        assert!(stopped);
+        assert_eq!(out.concat(), "✓");
+        assert_eq!(cut("✓é ", &stop), "✓");
+        // The longer one, started earlier, wins when it ends first.
+        let stop = vec!["ab".to_string(), "bc".to_string()];
+        assert_eq!(pieces(&text, "xabc", &stop).0.concat(), "x");
+        assert_eq!(cut("xabc", &stop), "x");
     }
 
     /// The pieces `ReplyText` hands out, a token at a time, then the last
