@@ -120,6 +120,7 @@ impl Activation {
             _ => Activation::GeluTanh, // gelu_new, gelu_pytorch_tanh
         }
     }
+
     /// The activation of one value where it is written with `exp` alone:
     /// SiLU `x / (1 + e^-x)`, ReLU, and the tanh form of GELU, since
     /// `0.5 x (1 + tanh u) = x / (1 + e^-2u)` with `u = √(2/π) (x + 0.044715 x³)`.

@@ -643,15 +643,19 @@ pub(crate) mod x86 {
     #[inline(always)]
     pub(crate) unsafe fn block32<const L: u8>(block: *const u8) -> (__m256i, u16, f32, i16) {
         let bits = |at: usize| u16::from_le_bytes([*block.add(at), *block.add(at + 1)]);
-        let half = |at: usize| -> f32 { _mm256_cvtss_f32(splat_half(bits(at))) };
         let part = |at: usize| block.add(at);
         let nibbles = |at: usize| nibbles_of(&*(part(at) as *const [u8; 16]));
         let fifth = |at: usize| fifth_bits_of(&*(part(at) as *const [u8; 4]));
         match L {
             Q4_0 => (nibbles(2), bits(0), 0.0, 8),
-            Q4_1 => (nibbles(4), bits(0), half(2), 0),
+            Q4_1 => (nibbles(4), bits(0), half(bits(2)), 0),
             Q5_0 => (_mm256_or_si256(nibbles(6), fifth(2)), bits(0), 0.0, 16),
-            Q5_1 => (_mm256_or_si256(nibbles(8), fifth(4)), bits(0), half(2), 0),
+            Q5_1 => (
+                _mm256_or_si256(nibbles(8), fifth(4)),
+                bits(0),
+                half(bits(2)),
+                0,
+            ),
             _ => (
                 _mm256_xor_si256(
                     _mm256_loadu_si256(block.add(2) as *const __m256i),
