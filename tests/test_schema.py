@@ -37,6 +37,9 @@ BAD = [
     ({"name": "café"}, "ASCII"),  # passed in Python before and failed only when saving
     ({"type": "red", "include_last": False}, "include_last"),
     ({"embed_dim": 0}, "embed_dim"),
+    ({"tower": "middle"}, "tower: unknown variant"),
+    ({"type": "red", "component": "cross_attention_output"}, "cross_attention_output is a decoder component"),
+    ({"type": "red", "component": "cross_attention_output", "tower": "encoder"}, "decoder component"),
 ]
 
 
@@ -94,6 +97,10 @@ SPEC_TYPES = {
     "steer": (False, False, False, False, "all"),
 }
 SPEC_COMPONENTS = ("block_output", "block_input", "mlp_output", "attention_output")
+# Beyond the specification's table: an encoder-decoder's decoder component,
+# and the stacks an intervention may name on such a model (issue 29).
+ENCODER_DECODER_COMPONENTS = ("cross_attention_output",)
+TOWERS = ("encoder", "decoder")
 SPEC_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
@@ -104,7 +111,8 @@ def test_the_tables_are_the_specification_s():
     fields = ("low_rank", "rotation", "source", "projection", "default_positions")
     assert {name: tuple(row[f] for f in fields) for name, row in schema["types"].items()} == SPEC_TYPES
     assert reft_rs.config.INTERVENTION_TYPES == tuple(SPEC_TYPES)
-    assert reft_rs.config.COMPONENTS == SPEC_COMPONENTS
+    assert reft_rs.config.COMPONENTS == SPEC_COMPONENTS + ENCODER_DECODER_COMPONENTS
+    assert reft_rs.config.TOWERS == TOWERS
     assert reft_rs.config.DTYPES == SPEC_DTYPES
     assert set(reft_rs.config.ACTIVATIONS) >= {"identity", "relu", "gelu", "silu", "tanh", "sigmoid"}
     assert reft_rs.FORMAT_VERSION == schema["format_version"] == 2

@@ -138,3 +138,59 @@ def tokenizer(*, chat: bool = True):
     if chat:
         fast.chat_template = CHAT_TEMPLATE
     return fast
+
+
+SEQ2SEQ = ("t5", "bart")
+#: Decoder depth of the tiny encoder-decoders (their encoders have LAYERS).
+DECODER_LAYERS = {"t5": LAYERS, "bart": LAYERS + 1}
+
+
+def seq2seq_config_for(family: str) -> transformers.PretrainedConfig:
+    """A tiny T5 or BART config; BART's decoder is one layer deeper than its
+    encoder (T5's generate in transformers needs equal depths). Their random
+    weights are widened so that what they generate depends on the input
+    (with the default scales every input gives one repeated token)."""
+    if family == "t5":
+        return transformers.T5Config(
+            vocab_size=VOCAB,
+            d_model=HIDDEN,
+            d_kv=8,
+            d_ff=48,
+            num_layers=LAYERS,
+            num_decoder_layers=DECODER_LAYERS["t5"],
+            num_heads=4,
+            dropout_rate=0.0,
+            initializer_factor=20.0,
+            pad_token_id=0,
+            eos_token_id=3,
+            decoder_start_token_id=0,
+        )
+    if family == "bart":
+        return transformers.BartConfig(
+            vocab_size=VOCAB,
+            d_model=HIDDEN,
+            encoder_layers=LAYERS,
+            decoder_layers=DECODER_LAYERS["bart"],
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            encoder_ffn_dim=48,
+            decoder_ffn_dim=48,
+            max_position_embeddings=128,
+            dropout=0.0,
+            attention_dropout=0.0,
+            activation_dropout=0.0,
+            init_std=0.2,
+            pad_token_id=0,
+            bos_token_id=2,
+            eos_token_id=3,
+            decoder_start_token_id=3,
+            forced_eos_token_id=None,
+        )
+    raise ValueError(family)
+
+
+def build_seq2seq(family: str, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A tiny random encoder-decoder (``AutoModelForSeq2SeqLM``)."""
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForSeq2SeqLM.from_config(seq2seq_config_for(family))
+    return model.to(dtype).eval()

@@ -39,6 +39,7 @@ __all__ = [
     "DTYPES",
     "INTERVENTION_TYPES",
     "LOW_RANK_TYPES",
+    "TOWERS",
     "InterventionConfig",
     "ReftConfig",
 ]
@@ -52,6 +53,8 @@ INTERVENTION_TYPES = tuple(_SCHEMA["types"])
 LOW_RANK_TYPES = frozenset(name for name, kind in _SCHEMA["types"].items() if kind["low_rank"])
 #: Where in a layer an intervention acts.
 COMPONENTS = tuple(_SCHEMA["components"])
+#: The stacks of an encoder-decoder an intervention may name.
+TOWERS = tuple(_SCHEMA["towers"])
 #: Activations of the learned source.
 ACTIVATIONS = tuple(_SCHEMA["activations"])
 #: Parameter dtypes.
@@ -77,7 +80,15 @@ class InterventionConfig:
         type: ``loreft`` (default), ``noreft``, ``direft``, ``nodireft``,
             ``consreft``, ``lobireft``, ``red`` or ``steer``.
         component: ``block_output`` (the residual stream after the layer,
-            default), ``block_input``, ``mlp_output`` or ``attention_output``.
+            default), ``block_input``, ``mlp_output``, ``attention_output``,
+            or on an encoder-decoder's decoder ``cross_attention_output``
+            (its attention over the encoder's states). The tower may be
+            written as a prefix: ``"encoder.block_output"``.
+        tower: On an encoder-decoder (T5, BART, ...), the stack ``layer``
+            counts in: ``"encoder"`` (positions count over the encoder's
+            input) or ``"decoder"`` (positions count over the decoder's
+            prompt-side tokens: its start token and any forced prefix).
+            ``None`` for models with one stack of layers.
         positions: Prompt positions edited: ``"f7+l7"``, ``"l1"``, ``"all"``,
             a list of indices... Defaults to ``"l1"`` (the last prompt token)
             for the ReFT types and ``"all"`` for ``red`` and ``steer``.
@@ -120,6 +131,7 @@ class InterventionConfig:
     layer: int
     type: str = "loreft"
     component: str = "block_output"
+    tower: str | None = None
     positions: str | list[int] | None = None
     low_rank_dimension: int | None = None
     share_weights: bool = False
@@ -165,7 +177,8 @@ class InterventionConfig:
         return self.position_spec.group_count(self.share_weights)
 
     def default_name(self) -> str:
-        name = f"layer_{self.layer}_{self.component}_{self.type}"
+        where = f"{self.tower}_" if self.tower else ""
+        name = f"{where}layer_{self.layer}_{self.component}_{self.type}"
         if self.group_count() > 1:
             name += "_prefix" if self.group == 0 else "_suffix"
         return name
@@ -174,6 +187,8 @@ class InterventionConfig:
         """This intervention as a ``reft_config.json`` entry."""
         entry = dataclasses.asdict(self)
         entry["group"] = self.group or 0
+        if entry["tower"] is None:  # one-stack models: the entry reads as before towers existed
+            del entry["tower"]
         return entry
 
     @classmethod

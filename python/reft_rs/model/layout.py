@@ -7,6 +7,15 @@ Llama/Mistral/Qwen/Gemma decoders, ``transformer.h`` in GPT-2,
 blocks are its children with the conventional names (``mlp``,
 ``feed_forward``, ``ffn``, or BERT's ``output``; ``self_attn``, ``attn``,
 ``attention``). Anything else takes an explicit ``module_path``.
+
+An encoder-decoder (``config.is_encoder_decoder``: T5, BART, mT5, ...) has
+two stacks, and each intervention names its ``tower``: the stack is the
+list of layers inside ``model.get_encoder()`` or ``model.get_decoder()``
+as long as that stack's depth (``encoder_layers``/``num_layers``,
+``decoder_layers``/``num_decoder_layers``). Their blocks are found by the
+same names one level down as well (T5 keeps them in ``layer.N``:
+``SelfAttention``, ``EncDecAttention``, ``DenseReluDense``; BART's
+feed-forward block has no module of its own, so its output is ``fc2``'s).
 """
 
 from __future__ import annotations
@@ -19,10 +28,22 @@ from torch import nn
 from ..config import InterventionConfig
 from ..errors import IncompatibleModelError
 
-__all__ = ["HookSite", "find_layers", "resolve"]
+__all__ = ["HookSite", "find_layers", "is_encoder_decoder", "resolve", "stack_depth"]
 
-_MLP_NAMES = ("mlp", "feed_forward", "ffn", "mlp_block", "output")
-_ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention")
+_MLP_NAMES = ("mlp", "feed_forward", "ffn", "mlp_block", "output", "DenseReluDense", "fc2")
+_ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention", "SelfAttention")
+_CROSS_ATTENTION_NAMES = (
+    "encoder_attn",
+    "EncDecAttention",
+    "crossattention",
+    "cross_attn",
+    "cross_attention",
+)
+#: The depth of each stack of an encoder-decoder, by the config's names for it.
+_DEPTH_NAMES = {
+    "encoder": ("encoder_layers", "num_layers", "num_hidden_layers"),
+    "decoder": ("decoder_layers", "num_decoder_layers", "num_layers", "num_hidden_layers"),
+}
 
 
 @dataclass(frozen=True)
@@ -46,18 +67,41 @@ def model_dimensions(model: nn.Module) -> tuple[int, int]:
         ) from None
 
 
+def is_encoder_decoder(model: nn.Module) -> bool:
+    """Whether ``model`` has an encoder and a decoder (T5, BART, ...)."""
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
+def stack_depth(model: nn.Module, tower: str | None) -> int:
+    """How many layers the stack ``tower`` of ``model`` has (``None``: the
+    model's one stack)."""
+    _, num_layers = model_dimensions(model)
+    if tower is None or not is_encoder_decoder(model):
+        return num_layers
+    config = model.config
+    for name in _DEPTH_NAMES[tower]:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return num_layers
+
+
 def model_identity(model: nn.Module) -> dict[str, Any]:
     """What a checkpoint records about the base model (``base_model``): its
-    name or path, type and dimensions. The one rule, for saved adapters and
-    converted checkpoints alike."""
+    name or path, type and dimensions (an encoder-decoder's decoder depth
+    too). The one rule, for saved adapters and converted checkpoints alike."""
     config = getattr(model, "config", None)
     hidden_size, num_layers = model_dimensions(model)
-    return {
+    identity: dict[str, Any] = {
         "name_or_path": str(getattr(config, "_name_or_path", "") or getattr(model, "name_or_path", "") or ""),
         "model_type": str(getattr(config, "model_type", "") or type(model).__name__),
         "hidden_size": hidden_size,
         "num_hidden_layers": num_layers,
     }
+    if is_encoder_decoder(model):
+        identity["num_hidden_layers"] = stack_depth(model, "encoder")
+        identity["num_decoder_layers"] = stack_depth(model, "decoder")
+    return identity
 
 
 #: Where Hugging Face sequence classifiers keep their head.
@@ -78,27 +122,55 @@ def find_head(model: nn.Module) -> nn.Module:
     )
 
 
-def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The model's stack of transformer layers and its dotted path."""
-    _, num_layers = model_dimensions(model)
+def find_layers(model: nn.Module, tower: str | None = None) -> tuple[str, nn.ModuleList]:
+    """The model's stack of transformer layers and its dotted path; on an
+    encoder-decoder, the stack of ``tower`` (which must then be given)."""
+    num_layers = stack_depth(model, tower)
+    root_path, root = "", model
+    if is_encoder_decoder(model):
+        if tower is None:
+            raise IncompatibleModelError(
+                f"{type(model).__name__} is an encoder-decoder: give each intervention a tower, "
+                "tower='encoder' or tower='decoder' (or a component such as 'encoder.block_output')"
+            )
+        getter = getattr(model, f"get_{tower}", None)
+        stack = getter() if callable(getter) else None
+        if not isinstance(stack, nn.Module):
+            raise IncompatibleModelError(f"{type(model).__name__} has no get_{tower}() giving its {tower}")
+        root = stack
+        root_path = next((name for name, module in model.named_modules() if module is stack), "")
+    elif tower is not None:
+        raise IncompatibleModelError(
+            f"tower={tower!r} names a stack of an encoder-decoder, but {type(model).__name__} has one "
+            "stack of layers; leave tower unset"
+        )
     candidates = [
         (name, module)
-        for name, module in model.named_modules()
+        for name, module in root.named_modules()
         if isinstance(module, nn.ModuleList) and len(module) == num_layers
     ]
     if not candidates:
+        where = f"the {tower} of " if tower else ""
         raise IncompatibleModelError(
-            f"found no list of {num_layers} layers in {type(model).__name__}; "
+            f"found no list of {num_layers} layers in {where}{type(model).__name__}; "
             "give the interventions an explicit module_path"
         )
-    return min(candidates, key=lambda item: item[0].count("."))
+    name, layers = min(candidates, key=lambda item: item[0].count("."))
+    return ".".join(part for part in (root_path, name) if part), layers
 
 
 def _child(layer: nn.Module, names: tuple[str, ...], what: str, layer_path: str) -> tuple[str, nn.Module]:
+    """The block of ``layer`` named by the first of ``names`` found among its
+    children, else the shallowest descendant so named (T5's ``layer.0.SelfAttention``)."""
     for name in names:
         child = getattr(layer, name, None)
         if isinstance(child, nn.Module):
             return name, child
+    found = [
+        (path, module) for path, module in layer.named_modules() if path and path.rsplit(".", 1)[-1] in names
+    ]
+    if found:
+        return min(found, key=lambda item: (item[0].count("."), names.index(item[0].rsplit(".", 1)[-1])))
     children = ", ".join(name for name, _ in layer.named_children())
     raise IncompatibleModelError(
         f"cannot find the {what} block of {layer_path} (children: {children}); "
@@ -119,17 +191,20 @@ def resolve(
         except AttributeError:
             raise IncompatibleModelError(f"{config.name}: the model has no module {path!r}") from None
         return HookSite(path, module, edits_input)
-    layers_path, layers = layers if layers is not None else find_layers(model)
+    layers_path, layers = layers if layers is not None else find_layers(model, config.tower)
     if config.layer >= len(layers):
+        stack = f"the {config.tower}" if config.tower else "the model"
         raise IncompatibleModelError(
-            f"{config.name}: layer {config.layer} does not exist; the model has {len(layers)} layers"
+            f"{config.name}: layer {config.layer} does not exist; {stack} has {len(layers)} layers"
         )
     layer_path = f"{layers_path}.{config.layer}" if layers_path else str(config.layer)
     layer = layers[config.layer]
     if config.component in ("block_output", "block_input"):
         return HookSite(layer_path, layer, edits_input)
-    names, what = (
-        (_MLP_NAMES, "feed-forward") if config.component == "mlp_output" else (_ATTENTION_NAMES, "attention")
-    )
+    names, what = {
+        "mlp_output": (_MLP_NAMES, "feed-forward"),
+        "attention_output": (_ATTENTION_NAMES, "attention"),
+        "cross_attention_output": (_CROSS_ATTENTION_NAMES, "cross-attention"),
+    }[config.component]
     name, module = _child(layer, names, what, layer_path)
     return HookSite(f"{layer_path}.{name}", module, False)

@@ -39,7 +39,16 @@ from ..positions import IGNORE_INDEX, locate
 from . import gradient_checkpointing, merge
 from .hooks import Calls, CallState, Hook
 from .interventions import Intervention, inference_call
-from .layout import HookSite, find_head, find_layers, model_dimensions, model_identity, resolve
+from .layout import (
+    HookSite,
+    find_head,
+    find_layers,
+    is_encoder_decoder,
+    model_dimensions,
+    model_identity,
+    resolve,
+    stack_depth,
+)
 from .prefix_cache import PrefixCache, applies, cached_forward
 
 __all__ = ["ReftModel", "get_reft_model"]
@@ -290,11 +299,11 @@ class ReftModel(nn.Module):
 
     def _register_hooks(self, name: str) -> None:
         sites: dict[tuple[int, bool], tuple[HookSite, list[int]]] = {}
-        layers = None
+        stacks: dict[str | None, tuple[str, nn.ModuleList]] = {}
         for index, item in enumerate(self._configs[name].interventions):
-            if item.module_path is None and layers is None:
-                layers = find_layers(self.model)
-            site = resolve(self.model, item, layers)
+            if item.module_path is None and item.tower not in stacks:
+                stacks[item.tower] = find_layers(self.model, item.tower)
+            site = resolve(self.model, item, stacks.get(item.tower))
             key = (id(site.module), site.edits_input)
             sites.setdefault(key, (site, []))[1].append(index)
         handles = self._adapter_hooks.setdefault(name, [])
@@ -323,11 +332,13 @@ class ReftModel(nn.Module):
         if intervention.config.every_token:
             return _scaled(hidden, intervention(hidden, dropout=dropout), strength).to(hidden.dtype)
         source = state.sources[index]
+        # An encoder reads the whole input in one call, before any decoding.
+        encoder = intervention.config.tower == "encoder"
         if source is not None:
-            flat = self._flat_indices(source, hidden.shape[0], hidden.shape[1])
+            flat = self._flat_indices(source, hidden.shape[0], hidden.shape[1], encoder)
             if flat is not None:
                 hidden = _edit_rows(hidden, flat, intervention, dropout, strength)
-        if state.intervene_generated and state.prompt_length is not None:
+        if state.intervene_generated and state.prompt_length is not None and not encoder:
             start = max(state.prompt_length - state.offset, 0)
             if start < hidden.shape[1]:
                 tail = hidden[:, start:]
@@ -335,17 +346,21 @@ class ReftModel(nn.Module):
                 hidden = torch.cat([hidden[:, :start], generated], dim=1)
         return hidden
 
-    def _flat_indices(self, source: torch.Tensor, batch: int, length: int) -> torch.Tensor | None:
+    def _flat_indices(
+        self, source: torch.Tensor, batch: int, length: int, encoder: bool = False
+    ) -> torch.Tensor | None:
         """Rows of the flattened ``(batch * length, d)`` states that ``source``
         chooses in this forward call, or ``None`` if none. Computed once per
-        call for each group (one host sync on an accelerator)."""
+        call for each group (one host sync on an accelerator). ``encoder``:
+        the states are an encoder's, whose tokens always start at 0."""
         state = self.calls.current
         key = id(source)
         if key not in state.indices:
-            if state.prompt_length is not None and state.offset >= state.prompt_length:
+            offset = 0 if encoder else state.offset
+            if not encoder and state.prompt_length is not None and offset >= state.prompt_length:
                 state.indices[key] = None  # a decoding step: the prompt is in the cache
             else:
-                local = source - state.offset
+                local = source - offset
                 valid = (source >= 0) & (local >= 0) & (local < length)
                 rows = torch.arange(batch, device=source.device).unsqueeze(1) * length
                 chosen = torch.masked_select(rows + local, valid)
@@ -387,32 +402,32 @@ class ReftModel(nn.Module):
     # ------------------------------------------------------------------ locations
 
     def _prepare_sources(
-        self,
-        locations: Any,
-        batch: int,
-        length: int,
-        attention_mask: torch.Tensor | None,
-        labels: torch.Tensor | None,
-        *,
-        prompt_only: bool,
+        self, locations: Any, batch: int, streams: Mapping[str | None, _Tokens]
     ) -> list[torch.Tensor | None]:
+        """Per intervention, the absolute positions it edits (``None``: every
+        token, or none). ``streams``: the tokens each stack reads, by tower
+        (``None`` for a one-stack model); each intervention's positions
+        count over its own stack's tokens."""
         config = self.reft_config
         sources: list[torch.Tensor | None] = [None] * len(config.interventions)
         positional = config.position_interventions
         if not positional:
             return sources
         device = _device_of(self.model)
+
+        def stream_of(index: int) -> _Tokens:
+            return streams[config.interventions[index].tower if None not in streams else None]
+
         if locations is None:
-            lengths, padding_side, sequence = _prompt_lengths(
-                attention_mask, labels, batch, length, prompt_only
-            )
             # One tensor object per group, shared by its interventions: the
             # hooks compute each group's indices once per call.
-            groups: dict[tuple[str, bool, bool, int], torch.Tensor] = {}
+            groups: dict[tuple[str | None, str, bool, bool, int], torch.Tensor] = {}
             for index in positional:
                 item = config.interventions[index]
-                rule = (item.positions, item.share_weights, item.include_last)
+                tokens = stream_of(index)
+                rule = (item.tower, item.positions, item.share_weights, item.include_last)
                 if (*rule, item.group) not in groups:
+                    lengths, padding_side, sequence = tokens.measure()
                     array = torch.from_numpy(
                         locate(
                             lengths,
@@ -420,7 +435,7 @@ class ReftModel(nn.Module):
                             share_weights=item.share_weights,
                             include_last=item.include_last,
                             padding_side=padding_side,
-                            padded_length=length,
+                            padded_length=tokens.length,
                             sequence_lengths=sequence,
                         )
                     ).to(device)
@@ -439,30 +454,44 @@ class ReftModel(nn.Module):
         if tensor.dtype.is_floating_point or tensor.dtype == torch.bool:
             raise ShapeError(f"locations must hold integers, found {tensor.dtype}")
         tensor = tensor.to(device=device, dtype=torch.long, non_blocking=True)
-        if tensor.numel() and bool(((tensor < -1) | (tensor >= length)).any()):
-            bad = tensor[(tensor < -1) | (tensor >= length)][0].item()
-            raise LocationError(f"a location is {bad}, outside the {length} tokens of the batch (and not -1)")
         rows = tensor.shape[0]
+        views = list(tensor.unbind(0))
         if rows == len(config.interventions):
-            views = list(tensor.unbind(0))
             for index in positional:
                 sources[index] = views[index]
         elif rows == len(positional):
-            views = list(tensor.unbind(0))
             for row, index in enumerate(positional):
                 sources[index] = views[row]
         else:
-            groups = 1 + max(config.interventions[i].group for i in positional)
-            if rows != groups:
+            groups_count = 1 + max(config.interventions[i].group for i in positional)
+            if rows != groups_count:
                 raise ShapeError(
                     f"locations have {rows} rows; expected one per intervention ({len(config.interventions)}), "
                     f"one per intervention that reads locations ({len(positional)}), "
-                    f"or one per position group ({groups})"
+                    f"or one per position group ({groups_count})"
                 )
             config.shared_positions()
-            views = list(tensor.unbind(0))
+            if len({config.interventions[i].tower for i in positional}) > 1:
+                raise ShapeError(
+                    "the interventions edit both the encoder and the decoder, whose tokens differ: "
+                    "pass one locations row per intervention instead of one per position group"
+                )
             for index in positional:
                 sources[index] = views[config.interventions[index].group]
+        checked: set[int] = set()
+        for index in positional:
+            source = sources[index]
+            if source is None or id(source) in checked:
+                continue
+            checked.add(id(source))
+            length = stream_of(index).length
+            bad = (source < -1) | (source >= length)
+            if source.numel() and bool(bad.any()):
+                where = f" of the {config.interventions[index].tower}" if None not in streams else ""
+                raise LocationError(
+                    f"a location is {source[bad][0].item()}, outside the {length} tokens{where} "
+                    "of the batch (and not -1)"
+                )
         return sources
 
     def _position_ids(
@@ -522,7 +551,14 @@ class ReftModel(nn.Module):
         if reference is None:
             raise ValueError("pass input_ids or inputs_embeds")
         batch, length = reference.shape[0], reference.shape[1]
-        sources = self._prepare_sources(locations, batch, length, attention_mask, labels, prompt_only=False)
+        if is_encoder_decoder(self.model):
+            streams = {
+                "encoder": _Tokens(batch, length, attention_mask),
+                "decoder": _decoder_tokens(batch, labels, kwargs),
+            }
+        else:
+            streams = {None: _Tokens(batch, length, attention_mask, labels, prompt_only=False)}
+        sources = self._prepare_sources(locations, batch, streams)
         position_ids = self._position_ids(attention_mask, kwargs)
         if position_ids is not None:
             kwargs["position_ids"] = position_ids
@@ -579,9 +615,21 @@ class ReftModel(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         batch, length = input_ids.shape
-        sources = self._prepare_sources(locations, batch, length, attention_mask, None, prompt_only=True)
+        prompt_length = length
+        if is_encoder_decoder(self.model):
+            # The decoder's prompt: the tokens it is given to continue (its
+            # start token alone unless decoder_input_ids says more).
+            decoder = _decoder_tokens(batch, None, kwargs)
+            streams = {"encoder": _Tokens(batch, length, attention_mask), "decoder": decoder}
+            prompt_length = decoder.length
+        else:
+            streams = {None: _Tokens(batch, length, attention_mask)}
+        sources = self._prepare_sources(locations, batch, streams)
         state = CallState(
-            sources, prompt_length=length, intervene_generated=intervene_on_generated, strength=strength
+            sources,
+            prompt_length=prompt_length,
+            intervene_generated=intervene_on_generated,
+            strength=strength,
         )
         with self._active(state):
             return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
@@ -880,6 +928,57 @@ def _edit_rows(
     return rows.index_copy(0, flat, edited).view(batch, length, width)
 
 
+class _Tokens:
+    """The tokens one stack of layers reads in a call: their padded length,
+    and (measured only when positions must be chosen) each row's prompt
+    length, padding side and real-token count.
+
+    ``labels``: token labels aligned with these tokens (a decoder-only
+    model's), so that the prompt ends at the first labelled token.
+    ``decoder_labels``: an encoder-decoder's labels, which the decoder's
+    position i predicts; its prompt is the start token and any forced
+    prefix (labels -100) before the first labelled token, up to the token
+    that predicts it."""
+
+    def __init__(
+        self,
+        batch: int,
+        length: int,
+        attention_mask: torch.Tensor | None,
+        labels: torch.Tensor | None = None,
+        *,
+        prompt_only: bool = True,
+        decoder_labels: torch.Tensor | None = None,
+    ) -> None:
+        self.batch, self.length = batch, length
+        self.attention_mask, self.labels = attention_mask, labels
+        self.prompt_only, self.decoder_labels = prompt_only, decoder_labels
+
+    def measure(self) -> tuple[np.ndarray, str, np.ndarray]:
+        prompts, side, sequence = _prompt_lengths(
+            self.attention_mask, self.labels, self.batch, self.length, self.prompt_only
+        )
+        if self.decoder_labels is not None and self.decoder_labels.dim() == 2:
+            labelled = self.decoder_labels.detach().to("cpu").numpy() != IGNORE_INDEX
+            first = np.where(labelled.any(axis=1), labelled.argmax(axis=1), self.length - 1)
+            prompts = np.minimum(first + 1, sequence).astype(np.int64)
+        return prompts, side, sequence
+
+
+def _decoder_tokens(batch: int, labels: torch.Tensor | None, kwargs: Mapping[str, Any]) -> _Tokens:
+    """The tokens an encoder-decoder's decoder reads in a call: its given
+    inputs (``decoder_input_ids`` / ``decoder_inputs_embeds``), else the
+    labels shifted right (what the model builds from them), else its start
+    token alone (generation)."""
+    given = kwargs.get("decoder_input_ids")
+    if given is None:
+        given = kwargs.get("decoder_inputs_embeds")
+    if given is None:
+        given = labels
+    length = int(given.shape[1]) if given is not None else 1
+    return _Tokens(batch, length, kwargs.get("decoder_attention_mask"), decoder_labels=labels)
+
+
 def _prompt_lengths(
     attention_mask: torch.Tensor | None,
     labels: torch.Tensor | None,
@@ -928,11 +1027,18 @@ def _dimensions_or_none(model: nn.Module) -> tuple[int | None, int | None]:
 
 
 def _validate_against_model(model: nn.Module, config: ReftConfig) -> None:
-    """Checks layers and ranks against the model, with the core's rule (the
-    one checkpoints are checked with)."""
+    """Checks layers and ranks against the model (each stack of an
+    encoder-decoder against its own depth), with the core's rule (the one
+    checkpoints are checked with)."""
     hidden_size, num_layers = _dimensions_or_none(model)
+    two_stacks = is_encoder_decoder(model)
     for item in config.interventions:
+        if item.module_path is None and two_stacks != (item.tower is not None):
+            find_layers(model, item.tower)  # raises, naming what is missing or extra
         width = item.embed_dim or hidden_size
         # Without a recognised layout only explicit module paths are used.
-        layers = num_layers if num_layers is not None else item.layer + 1
+        if num_layers is None:
+            layers = item.layer + 1
+        else:
+            layers = stack_depth(model, item.tower) if two_stacks else num_layers
         _core.check_placement(item.name, item.layer, item.low_rank_dimension, width, layers)

@@ -216,15 +216,19 @@ pub enum Component {
     MlpOutput,
     /// The output of the layer's attention block.
     AttentionOutput,
+    /// The output of a decoder layer's attention over the encoder's states
+    /// (encoder-decoder models only).
+    CrossAttentionOutput,
 }
 
 impl Component {
     /// Every component, in the order the spec lists them.
-    pub const ALL: [Component; 4] = [
+    pub const ALL: [Component; 5] = [
         Component::BlockOutput,
         Component::BlockInput,
         Component::MlpOutput,
         Component::AttentionOutput,
+        Component::CrossAttentionOutput,
     ];
 
     /// The name used in configs.
@@ -234,7 +238,39 @@ impl Component {
             Component::BlockInput => "block_input",
             Component::MlpOutput => "mlp_output",
             Component::AttentionOutput => "attention_output",
+            Component::CrossAttentionOutput => "cross_attention_output",
         }
+    }
+}
+
+/// Which stack of layers of a model an intervention's layer index counts in,
+/// for models with more than one (encoder-decoders). Absent for a model's
+/// one stack of layers (a decoder-only or encoder-only model).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Tower {
+    /// The encoder of an encoder-decoder: it reads the whole input once.
+    Encoder,
+    /// The decoder of an encoder-decoder: it reads the tokens being
+    /// generated (and the encoder's states through cross-attention).
+    Decoder,
+}
+
+impl Tower {
+    /// Every tower, in the order the spec lists them.
+    pub const ALL: [Tower; 2] = [Tower::Encoder, Tower::Decoder];
+
+    /// The name used in configs (and as a component's prefix,
+    /// `encoder.block_output`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Tower::Encoder => "encoder",
+            Tower::Decoder => "decoder",
+        }
+    }
+
+    fn parse(name: &str) -> Option<Tower> {
+        Tower::ALL.into_iter().find(|t| t.name() == name)
     }
 }
 
@@ -377,8 +413,23 @@ pub struct BaseModel {
     pub model_type: String,
     /// Width of the residual stream.
     pub hidden_size: usize,
-    /// Number of transformer layers.
+    /// Number of transformer layers (of the encoder, in an encoder-decoder).
     pub num_hidden_layers: usize,
+    /// Number of decoder layers of an encoder-decoder, when it differs from
+    /// or is recorded beside `num_hidden_layers`; absent for other models.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_decoder_layers: Option<usize>,
+}
+
+impl BaseModel {
+    /// How many layers the stack `tower` has (`None`: the model's one stack,
+    /// or an encoder's).
+    pub fn layers_of(&self, tower: Option<Tower>) -> usize {
+        match tower {
+            Some(Tower::Decoder) => self.num_decoder_layers.unwrap_or(self.num_hidden_layers),
+            _ => self.num_hidden_layers,
+        }
+    }
 }
 
 fn default_dtype() -> DType {
@@ -410,6 +461,10 @@ pub struct InterventionConfig {
     pub layer: usize,
     /// Which hidden state of the layer.
     pub component: Component,
+    /// Which stack `layer` counts in, for encoder-decoders; `None` for a
+    /// model with one stack.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tower: Option<Tower>,
     /// Dotted path of the module to hook when the component cannot be found
     /// by the model family's layout; `None` for the standard layouts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -559,6 +614,13 @@ impl InterventionConfig {
                     .into(),
             );
         }
+        if self.component == Component::CrossAttentionOutput && self.tower != Some(Tower::Decoder) {
+            return invalid(
+                "cross_attention_output is a decoder component of an encoder-decoder; \
+                 set tower=\"decoder\" (or component=\"decoder.cross_attention_output\")"
+                    .into(),
+            );
+        }
         if self.embed_dim == Some(0) {
             return invalid("embed_dim must be at least 1".into());
         }
@@ -632,7 +694,7 @@ impl InterventionConfig {
             self.layer,
             self.low_rank_dimension,
             self.dim(base.hidden_size),
-            base.num_hidden_layers,
+            base.layers_of(self.tower),
         )
         .map_err(|reason| at(ConfigProblem::Invalid(reason)))
     }
@@ -740,11 +802,33 @@ pub fn normalize_intervention(value: serde_json::Value) -> Result<serde_json::Va
     object.insert("positions".into(), spec.to_string().into());
     let unnamed = matches!(object.get("name"), None | Some(serde_json::Value::Null));
     let ungrouped = matches!(object.get("group"), None | Some(serde_json::Value::Null));
-    if matches!(
-        object.get("component"),
-        None | Some(serde_json::Value::Null)
-    ) {
-        object.insert("component".into(), Component::BlockOutput.name().into());
+    match object.get("component") {
+        None | Some(serde_json::Value::Null) => {
+            object.insert("component".into(), Component::BlockOutput.name().into());
+        }
+        Some(serde_json::Value::String(text)) if text.contains('.') => {
+            // `encoder.block_output`: the tower as the component's prefix.
+            let (prefix, component) = text.split_once('.').unwrap_or_default();
+            let Some(tower) = Tower::parse(prefix) else {
+                return Err(Error::InvalidIntervention(format!(
+                    "component {text:?}: {prefix:?} is not a tower (known: {})",
+                    Tower::ALL.map(Tower::name).join(", ")
+                )));
+            };
+            match object.get("tower") {
+                None | Some(serde_json::Value::Null) => {}
+                Some(serde_json::Value::String(named)) if named == tower.name() => {}
+                Some(other) => {
+                    return Err(Error::InvalidIntervention(format!(
+                        "component {text:?} names the {prefix} but tower is {other}"
+                    )))
+                }
+            }
+            let component = component.to_string();
+            object.insert("tower".into(), tower.name().into());
+            object.insert("component".into(), component.into());
+        }
+        Some(_) => {}
     }
     if unnamed {
         object.insert("name".into(), "unnamed".into());
@@ -1187,6 +1271,72 @@ mod tests {
     }
 
     #[test]
+    fn encoder_decoder_interventions_name_their_tower() {
+        let draft = |text: &str| normalize_intervention(serde_json::from_str(text).unwrap());
+        // The tower as the component's prefix, or on its own: the same entry.
+        let prefixed =
+            draft(r#"{"layer": 1, "type": "red", "component": "decoder.cross_attention_output"}"#)
+                .unwrap();
+        let separate = draft(r#"{"layer": 1, "type": "red", "component": "cross_attention_output", "tower": "decoder"}"#)
+            .unwrap();
+        assert_eq!(prefixed, separate);
+        assert_eq!(
+            (prefixed["tower"].as_str(), prefixed["component"].as_str()),
+            (Some("decoder"), Some("cross_attention_output"))
+        );
+        // A decoder-only entry says nothing of towers (old checkpoints read alike).
+        let plain = draft(r#"{"layer": 1, "type": "red"}"#).unwrap();
+        assert!(plain.get("tower").is_none(), "{plain}");
+        let cases = [
+            (
+                r#"{"layer": 1, "type": "red", "component": "cross_attention_output"}"#,
+                "tower=\"decoder\"",
+            ),
+            (
+                r#"{"layer": 1, "type": "red", "component": "cross_attention_output", "tower": "encoder"}"#,
+                "decoder component",
+            ),
+            (
+                r#"{"layer": 1, "type": "red", "component": "vision.block_output"}"#,
+                "not a tower",
+            ),
+            (
+                r#"{"layer": 1, "type": "red", "component": "encoder.block_output", "tower": "decoder"}"#,
+                "names the encoder but tower",
+            ),
+            (
+                r#"{"layer": 1, "type": "red", "component": "encoder.mlp_input"}"#,
+                "mlp_input",
+            ),
+            (r#"{"layer": 1, "type": "red", "tower": "middle"}"#, "tower"),
+        ];
+        for (text, needle) in cases {
+            let err = draft(text).unwrap_err();
+            assert!(matches!(err, Error::InvalidIntervention(_)), "{err}");
+            assert!(err.to_string().contains(needle), "{needle}: {err}");
+        }
+        // Decoder layers count against the decoder's own depth.
+        let config = |layers: &str, entry: &str| {
+            format!(
+                r#"{{"format_version": 1, "base_model": {{"name_or_path": "t5", "model_type": "t5", "hidden_size": 16, "num_hidden_layers": 2{layers}}},
+                "interventions": [{entry}]}}"#
+            )
+        };
+        let deep = r#"{"name": "a", "type": "red", "layer": 3, "component": "block_output", "tower": "decoder", "positions": "all"}"#;
+        let read =
+            ReftConfig::from_json(&config(r#", "num_decoder_layers": 4"#, deep), None).unwrap();
+        assert_eq!(read.interventions[0].tower, Some(Tower::Decoder));
+        assert_eq!(read.base_model.layers_of(Some(Tower::Decoder)), 4);
+        assert!(read.to_json().contains("\"tower\": \"decoder\""));
+        let err = ReftConfig::from_json(&config("", deep), None).unwrap_err();
+        assert!(err.to_string().contains("layer 3 does not exist"), "{err}");
+        let encoder = deep.replace("decoder", "encoder");
+        let err = ReftConfig::from_json(&config(r#", "num_decoder_layers": 4"#, &encoder), None)
+            .unwrap_err();
+        assert!(err.to_string().contains("the model has 2 layers"), "{err}");
+    }
+
+    #[test]
     fn parameter_layouts_follow_the_flags() {
         use InterventionType::*;
         let names = |kind: InterventionType, bias, projection_bias| -> Vec<&str> {
@@ -1217,6 +1367,7 @@ mod tests {
             model_type: "llama".into(),
             hidden_size: 16,
             num_hidden_layers: 4,
+            num_decoder_layers: None,
         };
         assert!(base
             .check_fits("x", false, Some(16), Some(4), Some("llama"), true)

@@ -5,7 +5,7 @@
 
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
-use reft_core::config::{self, BaseModel, Component, DType, InterventionType, ACTIVATIONS};
+use reft_core::config::{self, BaseModel, Component, DType, InterventionType, Tower, ACTIVATIONS};
 
 use crate::errors::IntoPyResult;
 
@@ -30,6 +30,7 @@ pub fn schema(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
         "components",
         PyList::new(py, Component::ALL.map(Component::name))?,
     )?;
+    out.set_item("towers", PyList::new(py, Tower::ALL.map(Tower::name))?)?;
     out.set_item("activations", PyList::new(py, ACTIVATIONS)?)?;
     out.set_item(
         "dtypes",
@@ -110,6 +111,7 @@ pub fn check_fits(
         model_type: base_type,
         hidden_size: base_hidden,
         num_hidden_layers: base_layers,
+        num_decoder_layers: None,
     };
     base.check_fits(
         source,

@@ -223,6 +223,13 @@ impl EditSet {
                     item.name
                 )));
             }
+            if let Some(tower) = item.tower {
+                return Err(Error::Incompatible(format!(
+                    "{}: edits the {} of an encoder-decoder; the engine runs decoder-only text models",
+                    item.name,
+                    tower.name()
+                )));
+            }
             if item.dim(d) != d {
                 return Err(Error::Incompatible(format!(
                     "{}: edits width {}, but the model's states have width {d}",
