@@ -16,7 +16,16 @@ import reft_rs  # noqa: E402
 from reft_rs import IncompatibleModelError, InterventionConfig, ReftConfig, ReftModel, get_reft_model  # noqa: E402
 from reft_rs.model.layout import resolve  # noqa: E402
 
-from .tiny_models import DECODER_LAYERS, LAYERS, SEQ2SEQ, build, build_seq2seq, random_ids, tokenizer  # noqa: E402
+from .tiny_models import (  # noqa: E402
+    DECODER_LAYERS,
+    LAYERS,
+    SEQ2SEQ,
+    build,
+    build_seq2seq,
+    random_ids,
+    seq2seq_tokenizer,
+    tokenizer,
+)
 
 
 def loreft_by_hand(h, tensors):
@@ -349,3 +358,159 @@ def test_the_engine_refuses_encoder_decoder_checkpoints(tmp_path):
     reft_rs.Engine(tmp_path / "model", reft=tmp_path / "adapter")  # the same checkpoint without a tower runs
     with pytest.raises(IncompatibleModelError, match="edits the encoder of an encoder-decoder"):
         reft_rs.Engine(tmp_path / "model", reft=tmp_path / "towered")
+
+
+# ---------------------------------------------------------------- data, training, the command line
+
+COPY_PROMPTS = [
+    "one two three",
+    "red blue",
+    "the cat sat",
+    "four five six seven",
+    "green tree",
+    "big dog ran",
+    "yes no",
+    "sky sea grass",
+]
+
+
+@pytest.mark.parametrize("family", SEQ2SEQ)
+def test_datasets_tokenize_and_pad_as_transformers_does(family):
+    """Prompts become the encoder's input and responses the decoder's
+    target, tokenized as the tokenizer itself does (``text_target``), and
+    batches pad as transformers' DataCollatorForSeq2Seq pads them."""
+    tok = seq2seq_tokenizer(family)
+    responses = [" ".join(reversed(p.split())) for p in COPY_PROMPTS]
+    config = ReftConfig([InterventionConfig(layer=0, component="encoder.block_output", low_rank_dimension=2)])
+    dataset = reft_rs.make_dataset(tok, COPY_PROMPTS, responses, config=config)
+    assert dataset.encoder_decoder and len(dataset) == len(COPY_PROMPTS)
+    expected_sources = tok(COPY_PROMPTS)["input_ids"]
+    expected_targets = tok(text_target=responses)["input_ids"]
+    for index in range(len(dataset)):
+        item = dataset[index]
+        assert item["input_ids"].tolist() == expected_sources[index]
+        assert item["labels"].tolist() == expected_targets[index]
+    reference = transformers.DataCollatorForSeq2Seq(tok, label_pad_token_id=-100, return_tensors="pt")
+    rows = [2, 3, 0]
+    expected = reference([{"input_ids": expected_sources[i], "labels": expected_targets[i]} for i in rows])
+    for batch in (
+        dataset.collate(rows, tok.pad_token_id),
+        reft_rs.ReftDataCollator(tok.pad_token_id)([dataset[i] for i in rows]),  # found to be targets
+    ):
+        assert set(batch) == {"input_ids", "attention_mask", "labels"}
+        for key in batch:
+            assert torch.equal(batch[key], expected[key]), key
+    # Streamed chunks give the same batches.
+    records = [{"prompt": p, "response": r} for p, r in zip(COPY_PROMPTS, responses)]
+    streamed = list(
+        reft_rs.training.data.stream_batches(tok, records, 3, config=config, group_by_length=False)
+    )
+    for number, batch in enumerate(streamed):
+        want = dataset.collate(list(range(3 * number, min(3 * number + 3, len(dataset)))), tok.pad_token_id)
+        assert all(torch.equal(batch[k], want[k]) for k in want)
+    with pytest.raises(reft_rs.ConfigError, match="encoder-decoder learns responses"):
+        reft_rs.make_dataset(tok, COPY_PROMPTS, labels=[0] * len(COPY_PROMPTS), config=config)
+
+
+def copy_task(family):
+    tok = seq2seq_tokenizer(family)
+    config = ReftConfig(
+        [InterventionConfig(layer=layer, tower="encoder", type="red") for layer in range(LAYERS)]
+        + [
+            InterventionConfig(layer=layer, tower="decoder", type="red")
+            for layer in range(DECODER_LAYERS[family])
+        ]
+    )
+    dataset = reft_rs.make_dataset(tok, COPY_PROMPTS, COPY_PROMPTS, config=config)
+    return tok, config, dataset
+
+
+@pytest.mark.parametrize("family", SEQ2SEQ)
+def test_the_plain_loop_and_the_trainer_train_and_evaluation_scores_by_hand(family, tmp_path):
+    tok, config, dataset = copy_task(family)
+    # The plain loop, with the collator it picks for the dataset.
+    reft_model = get_reft_model(build_seq2seq(family), config)
+    from reft_rs.training.evaluation import evaluate, generate_replies
+
+    before = evaluate(reft_model, dataset, "loss", tokenizer=tok)
+    reft_rs.train(reft_model, dataset, epochs=30, batch_size=4, learning_rate=2e-2, progress=False)
+    after = evaluate(reft_model, dataset, "loss", tokenizer=tok)
+    assert after < 0.7 * before, (before, after)
+    # The loss by hand: every target token of every example, weighted alike.
+    total = count = 0
+    with torch.no_grad():
+        for index in range(len(dataset)):
+            item = dataset[index]
+            logits = reft_model(
+                input_ids=torch.from_numpy(item["input_ids"])[None],
+                labels=torch.from_numpy(item["labels"])[None],
+            ).logits
+            targets = torch.from_numpy(item["labels"])
+            total += torch.nn.functional.cross_entropy(logits[0].double(), targets, reduction="sum").item()
+            count += len(targets)
+    assert after == pytest.approx(total / count, rel=1e-5)
+    # exact_match against greedy replies made one by one.
+    replies = generate_replies(
+        reft_model, dataset, tok, batch_size=3, pad_token_id=tok.pad_token_id, max_new_tokens=8
+    )
+    alone = []
+    for prompt in COPY_PROMPTS:
+        ids = tok([prompt], return_tensors="pt")
+        out = reft_model.generate(**ids, max_new_tokens=8, do_sample=False)
+        alone.append(tok.decode(out[0], skip_special_tokens=True))
+    assert replies == alone
+    score = evaluate(reft_model, dataset, "exact_match", tokenizer=tok, max_new_tokens=8)
+    assert score == sum(r.strip() == p for r, p in zip(alone, COPY_PROMPTS)) / len(COPY_PROMPTS)
+    # The transformers Trainer, with the same collator.
+    trained = get_reft_model(build_seq2seq(family), config)
+    arguments = reft_rs.training.trainer.training_arguments(
+        tmp_path / "trainer", epochs=30, batch_size=4, learning_rate=2e-2, use_cpu=True, log_steps=5
+    )[0]
+    trainer = reft_rs.ReftTrainer(
+        model=trained,
+        args=arguments,
+        train_dataset=dataset,
+        data_collator=reft_rs.ReftDataCollator(tok.pad_token_id, encoder_decoder=True),
+    )
+    trainer.train()
+    assert evaluate(trained, dataset, "loss", tokenizer=tok) < 0.7 * before
+
+
+@pytest.mark.parametrize("family", SEQ2SEQ)
+def test_the_command_line_trains_generates_and_inspects_an_encoder_decoder(family, tmp_path, capsys):
+    from reft_rs.cli import main
+
+    build_seq2seq(family).save_pretrained(tmp_path / "model")
+    seq2seq_tokenizer(family).save_pretrained(tmp_path / "model")
+    with open(tmp_path / "train.jsonl", "w") as handle:
+        for prompt in COPY_PROMPTS:
+            handle.write(json.dumps({"prompt": prompt, "response": prompt}) + "\n")
+    common = ["--model", str(tmp_path / "model"), "--data", str(tmp_path / "train.jsonl"), "--device", "cpu"]
+    code = main(
+        ["train", *common, "--output", str(tmp_path / "run"), "--component", "encoder.block_output"]
+        + ["--layers", "0,1,2", "--positions", "f2+l2", "--rank", "4", "--epochs", "20"]
+        + ["--learning-rate", "2e-2", "--batch-size", "4"]
+    )
+    assert code == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["losses"][-1] < 0.8 * metrics["losses"][0], metrics["losses"]
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "run")]) == 0
+    shown = capsys.readouterr().out
+    assert "encoder-decoder, 3 encoder + " in shown and "encoder.block_output" in shown
+    # generate: the checkpoint's replies are those of the library's own generate.
+    prompts = COPY_PROMPTS[:3]
+    argv = ["generate", "--checkpoint", str(tmp_path / "run"), "--model", str(tmp_path / "model")]
+    assert main([*argv, *(arg for p in prompts for arg in ("--prompt", p)), "--max-new-tokens", "6"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    tok = seq2seq_tokenizer(family)
+    reft_model = ReftModel.from_pretrained(build_seq2seq(family), tmp_path / "run")
+    expected = []
+    for prompt in prompts:
+        out = reft_model.generate(**tok([prompt], return_tensors="pt"), max_new_tokens=6, do_sample=False)
+        expected.append(tok.decode(out[0], skip_special_tokens=True).strip())
+    assert printed == expected
+    # Without a tower the command says what to give.
+    code = main(["train", *common, "--output", str(tmp_path / "plain"), "--layers", "0", "--epochs", "1"])
+    assert code != 0
+    assert "encoder-decoder: give each intervention a tower" in capsys.readouterr().err

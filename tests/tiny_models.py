@@ -194,3 +194,24 @@ def build_seq2seq(family: str, *, seed: int = 0, dtype: torch.dtype = torch.floa
     torch.manual_seed(seed)
     model = transformers.AutoModelForSeq2SeqLM.from_config(seq2seq_config_for(family))
     return model.to(dtype).eval()
+
+
+def seq2seq_tokenizer(family: str):
+    """The test tokenizer with the special tokens an encoder-decoder's adds
+    to every text: T5's ``text </s>``, BART's ``<s> text </s>``."""
+    from tokenizers import processors
+
+    fast = tokenizer(chat=False)
+    backend = fast.backend_tokenizer
+    eos, bos = fast.convert_tokens_to_ids("</s>"), fast.convert_tokens_to_ids("<s>")
+    if family == "t5":
+        backend.post_processor = processors.TemplateProcessing(
+            single="$A </s>", special_tokens=[("</s>", eos)]
+        )
+    else:
+        backend.post_processor = processors.TemplateProcessing(
+            single="<s> $A </s>", special_tokens=[("<s>", bos), ("</s>", eos)]
+        )
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", eos_token="</s>", bos_token="<s>"
+    )

@@ -57,6 +57,9 @@ class TorchGenerator:
         self.model = model
         self.args = args
         self.chat = bool(getattr(self.tokenizer, "chat_template", None)) and not args.no_chat_template
+        # An encoder-decoder reads the prompt in its encoder (padded on the
+        # right) and its output is the reply alone.
+        self.encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
 
     def _text(self, prompt: str) -> str:
         if self.chat:
@@ -84,12 +87,17 @@ class TorchGenerator:
         ids = self.tokenizer([self._text(p) for p in prompts], add_special_tokens=not self.chat)["input_ids"]
         width = max(len(i) for i in ids)
         pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(i)) + i for i in ids])
-        mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
+        if self.encoder_decoder:
+            input_ids = torch.tensor([i + [pad] * (width - len(i)) for i in ids])
+            mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids])
+        else:
+            input_ids = torch.tensor([[pad] * (width - len(i)) + i for i in ids])
+            mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
         device = next(self.model.parameters()).device
         with torch.no_grad():
             out = self.model.generate(input_ids.to(device), attention_mask=mask.to(device), **self._kwargs())
-        return [self.tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+        first = 0 if self.encoder_decoder else width
+        return [self.tokenizer.decode(row[first:], skip_special_tokens=True).strip() for row in out]
 
     def stream(self, prompt: str) -> None:
         import threading

@@ -88,9 +88,12 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"checkpoint {folder} (format {config.get('format_version')}, reft_rs {config.get('library_version')})"
     )
+    depth = f"{base['num_hidden_layers']} layers"
+    if base.get("num_decoder_layers") is not None:
+        depth = f"encoder-decoder, {base['num_hidden_layers']} encoder + {base['num_decoder_layers']} decoder layers"
     print(
         f"base model: {base.get('name_or_path') or '?'} ({base.get('model_type') or '?'}, hidden size "
-        f"{base['hidden_size']}, {base['num_hidden_layers']} layers)"
+        f"{base['hidden_size']}, {depth})"
     )
     print(f"{len(config['interventions'])} interventions, {trainable:,} trained parameters")
     rows = [("name", "type", "layer", "component", "positions", "rank", "parameters")]
@@ -104,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
                 entry["name"],
                 entry["type"],
                 str(entry["layer"]),
-                entry["component"],
+                # An encoder-decoder's stack as the component's prefix.
+                ".".join(part for part in (entry.get("tower"), entry["component"]) if part),
                 positions,
                 "-" if rank is None else str(rank),
                 f"{counts.get(entry['name'], 0):,} {dtypes.get(entry['name'], '?')}",

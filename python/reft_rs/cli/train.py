@@ -393,7 +393,7 @@ def _train_with_trainer(
         args=training_args,
         train_dataset=dataset,
         eval_dataset=dev,
-        data_collator=ReftDataCollator(tokenizer.pad_token_id),
+        data_collator=ReftDataCollator(tokenizer.pad_token_id, encoder_decoder=dataset.encoder_decoder),
         eval_metric=metric,
         eval_tokenizer=tokenizer,
         callbacks=callbacks or None,

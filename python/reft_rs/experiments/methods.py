@@ -342,10 +342,11 @@ def _train_trial(
     ``model`` trained on the task's training set with the trial's epochs and
     learning rate, scored on dev as it goes (``report``), best step kept."""
     task, tokenizer = method.task, method.tokenizer
+    dataset = task.dataset(tokenizer, task.train, config)
     return train(
         model,
-        task.dataset(tokenizer, task.train, config),
-        collator=ReftDataCollator(pad_id(tokenizer)),
+        dataset,
+        collator=ReftDataCollator(pad_id(tokenizer), encoder_decoder=dataset.encoder_decoder),
         epochs=int(params["epochs"]),
         batch_size=method.batch_size,
         learning_rate=float(params["learning_rate"]),

@@ -227,8 +227,10 @@ def load_model(
     labels: Sequence[str] | None = None,
 ) -> tuple[Any, Any]:
     """The model and tokenizer at ``path`` (a Hugging Face folder or a GGUF
-    file, expanded by transformers): a causal LM, or with ``labels`` a
-    sequence classifier over them (its head new unless saved with it). A
+    file, expanded by transformers): a causal LM (an encoder-decoder's
+    sequence-to-sequence LM when the config says ``is_encoder_decoder``:
+    T5, BART, ...), or with ``labels`` a sequence classifier over them (its
+    head new unless saved with it). A
     tokenizer without a pad token pads with its end-of-sequence token; the
     model's config records ``path`` as the name checkpoints keep.
 
@@ -247,6 +249,10 @@ def load_model(
             folder: Path | str = path.parent
         else:
             kwargs, folder = {}, path
+        if not kwargs and getattr(
+            transformers.AutoConfig.from_pretrained(folder), "is_encoder_decoder", False
+        ):
+            auto = transformers.AutoModelForSeq2SeqLM
         if labels is not None:
             auto = transformers.AutoModelForSequenceClassification
             kwargs["num_labels"] = len(labels)

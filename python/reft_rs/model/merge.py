@@ -40,6 +40,8 @@ def _refusal(item: Any) -> str | None:
         return f"{item.name} edits positions {item.positions!r} only, and a weight acts on every token"
     if item.module_path is not None:
         return f"{item.name} edits the module {item.module_path!r}, not a standard component"
+    if item.tower is not None:
+        return f"{item.name} edits the {item.tower} of an encoder-decoder; merging covers one-stack models"
     if item.component not in _FOLDABLE_COMPONENTS:
         return (
             f"{item.name} edits {item.component}, which sums the residual stream with a block's "

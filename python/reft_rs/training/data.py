@@ -80,6 +80,11 @@ class ReftDataset(torch.utils.data.Dataset):
             :func:`reft_rs.positions.locate`, or ``None`` when no intervention
             reads locations. Examples take views of it, never copies.
         token_labels: Whether the examples carry per-token labels.
+        encoder_decoder: For an encoder-decoder (T5, BART, ...): the prompt
+            is the encoder's input and the response the decoder's target,
+            so an example is ``{"input_ids": prompt, "labels": response}``
+            (no locations: the model chooses each stack's positions from the
+            batch's masks and labels, by the same rule).
     """
 
     def __init__(
@@ -91,6 +96,7 @@ class ReftDataset(torch.utils.data.Dataset):
         *,
         labels: Sequence[Any] | None = None,
         token_labels: bool = True,
+        encoder_decoder: bool = False,
     ) -> None:
         self.tokens = np.ascontiguousarray(tokens, dtype=np.int32)
         self.offsets = np.asarray(offsets, dtype=np.int64)
@@ -98,6 +104,12 @@ class ReftDataset(torch.utils.data.Dataset):
         self.locations = locations
         self.labels = labels
         self.token_labels = token_labels and labels is None
+        self.encoder_decoder = bool(encoder_decoder)
+        if self.encoder_decoder and (not self.token_labels or locations is not None):
+            raise ConfigError(
+                "an encoder-decoder dataset holds prompt/response pairs without locations "
+                "(the response is the decoder's target)"
+            )
         count = len(self.prompt_lengths)
         if len(self.offsets) != count + 1 or (labels is not None and len(labels) != count):
             raise ConfigError(
@@ -139,6 +151,9 @@ class ReftDataset(torch.utils.data.Dataset):
             raise IndexError(f"example {index} of a dataset of {len(self)}")
         index = index % len(self)
         ids = self.tokens[self.offsets[index] : self.offsets[index + 1]].astype(np.int64)
+        if self.encoder_decoder:
+            prompt = self.prompt_lengths[index]
+            return {"input_ids": ids[:prompt], "labels": ids[prompt:]}
         item: dict[str, Any] = {"input_ids": ids}
         if self.token_labels:
             labels = ids.copy()
@@ -164,6 +179,14 @@ class ReftDataset(torch.utils.data.Dataset):
         if padding_side not in ("left", "right"):
             raise ConfigError(f"padding_side must be 'left' or 'right', found {padding_side!r}")
         indices = np.ascontiguousarray(indices, dtype=np.int64)
+        if self.encoder_decoder:
+            collator = ReftDataCollator(
+                pad_token_id, padding_side, pad_to_multiple_of, token_labels=True, encoder_decoder=True
+            )
+            out = collator.pad([self[int(i)] for i in indices])
+            if as_tensors:
+                return {k: torch.from_numpy(v) for k, v in out.items()}
+            return out
         lengths = self.offsets[indices + 1] - self.offsets[indices]
         width = int(lengths.max()) if len(indices) else 0
         if pad_to_multiple_of:
@@ -581,6 +604,7 @@ def make_dataset(
     system_prompt: str | None = None,
     max_length: int | None = None,
     encoder: _core.BatchTokenizer | None = None,
+    encoder_decoder: bool | None = None,
 ) -> ReftDataset:
     """Builds a :class:`ReftDataset` for language modelling or classification.
 
@@ -600,11 +624,27 @@ def make_dataset(
         chat_template, system_prompt, max_length, encoder: See
             :func:`encode_pairs`. Classification texts go without the chat
             template unless ``chat_template=True``.
+        encoder_decoder: Pairs for an encoder-decoder (T5, BART, ...): the
+            prompt is the encoder's input, the response the decoder's
+            target, each tokenized on its own with the tokenizer's special
+            tokens (and cut to ``max_length``), with no chat template unless
+            ``chat_template=True``. By default when ``config`` names towers.
     """
     if responses is not None and labels is not None:
         raise ConfigError("give responses (language modelling) or labels (classification), not both")
     if labels is not None and len(labels) != len(prompts):
         raise ConfigError(f"{len(prompts)} texts but {len(labels)} labels")
+    if encoder_decoder is None:
+        encoder_decoder = config is not None and any(item.tower for item in config.interventions)
+    if encoder_decoder:
+        if responses is None:
+            raise ConfigError(
+                "an encoder-decoder learns responses: give the labels as response texts "
+                "(a class name as the reply) rather than class indices"
+            )
+        return _seq2seq_dataset(
+            tokenizer, prompts, responses, chat_template, system_prompt, max_length, encoder
+        )
     spec, share_weights, include_last = _position_rule(config, positions, share_weights, include_last)
     tokens, offsets, prompt_lengths = encode_pairs(
         tokenizer,
@@ -626,6 +666,40 @@ def make_dataset(
         labels=labels,
         token_labels=responses is not None,
     )
+
+
+def _seq2seq_dataset(
+    tokenizer: Any,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    chat_template: bool | None,
+    system_prompt: str | None,
+    max_length: int | None,
+    encoder: _core.BatchTokenizer | None,
+) -> ReftDataset:
+    """Prompt/response pairs for an encoder-decoder: each example's tokens
+    are its encoder input then its decoder target (tokenized apart)."""
+    if len(responses) != len(prompts):
+        raise ConfigError(f"{len(prompts)} prompts but {len(responses)} responses")
+    encoder = encoder or batch_tokenizer(tokenizer)
+    options = {"system_prompt": system_prompt, "max_length": max_length, "encoder": encoder}
+    sources, source_offsets, _ = encode_pairs(
+        tokenizer, prompts, chat_template=bool(chat_template), **options
+    )
+    targets, target_offsets, _ = encode_pairs(tokenizer, responses, chat_template=False, **options)
+    source_lengths, target_lengths = np.diff(source_offsets), np.diff(target_offsets)
+    if len(target_lengths) and int(target_lengths.min()) == 0:
+        empty = int(np.flatnonzero(target_lengths == 0)[0])
+        raise ConfigError(f"response {empty} has no tokens: the decoder would have nothing to learn")
+    offsets = np.zeros(len(prompts) + 1, dtype=np.int64)
+    np.cumsum(source_lengths + target_lengths, out=offsets[1:])
+    tokens = np.empty(int(offsets[-1]), dtype=np.int32)
+    # Each token's place: its example's start, plus its place in the prompt
+    # (or after the prompt, in the response).
+    tokens[np.repeat(offsets[:-1] - source_offsets[:-1], source_lengths) + np.arange(len(sources))] = sources
+    target_starts = offsets[:-1] + source_lengths - target_offsets[:-1]
+    tokens[np.repeat(target_starts, target_lengths) + np.arange(len(targets))] = targets
+    return ReftDataset(tokens, offsets, source_lengths, None, encoder_decoder=True)
 
 
 def stream_batches(
@@ -709,6 +783,15 @@ def _per_token(example: dict[str, Any]) -> bool:
     )
 
 
+def _is_target(example: dict[str, Any]) -> bool:
+    """Whether an example's labels are an encoder-decoder's target: a list
+    of token ids that is not the input with its prompt masked."""
+    if "labels" not in example:
+        return False
+    labels = np.asarray(example["labels"])
+    return labels.ndim == 1 and labels.dtype.kind in "iu" and not _per_token(example)
+
+
 @dataclass
 class ReftDataCollator:
     """Pads examples of a :class:`ReftDataset` into a batch.
@@ -721,6 +804,10 @@ class ReftDataCollator:
             padded with -100) or per example (classification, stacked). By
             default per token when each example's labels are as long as its
             input and mask the prompt with -100.
+        encoder_decoder: Whether ``labels`` are an encoder-decoder's target
+            (padded with -100 on the right, whatever ``padding_side``). By
+            default when they are a list of ids that is not the input with
+            its prompt masked.
 
     Returns (when called): ``input_ids``, ``attention_mask``, ``labels`` (if
     the examples have them) and ``locations`` ``(groups, batch, positions)``,
@@ -731,6 +818,7 @@ class ReftDataCollator:
     padding_side: str = "right"
     pad_to_multiple_of: int | None = None
     token_labels: bool | None = None
+    encoder_decoder: bool | None = None
 
     def __post_init__(self) -> None:
         if self.padding_side not in ("left", "right"):
@@ -738,7 +826,36 @@ class ReftDataCollator:
         if self.pad_token_id is None:
             raise ConfigError("the tokenizer has no pad token; pass pad_token_id (e.g. the eos token id)")
 
+    def _width(self, lengths: np.ndarray) -> int:
+        width = int(lengths.max()) if len(lengths) else 0
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        return width
+
+    def pad(self, examples: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
+        """An encoder-decoder's batch as arrays: the prompts padded (on
+        ``padding_side``) with their attention mask, the targets padded on
+        the right with -100."""
+        batch = len(examples)
+        lengths = np.array([len(e["input_ids"]) for e in examples], dtype=np.int64)
+        width = self._width(lengths)
+        ids = np.full((batch, width), self.pad_token_id, dtype=np.int64)
+        mask = np.zeros((batch, width), dtype=np.int64)
+        targets = [np.asarray(e["labels"], dtype=np.int64) for e in examples]
+        labels = np.full((batch, self._width(np.array([len(t) for t in targets]))), IGNORE_INDEX, np.int64)
+        for row, example in enumerate(examples):
+            start = width - lengths[row] if self.padding_side == "left" else 0
+            ids[row, start : start + lengths[row]] = example["input_ids"]
+            mask[row, start : start + lengths[row]] = 1
+            labels[row, : len(targets[row])] = targets[row]
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        encoder_decoder = self.encoder_decoder
+        if encoder_decoder is None:  # targets of their own length: a decoder's
+            encoder_decoder = bool(examples) and _is_target(examples[0])
+        if encoder_decoder:
+            return {k: torch.from_numpy(v) for k, v in self.pad(examples).items()}
         lengths = np.array([len(e["input_ids"]) for e in examples], dtype=np.int64)
         width = int(lengths.max()) if len(lengths) else 0
         if self.pad_to_multiple_of:

@@ -84,7 +84,10 @@ def _loss(reft_model: Any, dataset: ReftDataset, batch_size: int, pad_token_id: 
     total, count = 0.0, 0
     for batch in dataset.batches(batch_size, pad_token_id):
         labels = batch["labels"]
-        if dataset.token_labels:
+        if dataset.encoder_decoder:
+            # an encoder-decoder's decoder predicts each label where it stands
+            weight = int((labels != IGNORE_INDEX).sum())
+        elif dataset.token_labels:
             # the model's loss is the mean over the shifted label tokens
             weight = int((labels[:, 1:] != IGNORE_INDEX).sum())
         else:
@@ -160,7 +163,11 @@ def _example_losses(reft_model: Any, dataset: ReftDataset, batch_size: int, pad_
         labels = batch.pop("labels")
         logits = reft_model(**_to(batch, reft_model.device)).logits.float().cpu()
         if dataset.token_labels:
-            shifted, targets = logits[:, :-1], labels[:, 1:]
+            # A decoder-only model predicts token t+1 at t; an encoder-decoder's
+            # decoder predicts label t at t.
+            shifted, targets = (
+                (logits, labels) if dataset.encoder_decoder else (logits[:, :-1], labels[:, 1:])
+            )
             keep = targets != IGNORE_INDEX
             each = torch.nn.functional.cross_entropy(
                 shifted.reshape(-1, shifted.shape[-1]), targets.clamp(min=0).reshape(-1), reduction="none"
@@ -205,9 +212,12 @@ def generate_replies(
     pad_token_id: int = 0,
     max_new_tokens: int | None = None,
 ) -> list[str]:
-    """Greedy replies to each example's prompt (left-padded batches), as text."""
+    """Greedy replies to each example's prompt, as text (left-padded
+    batches; an encoder-decoder's prompts are its encoder's input, padded on
+    the right, and its replies everything its decoder writes)."""
     replies: list[str] = []
     device = reft_model.device
+    seq2seq = dataset.encoder_decoder
     for first in range(0, len(dataset), batch_size):
         indices = range(first, min(first + batch_size, len(dataset)))
         prompts = [
@@ -222,8 +232,9 @@ def generate_replies(
         ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for row, prompt in enumerate(prompts):
-            ids[row, width - len(prompt) :] = torch.from_numpy(prompt)
-            mask[row, width - len(prompt) :] = 1
+            start = 0 if seq2seq else width - len(prompt)
+            ids[row, start : start + len(prompt)] = torch.from_numpy(prompt)
+            mask[row, start : start + len(prompt)] = 1
         limit = max_new_tokens or 1 + max(len(_response_ids(dataset, i)) for i in indices)
         out = reft_model.generate(
             ids.to(device),
@@ -232,5 +243,6 @@ def generate_replies(
             do_sample=False,
             pad_token_id=pad_token_id,
         )
-        replies.extend(tokenizer.decode(row[width:], skip_special_tokens=True) for row in out.cpu())
+        first = 0 if seq2seq else width  # a decoder's output holds no prompt
+        replies.extend(tokenizer.decode(row[first:], skip_special_tokens=True) for row in out.cpu())
     return replies

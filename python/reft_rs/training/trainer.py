@@ -300,7 +300,8 @@ def train(
             dataset,
             batch_size=batch_size,
             shuffle=shuffle,
-            collate_fn=collator or ReftDataCollator(0),
+            collate_fn=collator
+            or ReftDataCollator(0, encoder_decoder=getattr(dataset, "encoder_decoder", None)),
             generator=generator,
         )
     else:
