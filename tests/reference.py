@@ -78,6 +78,29 @@ def locations(
     ]
 
 
+def rows_in_tokens(
+    tokens: list[int],
+    n: int,
+    spec: str | list[int],
+    image_token: int,
+    *,
+    share_weights: bool,
+    include_last: bool,
+) -> list[list[int]]:
+    """The chosen positions of one vision-language prompt of ``n`` tokens: an
+    ``image`` spec counts over the image tokens, any other over the rest (the
+    text); the last prompt token is never chosen without ``include_last``."""
+    images = isinstance(spec, str) and spec.startswith("image")
+    if images:
+        spec = spec.partition(":")[2].replace("first", "f").replace("last", "l") or "all"
+    if isinstance(spec, str) and "," in spec:
+        spec = [int(i) for i in spec.split(",")]
+    usable = n if include_last else max(n - 1, 0)
+    candidates = [i for i in range(usable) if (tokens[i] == image_token) == images]
+    rows = rows_for_example(spec, len(candidates), share_weights=share_weights, include_last=True)
+    return [[candidates[p] if p != MASKED else MASKED for p in row] for row in rows]
+
+
 def pyreft_locations(
     last_position: int, first_n: int, last_n: int, *, share_weights: bool, num_interventions: int
 ) -> list[list[int]]:

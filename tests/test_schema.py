@@ -98,9 +98,10 @@ SPEC_TYPES = {
 }
 SPEC_COMPONENTS = ("block_output", "block_input", "mlp_output", "attention_output")
 # Beyond the specification's table: an encoder-decoder's decoder component,
-# and the stacks an intervention may name on such a model (issue 29).
+# and the stacks an intervention may name on an encoder-decoder or a
+# vision-language model (issue 29).
 ENCODER_DECODER_COMPONENTS = ("cross_attention_output",)
-TOWERS = ("encoder", "decoder")
+TOWERS = ("encoder", "decoder", "vision")
 SPEC_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 

@@ -215,3 +215,152 @@ def seq2seq_tokenizer(family: str):
     return transformers.PreTrainedTokenizerFast(
         tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", eos_token="</s>", bos_token="<s>"
     )
+
+
+VISION_LANGUAGE = ("llava", "qwen2_vl", "idefics3", "gemma3")
+#: The image placeholder token of the tiny vision-language models.
+IMAGE_TOKEN = 90
+#: Language-model tokens each image of the tiny vision-language models becomes.
+IMAGE_TOKENS = {"llava": 16, "qwen2_vl": 4, "idefics3": 4, "gemma3": 4}
+VISION_LAYERS = 2
+VISION_WIDTH = 24
+
+
+def vision_language_config_for(family: str) -> transformers.PretrainedConfig:
+    """A tiny vision-language model's config: a 3-layer language model of
+    width 32 and a 2-layer vision encoder of width 24 reading 16×16 images
+    in 4×4 patches."""
+    text = dict(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=48,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+    )
+    vision = dict(
+        hidden_size=VISION_WIDTH,
+        intermediate_size=48,
+        num_hidden_layers=VISION_LAYERS,
+        num_attention_heads=2,
+        image_size=16,
+        patch_size=4,
+    )
+    if family == "llava":
+        return transformers.LlavaConfig(
+            text_config=transformers.LlamaConfig(**text),
+            vision_config=transformers.CLIPVisionConfig(**vision, projection_dim=VISION_WIDTH),
+            image_token_index=IMAGE_TOKEN,
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="default",
+        )
+    if family == "qwen2_vl":
+        return transformers.Qwen2VLConfig(
+            text_config=dict(
+                model_type="qwen2_vl_text",
+                **text,
+                rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]},
+            ),
+            vision_config=dict(
+                depth=VISION_LAYERS,
+                embed_dim=VISION_WIDTH,
+                hidden_size=HIDDEN,
+                num_heads=2,
+                mlp_ratio=2,
+                patch_size=4,
+                spatial_merge_size=2,
+                temporal_patch_size=2,
+                in_channels=3,
+            ),
+            image_token_id=IMAGE_TOKEN,
+            video_token_id=91,
+            vision_start_token_id=92,
+            vision_end_token_id=93,
+        )
+    if family == "idefics3":
+        return transformers.Idefics3Config(
+            text_config=transformers.LlamaConfig(**text),
+            vision_config=transformers.Idefics3VisionConfig(**vision),
+            image_token_id=IMAGE_TOKEN,
+            scale_factor=2,
+        )
+    if family == "gemma3":
+        return transformers.Gemma3Config(
+            text_config=transformers.Gemma3TextConfig(
+                **{**text, "num_key_value_heads": 1}, head_dim=8, sliding_window=8
+            ),
+            vision_config=transformers.SiglipVisionConfig(**vision),
+            mm_tokens_per_image=IMAGE_TOKENS["gemma3"],
+            image_token_index=IMAGE_TOKEN,
+            boi_token_index=91,
+            eoi_token_index=92,
+        )
+    raise ValueError(family)
+
+
+def build_vision_language(
+    family: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, init_range: float | None = None
+) -> torch.nn.Module:
+    """A tiny random vision-language model (its ``*ForConditionalGeneration``
+    class); ``init_range`` widens the random weights (see :func:`build`)."""
+    torch.manual_seed(seed)
+    config = vision_language_config_for(family)
+    if init_range is not None:
+        config.initializer_range = init_range
+        config.get_text_config().initializer_range = init_range
+    classes = {
+        "llava": transformers.LlavaForConditionalGeneration,
+        "qwen2_vl": transformers.Qwen2VLForConditionalGeneration,
+        "idefics3": transformers.Idefics3ForConditionalGeneration,
+        "gemma3": transformers.Gemma3ForConditionalGeneration,
+    }
+    model = classes[family](config)
+    if family == "gemma3":
+        # Gemma 3 starts its image projection at zero: images would change nothing.
+        with torch.no_grad():
+            model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, 0.2)
+    return model.to(dtype).eval()
+
+
+def image_inputs(family: str, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What each model takes for ``images``, ``(n, 3, 16, 16)`` pixels, one
+    per example (Qwen2-VL: its flattened 2×4×4 patches and their grid)."""
+    n = images.shape[0]
+    if family == "qwen2_vl":
+        # Qwen2-VL's processor order: (t, h/merge, w/merge, merge, merge) patches of
+        # (channels, temporal 2, 4, 4) values; one frame repeated in time.
+        frames = images.unsqueeze(1).repeat(1, 2, 1, 1, 1)  # n, t=2, c, 16, 16
+        patches = frames.reshape(n, 1, 2, 3, 2, 2, 4, 2, 2, 4)  # n, grid_t, t, c, h/2m, m, p, w/2m, m, p
+        patches = patches.permute(0, 1, 4, 7, 5, 8, 3, 2, 6, 9)
+        return {
+            "pixel_values": patches.reshape(n * 16, 3 * 2 * 4 * 4),
+            "image_grid_thw": torch.tensor([[1, 4, 4]] * n),
+        }
+    if family == "idefics3":
+        return {"pixel_values": images.unsqueeze(1)}
+    return {"pixel_values": images}
+
+
+def prompt_with_image(family: str, before: list[int], after: list[int]) -> list[int]:
+    """Token ids of a prompt with one image between two runs of words."""
+    image = [IMAGE_TOKEN] * IMAGE_TOKENS[family]
+    if family == "qwen2_vl":
+        image = [92, *image, 93]  # vision start and end
+    return [*before, *image, *after]
+
+
+def vision_language_inputs(
+    family: str, ids: torch.Tensor, images: torch.Tensor, mask: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """A batch as the family's processor gives it: ids, mask, pixels, and
+    the token types Qwen2-VL (``mm_token_type_ids``) and Gemma 3
+    (``token_type_ids``) read (1 on image tokens)."""
+    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids) if mask is None else mask}
+    out.update(image_inputs(family, images))
+    if family == "qwen2_vl":
+        out["mm_token_type_ids"] = (ids == IMAGE_TOKEN).int()
+    if family == "gemma3":
+        out["token_type_ids"] = (ids == IMAGE_TOKEN).long()
+    return out

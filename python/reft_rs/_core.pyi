@@ -26,6 +26,7 @@ __all__ = [
     "BatchTokenizer",
     "locate",
     "locate_char_spans",
+    "locate_in_tokens",
     "gather",
     "scatter",
     "pad_rows",
@@ -55,6 +56,8 @@ class PositionSpec:
     @property
     def kind(self) -> str: ...
     @property
+    def images(self) -> bool: ...
+    @property
     def first(self) -> int: ...
     @property
     def last(self) -> int: ...
@@ -68,6 +71,20 @@ class PositionSpec:
 def locate(
     lengths: npt.NDArray[np.int64],
     spec: str | Sequence[int] | PositionSpec,
+    *,
+    share_weights: bool = False,
+    include_last: bool = True,
+    padding_side: str = "right",
+    padded_length: int | None = None,
+    sequence_lengths: npt.NDArray[np.int64] | None = None,
+    parallel: bool = True,
+) -> npt.NDArray[np.int64]: ...
+def locate_in_tokens(
+    tokens: npt.NDArray[np.int64],
+    offsets: npt.NDArray[np.int64],
+    lengths: npt.NDArray[np.int64],
+    spec: str | Sequence[int] | PositionSpec,
+    image_token: int,
     *,
     share_weights: bool = False,
     include_last: bool = True,

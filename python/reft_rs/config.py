@@ -88,11 +88,17 @@ class InterventionConfig:
             counts in: ``"encoder"`` (positions count over the encoder's
             input) or ``"decoder"`` (positions count over the decoder's
             prompt-side tokens: its start token and any forced prefix).
-            ``None`` for models with one stack of layers.
+            On a vision-language model (LLaVA, Qwen2-VL, Idefics3, Gemma 3)
+            ``None`` is the language model and ``"vision"`` the vision
+            encoder, whose every patch is edited (positions ``"all"``, at
+            the encoder's own width). ``None`` for models with one stack.
         positions: Prompt positions edited: ``"f7+l7"``, ``"l1"``, ``"all"``,
             a list of indices... Defaults to ``"l1"`` (the last prompt token)
             for the ReFT types and ``"all"`` for ``red`` and ``steer``.
             ``"all"`` edits every token the model sees, prompt and generated.
+            On a vision-language model the forms count over the prompt's
+            text tokens only, and ``"image"``, ``"image:l4"``,
+            ``"image:f2+l2"``... over its image tokens only.
         low_rank_dimension: Rank r of the ReFT types (required for them).
         share_weights: One intervention for both ends of ``f{p}+l{s}``
             instead of a prefix and a suffix one.

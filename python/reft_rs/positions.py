@@ -7,7 +7,12 @@ edits:
   ``"f{p}"`` and ``"l{s}"`` take one end only (pyreft's forms);
 - ``"all"``: every prompt token;
 - explicit token indices, ``[0, 2, -1]`` or ``"0,2,-1"`` (negative indices
-  count back from the end of the prompt; indices past a prompt are masked).
+  count back from the end of the prompt; indices past a prompt are masked);
+- on a vision-language model, ``"image"`` (every image token of the prompt)
+  or ``"image:"`` with any of the forms above counted over the image tokens
+  alone (``"image:f4"``, ``"image:l4"``, also written ``"image:first4"``,
+  ``"image:last4"``), while the other forms count over the prompt's text
+  tokens only, skipping the image placeholders (:func:`locate_in_tokens`).
 
 The selection follows pyreft's clamp rule: with ``n`` prompt tokens, an
 example keeps the first ``min(n // 2, p)`` and the last ``min(n // 2, s)``,
@@ -33,7 +38,15 @@ from . import _core
 from ._core import MASKED, PositionSpec
 from .errors import PositionError
 
-__all__ = ["IGNORE_INDEX", "MASKED", "PositionSpec", "locate", "locate_spans", "per_layer"]
+__all__ = [
+    "IGNORE_INDEX",
+    "MASKED",
+    "PositionSpec",
+    "locate",
+    "locate_in_tokens",
+    "locate_spans",
+    "per_layer",
+]
 
 #: The label of a token the loss skips (transformers' and torch's
 #: ``ignore_index``): the prompt, whose end the positions are counted from.
@@ -122,6 +135,69 @@ def locate(
     return _core.locate(
         lengths_array,
         spec,
+        share_weights=bool(share_weights),
+        include_last=bool(include_last),
+        padding_side=padding_side,
+        padded_length=_padded_length(padded_length),
+        sequence_lengths=sequence,
+        parallel=bool(parallel),
+    )
+
+
+def locate_in_tokens(
+    tokens: Sequence[Sequence[int]] | Sequence[np.ndarray],
+    lengths: Sequence[int] | np.ndarray,
+    spec: str | Sequence[int] | PositionSpec,
+    image_token_id: int,
+    *,
+    share_weights: bool = False,
+    include_last: bool = True,
+    padding_side: PaddingSide = "right",
+    padded_length: int | None = None,
+    sequence_lengths: Sequence[int] | np.ndarray | None = None,
+    parallel: bool = True,
+) -> np.ndarray:
+    """:func:`locate` for a vision-language model's prompts, from their
+    token ids: image specs (``"image"``, ``"image:l4"``...) choose among the
+    prompt's image tokens (``image_token_id``, the placeholders the
+    processor expanded), every other spec among its text tokens only.
+
+    Args:
+        tokens: Each example's token ids, unpadded, prompt first (a list of
+            lists or arrays).
+        lengths: Prompt tokens per example.
+        spec: The position spec.
+        image_token_id: The image placeholder's id (the model config's
+            ``image_token_id``).
+        sequence_lengths: Tokens per example in the padded batch; by
+            default the length of each row of ``tokens``.
+        Others: as in :func:`locate`; positions are counted in the whole
+        (padded) sequence.
+
+    Returns:
+        The ``(groups, examples, max_positions)`` int64 array.
+
+    Example::
+
+        >>> locate_in_tokens([[5, 9, 9, 9, 6, 7]], [6], "image", image_token_id=9)
+        array([[[1, 2, 3]]])
+        >>> locate_in_tokens([[5, 9, 9, 9, 6, 7]], [6], "f1+l1", image_token_id=9, share_weights=True)
+        array([[[0, 5]]])
+    """
+    rows = [_int64_vector(row, "tokens[i]") for row in tokens]
+    offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum([len(row) for row in rows], out=offsets[1:])
+    flat = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+    lengths_array = _int64_vector(lengths, "lengths")
+    if len(lengths_array) != len(rows):
+        raise PositionError(f"{len(rows)} token rows but {len(lengths_array)} lengths")
+    sequence = None if sequence_lengths is None else _int64_vector(sequence_lengths, "sequence_lengths")
+    return _core.locate_in_tokens(
+        flat,
+        offsets,
+        lengths_array,
+        spec,
+        int(image_token_id),
         share_weights=bool(share_weights),
         include_last=bool(include_last),
         padding_side=padding_side,

@@ -28,7 +28,16 @@ from torch import nn
 from ..config import InterventionConfig
 from ..errors import IncompatibleModelError
 
-__all__ = ["HookSite", "find_layers", "is_encoder_decoder", "resolve", "stack_depth"]
+__all__ = [
+    "HookSite",
+    "find_layers",
+    "image_token_id",
+    "is_encoder_decoder",
+    "resolve",
+    "stack_depth",
+    "stack_width",
+    "vision_config",
+]
 
 _MLP_NAMES = ("mlp", "feed_forward", "ffn", "mlp_block", "output", "DenseReluDense", "fc2")
 _ATTENTION_NAMES = ("self_attn", "attn", "attention", "self_attention", "SelfAttention")
@@ -44,6 +53,11 @@ _DEPTH_NAMES = {
     "encoder": ("encoder_layers", "num_layers", "num_hidden_layers"),
     "decoder": ("decoder_layers", "num_decoder_layers", "num_layers", "num_hidden_layers"),
 }
+#: A vision-language model's vision encoder and language model, by their
+#: conventional attribute names (LLaVA, Gemma 3: ``vision_tower``; Qwen2-VL:
+#: ``visual``; Idefics3 / SmolVLM: ``vision_model``).
+_VISION_NAMES = ("vision_tower", "visual", "vision_model")
+_LANGUAGE_NAMES = ("language_model", "text_model")
 
 
 @dataclass(frozen=True)
@@ -55,9 +69,27 @@ class HookSite:
     edits_input: bool
 
 
-def model_dimensions(model: nn.Module) -> tuple[int, int]:
-    """``(hidden_size, num_hidden_layers)`` from a Hugging Face config."""
+def vision_config(model: nn.Module) -> Any:
+    """A vision-language model's vision config, else ``None``."""
+    return getattr(getattr(model, "config", None), "vision_config", None)
+
+
+def image_token_id(model: nn.Module) -> int | None:
+    """The id of a vision-language model's image placeholder token."""
     config = getattr(model, "config", None)
+    for name in ("image_token_id", "image_token_index"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def model_dimensions(model: nn.Module) -> tuple[int, int]:
+    """``(hidden_size, num_hidden_layers)`` from a Hugging Face config (a
+    vision-language model's language model's)."""
+    config = getattr(model, "config", None)
+    if vision_config(model) is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
     try:
         return int(config.hidden_size), int(config.num_hidden_layers)
     except (AttributeError, TypeError):
@@ -76,6 +108,12 @@ def stack_depth(model: nn.Module, tower: str | None) -> int:
     """How many layers the stack ``tower`` of ``model`` has (``None``: the
     model's one stack)."""
     _, num_layers = model_dimensions(model)
+    vision = vision_config(model)
+    if tower == "vision" and vision is not None:
+        for name in ("num_hidden_layers", "depth"):
+            value = getattr(vision, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
     if tower is None or not is_encoder_decoder(model):
         return num_layers
     config = model.config
@@ -84,6 +122,19 @@ def stack_depth(model: nn.Module, tower: str | None) -> int:
         if isinstance(value, int) and value > 0:
             return value
     return num_layers
+
+
+def stack_width(model: nn.Module, tower: str | None) -> int:
+    """The width of the states the stack ``tower`` passes between its layers
+    (a vision encoder's, Qwen2-VL's ``embed_dim``, differ from the language
+    model's hidden size)."""
+    vision = vision_config(model)
+    if tower == "vision" and vision is not None:
+        for name in ("embed_dim", "hidden_size"):
+            value = getattr(vision, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+    return model_dimensions(model)[0]
 
 
 def model_identity(model: nn.Module) -> dict[str, Any]:
@@ -101,7 +152,17 @@ def model_identity(model: nn.Module) -> dict[str, Any]:
     if is_encoder_decoder(model):
         identity["num_hidden_layers"] = stack_depth(model, "encoder")
         identity["num_decoder_layers"] = stack_depth(model, "decoder")
+    if vision_config(model) is not None:
+        identity["num_vision_layers"] = stack_depth(model, "vision")
     return identity
+
+
+def _named(model: nn.Module, names: tuple[str, ...]) -> tuple[str, nn.Module] | None:
+    """The shallowest submodule whose own name is one of ``names``."""
+    found = [
+        (path, module) for path, module in model.named_modules() if path and path.rsplit(".", 1)[-1] in names
+    ]
+    return min(found, key=lambda item: item[0].count(".")) if found else None
 
 
 #: Where Hugging Face sequence classifiers keep their head.
@@ -127,7 +188,25 @@ def find_layers(model: nn.Module, tower: str | None = None) -> tuple[str, nn.Mod
     encoder-decoder, the stack of ``tower`` (which must then be given)."""
     num_layers = stack_depth(model, tower)
     root_path, root = "", model
-    if is_encoder_decoder(model):
+    if vision_config(model) is not None:
+        if tower not in (None, "vision"):
+            raise IncompatibleModelError(
+                f"tower={tower!r}: {type(model).__name__} is a vision-language model; its stacks are "
+                "the language model (no tower) and tower='vision'"
+            )
+        found = _named(model, _VISION_NAMES if tower == "vision" else _LANGUAGE_NAMES)
+        if found is None:
+            what = "vision encoder" if tower == "vision" else "language model"
+            raise IncompatibleModelError(
+                f"cannot find the {what} of {type(model).__name__}; give the interventions a module_path"
+            )
+        root_path, root = found
+    elif tower == "vision":
+        raise IncompatibleModelError(
+            f"tower='vision' names a vision-language model's vision encoder, but {type(model).__name__} "
+            "has none; leave tower unset"
+        )
+    elif is_encoder_decoder(model):
         if tower is None:
             raise IncompatibleModelError(
                 f"{type(model).__name__} is an encoder-decoder: give each intervention a tower, "

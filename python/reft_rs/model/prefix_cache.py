@@ -52,6 +52,8 @@ def applies(reft_model: Hooked) -> str | None:
     model_config = getattr(model, "config", None)
     if model_config is None or getattr(model_config, "is_encoder_decoder", False):
         return "the model is not a decoder-only transformer"
+    if getattr(model_config, "vision_config", None) is not None:
+        return "a vision-language model's prompts hold images, whose features the prefix pass would not see"
     try:
         from transformers.models.auto import modeling_auto
     except ImportError:  # pragma: no cover - transformers is in the torch extra

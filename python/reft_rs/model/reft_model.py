@@ -35,7 +35,7 @@ from .. import _core
 from ..config import InterventionConfig, ReftConfig
 from ..errors import ConfigError, IncompatibleModelError, InvalidCheckpointError, LocationError, ShapeError
 from ..io import checkpoint
-from ..positions import IGNORE_INDEX, locate
+from ..positions import IGNORE_INDEX, locate, locate_in_tokens
 from . import gradient_checkpointing, merge
 from .hooks import Calls, CallState, Hook
 from .interventions import Intervention, inference_call
@@ -43,11 +43,14 @@ from .layout import (
     HookSite,
     find_head,
     find_layers,
+    image_token_id,
     is_encoder_decoder,
     model_dimensions,
     model_identity,
     resolve,
     stack_depth,
+    stack_width,
+    vision_config,
 )
 from .prefix_cache import PrefixCache, applies, cached_forward
 
@@ -148,6 +151,10 @@ class ReftModel(nn.Module):
         for item in config.interventions:
             if item.embed_dim is None and hidden_size is None:
                 raise ConfigError(f"{item.name}: the model has no hidden_size; set embed_dim")
+            if item.tower == "vision" and item.embed_dim is None and item.module_path is None:
+                # The vision encoder's width, recorded so that the checkpoint
+                # says the shape of its tensors.
+                item.embed_dim = stack_width(model, "vision")
         if self._configs and (config.trainable_head or self.head is not None):
             raise ConfigError(
                 f"adapter {name!r}: an adapter that trains the model's classification head cannot sit "
@@ -427,17 +434,8 @@ class ReftModel(nn.Module):
                 tokens = stream_of(index)
                 rule = (item.tower, item.positions, item.share_weights, item.include_last)
                 if (*rule, item.group) not in groups:
-                    lengths, padding_side, sequence = tokens.measure()
                     array = torch.from_numpy(
-                        locate(
-                            lengths,
-                            item.positions,
-                            share_weights=item.share_weights,
-                            include_last=item.include_last,
-                            padding_side=padding_side,
-                            padded_length=tokens.length,
-                            sequence_lengths=sequence,
-                        )
+                        tokens.locate(item.positions, item.share_weights, item.include_last)
                     ).to(device)
                     for group in range(array.shape[0]):
                         groups[(*rule, group)] = array[group]
@@ -497,8 +495,11 @@ class ReftModel(nn.Module):
     def _position_ids(
         self, attention_mask: torch.Tensor | None, kwargs: Mapping[str, Any]
     ) -> torch.Tensor | None:
-        """Positions counted over real tokens, for left-padded batches."""
+        """Positions counted over real tokens, for left-padded batches (not
+        for vision-language models, which number positions their own way)."""
         if attention_mask is None or "position_ids" in kwargs or not self._accepts_position_ids:
+            return None
+        if vision_config(self.model) is not None:
             return None
         if attention_mask.dim() != 2 or not bool((attention_mask[:, 0] == 0).any()):
             return None
@@ -557,7 +558,17 @@ class ReftModel(nn.Module):
                 "decoder": _decoder_tokens(batch, labels, kwargs),
             }
         else:
-            streams = {None: _Tokens(batch, length, attention_mask, labels, prompt_only=False)}
+            streams = {
+                None: _Tokens(
+                    batch,
+                    length,
+                    attention_mask,
+                    labels,
+                    prompt_only=False,
+                    input_ids=input_ids,
+                    image_token=image_token_id(self.model),
+                )
+            }
         sources = self._prepare_sources(locations, batch, streams)
         position_ids = self._position_ids(attention_mask, kwargs)
         if position_ids is not None:
@@ -623,7 +634,11 @@ class ReftModel(nn.Module):
             streams = {"encoder": _Tokens(batch, length, attention_mask), "decoder": decoder}
             prompt_length = decoder.length
         else:
-            streams = {None: _Tokens(batch, length, attention_mask)}
+            streams = {
+                None: _Tokens(
+                    batch, length, attention_mask, input_ids=input_ids, image_token=image_token_id(self.model)
+                )
+            }
         sources = self._prepare_sources(locations, batch, streams)
         state = CallState(
             sources,
@@ -949,10 +964,35 @@ class _Tokens:
         *,
         prompt_only: bool = True,
         decoder_labels: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        image_token: int | None = None,
     ) -> None:
         self.batch, self.length = batch, length
         self.attention_mask, self.labels = attention_mask, labels
         self.prompt_only, self.decoder_labels = prompt_only, decoder_labels
+        # A vision-language model's prompts: positions count over their text
+        # (or, for image specs, their image tokens), found in the ids.
+        self.input_ids = input_ids if image_token is not None else None
+        self.image_token = image_token
+
+    def locate(self, positions: str, share_weights: bool, include_last: bool) -> np.ndarray:
+        """The ``(groups, batch, width)`` positions ``positions`` chooses here."""
+        lengths, padding_side, sequence = self.measure()
+        options = {
+            "share_weights": share_weights,
+            "include_last": include_last,
+            "padding_side": padding_side,
+            "padded_length": self.length,
+            "sequence_lengths": sequence,
+        }
+        if self.input_ids is None:
+            return locate(lengths, positions, **options)
+        ids = self.input_ids.detach().to("cpu").numpy()
+        rows = [
+            row[self.length - real :] if padding_side == "left" else row[:real]
+            for row, real in zip(ids, sequence.tolist())
+        ]
+        return locate_in_tokens(rows, lengths, positions, self.image_token, **options)
 
     def measure(self) -> tuple[np.ndarray, str, np.ndarray]:
         prompts, side, sequence = _prompt_lengths(
@@ -1031,14 +1071,17 @@ def _validate_against_model(model: nn.Module, config: ReftConfig) -> None:
     encoder-decoder against its own depth), with the core's rule (the one
     checkpoints are checked with)."""
     hidden_size, num_layers = _dimensions_or_none(model)
-    two_stacks = is_encoder_decoder(model)
+    if is_encoder_decoder(model):
+        towers: set[str | None] = {"encoder", "decoder"}
+    else:
+        towers = {None, "vision"} if vision_config(model) is not None else {None}
     for item in config.interventions:
-        if item.module_path is None and two_stacks != (item.tower is not None):
+        if item.module_path is None and item.tower not in towers:
             find_layers(model, item.tower)  # raises, naming what is missing or extra
         width = item.embed_dim or hidden_size
         # Without a recognised layout only explicit module paths are used.
         if num_layers is None:
             layers = item.layer + 1
         else:
-            layers = stack_depth(model, item.tower) if two_stacks else num_layers
+            layers = stack_depth(model, item.tower)
         _core.check_placement(item.name, item.layer, item.low_rank_dimension, width, layers)

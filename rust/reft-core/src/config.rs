@@ -244,8 +244,9 @@ impl Component {
 }
 
 /// Which stack of layers of a model an intervention's layer index counts in,
-/// for models with more than one (encoder-decoders). Absent for a model's
-/// one stack of layers (a decoder-only or encoder-only model).
+/// for models with more than one (encoder-decoders, vision-language
+/// models). Absent for a model's one stack of layers (a decoder-only or
+/// encoder-only model) and for a vision-language model's language model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Tower {
@@ -254,11 +255,14 @@ pub enum Tower {
     /// The decoder of an encoder-decoder: it reads the tokens being
     /// generated (and the encoder's states through cross-attention).
     Decoder,
+    /// The vision encoder of a vision-language model: it reads the images'
+    /// patches (every patch is edited: positions `all`).
+    Vision,
 }
 
 impl Tower {
     /// Every tower, in the order the spec lists them.
-    pub const ALL: [Tower; 2] = [Tower::Encoder, Tower::Decoder];
+    pub const ALL: [Tower; 3] = [Tower::Encoder, Tower::Decoder, Tower::Vision];
 
     /// The name used in configs (and as a component's prefix,
     /// `encoder.block_output`).
@@ -266,6 +270,7 @@ impl Tower {
         match self {
             Tower::Encoder => "encoder",
             Tower::Decoder => "decoder",
+            Tower::Vision => "vision",
         }
     }
 
@@ -419,14 +424,19 @@ pub struct BaseModel {
     /// or is recorded beside `num_hidden_layers`; absent for other models.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub num_decoder_layers: Option<usize>,
+    /// Number of layers of a vision-language model's vision encoder (its
+    /// language model's are `num_hidden_layers`); absent for other models.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_vision_layers: Option<usize>,
 }
 
 impl BaseModel {
     /// How many layers the stack `tower` has (`None`: the model's one stack,
-    /// or an encoder's).
+    /// an encoder's, or a vision-language model's language model).
     pub fn layers_of(&self, tower: Option<Tower>) -> usize {
         match tower {
             Some(Tower::Decoder) => self.num_decoder_layers.unwrap_or(self.num_hidden_layers),
+            Some(Tower::Vision) => self.num_vision_layers.unwrap_or(self.num_hidden_layers),
             _ => self.num_hidden_layers,
         }
     }
@@ -614,6 +624,13 @@ impl InterventionConfig {
                     .into(),
             );
         }
+        if self.tower == Some(Tower::Vision) && !matches!(spec, PositionSpec::All) {
+            return invalid(format!(
+                "a vision tower's intervention edits every patch: positions \"all\", not {:?} \
+                 (to edit image tokens in the language model, use positions \"image\" there)",
+                self.positions
+            ));
+        }
         if self.component == Component::CrossAttentionOutput && self.tower != Some(Tower::Decoder) {
             return invalid(
                 "cross_attention_output is a decoder component of an encoder-decoder; \
@@ -773,7 +790,14 @@ pub fn normalize_intervention(value: serde_json::Value) -> Result<serde_json::Va
         }
     };
     object.insert("type".into(), kind.name().into());
+    // A vision tower edits every patch, whatever the type's usual default.
+    let vision = object.get("tower").and_then(|t| t.as_str()) == Some(Tower::Vision.name())
+        || object
+            .get("component")
+            .and_then(|c| c.as_str())
+            .is_some_and(|c| c.starts_with("vision."));
     let positions = match object.remove("positions") {
+        None | Some(serde_json::Value::Null) if vision => "all".to_string(),
         None | Some(serde_json::Value::Null) => kind.default_positions().to_string(),
         Some(serde_json::Value::String(text)) => text,
         Some(serde_json::Value::Array(items)) => {
@@ -1297,7 +1321,7 @@ mod tests {
                 "decoder component",
             ),
             (
-                r#"{"layer": 1, "type": "red", "component": "vision.block_output"}"#,
+                r#"{"layer": 1, "type": "red", "component": "text.block_output"}"#,
                 "not a tower",
             ),
             (
@@ -1315,6 +1339,19 @@ mod tests {
             assert!(matches!(err, Error::InvalidIntervention(_)), "{err}");
             assert!(err.to_string().contains(needle), "{needle}: {err}");
         }
+        // A vision tower edits every patch: positions default to all, and
+        // nothing else is accepted.
+        let vision =
+            draft(r#"{"layer": 1, "low_rank_dimension": 2, "component": "vision.block_output"}"#)
+                .unwrap();
+        assert_eq!(
+            (vision["tower"].as_str(), vision["positions"].as_str()),
+            (Some("vision"), Some("all"))
+        );
+        let err =
+            draft(r#"{"layer": 1, "low_rank_dimension": 2, "tower": "vision", "positions": "l1"}"#)
+                .unwrap_err();
+        assert!(err.to_string().contains("every patch"), "{err}");
         // Decoder layers count against the decoder's own depth.
         let config = |layers: &str, entry: &str| {
             format!(
@@ -1368,6 +1405,7 @@ mod tests {
             hidden_size: 16,
             num_hidden_layers: 4,
             num_decoder_layers: None,
+            num_vision_layers: None,
         };
         assert!(base
             .check_fits("x", false, Some(16), Some(4), Some("llama"), true)

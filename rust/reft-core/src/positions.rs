@@ -58,10 +58,16 @@ pub enum PositionSpec {
     /// Explicit token indices; a negative index counts back from the end of
     /// the prompt (`-1` is its last token). Indices past the prompt are masked.
     Indices(Vec<i64>),
+    /// A vision-language model's image tokens of the prompt, chosen by the
+    /// inner spec counted over them alone (`image` is `image:all`,
+    /// `image:f4` the first four image tokens, `image:l4` the last four).
+    /// Needs the token ids ([`locate_in_tokens`]).
+    Image(Box<PositionSpec>),
 }
 
 const EXPECTED_FORMS: &str =
-    "expected f{p}+l{s}, f{p}, l{s}, all, or a list of token indices such as 0,2,-1";
+    "expected f{p}+l{s}, f{p}, l{s}, all, a list of token indices such as 0,2,-1, \
+     or image tokens: image, image:f{n}, image:l{n}, image:f{n}+l{n}";
 
 impl PositionSpec {
     /// Parses a spec, naming the spec and the problem on failure.
@@ -76,6 +82,29 @@ impl PositionSpec {
         }
         if text.eq_ignore_ascii_case("all") {
             return Ok(PositionSpec::All);
+        }
+        if let Some(rest) = text.strip_prefix("image") {
+            let inner = match rest.trim() {
+                "" => PositionSpec::All,
+                rest => {
+                    let Some(inner) = rest.strip_prefix(':') else {
+                        return Err(fail(format!("unknown form; {EXPECTED_FORMS}")));
+                    };
+                    // The issue's long forms: image:first4 / image:last4.
+                    let inner = inner.trim().replace("first", "f").replace("last", "l");
+                    match PositionSpec::parse(&inner) {
+                        Ok(PositionSpec::Image(_)) | Err(_) if inner.starts_with("image") => {
+                            return Err(fail("image positions cannot nest".into()))
+                        }
+                        Ok(spec) => spec,
+                        Err(Error::PositionSpec { reason, .. }) => {
+                            return Err(fail(format!("after 'image:': {reason}")))
+                        }
+                        Err(other) => return Err(other),
+                    }
+                }
+            };
+            return Ok(PositionSpec::Image(Box::new(inner)));
         }
         let first_char = text.as_bytes()[0];
         if first_char == b'f' || first_char == b'l' {
@@ -201,7 +230,17 @@ impl PositionSpec {
             {
                 2
             }
+            PositionSpec::Image(inner) => inner.group_count(share_weights),
             _ => 1,
+        }
+    }
+
+    /// The spec applied to the tokens it counts over: the inner spec of
+    /// [`PositionSpec::Image`], else the spec itself.
+    pub fn counted(&self) -> &PositionSpec {
+        match self {
+            PositionSpec::Image(inner) => inner,
+            spec => spec,
         }
     }
 
@@ -217,6 +256,7 @@ impl PositionSpec {
             }
             PositionSpec::All => None,
             PositionSpec::Indices(list) => Some(list.len()),
+            PositionSpec::Image(inner) => inner.fixed_width(share_weights),
         }
     }
 }
@@ -277,6 +317,10 @@ impl fmt::Display for PositionSpec {
                 let items: Vec<String> = list.iter().map(|v| v.to_string()).collect();
                 f.write_str(&items.join(","))
             }
+            PositionSpec::Image(inner) => match **inner {
+                PositionSpec::All => f.write_str("image"),
+                ref inner => write!(f, "image:{inner}"),
+            },
         }
     }
 }
@@ -557,16 +601,15 @@ pub fn locate(
     spec: &PositionSpec,
     options: &LocateOptions,
 ) -> Result<Locations> {
-    if let PositionSpec::Indices(list) = spec {
-        if list.is_empty() {
-            return Err(Error::PositionSpec {
-                spec: String::new(),
-                reason: "an index list needs at least one index".into(),
-            });
-        }
+    if let PositionSpec::Image(_) = spec {
+        return Err(Error::PositionInput(format!(
+            "positions {spec:?} choose image tokens, which only the token ids tell apart: \
+             locate them with the ids and the image token (locate_in_tokens)",
+            spec = spec.to_string()
+        )));
     }
+    check_spec(spec)?;
     let extents = validate_extents(prompt_lengths, sequence_lengths, options)?;
-    let examples = prompt_lengths.len();
     let usable = |n: i64| {
         if options.include_last {
             n
@@ -574,13 +617,49 @@ pub fn locate(
             (n - 1).max(0)
         }
     };
+    let longest = prompt_lengths.iter().map(|&n| usable(n)).max().unwrap_or(0);
+    let extents = &extents;
+    fill(spec, options, prompt_lengths.len(), longest, |example| {
+        let n = usable(extents.prompt_lengths[example]);
+        let offset = extents.offset(example);
+        (n, move |i: i64| i + offset)
+    })
+}
+
+/// Refuses an empty index list (a spec that cannot choose anything).
+fn check_spec(spec: &PositionSpec) -> Result<()> {
+    if let PositionSpec::Indices(list) = spec.counted() {
+        if list.is_empty() {
+            return Err(Error::PositionSpec {
+                spec: String::new(),
+                reason: "an index list needs at least one index".into(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The locations of `examples` examples under `spec` (its counted part):
+/// `candidates(example)` gives how many tokens may be chosen, `n`, and the
+/// position of the i-th of them (`0 <= i < n`) in the padded batch.
+/// `longest` is the largest `n`, the width of an `all` row.
+fn fill<C, M>(
+    spec: &PositionSpec,
+    options: &LocateOptions,
+    examples: usize,
+    longest: i64,
+    candidates: C,
+) -> Result<Locations>
+where
+    C: Fn(usize) -> (i64, M) + Sync + Send,
+    M: Fn(i64) -> i64,
+{
     let groups = spec.group_count(options.share_weights);
     let width = match spec.fixed_width(options.share_weights) {
         Some(width) => width,
-        None => prompt_lengths.iter().map(|&n| usable(n)).max().unwrap_or(0) as usize,
+        None => longest.max(0) as usize,
     };
-    let extents = &extents;
-    match spec {
+    match spec.counted() {
         PositionSpec::FirstLast { first, last } => {
             let (first, last) = (*first as i64, *last as i64);
             build(
@@ -589,12 +668,11 @@ pub fn locate(
                 width,
                 options.parallel,
                 |group, example, row| {
-                    let n = usable(extents.prompt_lengths[example]);
-                    let offset = extents.offset(example);
+                    let (n, at) = candidates(example);
                     let head = first.min(n / 2);
                     let tail = last.min(n / 2);
-                    let head_positions = (0..head).map(|i| i + offset);
-                    let tail_positions = (n - tail..n).map(|i| i + offset);
+                    let head_positions = (0..head).map(&at);
+                    let tail_positions = (n - tail..n).map(&at);
                     match (groups, group) {
                         (1, _) => write_row(row, head_positions.chain(tail_positions)),
                         (_, 0) => write_row(row, head_positions),
@@ -609,9 +687,8 @@ pub fn locate(
             width,
             options.parallel,
             |_, example, row| {
-                let n = usable(extents.prompt_lengths[example]);
-                let offset = extents.offset(example);
-                write_row(row, (0..n).map(|i| i + offset));
+                let (n, at) = candidates(example);
+                write_row(row, (0..n).map(at));
             },
         ),
         PositionSpec::Indices(list) => build(
@@ -620,19 +697,108 @@ pub fn locate(
             width,
             options.parallel,
             |_, example, row| {
-                let n = usable(extents.prompt_lengths[example]);
-                let offset = extents.offset(example);
+                let (n, at) = candidates(example);
                 for (slot, &index) in row.iter_mut().zip(list) {
                     let position = if index < 0 { n + index } else { index };
                     slot.write(if (0..n).contains(&position) {
-                        position + offset
+                        at(position)
                     } else {
                         MASKED
                     });
                 }
             },
         ),
+        PositionSpec::Image(_) => Err(Error::PositionInput("image positions cannot nest".into())),
     }
+}
+
+/// Chooses the positions of every example of a vision-language dataset,
+/// from its token ids: a spec counts over the prompt's text tokens only
+/// (every token but `image_token`, the image placeholders the processor
+/// expanded), and [`PositionSpec::Image`] over its image tokens only. So
+/// `f3+l3` picks the first and last three words of the prompt whatever the
+/// images between them, and `image:l4` the last four image tokens.
+///
+/// Args:
+/// * `tokens`, `offsets`: every example's ids one after another; example
+///   `i` is `tokens[offsets[i]..offsets[i + 1]]` (`offsets` holds one more
+///   value than there are examples) and starts with its prompt.
+/// * `prompt_lengths`: prompt tokens per example.
+/// * `image_token`: the id of the image placeholder token.
+/// * `sequence_lengths`: tokens per example in the padded batch; by
+///   default each example's token count (`offsets[i + 1] - offsets[i]`).
+/// * `options`: as in [`locate`]; `include_last=false` keeps the prompt's
+///   last token from being chosen.
+///
+/// Returns the `(groups, examples, width)` locations, positions counted in
+/// the whole (padded) sequence.
+pub fn locate_in_tokens(
+    tokens: &[i64],
+    offsets: &[i64],
+    prompt_lengths: &[i64],
+    image_token: i64,
+    sequence_lengths: Option<&[i64]>,
+    spec: &PositionSpec,
+    options: &LocateOptions,
+) -> Result<Locations> {
+    check_spec(spec)?;
+    let examples = prompt_lengths.len();
+    if offsets.len() != examples + 1 {
+        return Err(Error::PositionInput(format!(
+            "offsets has {} entries; {examples} examples need {}",
+            offsets.len(),
+            examples + 1
+        )));
+    }
+    for i in 0..examples {
+        let (start, end) = (offsets[i], offsets[i + 1]);
+        if start < 0 || end < start || end as u64 > tokens.len() as u64 {
+            return Err(Error::PositionInput(format!(
+                "offsets[{i}..={}] = {start}..{end} is not a range of the {} tokens",
+                i + 1,
+                tokens.len()
+            )));
+        }
+        if prompt_lengths[i] > end - start {
+            return Err(Error::PositionInput(format!(
+                "lengths[{i}] = {} is longer than example {i}'s {} tokens",
+                prompt_lengths[i],
+                end - start
+            )));
+        }
+    }
+    // Each example's sequence is its tokens, unless the caller says more.
+    let counts: Vec<i64> = offsets.windows(2).map(|w| w[1] - w[0]).collect();
+    let extents = validate_extents(
+        prompt_lengths,
+        Some(sequence_lengths.unwrap_or(&counts)),
+        options,
+    )?;
+    let images = matches!(spec, PositionSpec::Image(_));
+    // Each example's candidate positions: its prompt's tokens of the class
+    // the spec counts over, less the last prompt token when it is excluded.
+    let candidates_of = |example: usize| -> Vec<i64> {
+        let start = offsets[example] as usize;
+        let prompt = extents.prompt_lengths[example];
+        let usable = if options.include_last {
+            prompt
+        } else {
+            (prompt - 1).max(0)
+        };
+        (0..usable)
+            .filter(|&i| (tokens[start + i as usize] == image_token) == images)
+            .collect()
+    };
+    let longest = (0..examples)
+        .map(|e| candidates_of(e).len() as i64)
+        .max()
+        .unwrap_or(0);
+    let extents = &extents;
+    fill(spec, options, examples, longest, |example| {
+        let list = candidates_of(example);
+        let offset = extents.offset(example);
+        (list.len() as i64, move |i: i64| list[i as usize] + offset)
+    })
 }
 
 /// Chooses, per example, the tokens that overlap given character spans of the text.
@@ -803,6 +969,105 @@ mod tests {
                 }
                 other => panic!("{bad:?} parsed as {other:?}"),
             }
+        }
+    }
+
+    #[test]
+    fn image_specs_parse_display_and_refuse_plain_locating() {
+        let image = |inner: PositionSpec| PositionSpec::Image(Box::new(inner));
+        assert_eq!(spec("image"), image(PositionSpec::All));
+        assert_eq!(spec("image:all"), image(PositionSpec::All));
+        assert_eq!(
+            spec("image:f4"),
+            image(PositionSpec::FirstLast { first: 4, last: 0 })
+        );
+        assert_eq!(spec("image:first4"), spec("image:f4"));
+        assert_eq!(spec("image:last2"), spec("image:l2"));
+        assert_eq!(
+            spec("image:f1+l2"),
+            image(PositionSpec::FirstLast { first: 1, last: 2 })
+        );
+        for s in ["image", "image:f4", "image:l2", "image:f1+l2", "image:0,-1"] {
+            assert_eq!(spec(s).to_string(), s);
+        }
+        assert_eq!(spec("image:f1+l2").group_count(false), 2);
+        assert_eq!(spec("image:f1+l2").fixed_width(true), Some(3));
+        for bad in ["image:", "image:image", "image:x", "images", "image:f0"] {
+            match PositionSpec::parse(bad) {
+                Err(Error::PositionSpec { spec, reason }) => {
+                    assert_eq!(spec, bad);
+                    assert!(!reason.is_empty());
+                }
+                other => panic!("{bad:?} parsed as {other:?}"),
+            }
+        }
+        let err = locate(&[4], None, &spec("image"), &LocateOptions::new()).unwrap_err();
+        assert!(err.to_string().contains("token ids"), "{err}");
+    }
+
+    #[test]
+    fn token_positions_count_text_and_images_apart() {
+        const IMG: i64 = 9;
+        // Example 0: 2 words, 4 image tokens, 3 words, then a 2-token response.
+        // Example 1: 1 word, 2 image tokens, 1 word (no response).
+        let tokens = [
+            1, 2, IMG, IMG, IMG, IMG, 3, 4, 5, 6, 7, //
+            1, IMG, IMG, 2,
+        ];
+        let offsets = [0, 11, 15];
+        let lengths = [9, 4];
+        let at = |s: &str, options: &LocateOptions| {
+            locate_in_tokens(&tokens, &offsets, &lengths, IMG, None, &spec(s), options).unwrap()
+        };
+        let shared = LocateOptions {
+            share_weights: true,
+            ..LocateOptions::new()
+        };
+        // Text: words only; f2+l2 over 5 words (0,1,6,7,8) and 2 words (0,3).
+        let text = at("f2+l2", &shared);
+        assert_eq!(text.row(0, 0), &[0, 1, 7, 8]);
+        assert_eq!(text.row(0, 1), &[0, 3, MASKED, MASKED]);
+        // Images: the image tokens alone.
+        let images = at("image", &shared);
+        assert_eq!(images.row(0, 0), &[2, 3, 4, 5]);
+        assert_eq!(images.row(0, 1), &[1, 2, MASKED, MASKED]);
+        let last = at("image:l1", &shared);
+        assert_eq!((last.row(0, 0), last.row(0, 1)), (&[5][..], &[2][..]));
+        let indices = at("image:0,-1", &shared);
+        assert_eq!(indices.row(0, 0), &[2, 5]);
+        // The last prompt token left out; left padding moves everything.
+        let excluded = at(
+            "l1",
+            &LocateOptions {
+                include_last: false,
+                padding_side: PaddingSide::Left,
+                padded_length: Some(12),
+                ..LocateOptions::new()
+            },
+        );
+        // Example 0 (9 tokens, padding 3): the usable words are 0, 1, 6, 7;
+        // the last, 7, moves to 10. Example 1: its only usable word is 0
+        // (the last prompt token is left out), and the clamp rule keeps
+        // min(1 / 2, 1) = 0 of one candidate.
+        assert_eq!(excluded.row(0, 0), &[10]);
+        assert_eq!(excluded.row(0, 1), &[MASKED]);
+        // Malformed inputs are errors, never a panic.
+        for (offsets, lengths) in [
+            (&[0, 11][..], &[9, 4][..]),
+            (&[0, 16, 15][..], &[9, 4][..]),
+            (&[0, 11, 15][..], &[12, 4][..]),
+            (&[0, 11, 15][..], &[9, -1][..]),
+        ] {
+            let result = locate_in_tokens(
+                &tokens,
+                offsets,
+                lengths,
+                IMG,
+                None,
+                &spec("f1"),
+                &LocateOptions::new(),
+            );
+            assert!(matches!(result, Err(Error::PositionInput(_))), "{result:?}");
         }
     }
 

@@ -43,6 +43,9 @@ fn reference_rows(
                 }
             })
             .collect()],
+        // Image specs need token ids (`locate_in_tokens`, tested against
+        // tests/reference.py from Python); the strategy makes none.
+        PositionSpec::Image(_) => unreachable!("no image specs here"),
     }
 }
 

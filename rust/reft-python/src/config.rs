@@ -112,6 +112,7 @@ pub fn check_fits(
         hidden_size: base_hidden,
         num_hidden_layers: base_layers,
         num_decoder_layers: None,
+        num_vision_layers: None,
     };
     base.check_fits(
         source,

@@ -27,6 +27,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(engine::kernel_isa, m)?)?;
     m.add_function(wrap_pyfunction!(positions::locate, m)?)?;
     m.add_function(wrap_pyfunction!(positions::locate_char_spans, m)?)?;
+    m.add_function(wrap_pyfunction!(positions::locate_in_tokens, m)?)?;
     m.add_function(wrap_pyfunction!(spans::gather, m)?)?;
     m.add_function(wrap_pyfunction!(tokenize::pad_rows, m)?)?;
     m.add_function(wrap_pyfunction!(spans::scatter, m)?)?;

@@ -51,21 +51,29 @@ impl PyPositionSpec {
         extract_spec(spec).map(Self::from)
     }
 
-    /// `"first_last"`, `"all"` or `"indices"`.
+    /// `"first_last"`, `"all"` or `"indices"`: the rule, over the tokens it
+    /// counts (image tokens for an `image` spec, see `images`).
     #[getter]
     fn kind(&self) -> &'static str {
-        match self.inner {
+        match self.inner.counted() {
             positions::PositionSpec::FirstLast { .. } => "first_last",
-            positions::PositionSpec::All => "all",
             positions::PositionSpec::Indices(_) => "indices",
+            _ => "all",
         }
+    }
+
+    /// Whether the spec counts over a vision-language prompt's image
+    /// tokens (`image`, `image:f4`, ...) rather than its text.
+    #[getter]
+    fn images(&self) -> bool {
+        matches!(self.inner, positions::PositionSpec::Image(_))
     }
 
     /// Tokens taken from the start of the prompt (0 if none).
     #[getter]
     fn first(&self) -> usize {
-        match self.inner {
-            positions::PositionSpec::FirstLast { first, .. } => first,
+        match self.inner.counted() {
+            positions::PositionSpec::FirstLast { first, .. } => *first,
             _ => 0,
         }
     }
@@ -73,8 +81,8 @@ impl PyPositionSpec {
     /// Tokens taken from the end of the prompt (0 if none).
     #[getter]
     fn last(&self) -> usize {
-        match self.inner {
-            positions::PositionSpec::FirstLast { last, .. } => last,
+        match self.inner.counted() {
+            positions::PositionSpec::FirstLast { last, .. } => *last,
             _ => 0,
         }
     }
@@ -82,7 +90,7 @@ impl PyPositionSpec {
     /// The explicit indices, or `None`.
     #[getter]
     fn indices(&self) -> Option<Vec<i64>> {
-        match &self.inner {
+        match self.inner.counted() {
             positions::PositionSpec::Indices(list) => Some(list.clone()),
             _ => None,
         }
@@ -171,6 +179,52 @@ pub fn locate<'py>(
     let locations =
         crate::errors::detach(py, || positions::locate(lengths, sequence, &spec, &options))
             .into_py_result()?;
+    Ok(into_numpy(py, locations))
+}
+
+/// See `reft_rs.positions.locate_in_tokens`.
+#[pyfunction]
+#[pyo3(signature = (tokens, offsets, lengths, spec, image_token, *, share_weights=false, include_last=true, padding_side="right", padded_length=None, sequence_lengths=None, parallel=true))]
+#[allow(clippy::too_many_arguments)]
+pub fn locate_in_tokens<'py>(
+    py: Python<'py>,
+    tokens: PyReadonlyArray1<'py, i64>,
+    offsets: PyReadonlyArray1<'py, i64>,
+    lengths: PyReadonlyArray1<'py, i64>,
+    spec: &Bound<'py, PyAny>,
+    image_token: i64,
+    share_weights: bool,
+    include_last: bool,
+    padding_side: &str,
+    padded_length: Option<usize>,
+    sequence_lengths: Option<PyReadonlyArray1<'py, i64>>,
+    parallel: bool,
+) -> PyResult<Bound<'py, PyArray3<i64>>> {
+    let spec = extract_spec(spec)?;
+    let options = options(
+        share_weights,
+        include_last,
+        padding_side,
+        padded_length,
+        parallel,
+    )?;
+    let (tokens, offsets, lengths) = (tokens.as_slice()?, offsets.as_slice()?, lengths.as_slice()?);
+    let sequence = sequence_lengths
+        .as_ref()
+        .map(|s| s.as_slice())
+        .transpose()?;
+    let locations = crate::errors::detach(py, || {
+        positions::locate_in_tokens(
+            tokens,
+            offsets,
+            lengths,
+            image_token,
+            sequence,
+            &spec,
+            &options,
+        )
+    })
+    .into_py_result()?;
     Ok(into_numpy(py, locations))
 }
 

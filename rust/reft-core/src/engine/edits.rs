@@ -223,6 +223,12 @@ impl EditSet {
                     item.name
                 )));
             }
+            if let PositionSpec::Image(_) = item.position_spec()? {
+                return Err(Error::Incompatible(format!(
+                    "{}: positions {:?} choose image tokens; the engine runs text models",
+                    item.name, item.positions
+                )));
+            }
             if let Some(tower) = item.tower {
                 return Err(Error::Incompatible(format!(
                     "{}: edits the {} of an encoder-decoder; the engine runs decoder-only text models",
