@@ -28,10 +28,12 @@ from .tiny_models import (  # noqa: E402
     VISION_LAYERS,
     VISION_WIDTH,
     build,
+    build_for_processor,
     build_vision_language,
     prompt_with_image,
     tokenizer,
     vision_language_inputs,
+    vision_language_processor,
 )
 
 SPECS = ["f2+l2", "l3", "all", "image", "image:l2", "image:f1+l1", "image:0,-1", "1,-2"]
@@ -339,3 +341,131 @@ def test_prefix_caching_stays_off_with_the_reason():
     config = InterventionConfig(layer=0, low_rank_dimension=2, positions="l1")
     reft_model = get_reft_model(build_vision_language("llava"), config)
     assert "vision-language" in reft_model.prefix_cache_blocker()
+
+
+# ---------------------------------------------------------------- datasets from images
+
+
+def picture(colour: str, seed: int):
+    """A 20×24 picture, mostly red or mostly blue."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 60, (20, 24, 3))
+    pixels[..., 0 if colour == "red" else 2] += 190
+    return Image.fromarray(pixels.astype("uint8"))
+
+
+def test_datasets_from_images_are_what_the_processor_makes(tmp_path):
+    """make_dataset with the model's processor: the prompt is exactly the
+    processor's encoding of the chat template's user turn with the image,
+    the labels are the reply and the end of the turn, positions follow the
+    reference rule over the ids, and batches carry the processor's features
+    (one image as a file path, the rest as PIL images)."""
+    processor = vision_language_processor("llava")
+    tok = processor.tokenizer
+    prompts = ["what colour is the sky", "say hello", "what colour is this"]
+    responses = ["blue", "hello world", "red"]
+    images = [picture("blue", 0), picture("red", 1), tmp_path / "red.png"]
+    picture("red", 2).save(images[2])
+    config = ReftConfig([InterventionConfig(layer=0, low_rank_dimension=2, positions="image:l2")])
+    dataset = reft_rs.make_dataset(processor, prompts, responses, images=images, config=config)
+    image_id = tok.convert_tokens_to_ids("<image>")
+    for index, (prompt, response) in enumerate(zip(prompts, responses)):
+        item = dataset[index]
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        opened = reft_rs.training.images.open_image(images[index])
+        expected = processor(images=[opened], text=[text], return_tensors="np")
+        n = expected["input_ids"].shape[1]
+        assert item["input_ids"][:n].tolist() == expected["input_ids"][0].tolist()
+        assert (item["input_ids"][:n] == image_id).sum() == 16
+        assert item["labels"][:n].tolist() == [-100] * n
+        assert tok.decode(item["labels"][n:]) == f"{response} </s>"
+        np.testing.assert_array_equal(item["pixel_values"], expected["pixel_values"])
+        rule = reference.rows_in_tokens(
+            item["input_ids"].tolist(), n, "image:l2", image_id, share_weights=False, include_last=True
+        )
+        assert item["locations"].tolist() == rule
+    # A batch: the processor's own batch layout for the features.
+    batch = reft_rs.ReftDataCollator(tok.pad_token_id)([dataset[i] for i in range(3)])
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "locations", "pixel_values"}
+    opened = [reft_rs.training.images.open_image(i) for i in images]
+    together = processor(images=opened, text=["<image> x"] * 3, return_tensors="pt")
+    torch.testing.assert_close(batch["pixel_values"], together["pixel_values"], rtol=0, atol=0)
+    collated = dataset.collate([0, 1, 2], tok.pad_token_id)
+    assert all(torch.equal(collated[k], batch[k]) for k in batch)
+    with pytest.raises(reft_rs.ConfigError, match="processor"):
+        reft_rs.make_dataset(tok, prompts, responses, images=images)
+    with pytest.raises(reft_rs.DatasetError, match="not a readable image"):
+        reft_rs.make_dataset(processor, prompts[:1], responses[:1], images=[tmp_path / "missing.png"])
+
+
+def test_a_model_trained_on_an_image_dataset_names_colours():
+    """The whole path on a tiny LLaVA: make_dataset with the processor,
+    reft_rs.train with the default collator, then exact_match on unseen
+    pictures, generated with their image features."""
+    from reft_rs.training.evaluation import evaluate
+
+    processor = vision_language_processor("llava")
+    model = build_for_processor("llava", processor, init_range=0.3)
+    config = ReftConfig.for_layers(range(LAYERS), low_rank_dimension=4, positions="image", share_weights=True)
+    reft_model = get_reft_model(model, config)
+
+    def colours(count, seed):
+        names = ["red" if i % 2 == 0 else "blue" for i in range(count)]
+        images = [picture(name, seed * 100 + i) for i, name in enumerate(names)]
+        return reft_rs.make_dataset(
+            processor, ["what colour is this"] * count, names, images=images, config=config
+        )
+
+    train, unseen = colours(16, 0), colours(8, 1)
+    pad = processor.tokenizer.pad_token_id
+    before = evaluate(reft_model, unseen, "loss", tokenizer=processor)
+    reft_rs.train(
+        reft_model,
+        train,
+        collator=reft_rs.ReftDataCollator(pad),
+        epochs=40,
+        batch_size=8,
+        learning_rate=5e-2,
+        progress=False,
+    )
+    assert evaluate(reft_model, unseen, "loss", tokenizer=processor) < 0.3 * before
+    assert evaluate(reft_model, unseen, "exact_match", tokenizer=processor, max_new_tokens=2) >= 7 / 8
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "idefics3", "gemma3"])
+def test_batches_of_image_features_are_laid_out_as_each_model_reads_them(family):
+    """Examples carrying their own features in each processor's layout
+    (Qwen2-VL's flattened patches and grid, Idefics3's images per example,
+    Gemma 3's token types) batch into what the model reads: each row of the
+    batch gives what the example gives alone."""
+    from reft_rs.training.data import ReftDataset
+
+    model = build_vision_language(family)
+    sequences, features = [], []
+    for index, (before, after) in enumerate([([10, 11], [12, 13, 5]), ([14], [15])]):
+        ids = torch.tensor([prompt_with_image(family, before, after)])
+        alone = vision_language_inputs(
+            family, ids, torch.rand((1, 3, 16, 16), generator=torch.Generator().manual_seed(index))
+        )
+        sequences.append(ids[0].numpy())
+        features.append(
+            {
+                k: v[0].numpy() if k.endswith("token_type_ids") else v.numpy()
+                for k, v in alone.items()
+                if k not in ("input_ids", "attention_mask")
+            }
+        )
+    dataset = ReftDataset.from_sequences(sequences, [len(s) for s in sequences], features=features)
+    for side in ("left", "right"):
+        batch = dataset.collate([0, 1], 0, padding_side=side)
+        width = batch["input_ids"].shape[1]
+        with torch.no_grad():
+            together = model(**batch).logits
+            for row, ids in enumerate(sequences):
+                single = dataset.collate([row], 0)
+                alone = model(**single).logits[0]
+                where = slice(width - len(ids), width) if side == "left" else slice(0, len(ids))
+                torch.testing.assert_close(together[row, where], alone, rtol=1e-4, atol=1e-4)

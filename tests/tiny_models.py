@@ -364,3 +364,44 @@ def vision_language_inputs(
     if family == "gemma3":
         out["token_type_ids"] = (ids == IMAGE_TOKEN).long()
     return out
+
+
+VISION_CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}> {% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}{{ image }} {% else %}{{ c['text'] }} {% endif %}{% endfor %}</s> {% endfor %}"
+    "{% if add_generation_prompt %}<assistant> {% endif %}"
+)
+
+
+def vision_language_processor(family: str):
+    """The family's own processor class over the test tokenizer (with the
+    family's image token added) and a 16×16 image processor (LLaVA's: the
+    others' processors need what this machine lacks, such as torchvision
+    for Qwen2-VL's video processor)."""
+    tok = tokenizer(chat=False)
+    if family == "llava":
+        tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+        images = transformers.CLIPImageProcessor(
+            size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}
+        )
+        return transformers.LlavaProcessor(
+            image_processor=images,
+            tokenizer=tok,
+            patch_size=4,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+            image_token="<image>",
+            chat_template=VISION_CHAT_TEMPLATE.replace("{{ image }}", "<image>"),
+        )
+    raise ValueError(family)
+
+
+def build_for_processor(family: str, processor, *, seed: int = 0, init_range: float | None = None):
+    """A tiny LLaVA whose image token is the processor's."""
+    torch.manual_seed(seed)
+    config = vision_language_config_for(family)
+    config.image_token_index = config.image_token_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    if init_range is not None:
+        config.initializer_range = init_range
+        config.get_text_config().initializer_range = init_range
+    return transformers.LlavaForConditionalGeneration(config).eval()

@@ -31,7 +31,7 @@ import torch
 from .. import _core
 from ..config import ReftConfig
 from ..errors import ConfigError, ReftError
-from ..positions import IGNORE_INDEX, locate
+from ..positions import IGNORE_INDEX, locate, locate_in_tokens
 
 __all__ = [
     "IGNORE_INDEX",
@@ -44,6 +44,7 @@ __all__ = [
     "encode_pairs",
     "length_grouped_batches",
     "make_dataset",
+    "pad_features",
     "StreamedEpochs",
     "stream_batches",
     "tokenize_pairs",
@@ -85,6 +86,9 @@ class ReftDataset(torch.utils.data.Dataset):
             so an example is ``{"input_ids": prompt, "labels": response}``
             (no locations: the model chooses each stack's positions from the
             batch's masks and labels, by the same rule).
+        features: For a vision-language model: each example's image
+            features as its processor made them (``pixel_values``, ...),
+            added to its item and batched by :func:`pad_features`.
     """
 
     def __init__(
@@ -97,8 +101,10 @@ class ReftDataset(torch.utils.data.Dataset):
         labels: Sequence[Any] | None = None,
         token_labels: bool = True,
         encoder_decoder: bool = False,
+        features: Sequence[Mapping[str, np.ndarray]] | None = None,
     ) -> None:
         self.tokens = np.ascontiguousarray(tokens, dtype=np.int32)
+        self.features = None if features is None else [dict(f) for f in features]
         self.offsets = np.asarray(offsets, dtype=np.int64)
         self.prompt_lengths = np.asarray(prompt_lengths, dtype=np.int64)
         self.locations = locations
@@ -111,6 +117,10 @@ class ReftDataset(torch.utils.data.Dataset):
                 "(the response is the decoder's target)"
             )
         count = len(self.prompt_lengths)
+        if self.features is not None and len(self.features) != count:
+            raise ConfigError(
+                f"a dataset of {count} examples needs {count} feature sets, found {len(self.features)}"
+            )
         if len(self.offsets) != count + 1 or (labels is not None and len(labels) != count):
             raise ConfigError(
                 f"a dataset of {count} examples needs {count + 1} offsets and {count} labels, "
@@ -126,11 +136,19 @@ class ReftDataset(torch.utils.data.Dataset):
         *,
         labels: Sequence[Any] | None = None,
         token_labels: bool = True,
+        features: Sequence[Mapping[str, np.ndarray]] | None = None,
     ) -> ReftDataset:
-        """A dataset from lists of token ids."""
+        """A dataset from lists of token ids (and, for a vision-language
+        model, each example's image features)."""
         tokens, offsets = _flatten(sequences)
         return cls(
-            tokens, offsets, np.asarray(prompt_lengths), locations, labels=labels, token_labels=token_labels
+            tokens,
+            offsets,
+            np.asarray(prompt_lengths),
+            locations,
+            labels=labels,
+            token_labels=token_labels,
+            features=features,
         )
 
     def __len__(self) -> int:
@@ -163,7 +181,21 @@ class ReftDataset(torch.utils.data.Dataset):
             item["labels"] = self.labels[index]
         if self.locations is not None:
             item["locations"] = self.locations[:, index]
+        if self.features is not None:
+            item.update(self.features[index])
         return item
+
+    def prompt_features(self, index: int) -> dict[str, np.ndarray]:
+        """Example ``index``'s image features for its prompt alone (the
+        per-token ones cut to the prompt), to generate from it."""
+        if self.features is None:
+            return {}
+        length = self.offsets[index + 1] - self.offsets[index]
+        prompt = self.prompt_lengths[index]
+        return {
+            key: value[:prompt] if value.ndim == 1 and len(value) == length else value
+            for key, value in self.features[index].items()
+        }
 
     def collate(
         self,
@@ -212,6 +244,8 @@ class ReftDataset(torch.utils.data.Dataset):
                 shift = (width - lengths)[None, :, None]
                 locations = np.where(locations >= 0, locations + shift, locations)
             out["locations"] = np.ascontiguousarray(locations)
+        if self.features is not None:
+            out.update(pad_features([self.features[int(i)] for i in indices], lengths, width, left))
         if as_tensors:
             return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()}
         return out
@@ -605,6 +639,7 @@ def make_dataset(
     max_length: int | None = None,
     encoder: _core.BatchTokenizer | None = None,
     encoder_decoder: bool | None = None,
+    images: Sequence[Any] | None = None,
 ) -> ReftDataset:
     """Builds a :class:`ReftDataset` for language modelling or classification.
 
@@ -629,11 +664,35 @@ def make_dataset(
             target, each tokenized on its own with the tokenizer's special
             tokens (and cut to ``max_length``), with no chat template unless
             ``chat_template=True``. By default when ``config`` names towers.
+        images: For a vision-language model: each prompt's image or list
+            of images (file paths or PIL images), with ``tokenizer`` the
+            model's processor (``transformers.AutoProcessor``). Each prompt
+            becomes the user's turn of the processor's chat template, its
+            images before its text; labels are -100 over the whole prompt,
+            image tokens included; positions are chosen from the token ids
+            (image specs among the image tokens, others among the text, see
+            :func:`reft_rs.positions.locate_in_tokens`); each example keeps
+            the image features the processor made.
     """
     if responses is not None and labels is not None:
         raise ConfigError("give responses (language modelling) or labels (classification), not both")
     if labels is not None and len(labels) != len(prompts):
         raise ConfigError(f"{len(prompts)} texts but {len(labels)} labels")
+    if images is not None:
+        if responses is None:
+            raise ConfigError("examples with images learn responses: give the responses")
+        return _image_dataset(
+            tokenizer,
+            prompts,
+            responses,
+            images,
+            config,
+            positions,
+            share_weights,
+            include_last,
+            system_prompt,
+            max_length,
+        )
     if encoder_decoder is None:
         encoder_decoder = config is not None and any(item.tower for item in config.interventions)
     if encoder_decoder:
@@ -666,6 +725,41 @@ def make_dataset(
         labels=labels,
         token_labels=responses is not None,
     )
+
+
+def _image_dataset(
+    processor: Any,
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    images: Sequence[Any],
+    config: ReftConfig | None,
+    positions: str | None,
+    share_weights: bool,
+    include_last: bool | None,
+    system_prompt: str | None,
+    max_length: int | None,
+) -> ReftDataset:
+    """Prompt/response pairs with images, through a vision-language model's
+    processor (:mod:`reft_rs.training.images`)."""
+    from .images import encode_image_pairs, image_token_of
+
+    spec, share_weights, include_last = _position_rule(config, positions, share_weights, include_last)
+    sequences, prompt_lengths, features = encode_image_pairs(
+        processor, prompts, responses, images, system_prompt=system_prompt, max_length=max_length
+    )
+    locations = None
+    if spec is not None:
+        locations = locate_in_tokens(
+            sequences,
+            prompt_lengths,
+            spec,
+            image_token_of(processor),
+            share_weights=share_weights,
+            include_last=include_last,
+            sequence_lengths=prompt_lengths,
+        )
+    tokens, offsets = _flatten(sequences)
+    return ReftDataset(tokens, offsets, prompt_lengths, locations, features=features)
 
 
 def _seq2seq_dataset(
@@ -783,6 +877,45 @@ def _per_token(example: dict[str, Any]) -> bool:
     )
 
 
+#: Keys of an example that the collators batch themselves.
+_BATCH_KEYS = frozenset({"input_ids", "attention_mask", "labels", "locations"})
+
+
+def pad_features(
+    features: Sequence[Mapping[str, np.ndarray]], lengths: np.ndarray, width: int, left: bool
+) -> dict[str, np.ndarray]:
+    """A batch of examples' image features, laid out as the processor lays
+    out a batch: one value per token (token types) padded with 0 like the
+    ids; anything else (``pixel_values``, ``image_grid_thw``,
+    ``pixel_attention_mask``...) joined along its first axis, the other axes
+    padded with zeros to the largest (Idefics3's images per example)."""
+    out: dict[str, np.ndarray] = {}
+    keys = list(features[0]) if features else []
+    for key in keys:
+        values = [np.asarray(f[key]) for f in features]
+        if any(key not in f for f in features):
+            raise ConfigError(f"some examples of the batch have {key!r} and others do not")
+        if all(v.ndim == 1 and len(v) == n for v, n in zip(values, lengths.tolist())):
+            padded = np.zeros((len(values), width), dtype=values[0].dtype)
+            for row, (value, n) in enumerate(zip(values, lengths.tolist())):
+                start = width - n if left else 0
+                padded[row, start : start + n] = value
+            out[key] = padded
+            continue
+        if len({v.ndim for v in values}) != 1 or values[0].ndim == 0:
+            raise ConfigError(f"the examples' {key!r} differ in rank; they cannot be batched")
+        shape = [max(v.shape[axis] for v in values) for axis in range(1, values[0].ndim)]
+        parts = []
+        for value in values:
+            if list(value.shape[1:]) != shape:
+                grown = np.zeros((value.shape[0], *shape), dtype=value.dtype)
+                grown[tuple(slice(0, d) for d in value.shape)] = value
+                value = grown
+            parts.append(value)
+        out[key] = np.concatenate(parts, axis=0)
+    return out
+
+
 def _is_target(example: dict[str, Any]) -> bool:
     """Whether an example's labels are an encoder-decoder's target: a list
     of token ids that is not the input with its prompt masked."""
@@ -811,7 +944,9 @@ class ReftDataCollator:
 
     Returns (when called): ``input_ids``, ``attention_mask``, ``labels`` (if
     the examples have them) and ``locations`` ``(groups, batch, positions)``,
-    moved right by each example's padding when padding is on the left.
+    moved right by each example's padding when padding is on the left, and
+    any other field of the examples (a vision-language model's image
+    features) batched by :func:`pad_features`.
     """
 
     pad_token_id: int
@@ -886,6 +1021,10 @@ class ReftDataCollator:
                 shift = offsets[None, :, None]
                 locations = np.where(locations >= 0, locations + shift, locations)
             out["locations"] = torch.from_numpy(np.ascontiguousarray(locations))
+        features = [{k: v for k, v in e.items() if k not in _BATCH_KEYS} for e in examples]
+        if features and features[0]:
+            for key, value in pad_features(features, lengths, width, left).items():
+                out[key] = torch.from_numpy(np.ascontiguousarray(value))
         return out
 
 

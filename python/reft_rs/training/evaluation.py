@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from .data import IGNORE_INDEX, ReftDataset
+from .data import IGNORE_INDEX, ReftDataset, pad_features
 from .metrics import Metric, greater_is_better, reply_matches
 
 __all__ = ["evaluate", "example_scores", "generate_replies"]
@@ -236,12 +236,20 @@ def generate_replies(
             ids[row, start : start + len(prompt)] = torch.from_numpy(prompt)
             mask[row, start : start + len(prompt)] = 1
         limit = max_new_tokens or 1 + max(len(_response_ids(dataset, i)) for i in indices)
+        # A vision-language model's image features, laid out for the batch.
+        features = pad_features(
+            [dataset.prompt_features(i) for i in indices],
+            np.array([len(p) for p in prompts]),
+            width,
+            not seq2seq,
+        )
         out = reft_model.generate(
             ids.to(device),
             attention_mask=mask.to(device),
             max_new_tokens=limit,
             do_sample=False,
             pad_token_id=pad_token_id,
+            **{key: torch.from_numpy(value).to(device) for key, value in features.items()},
         )
         first = 0 if seq2seq else width  # a decoder's output holds no prompt
         replies.extend(tokenizer.decode(row[first:], skip_special_tokens=True) for row in out.cpu())
