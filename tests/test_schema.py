@@ -101,7 +101,7 @@ SPEC_COMPONENTS = ("block_output", "block_input", "mlp_output", "attention_outpu
 # and the stacks an intervention may name on an encoder-decoder or a
 # vision-language model (issue 29).
 ENCODER_DECODER_COMPONENTS = ("cross_attention_output",)
-TOWERS = ("encoder", "decoder", "vision")
+TOWERS = ("encoder", "decoder", "vision", "projector")
 SPEC_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 

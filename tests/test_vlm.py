@@ -1,4 +1,4 @@
-"""Vision-language models (LLaVA, Qwen2-VL, Idefics3 / SmolVLM, Gemma 3):
+"""Vision-language models (LLaVA, Qwen2-VL, Qwen2.5-VL, Idefics3, SmolVLM, Gemma 3):
 interventions on the language model at text or image positions, or on the
 vision encoder, on tiny random models built from each model's own config
 classes."""
@@ -169,6 +169,31 @@ def test_the_vision_tower_edits_every_patch(family):
 
 
 @pytest.mark.parametrize("family", VISION_LANGUAGE)
+def test_the_projector_edits_every_image_feature(family):
+    model = build_vision_language(family)
+    item = InterventionConfig(layer=0, component="projector.block_output", type="red")
+    reft_model = get_reft_model(model, item)
+    assert reft_model.interventions[0].dim == model.config.get_text_config().hidden_size
+    strengthen(reft_model, seed=6)
+    site = resolve(model, item)
+    assert site.path.rsplit(".", 1)[-1] in ("multi_modal_projector", "connector", "merger")
+    seen, handle = capture(site.module)
+    inputs, _ = inputs_for(family)
+    with torch.no_grad():
+        plain = model(**inputs).logits
+        edited = reft_model(**inputs).logits
+    handle.remove()
+    before, after = seen
+    tensors = {k.split(".", 1)[1]: v for k, v in reft_model.checkpoint_tensors().items()}
+    torch.testing.assert_close(after.double(), red_by_hand(before, tensors), rtol=1e-5, atol=1e-5)
+    assert not torch.equal(plain, edited)
+    with pytest.raises(reft_rs.ConfigError, match="the projector is one step"):
+        InterventionConfig(layer=1, tower="projector", type="red")
+    with pytest.raises(reft_rs.IncompatibleModelError, match="no vision-language projector"):
+        get_reft_model(build("llama"), InterventionConfig(layer=0, tower="projector", type="red"))
+
+
+@pytest.mark.parametrize("family", VISION_LANGUAGE)
 def test_a_batch_gives_what_each_example_gives_alone_and_generation_agrees(family):
     model = build_vision_language(family)
     config = ReftConfig(
@@ -194,7 +219,7 @@ def test_a_batch_gives_what_each_example_gives_alone_and_generation_agrees(famil
             for key in ("mm_token_type_ids", "token_type_ids"):
                 if key in single:
                     single[key] = single[key][:, width - len(prompt) :]
-            if family == "qwen2_vl":
+            if family in ("qwen2_vl", "qwen2_5_vl"):
                 single["pixel_values"] = inputs["pixel_values"][16 * row : 16 * (row + 1)]
                 single["image_grid_thw"] = inputs["image_grid_thw"][row : row + 1]
             else:
@@ -281,7 +306,7 @@ def test_training_at_image_positions_learns_the_colour_of_an_image(family):
 
 def test_towers_and_image_positions_are_refused_where_they_do_not_apply(tmp_path):
     llava = build_vision_language("llava")
-    with pytest.raises(reft_rs.ConfigError, match="every patch"):
+    with pytest.raises(reft_rs.ConfigError, match="every image feature"):
         InterventionConfig(layer=0, tower="vision", low_rank_dimension=2, positions="l1")
     with pytest.raises(reft_rs.IncompatibleModelError, match="vision-language model"):
         get_reft_model(llava, InterventionConfig(layer=0, tower="encoder", type="red"))
@@ -469,3 +494,51 @@ def test_batches_of_image_features_are_laid_out_as_each_model_reads_them(family)
                 alone = model(**single).logits[0]
                 where = slice(width - len(ids), width) if side == "left" else slice(0, len(ids))
                 torch.testing.assert_close(together[row, where], alone, rtol=1e-4, atol=1e-4)
+
+
+def test_the_command_line_trains_generates_and_evaluates_with_pictures(tmp_path, capsys):
+    """reft-rs train / generate / eval on a LLaVA folder (model and processor)
+    with a dataset whose records name their pictures (paths relative to the
+    dataset file)."""
+    from reft_rs.cli import main
+
+    processor = vision_language_processor("llava")
+    build_for_processor("llava", processor, init_range=0.3).save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    (tmp_path / "data" / "pictures").mkdir(parents=True)
+    for split, count, seed in (("train", 16, 0), ("dev", 6, 1)):
+        with open(tmp_path / "data" / f"{split}.jsonl", "w") as handle:
+            for i in range(count):
+                colour = "red" if i % 2 == 0 else "blue"
+                picture(colour, seed * 100 + i).save(tmp_path / "data" / "pictures" / f"{split}{i}.png")
+                record = {
+                    "prompt": "what colour is this",
+                    "response": colour,
+                    "image": f"pictures/{split}{i}.png",
+                }
+                handle.write(json.dumps(record) + "\n")
+    model = ["--model", str(tmp_path / "model"), "--device", "cpu"]
+    code = main(
+        ["train", *model, "--data", str(tmp_path / "data" / "train.jsonl"), "--output", str(tmp_path / "run")]
+        + ["--layers", "0,1,2", "--positions", "image", "--share-weights", "--rank", "4", "--epochs", "40"]
+        + ["--learning-rate", "5e-2", "--batch-size", "8"]
+    )
+    assert code == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["losses"][-1] < 0.3 * metrics["losses"][0], metrics["losses"]
+    stored = json.loads((tmp_path / "run" / "reft_config.json").read_text())
+    assert {i["positions"] for i in stored["interventions"]} == {"image"}
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "run")]) == 0
+    assert "3 layers + a 2-layer vision encoder" in capsys.readouterr().out
+    common = ["--checkpoint", str(tmp_path / "run"), *model, "--max-new-tokens", "2"]
+    code = main(["eval", *common, "--data", str(tmp_path / "data" / "dev.jsonl")])
+    assert code == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert scores["exact_match"] >= 5 / 6, scores
+    red, blue = tmp_path / "data" / "pictures" / "dev0.png", tmp_path / "data" / "pictures" / "dev1.png"
+    prompt = ["--prompt", "what colour is this"] * 2
+    assert main(["generate", *common, *prompt, "--image", str(red), "--image", str(blue)]) == 0
+    assert capsys.readouterr().out.split() == ["red", "blue"]
+    assert main(["generate", *common, *prompt, "--image", str(red), "--engine", "rust"]) != 0
+    assert "Rust engine runs text models" in capsys.readouterr().err

@@ -217,11 +217,13 @@ def seq2seq_tokenizer(family: str):
     )
 
 
-VISION_LANGUAGE = ("llava", "qwen2_vl", "idefics3", "gemma3")
+VISION_LANGUAGE = ("llava", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm", "gemma3")
+#: Families that read images as their sibling does.
+_LAYOUT = {"qwen2_5_vl": "qwen2_vl", "smolvlm": "idefics3"}
 #: The image placeholder token of the tiny vision-language models.
 IMAGE_TOKEN = 90
 #: Language-model tokens each image of the tiny vision-language models becomes.
-IMAGE_TOKENS = {"llava": 16, "qwen2_vl": 4, "idefics3": 4, "gemma3": 4}
+IMAGE_TOKENS = {"llava": 16, "qwen2_vl": 4, "qwen2_5_vl": 4, "idefics3": 4, "smolvlm": 4, "gemma3": 4}
 VISION_LAYERS = 2
 VISION_WIDTH = 24
 
@@ -279,6 +281,38 @@ def vision_language_config_for(family: str) -> transformers.PretrainedConfig:
             vision_start_token_id=92,
             vision_end_token_id=93,
         )
+    if family == "qwen2_5_vl":
+        return transformers.Qwen2_5_VLConfig(
+            text_config=dict(
+                model_type="qwen2_5_vl_text",
+                **text,
+                rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]},
+            ),
+            vision_config=dict(
+                depth=VISION_LAYERS,
+                hidden_size=VISION_WIDTH,
+                out_hidden_size=HIDDEN,
+                intermediate_size=48,
+                num_heads=2,
+                patch_size=4,
+                spatial_merge_size=2,
+                temporal_patch_size=2,
+                in_channels=3,
+                window_size=8,
+                fullatt_block_indexes=[1],
+            ),
+            image_token_id=IMAGE_TOKEN,
+            video_token_id=91,
+            vision_start_token_id=92,
+            vision_end_token_id=93,
+        )
+    if family == "smolvlm":
+        return transformers.SmolVLMConfig(
+            text_config=transformers.LlamaConfig(**text),
+            vision_config=transformers.SmolVLMVisionConfig(**vision),
+            image_token_id=IMAGE_TOKEN,
+            scale_factor=2,
+        )
     if family == "idefics3":
         return transformers.Idefics3Config(
             text_config=transformers.LlamaConfig(**text),
@@ -313,7 +347,9 @@ def build_vision_language(
     classes = {
         "llava": transformers.LlavaForConditionalGeneration,
         "qwen2_vl": transformers.Qwen2VLForConditionalGeneration,
+        "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
         "idefics3": transformers.Idefics3ForConditionalGeneration,
+        "smolvlm": transformers.SmolVLMForConditionalGeneration,
         "gemma3": transformers.Gemma3ForConditionalGeneration,
     }
     model = classes[family](config)
@@ -328,6 +364,7 @@ def image_inputs(family: str, images: torch.Tensor) -> dict[str, torch.Tensor]:
     """What each model takes for ``images``, ``(n, 3, 16, 16)`` pixels, one
     per example (Qwen2-VL: its flattened 2×4×4 patches and their grid)."""
     n = images.shape[0]
+    family = _LAYOUT.get(family, family)
     if family == "qwen2_vl":
         # Qwen2-VL's processor order: (t, h/merge, w/merge, merge, merge) patches of
         # (channels, temporal 2, 4, 4) values; one frame repeated in time.
@@ -346,7 +383,7 @@ def image_inputs(family: str, images: torch.Tensor) -> dict[str, torch.Tensor]:
 def prompt_with_image(family: str, before: list[int], after: list[int]) -> list[int]:
     """Token ids of a prompt with one image between two runs of words."""
     image = [IMAGE_TOKEN] * IMAGE_TOKENS[family]
-    if family == "qwen2_vl":
+    if _LAYOUT.get(family, family) == "qwen2_vl":
         image = [92, *image, 93]  # vision start and end
     return [*before, *image, *after]
 
@@ -359,7 +396,7 @@ def vision_language_inputs(
     (``token_type_ids``) read (1 on image tokens)."""
     out = {"input_ids": ids, "attention_mask": torch.ones_like(ids) if mask is None else mask}
     out.update(image_inputs(family, images))
-    if family == "qwen2_vl":
+    if _LAYOUT.get(family, family) == "qwen2_vl":
         out["mm_token_type_ids"] = (ids == IMAGE_TOKEN).int()
     if family == "gemma3":
         out["token_type_ids"] = (ids == IMAGE_TOKEN).long()

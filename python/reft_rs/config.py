@@ -91,7 +91,9 @@ class InterventionConfig:
             On a vision-language model (LLaVA, Qwen2-VL, Idefics3, Gemma 3)
             ``None`` is the language model and ``"vision"`` the vision
             encoder, whose every patch is edited (positions ``"all"``, at
-            the encoder's own width). ``None`` for models with one stack.
+            the encoder's own width); ``"projector"`` (layer 0,
+            ``block_output``) edits every image feature the projector hands
+            the language model. ``None`` for models with one stack.
         positions: Prompt positions edited: ``"f7+l7"``, ``"l1"``, ``"all"``,
             a list of indices... Defaults to ``"l1"`` (the last prompt token)
             for the ReFT types and ``"all"`` for ``red`` and ``steer``.

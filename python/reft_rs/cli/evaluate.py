@@ -92,13 +92,17 @@ def run(args: argparse.Namespace) -> int:
     pairs = [
         (r["prompt"], r["response"]) if "response" in r else (r["text"], str(r["label"])) for r in records
     ]
+    if args.image:
+        raise UsageError("reft-rs eval reads each record's pictures from its 'image' field; drop --image")
+    images = [r["image"] for r in records] if "image" in records[0] else None
     generator = generator_for(args)
     exact = contains = 0
     predictions = []
     start = time.perf_counter()
     for first in range(0, len(pairs), args.batch_size):
         chunk = pairs[first : first + args.batch_size]
-        replies = generator.batch([p for p, _ in chunk])
+        pictures = None if images is None else images[first : first + args.batch_size]
+        replies = generator.batch([p for p, _ in chunk], pictures)
         for (prompt, expected), reply in zip(chunk, replies):
             hit = normalize_answer(reply) == normalize_answer(expected)
             found = normalize_answer(expected) in normalize_answer(reply)

@@ -60,6 +60,8 @@ class TorchGenerator:
         # An encoder-decoder reads the prompt in its encoder (padded on the
         # right) and its output is the reply alone.
         self.encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+        # A vision-language model's "tokenizer" is its processor.
+        self.text = getattr(self.tokenizer, "tokenizer", self.tokenizer)
 
     def _text(self, prompt: str) -> str:
         if self.chat:
@@ -73,7 +75,7 @@ class TorchGenerator:
         kwargs: dict[str, Any] = {
             "max_new_tokens": self.args.max_new_tokens,
             "do_sample": sample,
-            "pad_token_id": self.tokenizer.pad_token_id,
+            "pad_token_id": self.text.pad_token_id,
         }
         if self.args.checkpoint:
             kwargs["strength"] = self.args.strength
@@ -81,9 +83,37 @@ class TorchGenerator:
             kwargs["temperature"] = self.args.temperature
         return kwargs
 
-    def batch(self, prompts: Sequence[str]) -> list[str]:
+    def _with_images(self, prompts: Sequence[str], images: Sequence[Any]) -> tuple[Any, dict[str, Any]]:
+        """Left-padded ids and the image features of prompts with images."""
+        import numpy as np
         import torch
 
+        from ..training.data import pad_features
+        from ..training.images import encode_prompt
+
+        encoded = [encode_prompt(self.tokenizer, p, i) for p, i in zip(prompts, images)]
+        lengths = np.array([len(ids) for ids, _, _ in encoded])
+        width = int(lengths.max())
+        ids = torch.full((len(encoded), width), self.text.pad_token_id)
+        mask = torch.zeros_like(ids)
+        for row, (prompt, _, _) in enumerate(encoded):
+            ids[row, width - len(prompt) :] = torch.from_numpy(prompt)
+            mask[row, width - len(prompt) :] = 1
+        features = pad_features([f for _, f, _ in encoded], lengths, width, True)
+        return ids, {"attention_mask": mask, **{k: torch.from_numpy(v) for k, v in features.items()}}
+
+    def batch(self, prompts: Sequence[str], images: Sequence[Any] | None = None) -> list[str]:
+        import torch
+
+        device = next(self.model.parameters()).device
+        if images is not None:
+            input_ids, extra = self._with_images(prompts, images)
+            with torch.no_grad():
+                out = self.model.generate(
+                    input_ids.to(device), **{k: v.to(device) for k, v in extra.items()}, **self._kwargs()
+                )
+            width = input_ids.shape[1]
+            return [self.text.decode(row[width:], skip_special_tokens=True).strip() for row in out]
         ids = self.tokenizer([self._text(p) for p in prompts], add_special_tokens=not self.chat)["input_ids"]
         width = max(len(i) for i in ids)
         pad = self.tokenizer.pad_token_id
@@ -93,29 +123,30 @@ class TorchGenerator:
         else:
             input_ids = torch.tensor([[pad] * (width - len(i)) + i for i in ids])
             mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
-        device = next(self.model.parameters()).device
         with torch.no_grad():
             out = self.model.generate(input_ids.to(device), attention_mask=mask.to(device), **self._kwargs())
         first = 0 if self.encoder_decoder else width
         return [self.tokenizer.decode(row[first:], skip_special_tokens=True).strip() for row in out]
 
-    def stream(self, prompt: str) -> None:
+    def stream(self, prompt: str, image: Any = None) -> None:
         import threading
 
         import torch
         import transformers
 
-        ids = self.tokenizer(self._text(prompt), add_special_tokens=not self.chat, return_tensors="pt")
+        if image is not None:
+            input_ids, extra = self._with_images([prompt], [image])
+        else:
+            ids = self.tokenizer(self._text(prompt), add_special_tokens=not self.chat, return_tensors="pt")
+            input_ids, extra = ids["input_ids"], {"attention_mask": ids["attention_mask"]}
         device = next(self.model.parameters()).device
-        streamer = transformers.TextIteratorStreamer(
-            self.tokenizer, skip_prompt=True, skip_special_tokens=True
-        )
+        streamer = transformers.TextIteratorStreamer(self.text, skip_prompt=True, skip_special_tokens=True)
 
         def run() -> None:
             with torch.no_grad():
                 self.model.generate(
-                    ids["input_ids"].to(device),
-                    attention_mask=ids["attention_mask"].to(device),
+                    input_ids.to(device),
+                    **{k: v.to(device) for k, v in extra.items()},
                     streamer=streamer,
                     **self._kwargs(),
                 )
@@ -150,7 +181,8 @@ class RustGenerator:
             "strength": self.args.strength,
         }
 
-    def batch(self, prompts: Sequence[str]) -> list[str]:
+    def batch(self, prompts: Sequence[str], images: Sequence[Any] | None = None) -> list[str]:
+        _text_only(images)
         if self.chat:
             texts = [self.engine.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
             return [
@@ -158,7 +190,8 @@ class RustGenerator:
             ]
         return [r.strip() for r in self.engine.generate(list(prompts), **self._options())]
 
-    def stream(self, prompt: str) -> None:
+    def stream(self, prompt: str, image: Any = None) -> None:
+        _text_only(image)
         if self.chat:
             text = self.engine.apply_chat_template([{"role": "user", "content": prompt}])
             ids = self.engine.encode(text, add_special_tokens=False)
@@ -167,6 +200,35 @@ class RustGenerator:
         for piece in self.engine.stream(ids, **self._options()):
             print(piece, end="", flush=True)
         print()
+
+
+def _text_only(images: Any) -> None:
+    if images is not None:
+        raise UsageError(
+            "the Rust engine runs text models; generate with images through torch (--engine torch)"
+        )
+
+
+def images_for(args: argparse.Namespace, prompts: list[str] | None) -> list[Any] | None:
+    """One image per prompt from --image (once for every prompt, or once per
+    prompt) or the prompts file's ``image`` fields; ``None`` without images."""
+    given = getattr(args, "image", None)
+    if given:
+        for path in given:
+            if not os.path.isfile(path):
+                raise DatasetError(f"{path}: no such image file")
+        if prompts is None or len(given) == 1:
+            return [given[0]] * (1 if prompts is None else len(prompts))
+        if len(given) != len(prompts):
+            raise UsageError(f"{len(prompts)} prompts but {len(given)} --image: give one, or one per prompt")
+        return list(given)
+    if args.prompts_file is not None and args.prompts_file.endswith((".jsonl", ".json", ".csv")):
+        from ..io.records import read_records
+
+        records = list(read_records(args.prompts_file))
+        if "image" in records[0]:
+            return [r["image"] for r in records]
+    return None
 
 
 def generator_for(args: argparse.Namespace) -> TorchGenerator | RustGenerator:
@@ -191,6 +253,11 @@ def generation_options(parser: argparse.ArgumentParser) -> None:
         default=1.0,
         help="edit strength a: each edited state becomes h + a(edit(h) - h); 1 the trained edit (default), "
         "0 the base model, negative reverses a steering vector",
+    )
+    parser.add_argument(
+        "--image",
+        action="append",
+        help="a picture for a vision-language model: once for every prompt, or once per --prompt",
     )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--no-chat-template", action="store_true", help="send prompts as plain text")

@@ -91,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
     depth = f"{base['num_hidden_layers']} layers"
     if base.get("num_decoder_layers") is not None:
         depth = f"encoder-decoder, {base['num_hidden_layers']} encoder + {base['num_decoder_layers']} decoder layers"
+    if base.get("num_vision_layers") is not None:
+        depth += f" + a {base['num_vision_layers']}-layer vision encoder"
     print(
         f"base model: {base.get('name_or_path') or '?'} ({base.get('model_type') or '?'}, hidden size "
         f"{base['hidden_size']}, {depth})"

@@ -164,6 +164,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.resume and args.stream:
         raise UsageError("--resume needs the Trainer's checkpoints; it does not combine with --stream")
+    if args.stream and "image" in next(iter(read_records(args.data))):
+        raise UsageError("--stream reads text records; a dataset with images is read whole")
     if args.resume and args.overwrite:
         raise UsageError("--resume continues the run in --output and --overwrite replaces it: pick one")
     if not (args.resume or args.overwrite) and _holds_a_run(args.output):
@@ -369,6 +371,7 @@ def _train_with_trainer(
     device: str,
 ) -> dict[str, Any]:
 
+    from ..experiments.methods import pad_id
     from ..training.data import ReftDataCollator
     from ..training.trainer import ReftTrainer, training_arguments
 
@@ -393,7 +396,7 @@ def _train_with_trainer(
         args=training_args,
         train_dataset=dataset,
         eval_dataset=dev,
-        data_collator=ReftDataCollator(tokenizer.pad_token_id, encoder_decoder=dataset.encoder_decoder),
+        data_collator=ReftDataCollator(pad_id(tokenizer), encoder_decoder=dataset.encoder_decoder),
         eval_metric=metric,
         eval_tokenizer=tokenizer,
         callbacks=callbacks or None,

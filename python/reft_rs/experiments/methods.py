@@ -197,6 +197,7 @@ class Task:
             )
         prompts = [r["prompt"] if "prompt" in r else r["text"] for r in records]
         responses = [r["response"] if "response" in r else str(r["label"]) for r in records]
+        images = [r["image"] for r in records] if records and "image" in records[0] else None
         return make_dataset(
             tokenizer,
             prompts,
@@ -205,6 +206,7 @@ class Task:
             max_length=self.max_length,
             system_prompt=self.system_prompt,
             chat_template=self.chat_template,
+            images=images,
         )
 
 
@@ -361,7 +363,9 @@ def _train_trial(
 
 
 def pad_id(tokenizer: Any) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    """The pad token of a tokenizer, or of a processor's tokenizer (0 if none)."""
+    text = getattr(tokenizer, "tokenizer", tokenizer)
+    return text.pad_token_id if text.pad_token_id is not None else 0
 
 
 class Baseline(nn.Module):

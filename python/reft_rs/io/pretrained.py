@@ -229,8 +229,10 @@ def load_model(
     """The model and tokenizer at ``path`` (a Hugging Face folder or a GGUF
     file, expanded by transformers): a causal LM (an encoder-decoder's
     sequence-to-sequence LM when the config says ``is_encoder_decoder``:
-    T5, BART, ...), or with ``labels`` a sequence classifier over them (its
-    head new unless saved with it). A
+    T5, BART, ...; a vision-language model's image-text-to-text model, with
+    its processor in the tokenizer's place, when the config has a
+    ``vision_config``), or with ``labels`` a sequence classifier over them
+    (its head new unless saved with it). A
     tokenizer without a pad token pads with its end-of-sequence token; the
     model's config records ``path`` as the name checkpoints keep.
 
@@ -249,26 +251,34 @@ def load_model(
             folder: Path | str = path.parent
         else:
             kwargs, folder = {}, path
-        if not kwargs and getattr(
-            transformers.AutoConfig.from_pretrained(folder), "is_encoder_decoder", False
-        ):
+        config = None if kwargs else transformers.AutoConfig.from_pretrained(folder)
+        if getattr(config, "is_encoder_decoder", False):
             auto = transformers.AutoModelForSeq2SeqLM
+        vision = getattr(config, "vision_config", None) is not None
+        if vision:
+            auto = transformers.AutoModelForImageTextToText
         if labels is not None:
             auto = transformers.AutoModelForSequenceClassification
             kwargs["num_labels"] = len(labels)
             kwargs["id2label"] = dict(enumerate(labels))
             kwargs["label2id"] = {label: index for index, label in enumerate(labels)}
-        tokenizer = transformers.AutoTokenizer.from_pretrained(
-            folder, **{k: v for k, v in kwargs.items() if k == "gguf_file"}
-        )
+        if vision and labels is None:
+            # The processor reads images and text alike; it is what the
+            # model's datasets and generation take in the tokenizer's place.
+            tokenizer = transformers.AutoProcessor.from_pretrained(folder)
+        else:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(
+                folder, **{k: v for k, v in kwargs.items() if k == "gguf_file"}
+            )
         with _quiet_transformers():
             model = auto.from_pretrained(folder, dtype=dtype, **kwargs)
     except (OSError, ValueError) as error:
         raise ModelNotFoundError(f"cannot load a model from {path}: {str(error).splitlines()[0]}") from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    text = getattr(tokenizer, "tokenizer", tokenizer)
+    if text.pad_token is None:
+        text.pad_token = text.eos_token
     if labels is not None:
-        model.config.pad_token_id = tokenizer.pad_token_id  # finds each row's last token
+        model.config.pad_token_id = text.pad_token_id  # finds each row's last token
     model.config._name_or_path = str(path)  # what checkpoints record as the base model
     return model.to(device).eval(), tokenizer
 

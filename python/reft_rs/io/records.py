@@ -2,7 +2,10 @@
 
 A record is either a prompt/response pair (``{"prompt": ..., "response":
 ...}``, for language modelling) or a labelled text (``{"text": ...,
-"label": ...}``, for classification and evaluation). Files are read lazily,
+"label": ...}``, for classification and evaluation). For a vision-language
+model a record also names its picture: ``"image"``, a file path (or a list
+of them), relative to the dataset file's folder unless absolute; the
+records read give it as an absolute path. Files are read lazily,
 one line at a time, so :func:`read_records` serves datasets larger than
 memory; every problem is a :class:`reft_rs.DatasetError` naming the file
 and line.
@@ -84,6 +87,15 @@ def _csv_rows(path: str) -> Iterator[tuple[str, Any]]:
             yield f"{path}:{reader.line_num}", row
 
 
+def _image_paths(value: Any, folder: str, where: str) -> str | list[str]:
+    """A record's image path(s), absolute (relative ones from ``folder``)."""
+    paths = value if isinstance(value, list) else [value]
+    if not paths or not all(isinstance(p, str) and p for p in paths):
+        raise DatasetError(f"{where}: 'image' must be a file path or a list of them, found {value!r}")
+    resolved = [os.path.normpath(os.path.join(folder, p)) for p in paths]
+    return resolved if isinstance(value, list) else resolved[0]
+
+
 def read_records(path: str | os.PathLike[str], *, kind: str | None = None) -> Iterator[dict[str, Any]]:
     """The records of a ``.jsonl``, ``.json`` or ``.csv`` file, lazily.
 
@@ -108,8 +120,16 @@ def read_records(path: str | os.PathLike[str], *, kind: str | None = None) -> It
         rows = _json_lines(path)
     expected = kind
     empty = True
+    folder = os.path.dirname(os.path.abspath(path))
+    images: bool | None = None
     for where, record in rows:
         found = record_kind(record, where)
+        if images is None:
+            images = "image" in record
+        elif ("image" in record) != images:
+            raise DatasetError(f"{where}: every record names an image, or none does")
+        if images:
+            record["image"] = _image_paths(record["image"], folder, where)
         if expected is None:
             expected = found
         elif found != expected:

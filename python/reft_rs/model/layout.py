@@ -58,6 +58,10 @@ _DEPTH_NAMES = {
 #: ``visual``; Idefics3 / SmolVLM: ``vision_model``).
 _VISION_NAMES = ("vision_tower", "visual", "vision_model")
 _LANGUAGE_NAMES = ("language_model", "text_model")
+#: Its projector from the vision encoder's states to the language model's
+#: image tokens (LLaVA, Gemma 3: ``multi_modal_projector``; Idefics3 /
+#: SmolVLM: ``connector``; Qwen2-VL: ``visual.merger``).
+_PROJECTOR_NAMES = ("multi_modal_projector", "connector", "merger")
 
 
 @dataclass(frozen=True)
@@ -109,6 +113,8 @@ def stack_depth(model: nn.Module, tower: str | None) -> int:
     model's one stack)."""
     _, num_layers = model_dimensions(model)
     vision = vision_config(model)
+    if tower == "projector":
+        return 1
     if tower == "vision" and vision is not None:
         for name in ("num_hidden_layers", "depth"):
             value = getattr(vision, name, None)
@@ -192,7 +198,7 @@ def find_layers(model: nn.Module, tower: str | None = None) -> tuple[str, nn.Mod
         if tower not in (None, "vision"):
             raise IncompatibleModelError(
                 f"tower={tower!r}: {type(model).__name__} is a vision-language model; its stacks are "
-                "the language model (no tower) and tower='vision'"
+                "the language model (no tower) and tower='vision' (and its projector, tower='projector')"
             )
         found = _named(model, _VISION_NAMES if tower == "vision" else _LANGUAGE_NAMES)
         if found is None:
@@ -263,6 +269,14 @@ def resolve(
     """Where ``config`` hooks into ``model``; ``layers`` is :func:`find_layers`'s
     answer when the caller already has it."""
     edits_input = config.component == "block_input"
+    if config.tower == "projector" and config.module_path is None:
+        found = _named(model, _PROJECTOR_NAMES) if vision_config(model) is not None else None
+        if found is None:
+            raise IncompatibleModelError(
+                f"{config.name}: {type(model).__name__} has no vision-language projector "
+                f"(looked for: {', '.join(_PROJECTOR_NAMES)}); give a module_path"
+            )
+        return HookSite(found[0], found[1], False)
     if config.module_path is not None:
         path = config.module_path.replace("{layer}", str(config.layer))
         try:

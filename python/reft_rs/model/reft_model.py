@@ -308,7 +308,7 @@ class ReftModel(nn.Module):
         sites: dict[tuple[int, bool], tuple[HookSite, list[int]]] = {}
         stacks: dict[str | None, tuple[str, nn.ModuleList]] = {}
         for index, item in enumerate(self._configs[name].interventions):
-            if item.module_path is None and item.tower not in stacks:
+            if item.module_path is None and item.tower != "projector" and item.tower not in stacks:
                 stacks[item.tower] = find_layers(self.model, item.tower)
             site = resolve(self.model, item, stacks.get(item.tower))
             key = (id(site.module), site.edits_input)
@@ -1074,9 +1074,11 @@ def _validate_against_model(model: nn.Module, config: ReftConfig) -> None:
     if is_encoder_decoder(model):
         towers: set[str | None] = {"encoder", "decoder"}
     else:
-        towers = {None, "vision"} if vision_config(model) is not None else {None}
+        towers = {None, "vision", "projector"} if vision_config(model) is not None else {None}
     for item in config.interventions:
         if item.module_path is None and item.tower not in towers:
+            if item.tower == "projector":
+                resolve(model, item)  # raises: the model has no projector
             find_layers(model, item.tower)  # raises, naming what is missing or extra
         width = item.embed_dim or hidden_size
         # Without a recognised layout only explicit module paths are used.

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..errors import ConfigError, DatasetError
 
-__all__ = ["encode_image_pairs", "image_token_of", "open_image"]
+__all__ = ["encode_image_pairs", "encode_prompt", "image_token_of", "open_image"]
 
 _RESPONSE_MARK = "\ue000reft-rs-response\ue001"
 #: Keys that every batch has and the collators pad themselves.
@@ -88,6 +88,34 @@ def _render(processor: Any, prompt: str, images: int, system_prompt: str | None)
     return text, full.split(_RESPONSE_MARK, 1)[1]
 
 
+def encode_prompt(
+    processor: Any, prompt: str, images: Any, system_prompt: str | None = None
+) -> tuple[np.ndarray, dict[str, np.ndarray], str]:
+    """``(ids, features, end)``: a prompt with its image(s) (a path, a PIL
+    image, or a list of them) as the processor encodes the chat template's
+    user turn, its image features (per-token ones 1-D), and the text the
+    template puts after the assistant's reply."""
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is None or not hasattr(processor, "image_processor"):
+        raise ConfigError(
+            "examples with images need the model's processor (transformers.AutoProcessor), "
+            f"not {type(processor).__name__}"
+        )
+    pictures = list(images) if isinstance(images, (list, tuple)) else [images]
+    if not pictures:
+        raise DatasetError("a prompt with images needs at least one image")
+    text, end = _render(processor, prompt, len(pictures), system_prompt)
+    encoded = processor(images=[open_image(p) for p in pictures], text=[text], return_tensors="np")
+    ids = np.asarray(encoded["input_ids"][0], dtype=np.int64)
+    features = {}
+    for key, value in encoded.items():
+        if key in _TEXT_KEYS:
+            continue
+        value = np.asarray(value)
+        features[key] = value[0] if value.ndim == 2 and value.shape == (1, len(ids)) else value
+    return ids, features, end
+
+
 def encode_image_pairs(
     processor: Any,
     prompts: Sequence[str],
@@ -106,24 +134,21 @@ def encode_image_pairs(
     for prompt ``i``. ``max_length`` cuts the response (never the prompt,
     whose image tokens must all stay).
     """
-    tokenizer = getattr(processor, "tokenizer", None)
-    if tokenizer is None or not hasattr(processor, "image_processor"):
+    if getattr(processor, "tokenizer", None) is None or not hasattr(processor, "image_processor"):
         raise ConfigError(
             "examples with images need the model's processor (transformers.AutoProcessor), "
             f"not {type(processor).__name__}"
         )
+    tokenizer = processor.tokenizer
     if not (len(prompts) == len(responses) == len(images)):
         raise ConfigError(f"{len(prompts)} prompts, {len(responses)} responses and {len(images)} images")
     if max_length is not None and max_length < 1:
         raise ConfigError(f"max_length must be at least 1, found {max_length}")
     sequences, prompt_lengths, features = [], [], []
     for index, (prompt, response, pictures) in enumerate(zip(prompts, responses, images)):
-        pictures = list(pictures) if isinstance(pictures, (list, tuple)) else [pictures]
-        if not pictures:
+        if isinstance(pictures, (list, tuple)) and not pictures:
             raise DatasetError(f"example {index} has no image")
-        text, end = _render(processor, prompt, len(pictures), system_prompt)
-        encoded = processor(images=[open_image(p) for p in pictures], text=[text], return_tensors="np")
-        ids = np.asarray(encoded["input_ids"][0], dtype=np.int64)
+        ids, prompt_features, end = encode_prompt(processor, prompt, pictures, system_prompt)
         reply = np.asarray(tokenizer(response + end, add_special_tokens=False)["input_ids"], dtype=np.int64)
         if max_length is not None:
             if len(ids) > max_length:
@@ -133,13 +158,10 @@ def encode_image_pairs(
                 )
             reply = reply[: max_length - len(ids)]
         extra = {}
-        for key, value in encoded.items():
-            if key in _TEXT_KEYS:
-                continue
-            value = np.asarray(value)
-            if value.ndim == 2 and value.shape == (1, len(ids)):
+        for key, value in prompt_features.items():
+            if value.ndim == 1 and len(value) == len(ids):
                 # One value per prompt token (token types): the response's are 0.
-                value = np.concatenate([value[0], np.zeros(len(reply), dtype=value.dtype)])
+                value = np.concatenate([value, np.zeros(len(reply), dtype=value.dtype)])
             extra[key] = value
         sequences.append(np.concatenate([ids, reply]))
         prompt_lengths.append(len(ids))

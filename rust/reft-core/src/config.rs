@@ -258,11 +258,20 @@ pub enum Tower {
     /// The vision encoder of a vision-language model: it reads the images'
     /// patches (every patch is edited: positions `all`).
     Vision,
+    /// A vision-language model's projector, which turns the vision
+    /// encoder's states into the language model's image tokens: one
+    /// "layer" (0) whose `block_output` is the projected image features.
+    Projector,
 }
 
 impl Tower {
     /// Every tower, in the order the spec lists them.
-    pub const ALL: [Tower; 3] = [Tower::Encoder, Tower::Decoder, Tower::Vision];
+    pub const ALL: [Tower; 4] = [
+        Tower::Encoder,
+        Tower::Decoder,
+        Tower::Vision,
+        Tower::Projector,
+    ];
 
     /// The name used in configs (and as a component's prefix,
     /// `encoder.block_output`).
@@ -271,6 +280,7 @@ impl Tower {
             Tower::Encoder => "encoder",
             Tower::Decoder => "decoder",
             Tower::Vision => "vision",
+            Tower::Projector => "projector",
         }
     }
 
@@ -437,6 +447,7 @@ impl BaseModel {
         match tower {
             Some(Tower::Decoder) => self.num_decoder_layers.unwrap_or(self.num_hidden_layers),
             Some(Tower::Vision) => self.num_vision_layers.unwrap_or(self.num_hidden_layers),
+            Some(Tower::Projector) => 1,
             _ => self.num_hidden_layers,
         }
     }
@@ -624,11 +635,23 @@ impl InterventionConfig {
                     .into(),
             );
         }
-        if self.tower == Some(Tower::Vision) && !matches!(spec, PositionSpec::All) {
+        if matches!(self.tower, Some(Tower::Vision | Tower::Projector))
+            && !matches!(spec, PositionSpec::All)
+        {
             return invalid(format!(
-                "a vision tower's intervention edits every patch: positions \"all\", not {:?} \
+                "an intervention on the {} edits every image feature: positions \"all\", not {:?} \
                  (to edit image tokens in the language model, use positions \"image\" there)",
+                self.tower.map_or("", Tower::name),
                 self.positions
+            ));
+        }
+        if self.tower == Some(Tower::Projector)
+            && (self.layer != 0 || self.component != Component::BlockOutput)
+        {
+            return invalid(format!(
+                "the projector is one step: layer 0, component block_output (its output), not layer {} {}",
+                self.layer,
+                self.component.name()
             ));
         }
         if self.component == Component::CrossAttentionOutput && self.tower != Some(Tower::Decoder) {
@@ -790,12 +813,17 @@ pub fn normalize_intervention(value: serde_json::Value) -> Result<serde_json::Va
         }
     };
     object.insert("type".into(), kind.name().into());
-    // A vision tower edits every patch, whatever the type's usual default.
-    let vision = object.get("tower").and_then(|t| t.as_str()) == Some(Tower::Vision.name())
-        || object
-            .get("component")
-            .and_then(|c| c.as_str())
-            .is_some_and(|c| c.starts_with("vision."));
+    // A vision tower or a projector edits every image feature, whatever the
+    // type's usual default.
+    let tower = object.get("tower").and_then(|t| t.as_str());
+    let prefix = object
+        .get("component")
+        .and_then(|c| c.as_str())
+        .and_then(|c| c.split_once('.'))
+        .map(|(prefix, _)| prefix);
+    let vision = [Tower::Vision.name(), Tower::Projector.name()]
+        .iter()
+        .any(|name| tower == Some(*name) || prefix == Some(*name));
     let positions = match object.remove("positions") {
         None | Some(serde_json::Value::Null) if vision => "all".to_string(),
         None | Some(serde_json::Value::Null) => kind.default_positions().to_string(),
@@ -1351,7 +1379,21 @@ mod tests {
         let err =
             draft(r#"{"layer": 1, "low_rank_dimension": 2, "tower": "vision", "positions": "l1"}"#)
                 .unwrap_err();
-        assert!(err.to_string().contains("every patch"), "{err}");
+        assert!(err.to_string().contains("every image feature"), "{err}");
+        // The projector: one step, its output, every feature.
+        let projector =
+            draft(r#"{"layer": 0, "type": "red", "component": "projector.block_output"}"#).unwrap();
+        assert_eq!(projector["tower"].as_str(), Some("projector"));
+        for bad in [
+            r#"{"layer": 1, "type": "red", "tower": "projector"}"#,
+            r#"{"layer": 0, "type": "red", "tower": "projector", "component": "mlp_output"}"#,
+        ] {
+            let err = draft(bad).unwrap_err();
+            assert!(
+                err.to_string().contains("the projector is one step"),
+                "{err}"
+            );
+        }
         // Decoder layers count against the decoder's own depth.
         let config = |layers: &str, entry: &str| {
             format!(
