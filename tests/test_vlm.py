@@ -144,6 +144,21 @@ def test_edits_land_on_the_text_or_image_positions_asked_for(family, spec):
     assert not torch.equal(plain, edited)
 
 
+def assert_red_everywhere(model, reft_model, site, family):
+    """The RED intervention at ``site`` changes every value there by its
+    formula, and the model's logits with it."""
+    seen, handle = capture(site.module)
+    inputs, _ = inputs_for(family)
+    with torch.no_grad():
+        plain = model(**inputs).logits
+        edited = reft_model(**inputs).logits
+    handle.remove()
+    before, after = seen
+    tensors = {k.split(".", 1)[1]: v for k, v in reft_model.checkpoint_tensors().items()}
+    torch.testing.assert_close(after.double(), red_by_hand(before, tensors), rtol=1e-5, atol=1e-5)
+    assert not torch.equal(plain, edited)
+
+
 @pytest.mark.parametrize("family", VISION_LANGUAGE)
 def test_the_vision_tower_edits_every_patch(family):
     model = build_vision_language(family)
@@ -156,16 +171,7 @@ def test_the_vision_tower_edits_every_patch(family):
     assert len(vision) == VISION_LAYERS
     site = resolve(model, item)
     assert site.module is vision[0]
-    seen, handle = capture(site.module)
-    inputs, _ = inputs_for(family)
-    with torch.no_grad():
-        plain = model(**inputs).logits
-        edited = reft_model(**inputs).logits
-    handle.remove()
-    before, after = seen
-    tensors = {k.split(".", 1)[1]: v for k, v in reft_model.checkpoint_tensors().items()}
-    torch.testing.assert_close(after.double(), red_by_hand(before, tensors), rtol=1e-5, atol=1e-5)
-    assert not torch.equal(plain, edited)
+    assert_red_everywhere(model, reft_model, site, family)
 
 
 @pytest.mark.parametrize("family", VISION_LANGUAGE)
@@ -177,16 +183,7 @@ def test_the_projector_edits_every_image_feature(family):
     strengthen(reft_model, seed=6)
     site = resolve(model, item)
     assert site.path.rsplit(".", 1)[-1] in ("multi_modal_projector", "connector", "merger")
-    seen, handle = capture(site.module)
-    inputs, _ = inputs_for(family)
-    with torch.no_grad():
-        plain = model(**inputs).logits
-        edited = reft_model(**inputs).logits
-    handle.remove()
-    before, after = seen
-    tensors = {k.split(".", 1)[1]: v for k, v in reft_model.checkpoint_tensors().items()}
-    torch.testing.assert_close(after.double(), red_by_hand(before, tensors), rtol=1e-5, atol=1e-5)
-    assert not torch.equal(plain, edited)
+    assert_red_everywhere(model, reft_model, site, family)
     with pytest.raises(reft_rs.ConfigError, match="the projector is one step"):
         InterventionConfig(layer=1, tower="projector", type="red")
     with pytest.raises(reft_rs.IncompatibleModelError, match="no vision-language projector"):

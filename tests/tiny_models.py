@@ -140,9 +140,9 @@ def tokenizer(*, chat: bool = True):
     return fast
 
 
-SEQ2SEQ = ("t5", "bart")
+SEQ2SEQ = ("t5", "mt5", "bart")
 #: Decoder depth of the tiny encoder-decoders (their encoders have LAYERS).
-DECODER_LAYERS = {"t5": LAYERS, "bart": LAYERS + 1}
+DECODER_LAYERS = {"t5": LAYERS, "mt5": LAYERS, "bart": LAYERS + 1}
 
 
 def seq2seq_config_for(family: str) -> transformers.PretrainedConfig:
@@ -150,14 +150,17 @@ def seq2seq_config_for(family: str) -> transformers.PretrainedConfig:
     encoder (T5's generate in transformers needs equal depths). Their random
     weights are widened so that what they generate depends on the input
     (with the default scales every input gives one repeated token)."""
-    if family == "t5":
-        return transformers.T5Config(
+    if family in ("t5", "mt5"):
+        # mT5 (like Flan-T5) uses the gated-GELU feed-forward block.
+        kind = transformers.T5Config if family == "t5" else transformers.MT5Config
+        return kind(
+            feed_forward_proj="relu" if family == "t5" else "gated-gelu",
             vocab_size=VOCAB,
             d_model=HIDDEN,
             d_kv=8,
             d_ff=48,
             num_layers=LAYERS,
-            num_decoder_layers=DECODER_LAYERS["t5"],
+            num_decoder_layers=DECODER_LAYERS[family],
             num_heads=4,
             dropout_rate=0.0,
             initializer_factor=20.0,
@@ -204,7 +207,7 @@ def seq2seq_tokenizer(family: str):
     fast = tokenizer(chat=False)
     backend = fast.backend_tokenizer
     eos, bos = fast.convert_tokens_to_ids("</s>"), fast.convert_tokens_to_ids("<s>")
-    if family == "t5":
+    if family in ("t5", "mt5"):
         backend.post_processor = processors.TemplateProcessing(
             single="$A </s>", special_tokens=[("</s>", eos)]
         )
