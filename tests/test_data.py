@@ -318,3 +318,20 @@ def test_an_empty_normalizer_sequence_keeps_the_fast_path():
     tokens, offsets = encoder.encode_batch(texts)
     for index, text in enumerate(texts):
         assert tokens[offsets[index] : offsets[index + 1]].tolist() == tok(text)["input_ids"]
+
+
+def test_the_collator_keeps_decoder_only_batches_and_skips_plain_fields():
+    """Examples with token labels and locations stay decoder-only batches
+    (ids, labels and locations padded on the same side), whatever the
+    labels look like; fields that are not arrays (an id, the text) are left
+    out of the batch as before."""
+    examples = [
+        {"input_ids": [1, 2, 3], "labels": [-100, 2, 3], "locations": np.array([[0]]), "idx": 0, "text": "a"},
+        {"input_ids": [4, 5], "labels": [-100, 5], "locations": np.array([[0]]), "idx": 1, "text": "b"},
+    ]
+    for options in ({"token_labels": True}, {}):
+        batch = reft_rs.ReftDataCollator(0, padding_side="left", **options)(examples)
+        assert set(batch) == {"input_ids", "attention_mask", "labels", "locations"}
+        assert batch["input_ids"].tolist() == [[1, 2, 3], [0, 4, 5]]
+        assert batch["labels"].tolist() == [[-100, 2, 3], [-100, -100, 5]]
+        assert batch["locations"].tolist() == [[[0], [1]]]  # moved by the padding

@@ -235,6 +235,12 @@ def test_decoder_edits_reach_generation_through_the_cache(family):
     start = torch.full((2, 1), model.config.decoder_start_token_id)
     explicit = reft_model.generate(**prompt, decoder_input_ids=start, **options)
     assert torch.equal(explicit, outputs[False])
+    # A forced prefix without the start token: generate puts the start token
+    # first, and the prompt's last token (the prefix's) is the one edited.
+    prefix = outputs[False][:, 1:3]
+    without = reft_model.generate(**prompt, decoder_input_ids=prefix, **options)
+    with_start = reft_model.generate(**prompt, decoder_input_ids=torch.cat([start, prefix], 1), **options)
+    assert torch.equal(without, with_start)
     # Teacher forcing the generated tokens gives the logits generation chose from.
     with torch.no_grad():
         forced = reft_model(**prompt, decoder_input_ids=outputs[False][:, :-1]).logits
@@ -307,6 +313,31 @@ def test_training_on_both_stacks_learns_a_copy_task(family):
     assert losses[-1] < 0.7 * losses[0], losses
     for name, parameter in model.named_parameters():
         assert torch.equal(parameter, frozen[name]), name
+
+
+def test_a_module_path_on_an_encoder_decoder_names_its_tower_too():
+    model = build_seq2seq("t5")
+    item = InterventionConfig(
+        layer=0, module_path="encoder.block.{layer}", low_rank_dimension=2, positions="l1"
+    )
+    with pytest.raises(IncompatibleModelError, match="names its tower, also with a module_path"):
+        get_reft_model(model, item)
+    item = InterventionConfig(
+        layer=0, module_path="encoder.block.{layer}", tower="encoder", low_rank_dimension=2, positions="l1"
+    )
+    reft_model = get_reft_model(model, item)
+    by_path = reft_model(**batch("t5")).logits
+    reft_model.remove_hooks()
+    same = get_reft_model(
+        model, InterventionConfig(layer=0, tower="encoder", low_rank_dimension=2, positions="l1")
+    )
+    same.load_tensors(
+        {
+            k.replace(item.name, same.reft_config.interventions[0].name): v
+            for k, v in reft_model.checkpoint_tensors().items()
+        }
+    )
+    assert torch.equal(same(**batch("t5")).logits, by_path)
 
 
 def test_placement_is_checked_against_each_stack():

@@ -312,17 +312,36 @@ def test_towers_and_image_positions_are_refused_where_they_do_not_apply(tmp_path
     llama = build("llama")
     with pytest.raises(reft_rs.IncompatibleModelError, match="has none"):
         get_reft_model(llama, InterventionConfig(layer=0, tower="vision", type="red"))
-    # An image spec on a text model: a typed error at the call, naming the cause.
-    reft_model = get_reft_model(llama, InterventionConfig(layer=0, low_rank_dimension=2, positions="image"))
-    with pytest.raises(reft_rs.PositionError, match="token ids"):
-        reft_model(input_ids=torch.tensor([[5, 6, 7]]))
-    # The engine runs text models: image positions and vision towers are refused.
-    reft_model.save_pretrained(tmp_path / "adapter")
+    # An image spec on a text model, or on another stack: refused when built.
+    image = InterventionConfig(layer=0, low_rank_dimension=2, positions="image")
+    with pytest.raises(reft_rs.IncompatibleModelError, match="has no image token"):
+        get_reft_model(llama, image)
+    with pytest.raises(reft_rs.ConfigError, match="leave tower unset"):
+        InterventionConfig(layer=0, low_rank_dimension=2, positions="image:l2", tower="decoder")
+    # Positions on a vision-language model are found in the ids.
+    reft_model = get_reft_model(llava, InterventionConfig(layer=0, low_rank_dimension=2, positions="l1"))
+    inputs, _ = inputs_for("llava")
+    embeds = llava.get_input_embeddings()(inputs.pop("input_ids"))
+    with pytest.raises(reft_rs.LocationError, match="input ids"):
+        reft_model(inputs_embeds=embeds, **inputs)
+    # A vision layer after the one the model reads its image features from.
+    llava.config.vision_feature_layer = -2
+    with pytest.raises(reft_rs.ConfigError, match="would change nothing"):
+        get_reft_model(llava, InterventionConfig(layer=VISION_LAYERS - 1, tower="vision", type="red"))
+    get_reft_model(llava, InterventionConfig(layer=VISION_LAYERS - 2, tower="vision", type="red"))
+    # The engine runs text models: image positions are refused with the reason.
+    from reft_rs.io import checkpoint
+
+    get_reft_model(llama, InterventionConfig(layer=0, low_rank_dimension=2)).save_pretrained(
+        tmp_path / "plain"
+    )
+    config, tensors = checkpoint.load(tmp_path / "plain")
+    config["interventions"][0]["positions"] = "image"
+    checkpoint.save(tmp_path / "adapter", config, tensors)
     llama.save_pretrained(tmp_path / "model")
     tokenizer().save_pretrained(tmp_path / "model")
     with pytest.raises(reft_rs.IncompatibleModelError, match="choose image tokens"):
         reft_rs.Engine(tmp_path / "model", reft=tmp_path / "adapter")
-    assert np.all(np.asarray(reft_rs.positions.locate([3], "l1")) == 2)
 
 
 @pytest.mark.parametrize("family", VISION_LANGUAGE)
@@ -539,3 +558,6 @@ def test_the_command_line_trains_generates_and_evaluates_with_pictures(tmp_path,
     assert capsys.readouterr().out.split() == ["red", "blue"]
     assert main(["generate", *common, *prompt, "--image", str(red), "--engine", "rust"]) != 0
     assert "Rust engine runs text models" in capsys.readouterr().err
+    # Without a picture the model still answers, from the chat template's text alone.
+    assert main(["generate", *common, "--prompt", "what colour is this"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 1

@@ -57,13 +57,17 @@ class TorchGenerator:
         self.model = model
         self.args = args
         self.chat = bool(getattr(self.tokenizer, "chat_template", None)) and not args.no_chat_template
+        # A vision-language model's "tokenizer" is its processor.
+        self.text = getattr(self.tokenizer, "tokenizer", self.tokenizer)
         # An encoder-decoder reads the prompt in its encoder (padded on the
         # right) and its output is the reply alone.
         self.encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
-        # A vision-language model's "tokenizer" is its processor.
-        self.text = getattr(self.tokenizer, "tokenizer", self.tokenizer)
 
     def _text(self, prompt: str) -> str:
+        if self.text is not self.tokenizer:  # a processor: its own chat template, no image
+            from ..training.images import render_prompt
+
+            return render_prompt(self.tokenizer, prompt)
         if self.chat:
             return self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
@@ -114,9 +118,9 @@ class TorchGenerator:
                 )
             width = input_ids.shape[1]
             return [self.text.decode(row[width:], skip_special_tokens=True).strip() for row in out]
-        ids = self.tokenizer([self._text(p) for p in prompts], add_special_tokens=not self.chat)["input_ids"]
+        ids = self.text([self._text(p) for p in prompts], add_special_tokens=not self.chat)["input_ids"]
         width = max(len(i) for i in ids)
-        pad = self.tokenizer.pad_token_id
+        pad = self.text.pad_token_id
         if self.encoder_decoder:
             input_ids = torch.tensor([i + [pad] * (width - len(i)) for i in ids])
             mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids])
@@ -126,7 +130,7 @@ class TorchGenerator:
         with torch.no_grad():
             out = self.model.generate(input_ids.to(device), attention_mask=mask.to(device), **self._kwargs())
         first = 0 if self.encoder_decoder else width
-        return [self.tokenizer.decode(row[first:], skip_special_tokens=True).strip() for row in out]
+        return [self.text.decode(row[first:], skip_special_tokens=True).strip() for row in out]
 
     def stream(self, prompt: str, image: Any = None) -> None:
         import threading
@@ -137,7 +141,7 @@ class TorchGenerator:
         if image is not None:
             input_ids, extra = self._with_images([prompt], [image])
         else:
-            ids = self.tokenizer(self._text(prompt), add_special_tokens=not self.chat, return_tensors="pt")
+            ids = self.text(self._text(prompt), add_special_tokens=not self.chat, return_tensors="pt")
             input_ids, extra = ids["input_ids"], {"attention_mask": ids["attention_mask"]}
         device = next(self.model.parameters()).device
         streamer = transformers.TextIteratorStreamer(self.text, skip_prompt=True, skip_special_tokens=True)

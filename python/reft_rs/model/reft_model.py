@@ -151,16 +151,17 @@ class ReftModel(nn.Module):
         for item in config.interventions:
             if item.embed_dim is None and hidden_size is None:
                 raise ConfigError(f"{item.name}: the model has no hidden_size; set embed_dim")
-            if item.tower == "vision" and item.embed_dim is None and item.module_path is None:
-                # The vision encoder's width, recorded so that the checkpoint
-                # says the shape of its tensors.
-                item.embed_dim = stack_width(model, "vision")
         if self._configs and (config.trainable_head or self.head is not None):
             raise ConfigError(
                 f"adapter {name!r}: an adapter that trains the model's classification head cannot sit "
                 "beside another adapter (they would share one head); load it on its own model"
             )
         _validate_against_model(model, config)
+        for item in config.interventions:
+            if item.tower == "vision" and item.embed_dim is None and item.module_path is None:
+                # The vision encoder's width, recorded so that the checkpoint
+                # says the shape of its tensors.
+                item.embed_dim = stack_width(model, "vision")
         device = _device_of(model)
         self.adapters[name] = nn.ModuleList(
             Intervention(item, item.embed_dim or hidden_size, device, initialize=initialize)
@@ -589,6 +590,18 @@ class ReftModel(nn.Module):
             sources, input_ids=input_ids, attention_mask=attention_mask, strength=strength, **kwargs
         )
 
+    def _decoder_start(self, kwargs: Mapping[str, Any]) -> int | None:
+        """The decoder start token ``generate`` will use."""
+        for source in (kwargs, getattr(self.model, "generation_config", None), self.model.config):
+            value = (
+                source.get("decoder_start_token_id")
+                if isinstance(source, Mapping)
+                else getattr(source, "decoder_start_token_id", None)
+            )
+            if isinstance(value, int):
+                return value
+        return None
+
     def prefix_cache_blocker(self) -> str | None:
         """Why prefix caching cannot run on this model, or ``None`` when it can."""
         if not hasattr(self, "_prefix_cache_blocker"):
@@ -630,7 +643,7 @@ class ReftModel(nn.Module):
         if is_encoder_decoder(self.model):
             # The decoder's prompt: the tokens it is given to continue (its
             # start token alone unless decoder_input_ids says more).
-            decoder = _decoder_tokens(batch, None, kwargs)
+            decoder = _decoder_tokens(batch, None, kwargs, self._decoder_start(kwargs))
             streams = {"encoder": _Tokens(batch, length, attention_mask), "decoder": decoder}
             prompt_length = decoder.length
         else:
@@ -972,7 +985,7 @@ class _Tokens:
         self.prompt_only, self.decoder_labels = prompt_only, decoder_labels
         # A vision-language model's prompts: positions count over their text
         # (or, for image specs, their image tokens), found in the ids.
-        self.input_ids = input_ids if image_token is not None else None
+        self.input_ids = input_ids
         self.image_token = image_token
 
     def locate(self, positions: str, share_weights: bool, include_last: bool) -> np.ndarray:
@@ -985,8 +998,13 @@ class _Tokens:
             "padded_length": self.length,
             "sequence_lengths": sequence,
         }
-        if self.input_ids is None:
+        if self.image_token is None:
             return locate(lengths, positions, **options)
+        if self.input_ids is None:
+            raise LocationError(
+                "a vision-language model's positions are found in its input ids (text and image tokens "
+                "apart); call it with input_ids rather than inputs_embeds, or pass locations="
+            )
         ids = self.input_ids.detach().to("cpu").numpy()
         rows = [
             row[self.length - real :] if padding_side == "left" else row[:real]
@@ -1005,18 +1023,28 @@ class _Tokens:
         return prompts, side, sequence
 
 
-def _decoder_tokens(batch: int, labels: torch.Tensor | None, kwargs: Mapping[str, Any]) -> _Tokens:
+def _decoder_tokens(
+    batch: int, labels: torch.Tensor | None, kwargs: Mapping[str, Any], start: int | None = None
+) -> _Tokens:
     """The tokens an encoder-decoder's decoder reads in a call: its given
     inputs (``decoder_input_ids`` / ``decoder_inputs_embeds``), else the
     labels shifted right (what the model builds from them), else its start
-    token alone (generation)."""
+    token alone (generation). ``start``: when generating, the start token
+    that ``generate`` puts before ``decoder_input_ids`` that do not begin
+    with it."""
     given = kwargs.get("decoder_input_ids")
+    mask = kwargs.get("decoder_attention_mask")
+    if given is not None and start is not None and bool((given[:, 0] != start).all()):
+        # transformers' generate prepends the start token (and a 1 to the mask).
+        given = torch.cat([torch.full_like(given[:, :1], start), given], dim=1)
+        if mask is not None:
+            mask = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
     if given is None:
         given = kwargs.get("decoder_inputs_embeds")
     if given is None:
         given = labels
     length = int(given.shape[1]) if given is not None else 1
-    return _Tokens(batch, length, kwargs.get("decoder_attention_mask"), decoder_labels=labels)
+    return _Tokens(batch, length, mask, decoder_labels=labels)
 
 
 def _prompt_lengths(
@@ -1066,6 +1094,24 @@ def _dimensions_or_none(model: nn.Module) -> tuple[int | None, int | None]:
         return None, None
 
 
+def _check_vision_layer(model: nn.Module, item: InterventionConfig) -> None:
+    """Refuses a vision-encoder layer past the one whose states the model
+    reads as image features (LLaVA's ``vision_feature_layer``, -2 by
+    default: an edit there would change nothing)."""
+    chosen = getattr(model.config, "vision_feature_layer", None)
+    if not isinstance(chosen, int) or isinstance(chosen, bool):
+        return
+    depth = stack_depth(model, "vision")
+    # hidden_states[k] is the output of layer k - 1 (0: the embeddings).
+    last_read = (depth + 1 + chosen if chosen < 0 else chosen) - 1
+    if item.layer > last_read:
+        raise ConfigError(
+            f"{item.name}: vision layer {item.layer} comes after layer {last_read}, whose output "
+            f"{type(model).__name__} reads as its image features (vision_feature_layer={chosen}); "
+            "an edit there would change nothing"
+        )
+
+
 def _validate_against_model(model: nn.Module, config: ReftConfig) -> None:
     """Checks layers and ranks against the model (each stack of an
     encoder-decoder against its own depth), with the core's rule (the one
@@ -1076,10 +1122,21 @@ def _validate_against_model(model: nn.Module, config: ReftConfig) -> None:
     else:
         towers = {None, "vision", "projector"} if vision_config(model) is not None else {None}
     for item in config.interventions:
-        if item.module_path is None and item.tower not in towers:
-            if item.tower == "projector":
-                resolve(model, item)  # raises: the model has no projector
-            find_layers(model, item.tower)  # raises, naming what is missing or extra
+        if item.tower not in towers:
+            if item.module_path is not None and is_encoder_decoder(model):
+                raise IncompatibleModelError(
+                    f"{item.name}: on an encoder-decoder every intervention names its tower, also with "
+                    "a module_path (its positions count over that stack's tokens)"
+                )
+            if item.module_path is None:
+                if item.tower == "projector":
+                    resolve(model, item)  # raises: the model has no projector
+                find_layers(model, item.tower)  # raises, naming what is missing or extra
+        if item.position_spec.images and image_token_id(model) is None:
+            raise IncompatibleModelError(
+                f"{item.name}: positions {item.positions!r} choose a vision-language model's image tokens, "
+                f"and {type(model).__name__} has no image token"
+            )
         width = item.embed_dim or hidden_size
         # Without a recognised layout only explicit module paths are used.
         if num_layers is None:
@@ -1087,3 +1144,5 @@ def _validate_against_model(model: nn.Module, config: ReftConfig) -> None:
         else:
             layers = stack_depth(model, item.tower)
         _core.check_placement(item.name, item.layer, item.low_rank_dimension, width, layers)
+        if item.tower == "vision" and item.module_path is None:
+            _check_vision_layer(model, item)

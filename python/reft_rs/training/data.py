@@ -694,7 +694,9 @@ def make_dataset(
             max_length,
         )
     if encoder_decoder is None:
-        encoder_decoder = config is not None and any(item.tower for item in config.interventions)
+        encoder_decoder = config is not None and any(
+            item.tower in ("encoder", "decoder") for item in config.interventions
+        )
     if encoder_decoder:
         if responses is None:
             raise ConfigError(
@@ -892,9 +894,9 @@ def pad_features(
     out: dict[str, np.ndarray] = {}
     keys = list(features[0]) if features else []
     for key in keys:
-        values = [np.asarray(f[key]) for f in features]
         if any(key not in f for f in features):
             raise ConfigError(f"some examples of the batch have {key!r} and others do not")
+        values = [np.asarray(f[key]) for f in features]
         if all(v.ndim == 1 and len(v) == n for v, n in zip(values, lengths.tolist())):
             padded = np.zeros((len(values), width), dtype=values[0].dtype)
             for row, (value, n) in enumerate(zip(values, lengths.tolist())):
@@ -939,8 +941,8 @@ class ReftDataCollator:
             input and mask the prompt with -100.
         encoder_decoder: Whether ``labels`` are an encoder-decoder's target
             (padded with -100 on the right, whatever ``padding_side``). By
-            default when they are a list of ids that is not the input with
-            its prompt masked.
+            default (with ``token_labels`` unset and no locations) when they
+            are a list of ids that is not the input with its prompt masked.
 
     Returns (when called): ``input_ids``, ``attention_mask``, ``labels`` (if
     the examples have them) and ``locations`` ``(groups, batch, positions)``,
@@ -988,7 +990,12 @@ class ReftDataCollator:
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         encoder_decoder = self.encoder_decoder
         if encoder_decoder is None:  # targets of their own length: a decoder's
-            encoder_decoder = bool(examples) and _is_target(examples[0])
+            encoder_decoder = (
+                bool(examples)
+                and self.token_labels is None
+                and "locations" not in examples[0]
+                and _is_target(examples[0])
+            )
         if encoder_decoder:
             return {k: torch.from_numpy(v) for k, v in self.pad(examples).items()}
         lengths = np.array([len(e["input_ids"]) for e in examples], dtype=np.int64)
@@ -1021,7 +1028,12 @@ class ReftDataCollator:
                 shift = offsets[None, :, None]
                 locations = np.where(locations >= 0, locations + shift, locations)
             out["locations"] = torch.from_numpy(np.ascontiguousarray(locations))
-        features = [{k: v for k, v in e.items() if k not in _BATCH_KEYS} for e in examples]
+        # Arrays beyond the text's (a vision-language model's image features);
+        # other fields (an id, the source text) are left out as before.
+        features = [
+            {k: v for k, v in e.items() if k not in _BATCH_KEYS and isinstance(v, (np.ndarray, torch.Tensor))}
+            for e in examples
+        ]
         if features and features[0]:
             for key, value in pad_features(features, lengths, width, left).items():
                 out[key] = torch.from_numpy(np.ascontiguousarray(value))

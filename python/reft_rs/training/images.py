@@ -20,7 +20,7 @@ import numpy as np
 
 from ..errors import ConfigError, DatasetError
 
-__all__ = ["encode_image_pairs", "encode_prompt", "image_token_of", "open_image"]
+__all__ = ["encode_image_pairs", "encode_prompt", "image_token_of", "open_image", "render_prompt"]
 
 _RESPONSE_MARK = "\ue000reft-rs-response\ue001"
 #: Keys that every batch has and the collators pad themselves.
@@ -86,6 +86,13 @@ def _render(processor: Any, prompt: str, images: int, system_prompt: str | None)
             "it renders alone; reft_rs cannot tell where the response starts"
         )
     return text, full.split(_RESPONSE_MARK, 1)[1]
+
+
+def render_prompt(processor: Any, prompt: str, images: int = 0, system_prompt: str | None = None) -> str:
+    """The text of a prompt with ``images`` pictures (their placeholders
+    before the words) as the processor's chat template renders the user's
+    turn and the opening of the assistant's."""
+    return _render(processor, prompt, images, system_prompt)[0]
 
 
 def encode_prompt(

@@ -645,6 +645,14 @@ impl InterventionConfig {
                 self.positions
             ));
         }
+        if matches!(spec, PositionSpec::Image(_)) && self.tower.is_some() {
+            return invalid(format!(
+                "positions {:?} choose a vision-language model's image tokens, which only its language \
+                 model reads; leave tower unset (not {:?})",
+                self.positions,
+                self.tower.map_or("", Tower::name)
+            ));
+        }
         if self.tower == Some(Tower::Projector)
             && (self.layer != 0 || self.component != Component::BlockOutput)
         {
@@ -1361,6 +1369,10 @@ mod tests {
                 "mlp_input",
             ),
             (r#"{"layer": 1, "type": "red", "tower": "middle"}"#, "tower"),
+            (
+                r#"{"layer": 1, "low_rank_dimension": 2, "tower": "encoder", "positions": "image"}"#,
+                "leave tower unset",
+            ),
         ];
         for (text, needle) in cases {
             let err = draft(text).unwrap_err();

@@ -1045,12 +1045,28 @@ mod tests {
                 ..LocateOptions::new()
             },
         );
-        // Example 0 (9 tokens, padding 3): the usable words are 0, 1, 6, 7;
-        // the last, 7, moves to 10. Example 1: its only usable word is 0
+        // Example 0 (11 tokens with its response, padding 1): the usable
+        // words are 0, 1, 6, 7; the last, 7, moves to 8. Example 1: its only usable word is 0
         // (the last prompt token is left out), and the clamp rule keeps
         // min(1 / 2, 1) = 0 of one candidate.
-        assert_eq!(excluded.row(0, 0), &[10]);
+        assert_eq!(excluded.row(0, 0), &[8]);
         assert_eq!(excluded.row(0, 1), &[MASKED]);
+        // Sequence lengths given: padding follows them, not the token counts.
+        let given = locate_in_tokens(
+            &tokens,
+            &offsets,
+            &lengths,
+            IMG,
+            Some(&[9, 4]),
+            &spec("l1"),
+            &LocateOptions {
+                padding_side: PaddingSide::Left,
+                padded_length: Some(12),
+                ..LocateOptions::new()
+            },
+        )
+        .unwrap();
+        assert_eq!(given.row(0, 0), &[3 + 8]);
         // Malformed inputs are errors, never a panic.
         for (offsets, lengths) in [
             (&[0, 11][..], &[9, 4][..]),
