@@ -22,6 +22,7 @@ token and need no locations.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -553,23 +554,7 @@ class ReftModel(nn.Module):
         if reference is None:
             raise ValueError("pass input_ids or inputs_embeds")
         batch, length = reference.shape[0], reference.shape[1]
-        if is_encoder_decoder(self.model):
-            streams = {
-                "encoder": _Tokens(batch, length, attention_mask),
-                "decoder": _decoder_tokens(batch, labels, kwargs),
-            }
-        else:
-            streams = {
-                None: _Tokens(
-                    batch,
-                    length,
-                    attention_mask,
-                    labels,
-                    prompt_only=False,
-                    input_ids=input_ids,
-                    image_token=image_token_id(self.model),
-                )
-            }
+        streams = self._streams(batch, length, input_ids, attention_mask, labels, kwargs, generating=False)
         sources = self._prepare_sources(locations, batch, streams)
         position_ids = self._position_ids(attention_mask, kwargs)
         if position_ids is not None:
@@ -589,6 +574,39 @@ class ReftModel(nn.Module):
         return self.call_with_edits(
             sources, input_ids=input_ids, attention_mask=attention_mask, strength=strength, **kwargs
         )
+
+    def _streams(
+        self,
+        batch: int,
+        length: int,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        kwargs: Mapping[str, Any],
+        *,
+        generating: bool,
+    ) -> dict[str | None, _Tokens]:
+        """The tokens each stack reads in this call, by tower: an
+        encoder-decoder's encoder input and decoder tokens (when generating,
+        its prompt: the start token alone unless decoder_input_ids says
+        more), else the one stack's (a prompt up to the first label, or the
+        whole input when generating)."""
+        if is_encoder_decoder(self.model):
+            start = self._decoder_start(kwargs) if generating else None
+            return {
+                "encoder": _Tokens(batch, length, attention_mask),
+                "decoder": _decoder_tokens(batch, labels, kwargs, start),
+            }
+        tokens = _Tokens(
+            batch,
+            length,
+            attention_mask,
+            labels,
+            prompt_only=generating,
+            input_ids=input_ids,
+            image_token=image_token_id(self.model),
+        )
+        return {None: tokens}
 
     def _decoder_start(self, kwargs: Mapping[str, Any]) -> int | None:
         """The decoder start token ``generate`` will use."""
@@ -639,19 +657,9 @@ class ReftModel(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         batch, length = input_ids.shape
-        prompt_length = length
-        if is_encoder_decoder(self.model):
-            # The decoder's prompt: the tokens it is given to continue (its
-            # start token alone unless decoder_input_ids says more).
-            decoder = _decoder_tokens(batch, None, kwargs, self._decoder_start(kwargs))
-            streams = {"encoder": _Tokens(batch, length, attention_mask), "decoder": decoder}
-            prompt_length = decoder.length
-        else:
-            streams = {
-                None: _Tokens(
-                    batch, length, attention_mask, input_ids=input_ids, image_token=image_token_id(self.model)
-                )
-            }
+        streams = self._streams(batch, length, input_ids, attention_mask, None, kwargs, generating=True)
+        # An encoder-decoder's generated tokens follow its decoder's prompt.
+        prompt_length = streams["decoder"].length if "decoder" in streams else length
         sources = self._prepare_sources(locations, batch, streams)
         state = CallState(
             sources,
@@ -990,7 +998,7 @@ class _Tokens:
 
     def locate(self, positions: str, share_weights: bool, include_last: bool) -> np.ndarray:
         """The ``(groups, batch, width)`` positions ``positions`` chooses here."""
-        lengths, padding_side, sequence = self.measure()
+        lengths, padding_side, sequence = self.measured
         options = {
             "share_weights": share_weights,
             "include_last": include_last,
@@ -1005,14 +1013,12 @@ class _Tokens:
                 "a vision-language model's positions are found in its input ids (text and image tokens "
                 "apart); call it with input_ids rather than inputs_embeds, or pass locations="
             )
-        ids = self.input_ids.detach().to("cpu").numpy()
-        rows = [
-            row[self.length - real :] if padding_side == "left" else row[:real]
-            for row, real in zip(ids, sequence.tolist())
-        ]
-        return locate_in_tokens(rows, lengths, positions, self.image_token, **options)
+        return locate_in_tokens(self.rows, lengths, positions, self.image_token, **options)
 
-    def measure(self) -> tuple[np.ndarray, str, np.ndarray]:
+    @functools.cached_property
+    def measured(self) -> tuple[np.ndarray, str, np.ndarray]:
+        """Each row's prompt length, the padding side and each row's
+        real-token count (measured once per call, on the host)."""
         prompts, side, sequence = _prompt_lengths(
             self.attention_mask, self.labels, self.batch, self.length, self.prompt_only
         )
@@ -1021,6 +1027,16 @@ class _Tokens:
             first = np.where(labelled.any(axis=1), labelled.argmax(axis=1), self.length - 1)
             prompts = np.minimum(first + 1, sequence).astype(np.int64)
         return prompts, side, sequence
+
+    @functools.cached_property
+    def rows(self) -> list[np.ndarray]:
+        """Each row's real token ids (a vision-language prompt's), unpadded."""
+        _, padding_side, sequence = self.measured
+        ids = self.input_ids.detach().to("cpu").numpy()
+        return [
+            row[self.length - real :] if padding_side == "left" else row[:real]
+            for row, real in zip(ids, sequence.tolist())
+        ]
 
 
 def _decoder_tokens(
